@@ -1,0 +1,111 @@
+//! The commands that Raft replicates and the outcomes that applying them produces.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{AutopilotConfig, HealthCheck, KvEntry, Node, Service, Session};
+use super::StateData;
+
+/// One replicated write: the command plus the proposer's wall clock, so that everything
+/// time-dependent (lock delays) is decided once, by the leader, and replayed identically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub now_ms: u64,
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Catalog register: a node with optional service and checks (Consul's `RegisterRequest`).
+    Register(Registration),
+    /// Catalog deregister: the whole node, or one of its services, or one of its checks.
+    Deregister { node: String, service_id: Option<String>, check_id: Option<String> },
+    /// KV operations, applied atomically; a single-key write is a transaction of one op.
+    Txn(Vec<TxnOp>),
+    SessionCreate(Session),
+    SessionDestroy { id: String },
+    AutopilotSetConfig { config: AutopilotConfig, cas: Option<u64> },
+    /// Replace the whole state with a restored snapshot.
+    Restore(Box<StateData>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Registration {
+    pub node: Node,
+    pub service: Option<Service>,
+    pub checks: Vec<HealthCheck>,
+    /// Leave the node row alone if it exists (agents registering services use this).
+    pub skip_node_update: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvVerb {
+    Set,
+    Cas,
+    Lock,
+    Unlock,
+    Get,
+    GetTree,
+    CheckIndex,
+    CheckSession,
+    CheckNotExists,
+    Delete,
+    DeleteTree,
+    DeleteCas,
+}
+
+impl KvVerb {
+    pub fn parse(s: &str) -> Option<KvVerb> {
+        Some(match s {
+            "set" => KvVerb::Set,
+            "cas" => KvVerb::Cas,
+            "lock" => KvVerb::Lock,
+            "unlock" => KvVerb::Unlock,
+            "get" => KvVerb::Get,
+            "get-tree" => KvVerb::GetTree,
+            "check-index" => KvVerb::CheckIndex,
+            "check-session" => KvVerb::CheckSession,
+            "check-not-exists" => KvVerb::CheckNotExists,
+            "delete" => KvVerb::Delete,
+            "delete-tree" => KvVerb::DeleteTree,
+            "delete-cas" => KvVerb::DeleteCas,
+            _ => return None,
+        })
+    }
+
+    pub fn is_write(self) -> bool {
+        !matches!(self, KvVerb::Get | KvVerb::GetTree | KvVerb::CheckIndex | KvVerb::CheckSession | KvVerb::CheckNotExists)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnOp {
+    pub verb: KvVerb,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub flags: u64,
+    /// The index for `cas`, `check-index` and `delete-cas`.
+    pub index: u64,
+    pub session: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnError {
+    pub op_index: usize,
+    pub what: String,
+    /// A failed condition (stale CAS, held lock) rather than an invalid request: a single-key
+    /// write reports it as `false`, not as an error.
+    pub conflict: bool,
+}
+
+/// What applying a command produced; errors here are deterministic refusals, not failures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub enum Outcome {
+    #[default]
+    Done,
+    /// A conditional write: whether it took effect (CAS, acquire, release).
+    Applied(bool),
+    /// A transaction: the entries read or written, or the ops that failed.
+    Txn(Result<Vec<KvEntry>, Vec<TxnError>>),
+    /// A refused command, with the reason users see.
+    Rejected(String),
+}

@@ -1,0 +1,183 @@
+//! The replicated state machine: tables of nodes, services, checks, KV entries and sessions, each
+//! row stamped with the Raft index that last changed it, and per-table watches that wake
+//! blocking queries.
+//!
+//! This layer knows nothing of Raft or the network: `Store::apply(index, &Request)` is a
+//! deterministic function of the current tables, so it is tested with no cluster at all and
+//! replays identically on every server.
+
+pub mod catalog;
+pub mod command;
+pub mod kv;
+pub mod session;
+pub mod types;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use command::{Command, KvVerb, Outcome, Registration, Request, TxnError, TxnOp};
+pub use types::*;
+
+/// The tables a query can read; each has its own watch so a write wakes only its readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Table {
+    Nodes = 0,
+    Services = 1,
+    Checks = 2,
+    Kv = 3,
+    Sessions = 4,
+    Autopilot = 5,
+}
+
+const TABLE_COUNT: usize = 6;
+
+/// Everything replicated, in a form that snapshots serialize as a whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StateData {
+    pub nodes: BTreeMap<String, Node>,
+    /// Keyed by (node, service id).
+    pub services: BTreeMap<(String, String), Service>,
+    /// Keyed by (node, check id).
+    pub checks: BTreeMap<(String, String), HealthCheck>,
+    pub kv: BTreeMap<String, KvEntry>,
+    /// Index at which a key was deleted, so that prefix reads report deletions in their index.
+    pub kv_tombstones: BTreeMap<String, RaftIndex>,
+    pub sessions: BTreeMap<String, Session>,
+    /// Key -> wall-clock millisecond until which it cannot be acquired (session lock-delay).
+    pub lock_delays: BTreeMap<String, u64>,
+    pub autopilot: AutopilotConfig,
+    /// Highest index that changed each table.
+    pub table_index: [RaftIndex; TABLE_COUNT],
+    /// Highest index that changed anything a service's catalog/health view shows.
+    pub service_index: BTreeMap<String, RaftIndex>,
+}
+
+impl StateData {
+    pub fn index_of(&self, tables: &[Table]) -> RaftIndex {
+        tables.iter().map(|t| self.table_index[*t as usize]).max().unwrap_or(0)
+    }
+}
+
+/// The applied state plus the watches of its tables.
+pub struct Store {
+    data: StateData,
+    watches: Vec<watch::Sender<RaftIndex>>,
+    /// Tables changed by the command being applied.
+    touched: [bool; TABLE_COUNT],
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::new()
+    }
+}
+
+impl Store {
+    pub fn new() -> Store {
+        Store {
+            data: StateData::default(),
+            watches: (0..TABLE_COUNT).map(|_| watch::channel(0).0).collect(),
+            touched: [false; TABLE_COUNT],
+        }
+    }
+
+    pub fn data(&self) -> &StateData {
+        &self.data
+    }
+
+    /// A receiver that changes whenever `table` does.
+    pub fn watch(&self, table: Table) -> watch::Receiver<RaftIndex> {
+        self.watches[table as usize].subscribe()
+    }
+
+    /// Replace everything (snapshot install), waking every watcher.
+    pub fn replace(&mut self, data: StateData) {
+        self.data = data;
+        for (i, w) in self.watches.iter().enumerate() {
+            w.send_replace(self.data.table_index[i]);
+        }
+    }
+
+    /// Apply one replicated command at `index`. Never panics on any input: a command that
+    /// cannot apply returns `Outcome::Rejected` and changes nothing.
+    pub fn apply(&mut self, index: RaftIndex, req: &Request) -> Outcome {
+        self.touched = [false; TABLE_COUNT];
+        let outcome = match &req.command {
+            Command::Register(r) => self.register(index, req.now_ms, r),
+            Command::Deregister { node, service_id, check_id } => {
+                self.deregister(index, req.now_ms, node, service_id.as_deref(), check_id.as_deref())
+            }
+            Command::Txn(ops) => self.txn(index, req.now_ms, ops),
+            Command::SessionCreate(s) => self.session_create(index, s),
+            Command::SessionDestroy { id } => {
+                self.session_destroy(index, req.now_ms, id);
+                Outcome::Done
+            }
+            Command::AutopilotSetConfig { config, cas } => self.autopilot_set(index, config, *cas),
+            Command::Restore(data) => {
+                let mut data = (**data).clone();
+                // A restored state is newer than anything a blocked reader saw before it.
+                for t in data.table_index.iter_mut() {
+                    *t = index;
+                }
+                self.replace(data);
+                return Outcome::Done;
+            }
+        };
+        for i in 0..TABLE_COUNT {
+            if self.touched[i] {
+                self.data.table_index[i] = index;
+                self.watches[i].send_replace(index);
+            }
+        }
+        outcome
+    }
+
+    fn touch(&mut self, t: Table) {
+        self.touched[t as usize] = true;
+    }
+
+    fn autopilot_set(&mut self, index: RaftIndex, config: &AutopilotConfig, cas: Option<u64>) -> Outcome {
+        if let Some(cas) = cas
+            && cas != self.data.autopilot.modify_index
+        {
+            return Outcome::Applied(false);
+        }
+        let mut c = config.clone();
+        c.create_index = if self.data.autopilot.create_index == 0 { index } else { self.data.autopilot.create_index };
+        c.modify_index = index;
+        self.data.autopilot = c;
+        self.touch(Table::Autopilot);
+        Outcome::Applied(true)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn req(command: Command) -> Request {
+        Request { now_ms: 1_000_000, command }
+    }
+
+    #[test]
+    fn autopilot_cas_rejects_stale_index() {
+        let mut s = Store::new();
+        let c = AutopilotConfig::default();
+        assert_eq!(s.apply(5, &req(Command::AutopilotSetConfig { config: c.clone(), cas: None })), Outcome::Applied(true));
+        assert_eq!(s.apply(6, &req(Command::AutopilotSetConfig { config: c.clone(), cas: Some(4) })), Outcome::Applied(false));
+        assert_eq!(s.apply(7, &req(Command::AutopilotSetConfig { config: c, cas: Some(5) })), Outcome::Applied(true));
+        assert_eq!(s.data().autopilot.modify_index, 7);
+    }
+
+    #[test]
+    fn state_data_round_trips_through_postcard() {
+        let mut s = Store::new();
+        s.apply(3, &req(Command::Register(catalog::tests::web_registration("n1", "10.0.0.1"))));
+        let bytes = postcard::to_allocvec(s.data()).unwrap();
+        let back: StateData = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(&back, s.data());
+    }
+}

@@ -1,4 +1,7 @@
 //! Trellis: one binary that runs a whole multi-datacenter service mesh, speaking Consul's HTTP API.
 //! See DESIGN.md for the map of layers; each module below is one of them.
 
+pub mod consensus;
+pub mod rpc;
 pub mod state;
+pub mod tls;

@@ -48,6 +48,9 @@ function setup(thread)
 end
 
 -- Thread state: the per-thread counter. `tid` was set by setup().
+-- wrk calls request() once on thread 1 before the run to check for
+-- pipelining and discards that request, so key "<prefix>t1_1" is never
+-- sent; "<prefix>t1_2" is the first key written.
 counter = 0
 
 function bench.next_key()

@@ -73,3 +73,29 @@ export class Region {
     this.errorEl = box;
   }
 }
+
+/**
+ * Modal confirmation built on <dialog>. Resolves true when the user
+ * confirms, false on Cancel or Escape.
+ */
+export function confirmDialog({ title, message, confirmLabel = 'Delete', danger = true }) {
+  return new Promise((resolve) => {
+    const cancel = h('button', { type: 'button', class: 'button', autofocus: true, onclick: () => dialog.close('cancel') }, 'Cancel');
+    const ok = h('button', { type: 'button', class: `button ${danger ? 'danger' : 'primary'}`, onclick: () => dialog.close('confirm') }, confirmLabel);
+    const titleId = `dlg-title-${Date.now()}`;
+    const dialog = h('dialog', { class: 'confirm', 'aria-labelledby': titleId },
+      h('h2', { id: titleId }, title),
+      h('p', null, message),
+      h('div', { class: 'dialog-actions' }, cancel, ok));
+    const opener = document.activeElement;
+    dialog.addEventListener('close', () => {
+      const confirmed = dialog.returnValue === 'confirm';
+      dialog.remove();
+      if (opener && document.contains(opener)) opener.focus();
+      resolve(confirmed);
+    });
+    document.body.append(dialog);
+    dialog.showModal();
+    cancel.focus();
+  });
+}

@@ -1,0 +1,81 @@
+//! openraft wiring: the type configuration, the sled-backed log store, the state machine
+//! adapter over `state::Store`, and the Raft network carried by `rpc`.
+//!
+//! Depends on `state` (what is replicated) and `rpc` (how bytes move); nothing above.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod storage;
+
+use std::io::Cursor;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Outcome, Request};
+
+/// A server as Raft's membership records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerNode {
+    pub name: String,
+    pub rpc_addr: String,
+}
+
+impl std::fmt::Display for ServerNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.rpc_addr)
+    }
+}
+
+impl ServerNode {
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.rpc_addr.parse().ok()
+    }
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Request,
+        R = Outcome,
+        NodeId = u64,
+        Node = ServerNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+        Responder = openraft::impls::OneshotResponder<TypeConfig>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type NodeId = u64;
+
+/// Raft timings, in milliseconds. The defaults suit a LAN: a dead leader is replaced within
+/// about a second and a half, while a busy but live one is never deposed.
+#[derive(Debug, Clone)]
+pub struct RaftTimings {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings { heartbeat_ms: 150, election_min_ms: 1000, election_max_ms: 2000 };
+
+/// Take a snapshot (and purge the log behind it) every this many entries.
+const SNAPSHOT_EVERY_ENTRIES: u64 = 8192;
+
+pub fn raft_config(t: &RaftTimings) -> Result<openraft::Config, openraft::ConfigError> {
+    openraft::Config {
+        cluster_name: "trellis".into(),
+        heartbeat_interval: t.heartbeat_ms,
+        election_timeout_min: t.election_min_ms,
+        election_timeout_max: t.election_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    }
+    .validate()
+}
+
+pub(crate) fn io_err<E: std::error::Error + 'static>(e: &E) -> openraft::AnyError {
+    openraft::AnyError::new(e)
+}

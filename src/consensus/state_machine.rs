@@ -1,0 +1,156 @@
+//! The Raft state machine: applies committed entries to the in-memory `state::Store` and keeps
+//! the latest snapshot on sled. On start it loads that snapshot; openraft then replays the log
+//! after it, so the applied state itself never needs to be written anywhere else.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership};
+use serde::{Deserialize, Serialize};
+
+use super::storage::Storage;
+use super::{NodeId, ServerNode, TypeConfig, io_err};
+use crate::state::{Outcome, StateData, Store};
+
+const SNAPSHOT: &str = "snapshot";
+
+type Membership = StoredMembership<NodeId, ServerNode>;
+
+/// What a snapshot holds: the tables plus the Raft position they correspond to.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotPayload {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: Membership,
+    pub data: StateData,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, ServerNode>,
+    bytes: Vec<u8>,
+}
+
+/// The applied state, shared with readers (HTTP, DNS) through `Arc<RwLock<Store>>`.
+pub struct StateMachine {
+    store: Arc<RwLock<Store>>,
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    storage: Storage,
+    snapshot_seq: u64,
+}
+
+impl StateMachine {
+    /// Open the state machine, loading the latest snapshot from `storage` if there is one.
+    pub fn open(storage: Storage, store: Arc<RwLock<Store>>) -> Result<StateMachine, StorageError<NodeId>> {
+        let mut sm = StateMachine { store, last_applied: None, membership: Membership::default(), storage, snapshot_seq: 0 };
+        if let Some(snap) = sm.stored_snapshot()? {
+            sm.load(&snap.bytes)?;
+        }
+        Ok(sm)
+    }
+
+    fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError<NodeId>> {
+        let raw = self.storage.meta_get(SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
+        raw.map(|b| postcard::from_bytes(&b).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)).into())).transpose()
+    }
+
+    fn load(&mut self, bytes: &[u8]) -> Result<(), StorageError<NodeId>> {
+        let p: SnapshotPayload = postcard::from_bytes(bytes).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
+        self.last_applied = p.last_applied;
+        self.membership = p.membership;
+        self.store.write().expect("state lock").replace(p.data);
+        Ok(())
+    }
+
+    fn snapshot_bytes(&self) -> Result<Vec<u8>, StorageError<NodeId>> {
+        let data = self.store.read().expect("state lock").data().clone();
+        let p = SnapshotPayload { last_applied: self.last_applied, membership: self.membership.clone(), data };
+        postcard::to_allocvec(&p).map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)).into())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachineSnapshotter;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        let mut store = self.store.write().expect("state lock");
+        for e in entries {
+            self.last_applied = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => out.push(Outcome::Done),
+                EntryPayload::Normal(req) => out.push(store.apply(e.log_id.index, &req)),
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(e.log_id), m);
+                    out.push(Outcome::Done);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Serialise now, under the state lock, so that building never races with apply.
+        StateMachineSnapshotter {
+            bytes: self.snapshot_bytes(),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            storage: self.storage.clone(),
+            seq: {
+                self.snapshot_seq += 1;
+                self.snapshot_seq
+            },
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, ServerNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        self.load(&bytes)?;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        let stored = postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes }).map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        self.storage.meta_put(SNAPSHOT, stored, true).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self.stored_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.bytes)) }))
+    }
+}
+
+/// A snapshot serialised at request time, written to disk when openraft asks for it.
+pub struct StateMachineSnapshotter {
+    bytes: Result<Vec<u8>, StorageError<NodeId>>,
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    storage: Storage,
+    seq: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let bytes = std::mem::replace(&mut self.bytes, Ok(Vec::new()))?;
+        let snapshot_id = match self.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.seq),
+            None => format!("--{}", self.seq),
+        };
+        let meta = SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
+        let stored = postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes: bytes.clone() })
+            .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        self.storage.meta_put(SNAPSHOT, stored, true).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}

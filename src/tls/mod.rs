@@ -1,0 +1,245 @@
+//! Agent TLS: the CA and certificates that `trellis tls ...` and dev mode create, and the rustls
+//! configurations for internal RPC (mTLS only: both sides present a certificate from the CA).
+//!
+//! Server certificates carry the DNS name `server.<dc>.<domain>`, which RPC clients send as
+//! SNI and verify; the same name lets a server tell a server peer from a client peer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// File names as `trellis tls` writes them (Consul's, with our product name).
+pub const CA_CERT_FILE: &str = "trellis-agent-ca.pem";
+pub const CA_KEY_FILE: &str = "trellis-agent-ca-key.pem";
+/// CA certificates last five years, like Consul's; leaf certificates one year.
+const CA_VALID_YEARS: i32 = 5;
+const CERT_VALID_YEARS: i32 = 1;
+/// ALPN name of the internal RPC protocol, so that nothing else is mistaken for it.
+pub const RPC_ALPN: &[u8] = b"trellis-rpc/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} holds no {what}")]
+    Missing { path: PathBuf, what: &'static str },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// The PEM text of a CA certificate, this agent's certificate and its key.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertKind {
+    Server,
+    Client,
+}
+
+/// The DNS name every server certificate of `dc` carries and every RPC client expects.
+pub fn server_name(dc: &str, domain: &str) -> String {
+    format!("server.{dc}.{domain}")
+}
+
+/// Today's date (UTC) as (year, month, day), for certificate validity windows.
+fn today() -> (i32, u8, u8) {
+    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86_400).unwrap_or(0) as i64;
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+    (y, m, d)
+}
+
+fn set_validity(params: &mut CertificateParams, years: i32) {
+    let (y, m, d) = today();
+    // Start a day early so that small clock skew between agents does not matter; day 28 is
+    // valid in every month.
+    params.not_before = rcgen::date_time_ymd(y - i32::from(m == 1 && d == 1), m, d.clamp(1, 28));
+    params.not_after = rcgen::date_time_ymd(y + years, m, d.clamp(1, 28));
+}
+
+/// Create a self-signed CA: (certificate PEM, key PEM).
+pub fn create_ca(domain: &str) -> Result<(String, String), TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, format!("Trellis Agent CA {domain}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    set_validity(&mut params, CA_VALID_YEARS);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Create a certificate signed by the CA: (certificate PEM, key PEM). Server certificates name
+/// `server.<dc>.<domain>` and `localhost`; client certificates `client.<dc>.<domain>`. Both may
+/// authenticate as TLS client and server, as Consul's do.
+pub fn create_cert(ca_cert_pem: &str, ca_key_pem: &str, kind: CertKind, dc: &str, domain: &str, extra_dns: &[String]) -> Result<(String, String), TlsError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
+    let primary = match kind {
+        CertKind::Server => server_name(dc, domain),
+        CertKind::Client => format!("client.{dc}.{domain}"),
+    };
+    let mut names = vec![primary.clone()];
+    if kind == CertKind::Server {
+        names.push("localhost".into());
+    }
+    names.extend(extra_dns.iter().cloned());
+    let mut params = CertificateParams::new(names)?;
+    if kind == CertKind::Server {
+        params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    }
+    params.distinguished_name.push(DnType::CommonName, primary);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, CERT_VALID_YEARS);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+pub fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
+}
+
+pub fn write(path: &Path, text: &str) -> Result<(), TlsError> {
+    std::fs::write(path, text).map_err(|source| TlsError::Write { path: path.to_path_buf(), source })
+}
+
+/// Write `text` to the first `<prefix>-N<suffix>` that does not exist yet and return its N.
+pub fn write_numbered(dir: &Path, prefix: &str, cert: &str, key: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+    for n in 0.. {
+        let cert_path = dir.join(format!("{prefix}-{n}.pem"));
+        let key_path = dir.join(format!("{prefix}-{n}-key.pem"));
+        if cert_path.exists() || key_path.exists() {
+            continue;
+        }
+        write(&cert_path, cert)?;
+        write(&key_path, key)?;
+        return Ok((cert_path, key_path));
+    }
+    unreachable!("an unbounded range always yields a free number")
+}
+
+impl TlsMaterial {
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
+        Ok(TlsMaterial { ca_pem: read(ca)?, cert_pem: read(cert)?, key_pem: read(key)? })
+    }
+
+    fn certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes()).filter_map(Result::ok).collect();
+        if certs.is_empty() {
+            return Err(TlsError::Missing { path: PathBuf::from(what), what: "certificate" });
+        }
+        Ok(certs)
+    }
+
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in Self::certs(&self.ca_pem, "ca_file")? {
+            roots.add(c)?;
+        }
+        Ok(roots)
+    }
+
+    fn identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
+            .ok()
+            .flatten()
+            .ok_or(TlsError::Missing { path: PathBuf::from("key_file"), what: "private key" })?;
+        Ok((Self::certs(&self.cert_pem, "cert_file")?, key))
+    }
+
+    /// RPC server side: only peers with a certificate from our CA get in.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let (certs, key) = self.identity()?;
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)?;
+        cfg.alpn_protocols = vec![RPC_ALPN.to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// RPC client side: verifies the server's `server.<dc>.<domain>` name and presents our own.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let (certs, key) = self.identity()?;
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(certs, key)?;
+        cfg.alpn_protocols = vec![RPC_ALPN.to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The SNI to send to (any) server of `dc`.
+pub fn rpc_server_name(dc: &str, domain: &str) -> ServerName<'static> {
+    ServerName::try_from(server_name(dc, domain)).unwrap_or_else(|_| ServerName::try_from("localhost").expect("static name"))
+}
+
+/// DNS names in a peer certificate's SANs.
+pub fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_cert_names_its_datacenter_and_verifies_against_the_ca() {
+        let (ca, ca_key) = create_ca("consul").unwrap();
+        let (cert, key) = create_cert(&ca, &ca_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
+        let m = TlsMaterial { ca_pem: ca, cert_pem: cert.clone(), key_pem: key };
+        m.server_config().unwrap();
+        m.client_config().unwrap();
+        let der = TlsMaterial::certs(&cert, "cert").unwrap();
+        assert!(dns_names(&der[0]).contains(&"server.dc1.consul".to_string()));
+    }
+
+    #[test]
+    fn today_is_a_plausible_date() {
+        let (y, m, d) = today();
+        assert!(y >= 2024 && (1..=12).contains(&m) && (1..=31).contains(&d));
+    }
+}

@@ -1,0 +1,27 @@
+//! openraft's storage conformance suite, run against the sled log store and our state machine.
+
+use std::sync::{Arc, RwLock};
+
+use openraft::StorageError;
+use openraft::testing::{StoreBuilder, Suite};
+use trellis::consensus::log_store::LogStore;
+use trellis::consensus::state_machine::StateMachine;
+use trellis::consensus::storage::Storage;
+use trellis::consensus::{NodeId, TypeConfig};
+use trellis::state::Store;
+
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open sled");
+        let sm = StateMachine::open(storage.clone(), Arc::new(RwLock::new(Store::new())))?;
+        Ok((dir, LogStore::new(storage), sm))
+    }
+}
+
+#[test]
+fn sled_store_passes_openraft_storage_suite() {
+    Suite::test_all(SledBuilder).expect("storage suite");
+}

@@ -1,7 +1,9 @@
 //! Trellis: one binary that runs a whole multi-datacenter service mesh, speaking Consul's HTTP API.
 //! See DESIGN.md for the map of layers; each module below is one of them.
 
+pub mod config;
 pub mod consensus;
+pub mod duration;
 pub mod rpc;
 pub mod state;
 pub mod tls;

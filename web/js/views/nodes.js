@@ -1,5 +1,5 @@
 // Nodes list (#/nodes) and node page (#/nodes/<name>).
-import { h, icon, healthSummary, statusBadge, plural, worstStatus, defList, tagList } from '../dom.js';
+import { h, icon, healthSummary, worstStatus, defList, tagList } from '../dom.js';
 import { get, watch, encodePath } from '../api.js';
 import { link } from '../router.js';
 import { pageHeader, filterBox, emptyState, Region } from '../common.js';
@@ -129,6 +129,7 @@ export function nodeDetail({ root, signal, params }) {
 
   watch(`catalog/node/${encodePath(name)}`, {
     signal,
+    allow404: true, // Consul answers 200 null for an unknown node; tolerate 404 too
     onData: (data) => {
       info = data;
       render();

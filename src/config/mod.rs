@@ -1,0 +1,422 @@
+//! Agent configuration: HCL or JSON files with Consul's key names, then command-line flags, then
+//! validation into a typed `Config`. Every problem is reported at once, each naming its key.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::consensus::{DEFAULT_RAFT_TIMINGS, RaftTimings};
+
+/// Consul's default ports, so that existing firewall rules and tools fit.
+pub const DEFAULT_HTTP_PORT: u16 = 8500;
+pub const DEFAULT_DNS_PORT: u16 = 8600;
+pub const DEFAULT_SERVER_PORT: u16 = 8300;
+pub const DEFAULT_DATACENTER: &str = "dc1";
+pub const DEFAULT_DOMAIN: &str = "consul";
+/// Consul's largest accepted `raft_multiplier`; 1 is tuned for a LAN.
+const MAX_RAFT_MULTIPLIER: u64 = 10;
+
+/// One configuration file as written (HCL or JSON). Unknown keys are errors.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Datacenter this agent belongs to (default "dc1").
+    pub datacenter: Option<String>,
+    /// The datacenter that owns ACLs, intentions, config entries and the CA root.
+    pub primary_datacenter: Option<String>,
+    /// This node's name (default: the host name).
+    pub node_name: Option<String>,
+    /// Directory for Raft's log, snapshots and the node identity.
+    pub data_dir: Option<String>,
+    /// Run as a server (Raft voter of its datacenter).
+    pub server: Option<bool>,
+    /// Number of servers to wait for before bootstrapping the cluster.
+    pub bootstrap_expect: Option<usize>,
+    /// Bootstrap a single-server cluster right away.
+    pub bootstrap: Option<bool>,
+    /// Servers to join at start, retried until one answers (address or address:port).
+    pub retry_join: Option<Vec<String>>,
+    /// Address for cluster communication (RPC).
+    pub bind_addr: Option<String>,
+    /// Address the HTTP API and DNS listen on.
+    pub client_addr: Option<String>,
+    /// Listener ports.
+    pub ports: Option<RawPorts>,
+    /// DNS domain (default "consul"); also names server certificates.
+    pub domain: Option<String>,
+    /// trace, debug, info, warn or error.
+    pub log_level: Option<String>,
+    /// Legacy top-level TLS files (Consul before 1.12).
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    /// TLS settings (Consul 1.12+ layout).
+    pub tls: Option<RawTls>,
+    /// Raft timing scale.
+    pub performance: Option<RawPerformance>,
+    /// Autopilot defaults applied when the cluster is first bootstrapped.
+    pub autopilot: Option<RawAutopilot>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawPorts {
+    /// HTTP API and UI (default 8500).
+    pub http: Option<i64>,
+    /// DNS (default 8600; -1 disables).
+    pub dns: Option<i64>,
+    /// Server RPC (default 8300).
+    pub server: Option<i64>,
+    /// Reserved for LAN gossip (default 8301).
+    pub serf_lan: Option<i64>,
+    /// Reserved for WAN gossip (default 8302).
+    pub serf_wan: Option<i64>,
+    /// HTTPS API (default -1: off).
+    pub https: Option<i64>,
+    /// gRPC (default -1: off).
+    pub grpc: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub defaults: Option<RawTlsFiles>,
+    pub internal_rpc: Option<RawTlsFiles>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawTlsFiles {
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    /// Accepted for compatibility; internal RPC always verifies both ends.
+    pub verify_incoming: Option<bool>,
+    pub verify_outgoing: Option<bool>,
+    pub verify_server_hostname: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawPerformance {
+    /// Scales Raft's heartbeat and election timeouts (1 = LAN-tuned, up to 10).
+    pub raft_multiplier: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutopilot {
+    pub cleanup_dead_servers: Option<bool>,
+    pub last_contact_threshold: Option<String>,
+    pub max_trailing_logs: Option<u64>,
+    pub min_quorum: Option<u64>,
+    pub server_stabilization_time: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// The validated configuration an agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub datacenter: String,
+    pub primary_datacenter: String,
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub server: bool,
+    pub dev: bool,
+    pub bootstrap_expect: usize,
+    pub retry_join: Vec<String>,
+    pub bind_addr: IpAddr,
+    pub client_addr: IpAddr,
+    pub http_port: u16,
+    /// `None` when DNS is disabled.
+    pub dns_port: Option<u16>,
+    pub server_port: u16,
+    pub domain: String,
+    pub log_level: String,
+    /// `None` only in dev mode, which makes its own CA and certificate.
+    pub tls: Option<TlsFiles>,
+    pub raft: RaftTimings,
+    pub autopilot: crate::state::AutopilotConfig,
+}
+
+impl Config {
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.client_addr, self.http_port)
+    }
+    pub fn rpc_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind_addr, self.server_port)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Parse one file by its extension: `.json` or `.hcl` (Consul's two formats).
+pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.into(), message: e.to_string() })?;
+    let err = |message: String| ConfigError::File { path: path.into(), message };
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => serde_json::from_str(&text).map_err(|e| err(e.to_string())),
+        Some("hcl") => hcl::from_str(&text).map_err(|e| err(e.to_string())),
+        _ => Err(err("unknown config format: use a .hcl or .json file".into())),
+    }
+}
+
+/// Files given with `--config-file`, then every `.hcl`/`.json` in each `--config-dir` in name
+/// order; later files override earlier ones key by key.
+pub fn load_files(files: &[PathBuf], dirs: &[PathBuf]) -> Result<RawConfig, ConfigError> {
+    let mut paths: Vec<PathBuf> = files.to_vec();
+    for d in dirs {
+        let rd = std::fs::read_dir(d).map_err(|e| ConfigError::File { path: d.clone(), message: e.to_string() })?;
+        let mut found: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("hcl" | "json")))
+            .collect();
+        found.sort();
+        paths.extend(found);
+    }
+    let mut merged = RawConfig::default();
+    for p in paths {
+        merged.merge(parse_file(&p)?);
+    }
+    Ok(merged)
+}
+
+macro_rules! take {
+    ($self:ident, $other:ident, $($f:ident),*) => { $( if $other.$f.is_some() { $self.$f = $other.$f; } )* };
+}
+
+impl RawConfig {
+    /// Overlay `other` on `self`: every key `other` sets wins.
+    pub fn merge(&mut self, other: RawConfig) {
+        take!(self, other, datacenter, primary_datacenter, node_name, data_dir, server, bootstrap_expect, bootstrap, retry_join, bind_addr, client_addr);
+        take!(self, other, domain, log_level, ca_file, cert_file, key_file, tls, performance, autopilot);
+        if let Some(p) = other.ports {
+            let mine = self.ports.get_or_insert_with(Default::default);
+            take!(mine, p, http, dns, server, serf_lan, serf_wan, https, grpc);
+        }
+    }
+
+    /// Validate into a `Config`. `dev` selects dev-mode defaults (a one-server cluster on
+    /// loopback with its own certificates and a temporary data dir).
+    pub fn validate(self, dev: bool) -> Result<Config, ConfigError> {
+        let mut errs = Vec::new();
+        let ip = |key: &str, v: Option<&String>, default: IpAddr, errs: &mut Vec<String>| match v {
+            None => default,
+            Some(s) => s.parse().unwrap_or_else(|_| {
+                errs.push(format!("{key}: {s:?} is not an IP address"));
+                default
+            }),
+        };
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let bind_addr = ip("bind_addr", self.bind_addr.as_ref(), if dev { loopback } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) }, &mut errs);
+        let client_addr = ip("client_addr", self.client_addr.as_ref(), loopback, &mut errs);
+        if bind_addr.is_unspecified() && !dev {
+            errs.push("bind_addr: must be a specific address that other servers can reach (e.g. --bind 10.0.0.5)".into());
+        }
+        let ports = self.ports.unwrap_or_default();
+        let port = |key: &str, v: Option<i64>, default: u16, errs: &mut Vec<String>| -> Option<u16> {
+            match v {
+                None => Some(default),
+                Some(-1) => None,
+                Some(p) if (0..=65535).contains(&p) => Some(p as u16),
+                Some(p) => {
+                    errs.push(format!("ports.{key}: {p} is not a port number (0-65535, or -1 to disable)"));
+                    Some(default)
+                }
+            }
+        };
+        let http_port = port("http", ports.http, DEFAULT_HTTP_PORT, &mut errs).unwrap_or_else(|| {
+            errs.push("ports.http: the HTTP API cannot be disabled".into());
+            0
+        });
+        let dns_port = port("dns", ports.dns, DEFAULT_DNS_PORT, &mut errs);
+        let server_port = port("server", ports.server, DEFAULT_SERVER_PORT, &mut errs).unwrap_or(DEFAULT_SERVER_PORT);
+        for (key, v) in [("serf_lan", ports.serf_lan), ("serf_wan", ports.serf_wan), ("https", ports.https), ("grpc", ports.grpc)] {
+            port(key, v, 0, &mut errs);
+        }
+
+        let datacenter = self.datacenter.unwrap_or_else(|| DEFAULT_DATACENTER.into());
+        if !valid_label(&datacenter) {
+            errs.push(format!("datacenter: {datacenter:?} must be letters, digits, '-' and '_' only"));
+        }
+        let primary_datacenter = self.primary_datacenter.unwrap_or_else(|| datacenter.clone());
+        let node_name = self.node_name.unwrap_or_else(hostname);
+        if node_name.is_empty() || node_name.len() > 63 || !valid_label(&node_name.replace('.', "-")) {
+            errs.push(format!("node_name: {node_name:?} must be 1-63 letters, digits, '-', '_' or '.'"));
+        }
+        let server = dev || self.server.unwrap_or(false);
+        let bootstrap = self.bootstrap.unwrap_or(false);
+        let bootstrap_expect = match (dev || bootstrap, self.bootstrap_expect) {
+            (true, Some(n)) if n > 1 => {
+                errs.push("bootstrap_expect: cannot be combined with bootstrap or dev mode".into());
+                1
+            }
+            (true, _) => 1,
+            (false, Some(0)) => {
+                errs.push("bootstrap_expect: must be at least 1".into());
+                1
+            }
+            (false, Some(n)) => n,
+            (false, None) => 0,
+        };
+        if !server && (bootstrap_expect > 0 || bootstrap) {
+            errs.push("bootstrap_expect: only servers bootstrap a cluster (add server = true)".into());
+        }
+        let data_dir = match self.data_dir {
+            Some(d) => PathBuf::from(d),
+            None if dev => std::env::temp_dir().join(format!("trellis-dev-{}", std::process::id())),
+            None => {
+                errs.push("data_dir: required (e.g. --data-dir /opt/trellis)".into());
+                PathBuf::new()
+            }
+        };
+        let log_level = self.log_level.unwrap_or_else(|| "info".into()).to_lowercase();
+        if !matches!(log_level.as_str(), "trace" | "debug" | "info" | "warn" | "error") {
+            errs.push(format!("log_level: {log_level:?} is not one of trace, debug, info, warn, error"));
+        }
+        let from_block = self.tls.and_then(|t| t.internal_rpc.or(t.defaults)).unwrap_or_default();
+        let ca = from_block.ca_file.or(self.ca_file);
+        let cert = from_block.cert_file.or(self.cert_file);
+        let key = from_block.key_file.or(self.key_file);
+        let tls = match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca_file: ca.into(), cert_file: cert.into(), key_file: key.into() }),
+            (None, None, None) if dev => None,
+            _ => {
+                errs.push("tls: ca_file, cert_file and key_file are all required: RPC is mTLS only (create them with `trellis tls ca create` and `trellis tls cert create --server`)".into());
+                None
+            }
+        };
+        let multiplier = self.performance.and_then(|p| p.raft_multiplier).unwrap_or(1);
+        if !(1..=MAX_RAFT_MULTIPLIER).contains(&multiplier) {
+            errs.push(format!("performance.raft_multiplier: {multiplier} must be between 1 and {MAX_RAFT_MULTIPLIER}"));
+        }
+        let m = multiplier.clamp(1, MAX_RAFT_MULTIPLIER);
+        let raft = RaftTimings {
+            heartbeat_ms: DEFAULT_RAFT_TIMINGS.heartbeat_ms * m,
+            election_min_ms: DEFAULT_RAFT_TIMINGS.election_min_ms * m,
+            election_max_ms: DEFAULT_RAFT_TIMINGS.election_max_ms * m,
+        };
+        let mut autopilot = crate::state::AutopilotConfig::default();
+        if let Some(a) = self.autopilot {
+            for (key, v) in [("last_contact_threshold", &a.last_contact_threshold), ("server_stabilization_time", &a.server_stabilization_time)] {
+                if let Some(v) = v
+                    && crate::duration::parse(v).is_none()
+                {
+                    errs.push(format!("autopilot.{key}: {v:?} is not a duration like \"10s\""));
+                }
+            }
+            autopilot.cleanup_dead_servers = a.cleanup_dead_servers.unwrap_or(autopilot.cleanup_dead_servers);
+            autopilot.last_contact_threshold = a.last_contact_threshold.unwrap_or(autopilot.last_contact_threshold);
+            autopilot.max_trailing_logs = a.max_trailing_logs.unwrap_or(autopilot.max_trailing_logs);
+            autopilot.min_quorum = a.min_quorum.unwrap_or(autopilot.min_quorum);
+            autopilot.server_stabilization_time = a.server_stabilization_time.unwrap_or(autopilot.server_stabilization_time);
+        }
+        if !errs.is_empty() {
+            return Err(ConfigError::Invalid(errs));
+        }
+        Ok(Config {
+            datacenter,
+            primary_datacenter,
+            node_name,
+            data_dir,
+            server,
+            dev,
+            bootstrap_expect,
+            retry_join: self.retry_join.unwrap_or_default(),
+            bind_addr: if dev && bind_addr.is_unspecified() { loopback } else { bind_addr },
+            client_addr,
+            http_port,
+            dns_port,
+            server_port,
+            domain: self.domain.unwrap_or_else(|| DEFAULT_DOMAIN.into()).trim_end_matches('.').to_string(),
+            log_level,
+            tls,
+            raft,
+            autopilot,
+        })
+    }
+}
+
+fn valid_label(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "trellis".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn hcl_and_json_with_consul_keys_parse_to_the_same_config() {
+        let d = tempfile::tempdir().unwrap();
+        let hcl = write(d.path(), "a.hcl", "datacenter = \"east\"\nnode_name = \"s1\"\ndata_dir = \"/tmp/x\"\nserver = true\nbootstrap_expect = 3\nretry_join = [\"127.0.0.12\"]\nbind_addr = \"127.0.0.11\"\nports {\n  http = 9500\n}\ntls {\n  defaults {\n    ca_file = \"ca\"\n    cert_file = \"c\"\n    key_file = \"k\"\n  }\n}\n");
+        let json = write(d.path(), "b.json", r#"{"datacenter":"east","node_name":"s1","data_dir":"/tmp/x","server":true,"bootstrap_expect":3,"retry_join":["127.0.0.12"],"bind_addr":"127.0.0.11","ports":{"http":9500},"ca_file":"ca","cert_file":"c","key_file":"k"}"#);
+        let a = load_files(&[hcl], &[]).unwrap().validate(false).unwrap();
+        let b = load_files(&[json], &[]).unwrap().validate(false).unwrap();
+        for c in [&a, &b] {
+            assert_eq!((c.datacenter.as_str(), c.node_name.as_str(), c.bootstrap_expect, c.http_port), ("east", "s1", 3, 9500));
+            assert_eq!(c.rpc_addr().to_string(), "127.0.0.11:8300");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "bad.json", r#"{"datacentre":"x"}"#);
+        let e = load_files(&[p], &[]).unwrap_err().to_string();
+        assert!(e.contains("datacentre"), "{e}");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let raw = RawConfig { bind_addr: Some("nope".into()), log_level: Some("loud".into()), ..Default::default() };
+        let e = raw.validate(false).unwrap_err().to_string();
+        for key in ["bind_addr", "log_level", "data_dir", "tls"] {
+            assert!(e.contains(key), "{key} missing from {e}");
+        }
+    }
+
+    #[test]
+    fn later_files_override_earlier_ones_key_by_key() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "1.hcl", "datacenter = \"a\"\nports { http = 1 }\n");
+        write(d.path(), "2.json", r#"{"node_name":"n","ports":{"dns":-1}}"#);
+        let raw = load_files(&[], &[d.path().to_path_buf()]).unwrap();
+        let c = raw.validate(true).unwrap();
+        assert_eq!((c.datacenter.as_str(), c.node_name.as_str(), c.http_port, c.dns_port), ("a", "n", 1, None));
+    }
+
+    #[test]
+    fn shipped_example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            parse_file(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+        assert!(n > 0);
+    }
+}

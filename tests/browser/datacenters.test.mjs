@@ -1,0 +1,68 @@
+// Datacenter picker: hidden with one DC; failures in a DC are shown clearly.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startAgent, launchBrowser, openPage, seed } from './lib/harness.mjs';
+
+let agent;
+let browser;
+
+before(async () => {
+  agent = await startAgent('datacenters');
+  await seed(agent);
+  browser = await launchBrowser();
+}, { timeout: 60_000 });
+
+after(async () => {
+  await browser?.close();
+  await agent?.stop();
+}, { timeout: 20_000 });
+
+test('single datacenter: the drop-down is hidden and no dc parameter is sent', { timeout: 30_000 }, async () => {
+  const dcs = await agent.call('GET', '/v1/catalog/datacenters');
+  assert.equal(dcs.json.length, 1, `expected one datacenter, got ${dcs.text}`);
+  const { context, page, problems } = await openPage(browser);
+  const apiCalls = [];
+  page.on('request', (r) => { if (r.url().includes('/v1/')) apiCalls.push(r.url()); });
+  try {
+    await page.goto(`${agent.baseUrl}/ui/`);
+    // Wait until the header knows the datacenters, then check it stays hidden.
+    await page.waitForFunction(() => document.querySelectorAll('#dc-select option').length === 1);
+    await page.locator('li[data-service="web"]').waitFor();
+    assert.equal(await page.locator('#dc-picker').isHidden(), true);
+    assert.equal(await page.locator('#dc-select').inputValue(), dcs.json[0]);
+    assert.deepEqual(apiCalls.filter((u) => u.includes('dc=')), []);
+    assert.deepEqual(problems.pageErrors, []);
+  } finally {
+    await context.close();
+  }
+});
+
+test('an unreachable datacenter shows an error and a way back', { timeout: 30_000 }, async () => {
+  const local = (await agent.call('GET', '/v1/agent/self')).json.Config.Datacenter;
+  const { context, page, problems } = await openPage(browser);
+  try {
+    await page.goto(`${agent.baseUrl}/ui/?dc=nowhere#/nodes`);
+    // The ?dc= query is moved into the hash route.
+    await page.waitForURL(/\/ui\/#\/nodes\?dc=nowhere$/);
+    const alert = page.getByRole('alert').filter({ hasText: 'Could not load this page from datacenter “nowhere”' });
+    await alert.waitFor();
+    // The chosen (unknown) DC is shown, so the picker is visible to switch back.
+    await page.locator('#dc-picker').waitFor({ state: 'visible' });
+    assert.equal(await page.locator('#dc-select').inputValue(), 'nowhere');
+
+    await alert.getByRole('link', { name: `Switch to ${local} (local datacenter)` }).click();
+    await page.waitForURL(/#\/nodes$/);
+    await page.locator('li[data-node="web-1"]').waitFor();
+    await page.getByRole('alert').waitFor({ state: 'detached' });
+
+    // And via the drop-down.
+    await page.goto(`${agent.baseUrl}/ui/#/services?dc=nowhere`);
+    await page.getByRole('alert').waitFor();
+    await page.getByLabel('Datacenter').selectOption(local);
+    await page.waitForURL(/#\/services$/);
+    await page.locator('li[data-service="web"]').waitFor();
+    assert.deepEqual(problems.pageErrors, []);
+  } finally {
+    await context.close();
+  }
+});

@@ -1,0 +1,94 @@
+// Every main page renders without console or page errors; screenshots
+// at laptop and phone width go to tests/browser/artifacts/.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startAgent, launchBrowser, openPage, seed, screenshotPath, LAPTOP, PHONE } from './lib/harness.mjs';
+
+let agent;
+let browser;
+
+before(async () => {
+  agent = await startAgent('pages');
+  await seed(agent);
+  browser = await launchBrowser();
+}, { timeout: 60_000 });
+
+after(async () => {
+  await browser?.close();
+  await agent?.stop();
+}, { timeout: 20_000 });
+
+// [name, route, a locator that shows the page has its data]
+const PAGES = [
+  ['services', '#/services', 'li[data-service="web"] .status'],
+  ['service', '#/services/web', 'li[data-instance="web-2"] [data-check="web-2-http"]'],
+  ['nodes', '#/nodes', 'li[data-node="ui-test"] .badge-leader'],
+  ['node', '#/nodes/db-1', '.rows li[data-service="postgres"]'],
+  ['kv', '#/kv/', 'li[data-key="config/"]'],
+  ['kv-key', '#/kv/config/app/settings', '.kv-value.json'],
+];
+
+async function visitAll(page, onPage) {
+  await page.goto(`${agent.baseUrl}/ui/`);
+  for (const [name, route, ready] of PAGES) {
+    // In-app navigation (hash change), as a user clicking links would.
+    await page.evaluate((r) => { location.hash = r; }, route);
+    await page.locator(ready).first().waitFor();
+    await onPage(name);
+  }
+}
+
+test('no console errors or page errors on any main page', { timeout: 60_000 }, async () => {
+  const { context, page, problems } = await openPage(browser, LAPTOP);
+  try {
+    await visitAll(page, async () => {});
+    // Fresh loads of deep links too.
+    for (const [, route, ready] of PAGES) {
+      await page.goto(`${agent.baseUrl}/ui/${route}`);
+      await page.locator(ready).first().waitFor();
+    }
+    // Keyboard: skip link, then the page heading, then the filter box.
+    await page.goto(`${agent.baseUrl}/ui/#/services`);
+    await page.reload();
+    await page.locator(PAGES[0][2]).first().waitFor();
+    const focused = () => page.evaluate(() => {
+      const el = document.activeElement;
+      return el ? `${el.tagName.toLowerCase()}${el.id ? `#${el.id}` : ''}:${(el.textContent || '').trim().slice(0, 20)}` : '';
+    });
+    await page.keyboard.press('Tab');
+    assert.equal(await focused(), 'a#skip-link:Skip to content');
+    await page.keyboard.press('Enter');
+    assert.match(await focused(), /^h1:Services/);
+    await page.keyboard.press('Tab');
+    assert.equal(await focused(), 'input#service-filter:');
+    await page.keyboard.type('postgres');
+    await page.locator('li[data-service="web"]').waitFor({ state: 'detached' });
+    await page.keyboard.press('Tab');
+    assert.equal(await focused(), 'a:postgres');
+    await page.keyboard.press('Enter');
+    await page.waitForURL(/#\/services\/postgres$/);
+    await page.getByRole('heading', { level: 1, name: 'postgres' }).waitFor();
+    assert.deepEqual(problems.pageErrors, [], 'page errors');
+    assert.deepEqual(problems.consoleErrors, [], 'console errors');
+  } finally {
+    await context.close();
+  }
+});
+
+for (const [label, viewport] of [['laptop', LAPTOP], ['phone', PHONE]]) {
+  test(`screenshots at ${label} width (${viewport.width}x${viewport.height})`, { timeout: 60_000 }, async () => {
+    const { context, page, problems } = await openPage(browser, viewport);
+    try {
+      await visitAll(page, async (name) => {
+        // Nothing may stick out sideways at phone width.
+        const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+        assert.ok(overflow <= 0, `${name}: page is ${overflow}px wider than the ${label} viewport`);
+        await page.screenshot({ path: screenshotPath(`${name}-${label}`), fullPage: true });
+      });
+      assert.deepEqual(problems.pageErrors, [], 'page errors');
+      assert.deepEqual(problems.consoleErrors, [], 'console errors');
+    } finally {
+      await context.close();
+    }
+  });
+}

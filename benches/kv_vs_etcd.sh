@@ -146,7 +146,7 @@ ensure_tools() {
   (( EUID == 0 )) || sudo=(sudo)
   log "installing ${pkgs[*]} with apt-get"
   timeout 600 "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 update -qq
-  DEBIAN_FRONTEND=noninteractive timeout 900 "${sudo[@]}" apt-get install -y -q \
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q \
     --no-install-recommends -o DPkg::Lock::Timeout=300 "${pkgs[@]}" >&2
 }
 
@@ -157,7 +157,7 @@ ensure_trellis() {
     TRELLIS_BIN=$REPO_DIR/target/release/trellis
     if [[ ! -x $TRELLIS_BIN ]]; then
       log "$TRELLIS_BIN missing; running cargo build --release"
-      (cd "$REPO_DIR" && run_fg timeout 3600 cargo build --release --bin trellis) >&2 \
+      run_fg timeout 3600 cargo build --release --bin trellis --manifest-path "$REPO_DIR/Cargo.toml" >&2 \
         || die "cargo build --release failed"
     fi
   fi
@@ -378,11 +378,11 @@ for s in $SYSTEMS; do
   if (( ${NON2XX[$s]} > 0 || ${SOCKERR[$s]} > 0 )); then
     errors=1
     echo "WARNING: the $s run had ${NON2XX[$s]} non-2xx responses and ${SOCKERR[$s]} socket errors;" \
-         "its figures are not a clean measurement." >&2
+         "its figures are not a clean measurement."
   fi
   if [[ ${STORED[$s]} =~ ^[0-9]+$ ]] && (( ${STORED[$s]} < ${REQS[$s]} - ${NON2XX[$s]} )); then
     errors=1
-    echo "WARNING: $s acknowledged $(( REQS[$s] - NON2XX[$s] )) writes but lists only ${STORED[$s]} keys." >&2
+    echo "WARNING: $s acknowledged $(( REQS[$s] - NON2XX[$s] )) writes but lists only ${STORED[$s]} keys."
   fi
 done
 if want etcd && want trellis; then
@@ -392,7 +392,7 @@ if want etcd && want trellis; then
 fi
 
 if (( errors )) && [[ $ALLOW_ERRORS != 1 ]]; then
-  echo "RESULT: a run had errors (see warnings above)" >&2
+  echo "RESULT: a run had errors (see warnings above)"
   exit 1
 fi
 exit 0

@@ -79,3 +79,30 @@ mod tests {
         assert_eq!(format(Duration::from_millis(250)), "250ms");
     }
 }
+
+/// RFC 3339 UTC timestamp ("2026-11-29T15:04:05Z") for a system time.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    #[test]
+    fn formats_the_epoch_and_a_leap_day() {
+        use std::time::{Duration, UNIX_EPOCH};
+        assert_eq!(super::rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3661)), "2000-02-29T01:01:01Z");
+    }
+}

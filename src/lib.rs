@@ -1,6 +1,9 @@
 //! Trellis: one binary that runs a whole multi-datacenter service mesh, speaking Consul's HTTP API.
 //! See DESIGN.md for the map of layers; each module below is one of them.
 
+pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod consensus;
 pub mod duration;

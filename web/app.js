@@ -54,6 +54,8 @@ function render() {
 
   controller?.abort();
   controller = new AbortController();
+  // A confirmation left open belongs to the page being left: cancel it.
+  for (const d of document.querySelectorAll('dialog[open]')) d.close('cancel');
   updateHeader(r.section);
   document.title = `${r.title} · ${state.dc ? `${state.dc} · ` : ''}Trellis`;
   main.replaceChildren();

@@ -5,6 +5,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod node;
 pub mod state_machine;
 pub mod storage;
 
@@ -18,6 +19,8 @@ use crate::state::{Outcome, Request};
 /// A server as Raft's membership records it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerNode {
+    /// The node's UUID (Consul's node ID), as shown by `operator raft list-peers`.
+    pub id: String,
     pub name: String,
     pub rpc_addr: String,
 }
@@ -58,7 +61,7 @@ pub struct RaftTimings {
     pub election_max_ms: u64,
 }
 
-pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings { heartbeat_ms: 150, election_min_ms: 1000, election_max_ms: 2000 };
+pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings { heartbeat_ms: 100, election_min_ms: 1000, election_max_ms: 2000 };
 
 /// Take a snapshot (and purge the log behind it) every this many entries.
 const SNAPSHOT_EVERY_ENTRIES: u64 = 8192;

@@ -23,10 +23,10 @@ pub const RPC_ALPN: &[u8] = b"trellis-rpc/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("reading {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("writing {path}: {error}")]
+    Write { path: PathBuf, error: std::io::Error },
     #[error("{path} holds no {what}")]
     Missing { path: PathBuf, what: &'static str },
     #[error("certificate generation failed: {0}")]
@@ -58,18 +58,9 @@ pub fn server_name(dc: &str, domain: &str) -> String {
 
 /// Today's date (UTC) as (year, month, day), for certificate validity windows.
 fn today() -> (i32, u8, u8) {
-    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86_400).unwrap_or(0) as i64;
-    // Civil-from-days (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
-    (y, m, d)
+    let stamp = crate::duration::rfc3339(std::time::SystemTime::now());
+    let part = |r: std::ops::Range<usize>| stamp.get(r).and_then(|s| s.parse().ok()).unwrap_or(1);
+    (part(0..4) as i32, part(5..7) as u8, part(8..10) as u8)
 }
 
 fn set_validity(params: &mut CertificateParams, years: i32) {
@@ -122,11 +113,11 @@ pub fn create_cert(ca_cert_pem: &str, ca_key_pem: &str, kind: CertKind, dc: &str
 }
 
 pub fn read(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|error| TlsError::Read { path: path.to_path_buf(), error })
 }
 
 pub fn write(path: &Path, text: &str) -> Result<(), TlsError> {
-    std::fs::write(path, text).map_err(|source| TlsError::Write { path: path.to_path_buf(), source })
+    std::fs::write(path, text).map_err(|error| TlsError::Write { path: path.to_path_buf(), error })
 }
 
 /// Write `text` to the first `<prefix>-N<suffix>` that does not exist yet and return its N.

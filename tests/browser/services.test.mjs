@@ -90,6 +90,8 @@ test('a check turning critical shows up live, without a reload', { timeout: 45_0
     await page.getByRole('navigation', { name: 'Breadcrumb' }).getByRole('link', { name: 'Services' }).click();
     const web = page.locator('li[data-service="web"]');
     await web.getByText('1 critical').waitFor();
+    // Keyboard focus survives live re-renders.
+    await web.getByRole('link', { name: 'web', exact: true }).focus();
     await agent.register(entity({
       node: 'web-1', address: '192.0.2.11', nodeMeta: { rack: 'r1' },
       service: { ID: 'web-1', Service: 'web', Tags: ['http', 'v1'], Address: '', Port: 8080 },
@@ -97,6 +99,7 @@ test('a check turning critical shows up live, without a reload', { timeout: 45_0
     }));
     await web.getByText('1 passing').waitFor();
     await web.getByText('1 critical').waitFor({ state: 'detached' });
+    assert.equal(await page.evaluate(() => document.activeElement?.getAttribute('href')), '#/services/web');
     // A brand-new service appears as well.
     await agent.register(entity({
       node: 'web-2', address: '192.0.2.12',

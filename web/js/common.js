@@ -58,12 +58,14 @@ export class Region {
     this.errorEl = null;
     el.replaceChildren(loading());
   }
-  /** Show content (nodes) and clear any error. */
+  /** Show content (nodes) and clear any error. Keeps keyboard focus on the same link/control across live updates. */
   show(...children) {
+    const refocus = focusSelector(this.el);
     this.hasData = true;
     this.errorEl = null;
     this.el.replaceChildren(...children.filter(Boolean));
     this.el.removeAttribute('aria-busy');
+    if (refocus) this.el.querySelector(refocus)?.focus({ preventScroll: true });
   }
   error(err, opts) {
     const box = errorBox(err, opts);
@@ -98,4 +100,20 @@ export function confirmDialog({ title, message, confirmLabel = 'Delete', danger 
     dialog.showModal();
     cancel.focus();
   });
+}
+
+/** A selector that finds "the same" focused element again after a re-render. */
+function focusSelector(container) {
+  const a = document.activeElement;
+  if (!a || a === container || !container.contains(a)) return null;
+  const href = a.getAttribute('href');
+  if (href) return `[href="${CSS.escape(href)}"]`;
+  if (a.id) return `#${CSS.escape(a.id)}`;
+  const check = a.closest('[data-check]');
+  const instance = a.closest('[data-instance]');
+  if (check && a.tagName === 'PRE') {
+    const scope = instance ? `[data-instance="${CSS.escape(instance.dataset.instance)}"] ` : '';
+    return `${scope}[data-check="${CSS.escape(check.dataset.check)}"] pre`;
+  }
+  return null;
 }

@@ -229,7 +229,7 @@ function keyView({ root, signal }, key) {
     let valueEl;
     let label;
     if (value.binary) {
-      label = `Binary value, ${value.bytes} bytes (shown as base64)`;
+      label = 'Binary value (shown as base64)';
       valueEl = h('pre', { class: 'kv-value', tabindex: '0' }, value.text);
     } else if (pretty !== null) {
       label = 'JSON (formatted)';

@@ -1,0 +1,91 @@
+//! Cluster calls between servers (`Service::Cluster`): introductions for bootstrap and join,
+//! adding a server to Raft, applying forwarded writes, and taking over leadership.
+
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use openraft::ChangeMembers;
+use tracing::info;
+
+use crate::consensus::node::{ClusterReply, ClusterRpc, HelloInfo, RaftNode};
+use crate::rpc::{self, ErrorCode, Handler, Peer, RpcError};
+
+/// How long a server asked to take over leadership keeps calling elections.
+const ELECT_DEADLINE: Duration = Duration::from_secs(8);
+const ELECT_RETRY: Duration = Duration::from_millis(50);
+
+pub struct ClusterHandler {
+    pub node: RaftNode,
+    pub datacenter: String,
+}
+
+pub fn hello(node: &RaftNode, datacenter: &str) -> HelloInfo {
+    let m = node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    HelloInfo {
+        id: node.id,
+        node: node.me.clone(),
+        datacenter: datacenter.to_string(),
+        initialized: m.membership_config.log_id().is_some() || m.last_log_index.is_some(),
+        leader: node.leader(),
+        voters: membership.voter_ids().collect(),
+    }
+}
+
+/// Add a server as a voter: first as a learner that catches up, then promoted.
+pub async fn add_voter(node: &RaftNode, id: u64, server: crate::consensus::ServerNode) -> Result<(), RpcError> {
+    let err = |e: String| RpcError::new(ErrorCode::Internal, e);
+    if !node.is_leader() {
+        return Err(RpcError::new(ErrorCode::NoLeader, "not the leader"));
+    }
+    let members = node.members();
+    if members.iter().any(|(mid, _, voter)| *mid == id && *voter) {
+        return Ok(());
+    }
+    info!(server = %server, "adding server to the raft configuration");
+    node.raft.add_learner(id, server, true).await.map_err(|e| err(e.to_string()))?;
+    node.raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false).await.map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+impl Handler for ClusterHandler {
+    fn handle(&self, peer: Peer, body: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
+        let node = self.node.clone();
+        let dc = self.datacenter.clone();
+        async move {
+            let req: ClusterRpc = rpc::decode(&body)?;
+            let reply = match req {
+                ClusterRpc::Hello => ClusterReply::Hello(hello(&node, &dc)),
+                ClusterRpc::Apply(r) => {
+                    let (outcome, index) = node.apply_as_leader(r).await?;
+                    ClusterReply::Applied { outcome, index }
+                }
+                ClusterRpc::Join { id, node: server } => {
+                    if !peer.is_server {
+                        return Err(RpcError::new(ErrorCode::Forbidden, "only servers may join the raft configuration"));
+                    }
+                    add_voter(&node, id, server).await?;
+                    ClusterReply::Joined
+                }
+                ClusterRpc::Elect => {
+                    if !peer.is_server {
+                        return Err(RpcError::new(ErrorCode::Forbidden, "only servers may hand over leadership"));
+                    }
+                    let start = Instant::now();
+                    while !node.is_leader() {
+                        if start.elapsed() > ELECT_DEADLINE {
+                            return Err(RpcError::new(ErrorCode::Timeout, "did not win the election in time"));
+                        }
+                        let _ = node.raft.trigger().elect().await;
+                        let mut m = node.raft.metrics();
+                        let _ = tokio::time::timeout(ELECT_RETRY, m.changed()).await;
+                    }
+                    ClusterReply::Elected
+                }
+            };
+            rpc::encode(&reply)
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,305 @@
+//! `/v1/catalog/*`: register and deregister, and the node and service listings.
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::decode;
+use super::query::{Meta, Params, blocking, filtered, reply};
+use super::{ApiError, Ctx};
+use crate::state::catalog::{ServiceInstance, ServiceQuery};
+use crate::state::{CheckStatus, Command, HealthCheck, Node, Outcome, Registration, Service, ServiceAddress, Table, Weights};
+
+pub fn routes() -> Router<Ctx> {
+    Router::new()
+        .route("/v1/catalog/register", put(register))
+        .route("/v1/catalog/deregister", put(deregister))
+        .route("/v1/catalog/datacenters", get(datacenters))
+        .route("/v1/catalog/nodes", get(nodes))
+        .route("/v1/catalog/services", get(services))
+        .route("/v1/catalog/service/{service}", get(service))
+        .route("/v1/catalog/node/{node}", get(node))
+        .route("/v1/catalog/node-services/{node}", get(node_services))
+}
+
+/// A service definition as Consul's API accepts it (catalog and agent registration).
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ServiceBody {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub service: String,
+    pub kind: String,
+    pub tags: Option<Vec<String>>,
+    pub address: String,
+    pub tagged_addresses: Option<BTreeMap<String, ServiceAddressBody>>,
+    pub meta: Option<BTreeMap<String, String>>,
+    pub port: i64,
+    pub weights: Option<WeightsBody>,
+    pub enable_tag_override: bool,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ServiceAddressBody {
+    pub address: String,
+    pub port: i64,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct WeightsBody {
+    pub passing: i64,
+    pub warning: i64,
+}
+
+/// A health check as the catalog accepts it.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct CheckBody {
+    pub node: String,
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    pub name: String,
+    pub notes: String,
+    pub status: String,
+    #[serde(rename = "ServiceID")]
+    pub service_id: String,
+    pub output: String,
+    #[serde(rename = "Type")]
+    pub check_type: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct RegisterBody {
+    #[serde(rename = "ID")]
+    id: String,
+    node: String,
+    address: String,
+    datacenter: String,
+    tagged_addresses: Option<BTreeMap<String, String>>,
+    node_meta: Option<BTreeMap<String, String>>,
+    service: Option<ServiceBody>,
+    check: Option<CheckBody>,
+    checks: Option<Vec<CheckBody>>,
+    skip_node_update: bool,
+}
+
+fn port(key: &str, p: i64) -> Result<u16, ApiError> {
+    u16::try_from(p).map_err(|_| ApiError::BadRequest(format!("Invalid {key}: {p} is not a port number")))
+}
+
+impl ServiceBody {
+    pub fn into_service(self) -> Result<Service, ApiError> {
+        let tagged_addresses = self
+            .tagged_addresses
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, a)| Ok((k.clone(), ServiceAddress { address: a.address, port: port(&format!("TaggedAddresses.{k}.Port"), a.port)? })))
+            .collect::<Result<_, ApiError>>()?;
+        let weights = match self.weights {
+            None => Weights::default(),
+            Some(w) if w.passing < 1 => return Err(ApiError::BadRequest("Passing must be greater than 0".into())),
+            Some(w) if w.warning < 0 => return Err(ApiError::BadRequest("Warning must be greater or equal than 0".into())),
+            Some(w) => Weights { passing: w.passing, warning: w.warning },
+        };
+        Ok(Service {
+            kind: self.kind,
+            id: self.id,
+            service: self.service,
+            tags: self.tags.unwrap_or_default(),
+            address: self.address,
+            tagged_addresses,
+            meta: self.meta.unwrap_or_default(),
+            port: port("Port", self.port)?,
+            weights,
+            enable_tag_override: self.enable_tag_override,
+            create_index: 0,
+            modify_index: 0,
+        })
+    }
+}
+
+impl CheckBody {
+    pub fn into_check(self) -> Result<HealthCheck, ApiError> {
+        let status = match self.status.as_str() {
+            "" => CheckStatus::Critical,
+            s => CheckStatus::parse(s).ok_or_else(|| ApiError::BadRequest(format!("Invalid check status: {s:?}")))?,
+        };
+        Ok(HealthCheck {
+            node: self.node,
+            check_id: self.check_id,
+            name: self.name,
+            status,
+            notes: self.notes,
+            output: self.output,
+            service_id: self.service_id,
+            check_type: self.check_type,
+            ..Default::default()
+        })
+    }
+}
+
+/// Turn a state-machine refusal into the API's 400, and anything else into `Ok`.
+pub fn accepted(outcome: Outcome) -> Result<Outcome, ApiError> {
+    match outcome {
+        Outcome::Rejected(m) => Err(ApiError::BadRequest(m)),
+        o => Ok(o),
+    }
+}
+
+async fn register(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
+    let b: RegisterBody = decode(&body)?;
+    if !b.datacenter.is_empty() && b.datacenter != ctx.info.datacenter {
+        return Err(ApiError::NoPathToDatacenter);
+    }
+    let mut checks = Vec::new();
+    for c in b.check.into_iter().chain(b.checks.unwrap_or_default()) {
+        checks.push(c.into_check()?);
+    }
+    let reg = Registration {
+        node: Node {
+            id: b.id,
+            node: b.node,
+            address: b.address,
+            datacenter: ctx.info.datacenter.clone(),
+            tagged_addresses: b.tagged_addresses.unwrap_or_default(),
+            meta: b.node_meta.unwrap_or_default(),
+            create_index: 0,
+            modify_index: 0,
+        },
+        service: b.service.map(ServiceBody::into_service).transpose()?,
+        checks,
+        skip_node_update: b.skip_node_update,
+    };
+    let (outcome, index) = ctx.node.write(Command::Register(reg)).await?;
+    accepted(outcome)?;
+    Ok(write_reply(&ctx, index, true))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct DeregisterBody {
+    node: String,
+    datacenter: String,
+    #[serde(rename = "ServiceID")]
+    service_id: String,
+    #[serde(rename = "CheckID")]
+    check_id: String,
+}
+
+async fn deregister(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
+    let b: DeregisterBody = decode(&body)?;
+    if b.node.is_empty() {
+        return Err(ApiError::BadRequest("Must provide node".into()));
+    }
+    if !b.datacenter.is_empty() && b.datacenter != ctx.info.datacenter {
+        return Err(ApiError::NoPathToDatacenter);
+    }
+    let some = |s: String| if s.is_empty() { None } else { Some(s) };
+    let (outcome, index) = ctx.node.write(Command::Deregister { node: b.node, service_id: some(b.service_id), check_id: some(b.check_id) }).await?;
+    accepted(outcome)?;
+    Ok(write_reply(&ctx, index, true))
+}
+
+/// The reply to a write: `true` (or `false`), with the index it landed at.
+pub fn write_reply(ctx: &Ctx, index: u64, value: bool) -> Response {
+    reply(&Meta::of(ctx, index, &Params::default()), &value)
+}
+
+async fn datacenters(State(ctx): State<Ctx>) -> Response {
+    axum::response::IntoResponse::into_response(axum::Json(vec![ctx.info.datacenter.clone()]))
+}
+
+pub fn node_json(n: &Node, dc: &str) -> Value {
+    json!({
+        "ID": n.id, "Node": n.node, "Address": n.address, "Datacenter": dc,
+        "TaggedAddresses": n.tagged_addresses, "Meta": n.meta,
+        "CreateIndex": n.create_index, "ModifyIndex": n.modify_index,
+    })
+}
+
+async fn nodes(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    let meta_filter = p.node_meta()?;
+    let dc = ctx.info.datacenter.clone();
+    let (list, meta) = blocking(&ctx, &p, &[Table::Nodes], |d| {
+        let (nodes, idx) = d.node_list(&meta_filter);
+        Ok((nodes.iter().map(|n| node_json(n, &dc)).collect::<Vec<_>>(), idx))
+    })
+    .await?;
+    Ok(reply(&meta, &filtered(&p, &list)?))
+}
+
+async fn services(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    let meta_filter = p.node_meta()?;
+    let (map, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes], |d| Ok(d.service_list(&meta_filter))).await?;
+    Ok(reply(&meta, &map))
+}
+
+pub fn service_query(p: &Params) -> Result<ServiceQuery, ApiError> {
+    Ok(ServiceQuery { tags: p.all("tag").into_iter().map(String::from).collect(), node_meta: p.node_meta()?, passing_only: false })
+}
+
+fn catalog_service_json(i: &ServiceInstance, dc: &str) -> Value {
+    let (n, s) = (&i.node, &i.service);
+    json!({
+        "ID": n.id, "Node": n.node, "Address": n.address, "Datacenter": dc,
+        "TaggedAddresses": n.tagged_addresses, "NodeMeta": n.meta,
+        "ServiceKind": s.kind, "ServiceID": s.id, "ServiceName": s.service, "ServiceTags": s.tags,
+        "ServiceAddress": s.address, "ServiceTaggedAddresses": s.tagged_addresses, "ServiceWeights": s.weights,
+        "ServiceMeta": s.meta, "ServicePort": s.port, "ServiceEnableTagOverride": s.enable_tag_override,
+        "CreateIndex": s.create_index, "ModifyIndex": s.modify_index,
+    })
+}
+
+async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let q = service_query(&p)?;
+    let dc = ctx.info.datacenter.clone();
+    let (list, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
+        let (inst, idx) = d.service_instances(&name, &q);
+        Ok((inst.iter().map(|i| catalog_service_json(i, &dc)).collect::<Vec<_>>(), idx))
+    })
+    .await?;
+    Ok(reply(&meta, &filtered(&p, &list)?))
+}
+
+async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let dc = ctx.info.datacenter.clone();
+    let (found, meta) = blocking(&ctx, &p, &[Table::Nodes, Table::Services], |d| {
+        let (found, idx) = d.node_services(&name);
+        Ok((
+            found.map(|(n, svcs)| {
+                let services: BTreeMap<String, Value> = svcs.iter().map(|s| (s.id.clone(), service_json(s))).collect();
+                json!({ "Node": node_json(&n, &dc), "Services": services })
+            }),
+            idx,
+        ))
+    })
+    .await?;
+    Ok(reply(&meta, &found))
+}
+
+pub fn service_json(s: &Service) -> Value {
+    serde_json::to_value(s).unwrap_or(Value::Null)
+}
+
+async fn node_services(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let dc = ctx.info.datacenter.clone();
+    let (found, meta) = blocking(&ctx, &p, &[Table::Nodes, Table::Services], |d| {
+        let (found, idx) = d.node_services(&name);
+        Ok((found, idx))
+    })
+    .await?;
+    let body = match found {
+        Some((n, svcs)) => json!({ "Node": node_json(&n, &dc), "Services": filtered(&p, &svcs.iter().map(service_json).collect::<Vec<_>>())? }),
+        None => Value::Null,
+    };
+    Ok(reply(&meta, &body))
+}

@@ -1,0 +1,118 @@
+//! Forwarding to the leader: requests that need the leader are relayed over internal RPC when
+//! this server is not it. Forwarded requests carry a marker header and are never forwarded
+//! again, so a leadership change mid-flight costs an error, never a loop.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+
+use super::query::{MAX_WAIT, Params};
+use super::{ApiError, Ctx, MAX_BODY_BYTES};
+use crate::rpc::{self, ErrorCode, Handler, Peer, RpcError, Service};
+
+pub const FORWARDED_HEADER: &str = "x-trellis-forwarded";
+/// Time a forwarded request may take on top of its own blocking wait.
+const FORWARD_SLACK: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ForwardedRequest {
+    pub method: String,
+    pub uri: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ForwardedResponse {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+/// Paths answered by whichever agent receives them.
+fn is_local(path: &str) -> bool {
+    !path.starts_with("/v1/") || path.starts_with("/v1/agent/") || path.starts_with("/v1/status/") || path == "/v1/catalog/datacenters"
+}
+
+pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let params = Params::parse(req.uri().query());
+    if let Some(dc) = params.get("dc")
+        && !dc.is_empty()
+        && dc != ctx.info.datacenter
+    {
+        return ApiError::NoPathToDatacenter.into_response();
+    }
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    if is_local(&path) || (read && params.flag("stale")) || req.headers().contains_key(FORWARDED_HEADER) || ctx.node.is_leader() {
+        return next.run(req).await;
+    }
+    let Some(leader) = ctx.node.leader_addr() else { return ApiError::NoLeader.into_response() };
+    match relay(&ctx, leader, req, &params).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn relay(ctx: &Ctx, leader: std::net::SocketAddr, req: Request, params: &Params) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|e| ApiError::TooLarge(format!("Request body too large: {e}")))?;
+    let fwd = ForwardedRequest {
+        method: parts.method.to_string(),
+        uri: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+        body: body.to_vec(),
+    };
+    let wait = params.get("wait").and_then(crate::duration::parse).unwrap_or(super::query::DEFAULT_WAIT).min(MAX_WAIT);
+    let timeout = if params.has("index") { wait + wait / 16 + FORWARD_SLACK } else { FORWARD_SLACK };
+    let resp: ForwardedResponse = match ctx.node.rpc.call_typed(leader, Service::Http, &fwd, timeout).await {
+        Ok(r) => r,
+        Err(e) if e.code == ErrorCode::Unreachable => return Err(ApiError::NoLeader),
+        Err(e) => return Err(ApiError::Internal(format!("rpc error forwarding to the leader: {e}"))),
+    };
+    let mut out = Response::builder().status(StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    for (k, v) in resp.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::from_bytes(&v)) {
+            out = out.header(k, v);
+        }
+    }
+    out.body(Body::from(resp.body)).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Serves forwarded requests (`Service::Http`) through the local router.
+pub struct HttpHandler {
+    pub router: axum::Router,
+}
+
+impl Handler for HttpHandler {
+    fn handle(&self, _peer: Peer, body: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
+        let router = self.router.clone();
+        async move {
+            let fwd: ForwardedRequest = rpc::decode(&body)?;
+            let bad = |e: String| RpcError::new(ErrorCode::BadRequest, e);
+            let mut builder = axum::http::Request::builder().method(fwd.method.as_str()).uri(fwd.uri.as_str());
+            for (k, v) in &fwd.headers {
+                builder = builder.header(k.as_str(), v.as_slice());
+            }
+            builder = builder.header(FORWARDED_HEADER, "1");
+            let req = builder.body(Body::from(fwd.body)).map_err(|e| bad(e.to_string()))?;
+            let resp = router.oneshot(req).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+            let (parts, body) = resp.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+            rpc::encode(&ForwardedResponse {
+                status: parts.status.as_u16(),
+                headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+                body: body.to_vec(),
+            })
+        }
+        .boxed()
+    }
+}

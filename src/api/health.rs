@@ -1,0 +1,55 @@
+//! `/v1/health/*`: checks by node, service and state, and service instances with their health.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::catalog::{node_json, service_json, service_query};
+use super::query::{Params, blocking, filtered, reply};
+use super::{ApiError, Ctx};
+use crate::state::{CheckStatus, Table};
+
+pub fn routes() -> Router<Ctx> {
+    Router::new()
+        .route("/v1/health/node/{node}", get(node))
+        .route("/v1/health/checks/{service}", get(checks))
+        .route("/v1/health/service/{service}", get(service))
+        .route("/v1/health/state/{state}", get(state))
+}
+
+async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks], |d| Ok(d.node_checks(&name))).await?;
+    Ok(reply(&meta, &filtered(&p, &checks)?))
+}
+
+async fn checks(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks, Table::Services], |d| Ok(d.service_checks(&name))).await?;
+    Ok(reply(&meta, &filtered(&p, &checks)?))
+}
+
+async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let mut q = service_query(&p)?;
+    q.passing_only = p.flag("passing");
+    let dc = ctx.info.datacenter.clone();
+    let (entries, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
+        let (inst, idx) = d.service_instances(&name, &q);
+        let entries: Vec<Value> = inst
+            .iter()
+            .map(|i| json!({ "Node": node_json(&i.node, &dc), "Service": service_json(&i.service), "Checks": i.checks }))
+            .collect();
+        Ok((entries, idx))
+    })
+    .await?;
+    Ok(reply(&meta, &filtered(&p, &entries)?))
+}
+
+async fn state(State(ctx): State<Ctx>, Path(state): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let want = match state.as_str() {
+        "any" => None,
+        s => Some(CheckStatus::parse(s).filter(|s| *s != CheckStatus::Maintenance).ok_or_else(|| ApiError::BadRequest(format!("Invalid state: {s}")))?),
+    };
+    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks], |d| Ok(d.checks_in_state(want))).await?;
+    Ok(reply(&meta, &filtered(&p, &checks)?))
+}

@@ -1,0 +1,88 @@
+//! The HTTP API: Consul-compatible `/v1` handlers, blocking queries, request forwarding to the
+//! leader, and the embedded UI.
+//!
+//! Reads come from the local `state::Store`; writes go through `consensus::RaftNode`. A server
+//! that is not the leader forwards requests that need the leader (writes, default and
+//! `?consistent` reads) over internal RPC and relays the answer; `?stale` reads and the agent's
+//! own endpoints are always answered locally. Handlers live in one module per endpoint family.
+
+pub mod agent;
+pub mod catalog;
+pub mod error;
+pub mod filter;
+pub mod forward;
+pub mod health;
+pub mod kv;
+pub mod metrics;
+pub mod operator;
+pub mod query;
+pub mod session;
+pub mod snapshot;
+pub mod status;
+pub mod txn;
+pub mod ui;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+
+use crate::consensus::node::RaftNode;
+pub use error::ApiError;
+
+/// The largest request body accepted at all; endpoints apply tighter limits of their own.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// Facts about this agent that `/v1/agent/self` and friends report.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    pub node_name: String,
+    pub node_id: String,
+    pub datacenter: String,
+    pub primary_datacenter: String,
+    pub domain: String,
+    pub server: bool,
+    pub bootstrap_expect: usize,
+    pub bind_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub dns_port: Option<u16>,
+    pub log_level: String,
+    pub data_dir: String,
+}
+
+pub struct ApiContext {
+    pub info: AgentInfo,
+    pub node: RaftNode,
+    pub sessions: session::SessionTimers,
+    pub autopilot: Arc<Mutex<operator::AutopilotHealth>>,
+    pub metrics: metrics::Registry,
+    pub started: Instant,
+}
+
+pub type Ctx = Arc<ApiContext>;
+
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+pub fn router(ctx: Ctx) -> Router {
+    Router::new()
+        .merge(status::routes())
+        .merge(catalog::routes())
+        .merge(health::routes())
+        .merge(kv::routes())
+        .merge(session::routes())
+        .merge(txn::routes())
+        .merge(agent::routes())
+        .merge(operator::routes())
+        .merge(snapshot::routes())
+        .merge(ui::routes())
+        .fallback(|| async { ApiError::NotFound("404 page not found".into()) })
+        .method_not_allowed_fallback(|m: axum::http::Method| async move { ApiError::MethodNotAllowed(m.to_string()) })
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), forward::forward_to_leader))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), metrics::track))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(ctx)
+}

@@ -1,0 +1,262 @@
+//! Command-line entry: parses arguments and dispatches to the layers below; no logic of its own
+//! beyond turning flags into configuration and errors into exit codes.
+
+pub mod client;
+pub mod tls;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, RawConfig, RawPorts};
+use client::{CatalogCommand, HttpOpts, KvCommand, OperatorCommand, SnapshotCommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "trellis", version, about = "One binary that runs a whole multi-datacenter service mesh, speaking Consul's HTTP API")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run an agent (server with --server; --dev for a throwaway single-server cluster)
+    Agent(AgentArgs),
+    /// Run a local development cluster with the UI (one server on 127.0.0.1:8500)
+    Dev(DevArgs),
+    /// Read and write the key-value store
+    Kv {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(subcommand)]
+        cmd: KvCommand,
+    },
+    /// List nodes and services in the catalog
+    Catalog {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(subcommand)]
+        cmd: CatalogCommand,
+    },
+    /// Cluster operations (Raft peers)
+    Operator {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(subcommand)]
+        cmd: OperatorCommand,
+    },
+    /// Save or restore a snapshot of the cluster state
+    Snapshot {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(subcommand)]
+        cmd: SnapshotCommand,
+    },
+    /// Create the CA and certificates for agent TLS
+    Tls {
+        #[command(subcommand)]
+        cmd: tls::TlsCommand,
+    },
+    /// Print the version
+    Version,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct AgentArgs {
+    /// Dev mode: a single server with its own TLS, on loopback, with a temporary data dir
+    #[arg(long)]
+    pub dev: bool,
+    /// Run as a server
+    #[arg(long)]
+    pub server: bool,
+    /// Servers to wait for before bootstrapping
+    #[arg(long = "bootstrap-expect")]
+    pub bootstrap_expect: Option<usize>,
+    /// Bootstrap a single-server cluster
+    #[arg(long)]
+    pub bootstrap: bool,
+    /// Node name (default: host name)
+    #[arg(long = "node")]
+    pub node: Option<String>,
+    /// Datacenter name
+    #[arg(long)]
+    pub datacenter: Option<String>,
+    /// The primary datacenter
+    #[arg(long = "primary-datacenter")]
+    pub primary_datacenter: Option<String>,
+    /// Data directory
+    #[arg(long = "data-dir")]
+    pub data_dir: Option<String>,
+    /// Address for cluster communication (RPC)
+    #[arg(long = "bind")]
+    pub bind: Option<IpAddr>,
+    /// Address for the HTTP API and DNS
+    #[arg(long = "client")]
+    pub client: Option<IpAddr>,
+    /// Server to join at start (repeatable; retried until one answers)
+    #[arg(long = "retry-join")]
+    pub retry_join: Vec<String>,
+    /// HTTP API port
+    #[arg(long = "http-port")]
+    pub http_port: Option<i64>,
+    /// DNS port (-1 disables)
+    #[arg(long = "dns-port", allow_negative_numbers = true)]
+    pub dns_port: Option<i64>,
+    /// Server RPC port
+    #[arg(long = "server-port")]
+    pub server_port: Option<i64>,
+    /// DNS domain
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// CA certificate for agent TLS
+    #[arg(long = "ca-file")]
+    pub ca_file: Option<String>,
+    /// This agent's certificate
+    #[arg(long = "cert-file")]
+    pub cert_file: Option<String>,
+    /// This agent's private key
+    #[arg(long = "key-file")]
+    pub key_file: Option<String>,
+    /// Log level: trace, debug, info, warn, error
+    #[arg(long = "log-level")]
+    pub log_level: Option<String>,
+    /// Configuration file (HCL or JSON; repeatable)
+    #[arg(long = "config-file")]
+    pub config_file: Vec<PathBuf>,
+    /// Directory of configuration files (repeatable)
+    #[arg(long = "config-dir")]
+    pub config_dir: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// HTTP API and UI port
+    #[arg(long = "http-port", default_value_t = config::DEFAULT_HTTP_PORT)]
+    pub http_port: u16,
+    /// Address to listen on
+    #[arg(long = "client", default_value = "127.0.0.1")]
+    pub client: IpAddr,
+    /// Keep data here instead of a temporary directory
+    #[arg(long = "data-dir")]
+    pub data_dir: Option<String>,
+}
+
+impl AgentArgs {
+    /// Flags as a config layer that overrides the files.
+    fn as_raw(&self) -> RawConfig {
+        let some_true = |b: bool| if b { Some(true) } else { None };
+        RawConfig {
+            datacenter: self.datacenter.clone(),
+            primary_datacenter: self.primary_datacenter.clone(),
+            node_name: self.node.clone(),
+            data_dir: self.data_dir.clone(),
+            server: some_true(self.server),
+            bootstrap_expect: self.bootstrap_expect,
+            bootstrap: some_true(self.bootstrap),
+            retry_join: if self.retry_join.is_empty() { None } else { Some(self.retry_join.clone()) },
+            bind_addr: self.bind.map(|a| a.to_string()),
+            client_addr: self.client.map(|a| a.to_string()),
+            ports: Some(RawPorts { http: self.http_port, dns: self.dns_port, server: self.server_port, ..Default::default() }),
+            domain: self.domain.clone(),
+            log_level: self.log_level.clone(),
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            ..Default::default()
+        }
+    }
+
+    pub fn config(&self) -> Result<config::Config, config::ConfigError> {
+        let mut raw = config::load_files(&self.config_file, &self.config_dir)?;
+        let flags = self.as_raw();
+        // Top-level TLS flags override a `tls` block from the files.
+        if flags.ca_file.is_some() || flags.cert_file.is_some() || flags.key_file.is_some() {
+            raw.tls = None;
+        }
+        raw.merge(flags);
+        raw.validate(self.dev)
+    }
+}
+
+/// Parse arguments, run the command, and return the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let result = rt.block_on(run(cli));
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e:#}");
+            1
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(a) => run_agent(a).await,
+        Command::Dev(d) => {
+            let a = AgentArgs {
+                dev: true,
+                node: Some("dev".into()),
+                client: Some(d.client),
+                http_port: Some(i64::from(d.http_port)),
+                data_dir: d.data_dir,
+                ..Default::default()
+            };
+            run_agent(a).await
+        }
+        Command::Kv { http, cmd } => client::kv(&http, cmd).await,
+        Command::Catalog { http, cmd } => client::catalog(&http, cmd).await,
+        Command::Operator { http, cmd } => client::operator(&http, cmd).await,
+        Command::Snapshot { http, cmd } => client::snapshot(&http, cmd).await,
+        Command::Tls { cmd } => tls::run(cmd),
+        Command::Version => {
+            println!("Trellis v{}", crate::api::version());
+            println!("Protocol 2 spoken by default, understands 2 to 3 (agent will automatically use protocol >2 when speaking to compatible agents)");
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=warn,sled=warn")));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
+    let cfg = a.config()?;
+    init_logging(&cfg.log_level);
+    let temp_data = a.dev && a.data_dir.is_none() && a.config_file.is_empty() && a.config_dir.is_empty();
+    let data_dir = cfg.data_dir.clone();
+    let agent = crate::agent::Agent::start(cfg.clone()).await?;
+    if cfg.dev {
+        println!("==> Trellis dev agent running: HTTP API and UI at http://{}/ui/ (data in {})", agent.http_addr(), data_dir.display());
+    }
+    let result = agent.run_until(signal()).await;
+    if temp_data {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    Ok(result?)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers we can still be stopped by Ctrl-C's default action.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -40,12 +40,22 @@ struct Tenure {
 impl LeaderWorker {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tenure: Option<Tenure> = None;
+        let mut metrics = self.node.raft.metrics();
+        let mut next_tick = tokio::time::Instant::now();
         loop {
+            // Run every tick, and at once when leadership changes; other Raft metric changes
+            // (one per write) only wake the loop to look.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(TICK) => {}
+                _ = tokio::time::sleep_until(next_tick) => {}
+                r = metrics.changed() => if r.is_err() { return },
             }
-            if !self.node.is_leader() {
+            let leading = self.node.is_leader();
+            if leading == tenure.is_some() && tokio::time::Instant::now() < next_tick {
+                continue;
+            }
+            next_tick = tokio::time::Instant::now() + TICK;
+            if !leading {
                 if tenure.take().is_some() {
                     self.sessions.clear();
                 }

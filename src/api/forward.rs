@@ -45,7 +45,10 @@ fn is_local(path: &str) -> bool {
 pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let params = Params::parse(req.uri().query());
+    // The agent's own endpoints and the UI ignore `?dc=` (the UI reads it in the browser).
     if let Some(dc) = params.get("dc")
+        && path.starts_with("/v1/")
+        && !path.starts_with("/v1/agent/")
         && !dc.is_empty()
         && dc != ctx.info.datacenter
     {

@@ -181,6 +181,8 @@ where
             (watches, read(store.data())?)
         };
         let (value, index) = result;
+        // Compare what the client was told: an empty table reports index 1, not 0.
+        let index = index.max(1);
         let done = match min_index {
             None => true,
             // An index below the one asked for means the state was reset (snapshot restore):

@@ -41,9 +41,7 @@ test('an unreachable datacenter shows an error and a way back', { timeout: 30_00
   const local = (await agent.call('GET', '/v1/agent/self')).json.Config.Datacenter;
   const { context, page, problems } = await openPage(browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/?dc=nowhere#/nodes`);
-    // The ?dc= query is moved into the hash route.
-    await page.waitForURL(/\/ui\/#\/nodes\?dc=nowhere$/);
+    await page.goto(`${agent.baseUrl}/ui/#/nodes?dc=nowhere`);
     const alert = page.getByRole('alert').filter({ hasText: 'Could not load this page from datacenter “nowhere”' });
     await alert.waitFor();
     // The chosen (unknown) DC is shown, so the picker is visible to switch back.
@@ -61,6 +59,22 @@ test('an unreachable datacenter shows an error and a way back', { timeout: 30_00
     await page.getByLabel('Datacenter').selectOption(local);
     await page.waitForURL(/#\/services$/);
     await page.locator('li[data-service="web"]').waitFor();
+    assert.deepEqual(problems.pageErrors, []);
+  } finally {
+    await context.close();
+  }
+});
+
+test('a shared /ui/?dc= link opens in that datacenter', { timeout: 30_000 }, async () => {
+  // The server must serve the UI whatever the query string says: ?dc= is for the UI here.
+  const res = await agent.call('GET', '/ui/?dc=nowhere');
+  assert.equal(res.status, 200, `GET /ui/?dc=nowhere answered ${res.status} ${res.text.slice(0, 100)}`);
+  const { context, page, problems } = await openPage(browser);
+  try {
+    await page.goto(`${agent.baseUrl}/ui/?dc=nowhere#/nodes`);
+    // The ?dc= query is moved into the hash route, and used.
+    await page.waitForURL(/\/ui\/#\/nodes\?dc=nowhere$/);
+    await page.getByRole('alert').filter({ hasText: 'datacenter “nowhere”' }).waitFor();
     assert.deepEqual(problems.pageErrors, []);
   } finally {
     await context.close();

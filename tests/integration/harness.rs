@@ -1,0 +1,211 @@
+//! Test harness: real `trellis` server processes, each on its own 127.0.x.y address with the
+//! default ports, its own data dir, and certificates made for the test. Everything is killed
+//! and removed when the `Cluster` drops, also when a test fails.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+/// Generous bound for anything a healthy cluster should do "soon" on a loaded CI machine.
+pub const SOON: Duration = Duration::from_secs(30);
+
+/// Each test gets its own 127.0.N.0/24 so that tests run in parallel on default ports.
+static NEXT_SUBNET: AtomicU8 = AtomicU8::new(10);
+
+pub fn subnet() -> u8 {
+    NEXT_SUBNET.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Poll `check` until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub struct Server {
+    pub name: String,
+    pub ip: String,
+    pub data_dir: PathBuf,
+    cert: (PathBuf, PathBuf),
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Server {
+    pub fn http(&self) -> String {
+        format!("http://{}:8500", self.ip)
+    }
+    pub fn rpc(&self) -> String {
+        format!("{}:8300", self.ip)
+    }
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct Cluster {
+    /// Kept alive for the data dirs, certificates and logs inside it.
+    _dir: tempfile::TempDir,
+    pub servers: Vec<Server>,
+    pub http: reqwest::Client,
+    ca: PathBuf,
+    expect: usize,
+}
+
+impl Cluster {
+    /// Start `n` servers that bootstrap together.
+    pub async fn start(n: usize) -> Cluster {
+        let net = subnet();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca_pem, ca_key) = trellis::tls::create_ca("consul").expect("ca");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &ca_pem).unwrap();
+        let mut servers = Vec::new();
+        for i in 1..=n {
+            let (cert, key) = trellis::tls::create_cert(&ca_pem, &ca_key, trellis::tls::CertKind::Server, "dc1", "consul", &[]).expect("cert");
+            let (cp, kp) = (dir.path().join(format!("s{i}.pem")), dir.path().join(format!("s{i}-key.pem")));
+            std::fs::write(&cp, cert).unwrap();
+            std::fs::write(&kp, key).unwrap();
+            servers.push(Server {
+                name: format!("s{i}"),
+                ip: format!("127.0.{net}.{i}"),
+                data_dir: dir.path().join(format!("data-s{i}")),
+                cert: (cp, kp),
+                child: None,
+                log: dir.path().join(format!("s{i}.log")),
+            });
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        let mut c = Cluster { _dir: dir, servers, http, ca, expect: n };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c.wait_for_leader().await;
+        c.wait_for_catalog().await;
+        c
+    }
+
+    /// The leader records every server in the catalog; most scenarios start once it has.
+    pub async fn wait_for_catalog(&self) {
+        let url = format!("{}/v1/catalog/service/consul?stale", self.servers[0].http());
+        eventually("every server registered in the catalog", SOON, || async {
+            let v = self.get_json(&url).await.ok()?;
+            (v.as_array()?.len() == self.servers.len()).then_some(())
+        })
+        .await;
+    }
+
+    pub fn spawn(&mut self, i: usize) {
+        let s = &self.servers[i];
+        let mut cmd = Command::new(BIN);
+        cmd.args(["agent", "--server", "--node", &s.name, "--bind", &s.ip, "--client", &s.ip])
+            .args(["--bootstrap-expect", &self.expect.to_string()])
+            .arg("--data-dir")
+            .arg(&s.data_dir)
+            .arg("--ca-file")
+            .arg(&self.ca)
+            .arg("--cert-file")
+            .arg(&s.cert.0)
+            .arg("--key-file")
+            .arg(&s.cert.1);
+        for other in &self.servers {
+            cmd.args(["--retry-join", &other.ip]);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).unwrap();
+        cmd.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log));
+        let child = cmd.spawn().expect("spawn trellis");
+        self.servers[i].child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(status.success(), "{} exited with {status} on SIGTERM", self.servers[i].name);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    panic!("{} did not stop within 20s of SIGTERM", self.servers[i].name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.servers[i].log).unwrap_or_default()
+    }
+
+    /// The address of the leader that every running server agrees on.
+    pub async fn wait_for_leader(&self) -> String {
+        eventually("a leader all running servers agree on", SOON, || async {
+            let mut seen = None;
+            for s in self.servers.iter().filter(|s| s.is_running()) {
+                let l: String = self.get_json(&format!("{}/v1/status/leader", s.http())).await.ok()?.as_str()?.to_string();
+                if l.is_empty() || seen.as_ref().is_some_and(|x| *x != l) {
+                    return None;
+                }
+                seen = Some(l);
+            }
+            seen
+        })
+        .await
+    }
+
+    pub fn index_of_rpc(&self, rpc: &str) -> usize {
+        self.servers.iter().position(|s| s.rpc() == rpc).expect("leader is one of ours")
+    }
+
+    pub async fn get_json(&self, url: &str) -> Result<Value, String> {
+        let r = self.http.get(url).send().await.map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("{} {}", r.status(), r.text().await.unwrap_or_default()));
+        }
+        r.json().await.map_err(|e| e.to_string())
+    }
+
+    pub async fn put(&self, url: &str, body: impl Into<reqwest::Body>) -> Result<(u16, String), String> {
+        let r = self.http.put(url).body(body).send().await.map_err(|e| e.to_string())?;
+        Ok((r.status().as_u16(), r.text().await.unwrap_or_default()))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            for (i, s) in self.servers.iter().enumerate() {
+                eprintln!("---- log of {} ----\n{}", s.name, self.log(i).lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+        }
+    }
+}

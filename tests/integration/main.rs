@@ -1,0 +1,8 @@
+//! Scenarios against real `trellis` processes. Each module is one area; each test starts its
+//! own servers on its own loopback subnet and cleans them up.
+
+mod api;
+mod cli;
+mod cluster;
+mod harness;
+mod snapshot;

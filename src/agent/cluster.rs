@@ -34,7 +34,11 @@ pub fn hello(node: &RaftNode, datacenter: &str) -> HelloInfo {
 }
 
 /// Add a server as a voter: first as a learner that catches up, then promoted.
-pub async fn add_voter(node: &RaftNode, id: u64, server: crate::consensus::ServerNode) -> Result<(), RpcError> {
+pub async fn add_voter(
+    node: &RaftNode,
+    id: u64,
+    server: crate::consensus::ServerNode,
+) -> Result<(), RpcError> {
     let err = |e: String| RpcError::new(ErrorCode::Internal, e);
     if !node.is_leader() {
         return Err(RpcError::new(ErrorCode::NoLeader, "not the leader"));
@@ -44,8 +48,14 @@ pub async fn add_voter(node: &RaftNode, id: u64, server: crate::consensus::Serve
         return Ok(());
     }
     info!(server = %server, "adding server to the raft configuration");
-    node.raft.add_learner(id, server, true).await.map_err(|e| err(e.to_string()))?;
-    node.raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false).await.map_err(|e| err(e.to_string()))?;
+    node.raft
+        .add_learner(id, server, true)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    node.raft
+        .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     Ok(())
 }
 
@@ -58,24 +68,33 @@ impl Handler for ClusterHandler {
             let reply = match req {
                 ClusterRpc::Hello => ClusterReply::Hello(hello(&node, &dc)),
                 ClusterRpc::Apply(r) => {
-                    let (outcome, index) = node.apply_as_leader(r).await?;
+                    let (outcome, index) = node.apply_as_leader(*r).await?;
                     ClusterReply::Applied { outcome, index }
                 }
                 ClusterRpc::Join { id, node: server } => {
                     if !peer.is_server {
-                        return Err(RpcError::new(ErrorCode::Forbidden, "only servers may join the raft configuration"));
+                        return Err(RpcError::new(
+                            ErrorCode::Forbidden,
+                            "only servers may join the raft configuration",
+                        ));
                     }
                     add_voter(&node, id, server).await?;
                     ClusterReply::Joined
                 }
                 ClusterRpc::Elect => {
                     if !peer.is_server {
-                        return Err(RpcError::new(ErrorCode::Forbidden, "only servers may hand over leadership"));
+                        return Err(RpcError::new(
+                            ErrorCode::Forbidden,
+                            "only servers may hand over leadership",
+                        ));
                     }
                     let start = Instant::now();
                     while !node.is_leader() {
                         if start.elapsed() > ELECT_DEADLINE {
-                            return Err(RpcError::new(ErrorCode::Timeout, "did not win the election in time"));
+                            return Err(RpcError::new(
+                                ErrorCode::Timeout,
+                                "did not win the election in time",
+                            ));
                         }
                         let _ = node.raft.trigger().elect().await;
                         let mut m = node.raft.metrics();

@@ -50,7 +50,10 @@ impl JoinWorker {
     async fn resolve(&self) -> Vec<SocketAddr> {
         let mut out = Vec::new();
         for target in &self.retry_join {
-            let with_port = if target.parse::<SocketAddr>().is_ok() || target.rsplit_once(':').is_some_and(|(h, p)| !h.ends_with(']') && p.parse::<u16>().is_ok() && !h.contains(':')) {
+            let with_port = if target.parse::<SocketAddr>().is_ok()
+                || target.rsplit_once(':').is_some_and(|(h, p)| {
+                    !h.ends_with(']') && p.parse::<u16>().is_ok() && !h.contains(':')
+                }) {
                 target.clone()
             } else if target.contains(':') && !target.starts_with('[') {
                 format!("[{target}]:{}", self.default_port)
@@ -68,7 +71,14 @@ impl JoinWorker {
 
     async fn introductions(&self) -> Vec<HelloInfo> {
         let addrs = self.resolve().await;
-        let calls = addrs.iter().map(|a| self.node.rpc.call_typed::<ClusterRpc, ClusterReply>(*a, Service::Cluster, &ClusterRpc::Hello, HELLO_TIMEOUT));
+        let calls = addrs.iter().map(|a| {
+            self.node.rpc.call_typed::<ClusterRpc, ClusterReply>(
+                *a,
+                Service::Cluster,
+                &ClusterRpc::Hello,
+                HELLO_TIMEOUT,
+            )
+        });
         futures::future::join_all(calls)
             .await
             .into_iter()
@@ -94,7 +104,10 @@ impl JoinWorker {
             }
             // The leader's own view of the configuration decides; without it, ask anyway
             // (adding a server that already votes is a no-op).
-            if views().find(|h| h.id == leader_id).is_some_and(|v| v.voters.contains(&self.node.id)) {
+            if views()
+                .find(|h| h.id == leader_id)
+                .is_some_and(|v| v.voters.contains(&self.node.id))
+            {
                 return true;
             }
             self.ask_to_join(&leader).await;
@@ -107,13 +120,22 @@ impl JoinWorker {
         if self.bootstrap_expect == 0 {
             return false;
         }
-        let mut candidates: BTreeMap<u64, ServerNode> = peers.iter().filter(|h| !h.initialized).map(|h| (h.id, h.node.clone())).collect();
+        let mut candidates: BTreeMap<u64, ServerNode> = peers
+            .iter()
+            .filter(|h| !h.initialized)
+            .map(|h| (h.id, h.node.clone()))
+            .collect();
         candidates.insert(self.node.id, self.node.me.clone());
         if candidates.len() < self.bootstrap_expect {
-            debug!(known = candidates.len(), expect = self.bootstrap_expect, "waiting for more servers before bootstrapping");
+            debug!(
+                known = candidates.len(),
+                expect = self.bootstrap_expect,
+                "waiting for more servers before bootstrapping"
+            );
             return false;
         }
-        let chosen: BTreeMap<u64, ServerNode> = candidates.into_iter().take(self.bootstrap_expect).collect();
+        let chosen: BTreeMap<u64, ServerNode> =
+            candidates.into_iter().take(self.bootstrap_expect).collect();
         if chosen.keys().next() == Some(&self.node.id) {
             info!(servers = ?chosen.values().map(|n| n.name.as_str()).collect::<Vec<_>>(), "bootstrapping the cluster");
             if let Err(e) = self.node.raft.initialize(chosen).await {
@@ -124,10 +146,20 @@ impl JoinWorker {
     }
 
     async fn ask_to_join(&self, leader: &ServerNode) {
-        let Some(addr) = leader.socket_addr() else { return };
+        let Some(addr) = leader.socket_addr() else {
+            return;
+        };
         info!(leader = %leader, "asking the leader to add this server");
-        let req = ClusterRpc::Join { id: self.node.id, node: self.node.me.clone() };
-        if let Err(e) = self.node.rpc.call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &req, JOIN_TIMEOUT).await {
+        let req = ClusterRpc::Join {
+            id: self.node.id,
+            node: self.node.me.clone(),
+        };
+        if let Err(e) = self
+            .node
+            .rpc
+            .call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &req, JOIN_TIMEOUT)
+            .await
+        {
             warn!(leader = %leader, error = %e, "join failed; will retry");
         }
     }

@@ -64,7 +64,10 @@ impl LeaderWorker {
             let t = tenure.get_or_insert_with(|| {
                 info!("leader duties started");
                 self.sessions.clear();
-                Tenure { since: Instant::now(), stable_since: HashMap::new() }
+                Tenure {
+                    since: Instant::now(),
+                    stable_since: HashMap::new(),
+                }
             });
             let alive = self.liveness(t.since);
             self.reconcile_servers(&alive).await;
@@ -81,7 +84,13 @@ impl LeaderWorker {
             .members()
             .into_iter()
             .map(|(id, _, _)| {
-                let alive = id == self.node.id || grace || self.node.contacts.since(id).is_some_and(|d| d < SERVER_FAILED_AFTER);
+                let alive = id == self.node.id
+                    || grace
+                    || self
+                        .node
+                        .contacts
+                        .since(id)
+                        .is_some_and(|d| d < SERVER_FAILED_AFTER);
                 (id, alive)
             })
             .collect()
@@ -94,19 +103,40 @@ impl LeaderWorker {
             let store = self.node.store.read().expect("state lock");
             let d = store.data();
             for (id, server, _) in &members {
-                let reg = server_registration(server, &self.datacenter, alive.get(id).copied().unwrap_or(true));
-                let node_ok = d.nodes.get(&server.name).is_some_and(|n| n.address == reg.node.address && n.id == reg.node.id);
-                let svc_ok = d.services.get(&(server.name.clone(), SERVER_SERVICE.into())).is_some_and(|s| Some(s.port) == reg.service.as_ref().map(|r| r.port));
-                let check_ok = d.checks.get(&(server.name.clone(), SERF_CHECK.into())).is_some_and(|c| c.status == reg.checks[0].status);
+                let reg = server_registration(
+                    server,
+                    &self.datacenter,
+                    alive.get(id).copied().unwrap_or(true),
+                );
+                let node_ok = d
+                    .nodes
+                    .get(&server.name)
+                    .is_some_and(|n| n.address == reg.node.address && n.id == reg.node.id);
+                let svc_ok = d
+                    .services
+                    .get(&(server.name.clone(), SERVER_SERVICE.into()))
+                    .is_some_and(|s| Some(s.port) == reg.service.as_ref().map(|r| r.port));
+                let check_ok = d
+                    .checks
+                    .get(&(server.name.clone(), SERF_CHECK.into()))
+                    .is_some_and(|c| c.status == reg.checks[0].status);
                 if !(node_ok && svc_ok && check_ok) {
                     writes.push(Command::Register(reg));
                 }
             }
             // Servers that left the configuration leave the catalog too.
             let names: BTreeSet<&str> = members.iter().map(|(_, n, _)| n.name.as_str()).collect();
-            for ((node, sid), _) in d.services.iter().filter(|(_, s)| s.service == SERVER_SERVICE) {
+            for ((node, sid), _) in d
+                .services
+                .iter()
+                .filter(|(_, s)| s.service == SERVER_SERVICE)
+            {
                 if sid == SERVER_SERVICE && !names.contains(node.as_str()) {
-                    writes.push(Command::Deregister { node: node.clone(), service_id: None, check_id: None });
+                    writes.push(Command::Deregister {
+                        node: node.clone(),
+                        service_id: None,
+                        check_id: None,
+                    });
                 }
             }
         }
@@ -120,7 +150,12 @@ impl LeaderWorker {
     async fn expire_sessions(&self) {
         let live: Vec<(String, Duration)> = {
             let store = self.node.store.read().expect("state lock");
-            store.data().sessions.values().filter_map(|s| parse_ttl(&s.ttl).ok().flatten().map(|t| (s.id.clone(), t))).collect()
+            store
+                .data()
+                .sessions
+                .values()
+                .filter_map(|s| parse_ttl(&s.ttl).ok().flatten().map(|t| (s.id.clone(), t)))
+                .collect()
         };
         for id in self.sessions.expired(&live) {
             info!(session = %id, "session TTL expired");
@@ -131,20 +166,49 @@ impl LeaderWorker {
     }
 
     async fn autopilot(&self, alive: &HashMap<NodeId, bool>, t: &mut Tenure) {
-        let cfg = self.node.store.read().expect("state lock").data().autopilot.clone();
-        let threshold = crate::duration::parse(&cfg.last_contact_threshold).unwrap_or(Duration::from_millis(200));
+        let cfg = self
+            .node
+            .store
+            .read()
+            .expect("state lock")
+            .data()
+            .autopilot
+            .clone();
+        let threshold = crate::duration::parse(&cfg.last_contact_threshold)
+            .unwrap_or(Duration::from_millis(200));
         let m = self.node.raft.metrics().borrow().clone();
         let leader_index = m.last_log_index.unwrap_or(0);
-        let matched: HashMap<NodeId, u64> = m.replication.as_ref().map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect()).unwrap_or_default();
+        let matched: HashMap<NodeId, u64> = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let members = self.node.members();
         let mut servers = Vec::new();
         for (id, n, voter) in &members {
             let is_self = *id == self.node.id;
-            let contact = if is_self { Some(Duration::ZERO) } else { self.node.contacts.since(*id) };
-            let last_index = if is_self { leader_index } else { matched.get(id).copied().unwrap_or(0) };
+            let contact = if is_self {
+                Some(Duration::ZERO)
+            } else {
+                self.node.contacts.since(*id)
+            };
+            let last_index = if is_self {
+                leader_index
+            } else {
+                matched.get(id).copied().unwrap_or(0)
+            };
             let up = alive.get(id).copied().unwrap_or(false);
-            let healthy = up && contact.is_some_and(|c| c <= threshold.max(TICK)) && leader_index.saturating_sub(last_index) <= cfg.max_trailing_logs;
-            let entry = t.stable_since.entry(*id).or_insert((healthy, SystemTime::now()));
+            let healthy = up
+                && contact.is_some_and(|c| c <= threshold.max(TICK))
+                && leader_index.saturating_sub(last_index) <= cfg.max_trailing_logs;
+            let entry = t
+                .stable_since
+                .entry(*id)
+                .or_insert((healthy, SystemTime::now()));
             if entry.0 != healthy {
                 *entry = (healthy, SystemTime::now());
             }
@@ -155,7 +219,9 @@ impl LeaderWorker {
                 serf_status: if up { "alive" } else { "failed" }.into(),
                 version: crate::api::version().into(),
                 leader: is_self,
-                last_contact: contact.map(crate::duration::format).unwrap_or_else(|| "never".into()),
+                last_contact: contact
+                    .map(crate::duration::format)
+                    .unwrap_or_else(|| "never".into()),
                 last_term: m.current_term,
                 last_index,
                 healthy,
@@ -173,14 +239,23 @@ impl LeaderWorker {
         if !cfg.cleanup_dead_servers {
             return;
         }
-        let failed: BTreeSet<NodeId> = members.iter().filter(|(id, _, v)| *v && !alive.get(id).copied().unwrap_or(true)).map(|(id, _, _)| *id).collect();
+        let failed: BTreeSet<NodeId> = members
+            .iter()
+            .filter(|(id, _, v)| *v && !alive.get(id).copied().unwrap_or(true))
+            .map(|(id, _, _)| *id)
+            .collect();
         let remaining = voters - failed.len();
         // Only remove what leaves a majority of the old configuration and the operator's floor.
         if failed.is_empty() || remaining <= voters / 2 || (remaining as u64) < cfg.min_quorum {
             return;
         }
         info!(servers = ?failed, "autopilot removing failed servers");
-        if let Err(e) = self.node.raft.change_membership(ChangeMembers::RemoveVoters(failed), false).await {
+        if let Err(e) = self
+            .node
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(failed), false)
+            .await
+        {
             warn!(error = %e, "autopilot could not remove failed servers");
         }
     }
@@ -188,11 +263,28 @@ impl LeaderWorker {
 
 fn server_registration(server: &ServerNode, dc: &str, alive: bool) -> Registration {
     let addr: Option<SocketAddr> = server.socket_addr();
-    let (ip, port) = addr.map(|a| (a.ip().to_string(), a.port())).unwrap_or_default();
-    let (status, output) = if alive { (CheckStatus::Passing, "Agent alive and reachable") } else { (CheckStatus::Critical, "Agent not live or unreachable") };
+    let (ip, port) = addr
+        .map(|a| (a.ip().to_string(), a.port()))
+        .unwrap_or_default();
+    let (status, output) = if alive {
+        (CheckStatus::Passing, "Agent alive and reachable")
+    } else {
+        (CheckStatus::Critical, "Agent not live or unreachable")
+    };
     Registration {
-        node: Node { id: server.id.clone(), node: server.name.clone(), address: ip, datacenter: dc.into(), ..Default::default() },
-        service: Some(Service { id: SERVER_SERVICE.into(), service: SERVER_SERVICE.into(), port, ..Default::default() }),
+        node: Node {
+            id: server.id.clone(),
+            node: server.name.clone(),
+            address: ip,
+            datacenter: dc.into(),
+            ..Default::default()
+        },
+        service: Some(Service {
+            id: SERVER_SERVICE.into(),
+            service: SERVER_SERVICE.into(),
+            port,
+            ..Default::default()
+        }),
         checks: vec![HealthCheck {
             check_id: SERF_CHECK.into(),
             name: "Serf Health Status".into(),

@@ -43,7 +43,11 @@ pub enum AgentError {
     #[error("storage: {0}")]
     Storage(String),
     #[error("cannot listen on {what} address {addr}: {error}")]
-    Bind { what: &'static str, addr: std::net::SocketAddr, error: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -51,7 +55,10 @@ pub enum AgentError {
 /// This node's identity, created once and kept in the data dir.
 fn node_identity(data_dir: &Path) -> Result<(String, u64), AgentError> {
     let path = data_dir.join("node-id");
-    let err = |error| AgentError::DataDir { path: path.display().to_string(), error };
+    let err = |error| AgentError::DataDir {
+        path: path.display().to_string(),
+        error,
+    };
     let id = match std::fs::read_to_string(&path) {
         Ok(s) if uuid::Uuid::parse_str(s.trim()).is_ok() => s.trim().to_string(),
         _ => {
@@ -69,12 +76,32 @@ fn node_identity(data_dir: &Path) -> Result<(String, u64), AgentError> {
 /// Dev mode makes its own CA and server certificate, kept in the data dir.
 fn dev_tls(cfg: &Config) -> Result<TlsMaterial, AgentError> {
     let dir = cfg.data_dir.join("tls");
-    std::fs::create_dir_all(&dir).map_err(|error| AgentError::DataDir { path: dir.display().to_string(), error })?;
-    let (ca, ca_key, cert, key) = (dir.join(tls::CA_CERT_FILE), dir.join(tls::CA_KEY_FILE), dir.join("server.pem"), dir.join("server-key.pem"));
+    std::fs::create_dir_all(&dir).map_err(|error| AgentError::DataDir {
+        path: dir.display().to_string(),
+        error,
+    })?;
+    let (ca, ca_key, cert, key) = (
+        dir.join(tls::CA_CERT_FILE),
+        dir.join(tls::CA_KEY_FILE),
+        dir.join("server.pem"),
+        dir.join("server-key.pem"),
+    );
     if !(ca.exists() && cert.exists() && key.exists()) {
         let (ca_pem, ca_key_pem) = tls::create_ca(&cfg.domain)?;
-        let (c, k) = tls::create_cert(&ca_pem, &ca_key_pem, CertKind::Server, &cfg.datacenter, &cfg.domain, &[])?;
-        for (p, t) in [(&ca, &ca_pem), (&ca_key, &ca_key_pem), (&cert, &c), (&key, &k)] {
+        let (c, k) = tls::create_cert(
+            &ca_pem,
+            &ca_key_pem,
+            CertKind::Server,
+            &cfg.datacenter,
+            &cfg.domain,
+            &[],
+        )?;
+        for (p, t) in [
+            (&ca, &ca_pem),
+            (&ca_key, &ca_key_pem),
+            (&cert, &c),
+            (&key, &k),
+        ] {
             tls::write(p, t)?;
         }
     }
@@ -95,30 +122,80 @@ impl Agent {
     /// Build and start every part of a server agent.
     pub async fn start(cfg: Config) -> Result<Agent, AgentError> {
         let dd = &cfg.data_dir;
-        std::fs::create_dir_all(dd).map_err(|error| AgentError::DataDir { path: dd.display().to_string(), error })?;
+        std::fs::create_dir_all(dd).map_err(|error| AgentError::DataDir {
+            path: dd.display().to_string(),
+            error,
+        })?;
         let material = match &cfg.tls {
             Some(f) => TlsMaterial::load(&f.ca_file, &f.cert_file, &f.key_file)?,
             None => dev_tls(&cfg)?,
         };
         let (node_uuid, raft_id) = node_identity(dd)?;
 
-        let rpc_listener = TcpListener::bind(cfg.rpc_addr()).await.map_err(|error| AgentError::Bind { what: "server RPC", addr: cfg.rpc_addr(), error })?;
-        let rpc_addr = rpc_listener.local_addr().map_err(|error| AgentError::Bind { what: "server RPC", addr: cfg.rpc_addr(), error })?;
-        let http_listener = TcpListener::bind(cfg.http_addr()).await.map_err(|error| AgentError::Bind { what: "HTTP", addr: cfg.http_addr(), error })?;
-        let http_addr = http_listener.local_addr().map_err(|error| AgentError::Bind { what: "HTTP", addr: cfg.http_addr(), error })?;
+        let rpc_listener =
+            TcpListener::bind(cfg.rpc_addr())
+                .await
+                .map_err(|error| AgentError::Bind {
+                    what: "server RPC",
+                    addr: cfg.rpc_addr(),
+                    error,
+                })?;
+        let rpc_addr = rpc_listener
+            .local_addr()
+            .map_err(|error| AgentError::Bind {
+                what: "server RPC",
+                addr: cfg.rpc_addr(),
+                error,
+            })?;
+        let http_listener =
+            TcpListener::bind(cfg.http_addr())
+                .await
+                .map_err(|error| AgentError::Bind {
+                    what: "HTTP",
+                    addr: cfg.http_addr(),
+                    error,
+                })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|error| AgentError::Bind {
+                what: "HTTP",
+                addr: cfg.http_addr(),
+                error,
+            })?;
 
-        let storage = Storage::open(&dd.join("raft")).map_err(|e| AgentError::Storage(e.to_string()))?;
+        let storage =
+            Storage::open(&dd.join("raft")).map_err(|e| AgentError::Storage(e.to_string()))?;
         let store = Arc::new(RwLock::new(Store::new()));
-        let sm = StateMachine::open(storage.clone(), store.clone()).map_err(|e| AgentError::Storage(e.to_string()))?;
+        let sm = StateMachine::open(storage.clone(), store.clone())
+            .map_err(|e| AgentError::Storage(e.to_string()))?;
         let log = LogStore::new(storage.clone());
         let server_name = tls::server_name(&cfg.datacenter, &cfg.domain);
-        let client = RpcClient::new(material.client_config()?, tls::rpc_server_name(&cfg.datacenter, &cfg.domain));
+        let client = RpcClient::new(
+            material.client_config()?,
+            tls::rpc_server_name(&cfg.datacenter, &cfg.domain),
+        );
         let contacts = ContactLog::default();
-        let network = Network { client: client.clone(), contacts: contacts.clone() };
+        let network = Network {
+            client: client.clone(),
+            contacts: contacts.clone(),
+        };
         let rcfg = raft_config(&cfg.raft).map_err(|e| AgentError::Raft(e.to_string()))?;
-        let raft = Raft::new(raft_id, Arc::new(rcfg), network, log, sm).await.map_err(|e| AgentError::Raft(e.to_string()))?;
-        let me = ServerNode { id: node_uuid.clone(), name: cfg.node_name.clone(), rpc_addr: rpc_addr.to_string() };
-        let node = RaftNode { id: raft_id, me, raft: raft.clone(), store, rpc: client, contacts: contacts.clone() };
+        let raft = Raft::new(raft_id, Arc::new(rcfg), network, log, sm)
+            .await
+            .map_err(|e| AgentError::Raft(e.to_string()))?;
+        let me = ServerNode {
+            id: node_uuid.clone(),
+            name: cfg.node_name.clone(),
+            rpc_addr: rpc_addr.to_string(),
+        };
+        let node = RaftNode {
+            id: raft_id,
+            me,
+            raft: raft.clone(),
+            store,
+            rpc: client,
+            contacts: contacts.clone(),
+        };
 
         let sessions = api::session::SessionTimers::default();
         let health = Arc::new(Mutex::new(api::operator::AutopilotHealth::default()));
@@ -146,9 +223,26 @@ impl Agent {
         let router = api::router(ctx);
 
         let mut rpc_server = RpcServer::new(rpc_listener, material.server_config()?, server_name);
-        rpc_server.register(Service::Raft, Arc::new(RaftHandler { raft: raft.clone(), contacts }));
-        rpc_server.register(Service::Cluster, Arc::new(cluster::ClusterHandler { node: node.clone(), datacenter: cfg.datacenter.clone() }));
-        rpc_server.register(Service::Http, Arc::new(api::forward::HttpHandler { router: router.clone() }));
+        rpc_server.register(
+            Service::Raft,
+            Arc::new(RaftHandler {
+                raft: raft.clone(),
+                contacts,
+            }),
+        );
+        rpc_server.register(
+            Service::Cluster,
+            Arc::new(cluster::ClusterHandler {
+                node: node.clone(),
+                datacenter: cfg.datacenter.clone(),
+            }),
+        );
+        rpc_server.register(
+            Service::Http,
+            Arc::new(api::forward::HttpHandler {
+                router: router.clone(),
+            }),
+        );
 
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -161,7 +255,8 @@ impl Agent {
         });
         let token = shutdown.clone();
         tasks.spawn(async move {
-            let serve = axum::serve(http_listener, router).with_graceful_shutdown(token.cancelled_owned());
+            let serve =
+                axum::serve(http_listener, router).with_graceful_shutdown(token.cancelled_owned());
             if let Err(e) = serve.await {
                 error!(error = %e, "http server failed");
             }
@@ -175,12 +270,25 @@ impl Agent {
             bootstrap_expect: cfg.bootstrap_expect,
         };
         tasks.spawn(join.run(shutdown.clone()).map_name("join"));
-        let leader = leader::LeaderWorker { node: node.clone(), datacenter: cfg.datacenter.clone(), sessions, health };
+        let leader = leader::LeaderWorker {
+            node: node.clone(),
+            datacenter: cfg.datacenter.clone(),
+            sessions,
+            health,
+        };
         tasks.spawn(leader.run(shutdown.clone()).map_name("leader"));
         tasks.spawn(watch_fatal(raft, shutdown.clone()).map_name("raft-watch"));
 
         info!(node = %cfg.node_name, dc = %cfg.datacenter, http = %http_addr, rpc = %rpc_addr, data_dir = %dd.display(), "trellis server agent running");
-        Ok(Agent { cfg, node, storage, tasks, shutdown, http_addr, rpc_addr })
+        Ok(Agent {
+            cfg,
+            node,
+            storage,
+            tasks,
+            shutdown,
+            http_addr,
+            rpc_addr,
+        })
     }
 
     pub fn http_addr(&self) -> std::net::SocketAddr {
@@ -192,18 +300,26 @@ impl Agent {
     }
 
     /// Run until `stop` fires or a part fails, then shut down in order.
-    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    pub async fn run_until(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
         let failed = tokio::select! {
             _ = stop => None,
             _ = self.shutdown.cancelled() => Some("shutdown requested"),
             Some(done) = self.tasks.join_next() => Some(done.unwrap_or("a task panicked")),
         };
         if let Some(part) = failed {
-            error!(part, "a part of the agent stopped unexpectedly; shutting down");
+            error!(
+                part,
+                "a part of the agent stopped unexpectedly; shutting down"
+            );
         }
         self.shutdown().await;
         match failed {
-            Some(part) if part != "shutdown requested" => Err(AgentError::Raft(format!("{part} stopped unexpectedly"))),
+            Some(part) if part != "shutdown requested" => {
+                Err(AgentError::Raft(format!("{part} stopped unexpectedly")))
+            }
             _ => Ok(()),
         }
     }
@@ -234,11 +350,29 @@ impl Agent {
         if !self.node.is_leader() {
             return;
         }
-        let Some((_, next, _)) = self.node.members().into_iter().find(|(id, _, voter)| *voter && *id != self.node.id) else { return };
-        let Some(addr) = next.socket_addr() else { return };
+        let Some((_, next, _)) = self
+            .node
+            .members()
+            .into_iter()
+            .find(|(id, _, voter)| *voter && *id != self.node.id)
+        else {
+            return;
+        };
+        let Some(addr) = next.socket_addr() else {
+            return;
+        };
         info!(to = %next, "handing leadership over before leaving");
         self.node.raft.runtime_config().heartbeat(false);
-        let res = self.node.rpc.call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &ClusterRpc::Elect, HANDOVER_DEADLINE).await;
+        let res = self
+            .node
+            .rpc
+            .call_typed::<ClusterRpc, ClusterReply>(
+                addr,
+                Service::Cluster,
+                &ClusterRpc::Elect,
+                HANDOVER_DEADLINE,
+            )
+            .await;
         if let Err(e) = res {
             warn!(error = %e, "leadership handover failed; the others will elect a leader");
         }

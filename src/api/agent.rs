@@ -30,14 +30,21 @@ fn member_status(ctx: &Ctx, name: &str) -> u8 {
         return MEMBER_ALIVE;
     }
     let store = ctx.node.store.read().expect("state lock");
-    match store.data().checks.get(&(name.to_string(), "serfHealth".to_string())) {
+    match store
+        .data()
+        .checks
+        .get(&(name.to_string(), "serfHealth".to_string()))
+    {
         Some(c) if c.status == CheckStatus::Critical => MEMBER_FAILED,
         _ => MEMBER_ALIVE,
     }
 }
 
 fn member_json(ctx: &Ctx, n: &ServerNode) -> Value {
-    let (addr, port) = n.socket_addr().map(|a| (a.ip().to_string(), a.port())).unwrap_or_default();
+    let (addr, port) = n
+        .socket_addr()
+        .map(|a| (a.ip().to_string(), a.port()))
+        .unwrap_or_default();
     json!({
         "Name": n.name, "Addr": addr, "Port": SERF_LAN_PORT,
         "Tags": {
@@ -109,13 +116,22 @@ async fn members(State(ctx): State<Ctx>, p: Params) -> Response {
             .collect();
         return axum::Json(list).into_response();
     }
-    let list: Vec<Value> = ctx.node.members().iter().map(|(_, n, _)| member_json(&ctx, n)).collect();
+    let list: Vec<Value> = ctx
+        .node
+        .members()
+        .iter()
+        .map(|(_, n, _)| member_json(&ctx, n))
+        .collect();
     axum::Json(list).into_response()
 }
 
 async fn metrics_handler(State(ctx): State<Ctx>, p: Params) -> Response {
     if p.get("format") == Some("prometheus") {
-        return ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], metrics::render_prometheus(&ctx)).into_response();
+        return (
+            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+            metrics::render_prometheus(&ctx),
+        )
+            .into_response();
     }
     axum::Json(metrics::render_json(&ctx)).into_response()
 }

@@ -35,14 +35,21 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             // Consul answers both with a 500 and these exact texts; clients match on them.
-            ApiError::NoLeader | ApiError::NoPathToDatacenter | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NoLeader | ApiError::NoPathToDatacenter | ApiError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), [("content-type", "text/plain; charset=utf-8")], self.to_string()).into_response()
+        (
+            self.status(),
+            [("content-type", "text/plain; charset=utf-8")],
+            self.to_string(),
+        )
+            .into_response()
     }
 }
 
@@ -57,11 +64,14 @@ impl From<WriteError> for ApiError {
 
 impl From<super::filter::FilterError> for ApiError {
     fn from(e: super::filter::FilterError) -> Self {
-        ApiError::BadRequest(format!("Failed to create boolean expression evaluator: {e}"))
+        ApiError::BadRequest(format!(
+            "Failed to create boolean expression evaluator: {e}"
+        ))
     }
 }
 
 /// Decode a JSON request body the way Consul reports failures.
 pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))
 }

@@ -39,7 +39,10 @@ pub struct ForwardedResponse {
 
 /// Paths answered by whichever agent receives them.
 fn is_local(path: &str) -> bool {
-    !path.starts_with("/v1/") || path.starts_with("/v1/agent/") || path.starts_with("/v1/status/") || path == "/v1/catalog/datacenters"
+    !path.starts_with("/v1/")
+        || path.starts_with("/v1/agent/")
+        || path.starts_with("/v1/status/")
+        || path == "/v1/catalog/datacenters"
 }
 
 pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
@@ -55,39 +58,79 @@ pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next)
         return ApiError::NoPathToDatacenter.into_response();
     }
     let read = req.method() == Method::GET || req.method() == Method::HEAD;
-    if is_local(&path) || (read && params.flag("stale")) || req.headers().contains_key(FORWARDED_HEADER) || ctx.node.is_leader() {
+    if is_local(&path)
+        || (read && params.flag("stale"))
+        || req.headers().contains_key(FORWARDED_HEADER)
+        || ctx.node.is_leader()
+    {
         return next.run(req).await;
     }
-    let Some(leader) = ctx.node.leader_addr() else { return ApiError::NoLeader.into_response() };
+    let Some(leader) = ctx.node.leader_addr() else {
+        return ApiError::NoLeader.into_response();
+    };
     match relay(&ctx, leader, req, &params).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn relay(ctx: &Ctx, leader: std::net::SocketAddr, req: Request, params: &Params) -> Result<Response, ApiError> {
+async fn relay(
+    ctx: &Ctx,
+    leader: std::net::SocketAddr,
+    req: Request,
+    params: &Params,
+) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|e| ApiError::TooLarge(format!("Request body too large: {e}")))?;
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| ApiError::TooLarge(format!("Request body too large: {e}")))?;
     let fwd = ForwardedRequest {
         method: parts.method.to_string(),
-        uri: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-        headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
         body: body.to_vec(),
     };
-    let wait = params.get("wait").and_then(crate::duration::parse).unwrap_or(super::query::DEFAULT_WAIT).min(MAX_WAIT);
-    let timeout = if params.has("index") { wait + wait / 16 + FORWARD_SLACK } else { FORWARD_SLACK };
-    let resp: ForwardedResponse = match ctx.node.rpc.call_typed(leader, Service::Http, &fwd, timeout).await {
+    let wait = params
+        .get("wait")
+        .and_then(crate::duration::parse)
+        .unwrap_or(super::query::DEFAULT_WAIT)
+        .min(MAX_WAIT);
+    let timeout = if params.has("index") {
+        wait + wait / 16 + FORWARD_SLACK
+    } else {
+        FORWARD_SLACK
+    };
+    let resp: ForwardedResponse = match ctx
+        .node
+        .rpc
+        .call_typed(leader, Service::Http, &fwd, timeout)
+        .await
+    {
         Ok(r) => r,
         Err(e) if e.code == ErrorCode::Unreachable => return Err(ApiError::NoLeader),
-        Err(e) => return Err(ApiError::Internal(format!("rpc error forwarding to the leader: {e}"))),
+        Err(e) => {
+            return Err(ApiError::Internal(format!(
+                "rpc error forwarding to the leader: {e}"
+            )));
+        }
     };
-    let mut out = Response::builder().status(StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    let mut out = Response::builder()
+        .status(StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
     for (k, v) in resp.headers {
         if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::from_bytes(&v)) {
             out = out.header(k, v);
         }
     }
-    out.body(Body::from(resp.body)).map_err(|e| ApiError::Internal(e.to_string()))
+    out.body(Body::from(resp.body))
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 /// Serves forwarded requests (`Service::Http`) through the local router.
@@ -101,18 +144,31 @@ impl Handler for HttpHandler {
         async move {
             let fwd: ForwardedRequest = rpc::decode(&body)?;
             let bad = |e: String| RpcError::new(ErrorCode::BadRequest, e);
-            let mut builder = axum::http::Request::builder().method(fwd.method.as_str()).uri(fwd.uri.as_str());
+            let mut builder = axum::http::Request::builder()
+                .method(fwd.method.as_str())
+                .uri(fwd.uri.as_str());
             for (k, v) in &fwd.headers {
                 builder = builder.header(k.as_str(), v.as_slice());
             }
             builder = builder.header(FORWARDED_HEADER, "1");
-            let req = builder.body(Body::from(fwd.body)).map_err(|e| bad(e.to_string()))?;
-            let resp = router.oneshot(req).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+            let req = builder
+                .body(Body::from(fwd.body))
+                .map_err(|e| bad(e.to_string()))?;
+            let resp = router
+                .oneshot(req)
+                .await
+                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
             let (parts, body) = resp.into_parts();
-            let body = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+            let body = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
             rpc::encode(&ForwardedResponse {
                 status: parts.status.as_u16(),
-                headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+                headers: parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                    .collect(),
                 body: body.to_vec(),
             })
         }

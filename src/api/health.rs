@@ -19,17 +19,32 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/health/state/{state}", get(state))
 }
 
-async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+async fn node(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    p: Params,
+) -> Result<Response, ApiError> {
     let (checks, meta) = blocking(&ctx, &p, &[Table::Checks], |d| Ok(d.node_checks(&name))).await?;
     Ok(reply(&meta, &filtered(&p, &checks)?))
 }
 
-async fn checks(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
-    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks, Table::Services], |d| Ok(d.service_checks(&name))).await?;
+async fn checks(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    p: Params,
+) -> Result<Response, ApiError> {
+    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks, Table::Services], |d| {
+        Ok(d.service_checks(&name))
+    })
+    .await?;
     Ok(reply(&meta, &filtered(&p, &checks)?))
 }
 
-async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+async fn service(
+    State(ctx): State<Ctx>,
+    Path(name): Path<String>,
+    p: Params,
+) -> Result<Response, ApiError> {
     let mut q = service_query(&p)?;
     q.passing_only = p.flag("passing");
     let dc = ctx.info.datacenter.clone();
@@ -45,11 +60,20 @@ async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) ->
     Ok(reply(&meta, &filtered(&p, &entries)?))
 }
 
-async fn state(State(ctx): State<Ctx>, Path(state): Path<String>, p: Params) -> Result<Response, ApiError> {
+async fn state(
+    State(ctx): State<Ctx>,
+    Path(state): Path<String>,
+    p: Params,
+) -> Result<Response, ApiError> {
     let want = match state.as_str() {
         "any" => None,
-        s => Some(CheckStatus::parse(s).filter(|s| *s != CheckStatus::Maintenance).ok_or_else(|| ApiError::BadRequest(format!("Invalid state: {s}")))?),
+        s => Some(
+            CheckStatus::parse(s)
+                .filter(|s| *s != CheckStatus::Maintenance)
+                .ok_or_else(|| ApiError::BadRequest(format!("Invalid state: {s}")))?,
+        ),
     };
-    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks], |d| Ok(d.checks_in_state(want))).await?;
+    let (checks, meta) =
+        blocking(&ctx, &p, &[Table::Checks], |d| Ok(d.checks_in_state(want))).await?;
     Ok(reply(&meta, &filtered(&p, &checks)?))
 }

@@ -80,9 +80,17 @@ pub fn router(ctx: Ctx) -> Router {
         .merge(snapshot::routes())
         .merge(ui::routes())
         .fallback(|| async { ApiError::NotFound("404 page not found".into()) })
-        .method_not_allowed_fallback(|m: axum::http::Method| async move { ApiError::MethodNotAllowed(m.to_string()) })
-        .layer(axum::middleware::from_fn_with_state(ctx.clone(), forward::forward_to_leader))
-        .layer(axum::middleware::from_fn_with_state(ctx.clone(), metrics::track))
+        .method_not_allowed_fallback(|m: axum::http::Method| async move {
+            ApiError::MethodNotAllowed(m.to_string())
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            forward::forward_to_leader,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            metrics::track,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(ctx)
 }

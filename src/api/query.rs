@@ -29,7 +29,10 @@ fn percent_decode(s: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
                     Ok(b) => {
                         out.push(b);
                         i += 2;
@@ -58,7 +61,10 @@ impl Params {
         Params(pairs)
     }
     pub fn get(&self, k: &str) -> Option<&str> {
-        self.0.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
     }
     pub fn has(&self, k: &str) -> bool {
         self.0.iter().any(|(key, _)| key == k)
@@ -68,12 +74,20 @@ impl Params {
         self.get(k).is_some_and(|v| v != "false" && v != "0")
     }
     pub fn all(&self, k: &str) -> Vec<&str> {
-        self.0.iter().filter(|(key, _)| key == k).map(|(_, v)| v.as_str()).collect()
+        self.0
+            .iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
     pub fn u64(&self, k: &str) -> Result<Option<u64>, ApiError> {
         match self.get(k) {
             None | Some("") => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| ApiError::BadRequest(format!("Invalid {k} parameter: {v:?} is not a non-negative integer"))),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "Invalid {k} parameter: {v:?} is not a non-negative integer"
+                ))
+            }),
         }
     }
     /// `node-meta=key:value` pairs.
@@ -82,7 +96,9 @@ impl Params {
             .into_iter()
             .map(|kv| match kv.split_once(':') {
                 Some((k, v)) => Ok((k.to_string(), v.to_string())),
-                None => Err(ApiError::BadRequest(format!("Invalid node-meta {kv:?}: expected key:value"))),
+                None => Err(ApiError::BadRequest(format!(
+                    "Invalid node-meta {kv:?}: expected key:value"
+                ))),
             })
             .collect()
     }
@@ -119,7 +135,11 @@ impl Meta {
         Meta {
             index: index.max(1),
             known_leader: ctx.node.leader().is_some(),
-            last_contact_ms: ctx.node.last_contact().map(|d| d.as_millis() as u64).unwrap_or(0),
+            last_contact_ms: ctx
+                .node
+                .last_contact()
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
             consistency,
         }
     }
@@ -134,7 +154,11 @@ impl Meta {
         put(h, "x-consul-index", self.index.to_string());
         put(h, "x-consul-knownleader", self.known_leader.to_string());
         put(h, "x-consul-lastcontact", self.last_contact_ms.to_string());
-        put(h, "x-consul-effective-consistency", self.consistency.to_string());
+        put(
+            h,
+            "x-consul-effective-consistency",
+            self.consistency.to_string(),
+        );
     }
 }
 
@@ -147,7 +171,10 @@ pub fn reply<T: Serialize>(meta: &Meta, body: &T) -> Response {
 
 /// Serialise `items` and keep the ones `?filter=` selects.
 pub fn filtered<T: Serialize>(p: &Params, items: &[T]) -> Result<serde_json::Value, ApiError> {
-    let values: Vec<serde_json::Value> = items.iter().map(|i| serde_json::to_value(i).unwrap_or(serde_json::Value::Null)).collect();
+    let values: Vec<serde_json::Value> = items
+        .iter()
+        .map(|i| serde_json::to_value(i).unwrap_or(serde_json::Value::Null))
+        .collect();
     Ok(serde_json::Value::Array(match p.filter() {
         Some(expr) => super::filter::apply(expr, values)?,
         None => values,
@@ -157,14 +184,20 @@ pub fn filtered<T: Serialize>(p: &Params, items: &[T]) -> Result<serde_json::Val
 fn wait_of(p: &Params) -> Result<Duration, ApiError> {
     let wait = match p.get("wait") {
         None | Some("") => DEFAULT_WAIT,
-        Some(w) => crate::duration::parse(w).ok_or_else(|| ApiError::BadRequest(format!("Invalid wait time: {w:?}")))?,
+        Some(w) => crate::duration::parse(w)
+            .ok_or_else(|| ApiError::BadRequest(format!("Invalid wait time: {w:?}")))?,
     };
     Ok(wait.min(MAX_WAIT))
 }
 
 /// Run `read` against the state; with `?index=N`, wait (up to `?wait`) until its index passes
 /// N. Receivers are taken before each read so that no change between read and wait is missed.
-pub async fn blocking<T, F>(ctx: &Ctx, p: &Params, tables: &[Table], read: F) -> Result<(T, Meta), ApiError>
+pub async fn blocking<T, F>(
+    ctx: &Ctx,
+    p: &Params,
+    tables: &[Table],
+    read: F,
+) -> Result<(T, Meta), ApiError>
 where
     F: Fn(&StateData) -> Result<(T, RaftIndex), ApiError>,
 {
@@ -187,12 +220,13 @@ where
             None => true,
             // An index below the one asked for means the state was reset (snapshot restore):
             // answer at once rather than wait for a number that may never come.
-            Some(min) => index > min || index < min,
+            Some(min) => index != min,
         };
         if done || tokio::time::Instant::now() >= deadline {
             return Ok((value, Meta::of(ctx, index, p)));
         }
-        let changed = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        let changed =
+            futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
             let store = ctx.node.store.read().expect("state lock");
             let (value, index) = read(store.data())?;
@@ -216,7 +250,9 @@ mod tests {
 
     #[test]
     fn params_decode_flags_and_percent_escapes() {
-        let p = Params::parse(Some("recurse&filter=Service%20%3D%3D%20web&tag=a&tag=b+c&stale=false"));
+        let p = Params::parse(Some(
+            "recurse&filter=Service%20%3D%3D%20web&tag=a&tag=b+c&stale=false",
+        ));
         assert!(p.has("recurse") && p.flag("recurse"));
         assert!(!p.flag("stale"));
         assert_eq!(p.get("filter"), Some("Service == web"));

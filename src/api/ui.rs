@@ -19,7 +19,10 @@ pub fn routes() -> Router<Ctx> {
         .route("/", get(|| async { Redirect::temporary("/ui/") }))
         .route("/ui", get(|| async { Redirect::temporary("/ui/") }))
         .route("/ui/", get(|| async { asset("index.html") }))
-        .route("/ui/{*path}", get(|Path(p): Path<String>| async move { asset(&p) }))
+        .route(
+            "/ui/{*path}",
+            get(|Path(p): Path<String>| async move { asset(&p) }),
+        )
 }
 
 fn asset(path: &str) -> Response {
@@ -27,10 +30,19 @@ fn asset(path: &str) -> Response {
         Some(f) => (path, f),
         None if !path.contains('.') => match Assets::get("index.html") {
             Some(f) => ("index.html", f),
-            None => return (StatusCode::NOT_FOUND, "UI not built into this binary").into_response(),
+            None => {
+                return (StatusCode::NOT_FOUND, "UI not built into this binary").into_response();
+            }
         },
         None => return (StatusCode::NOT_FOUND, "404 page not found").into_response(),
     };
     let _ = name;
-    ([(header::CONTENT_TYPE, file.metadata.mimetype().to_string()), (header::CACHE_CONTROL, "no-cache".to_string())], file.data.into_owned()).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, file.metadata.mimetype().to_string()),
+            (header::CACHE_CONTROL, "no-cache".to_string()),
+        ],
+        file.data.into_owned(),
+    )
+        .into_response()
 }

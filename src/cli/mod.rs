@@ -13,12 +13,18 @@ use crate::config::{self, RawConfig, RawPorts};
 use client::{CatalogCommand, HttpOpts, KvCommand, OperatorCommand, SnapshotCommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "trellis", version, about = "One binary that runs a whole multi-datacenter service mesh, speaking Consul's HTTP API")]
+#[command(
+    name = "trellis",
+    version,
+    about = "One binary that runs a whole multi-datacenter service mesh, speaking Consul's HTTP API"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run an agent (server with --server; --dev for a throwaway single-server cluster)
@@ -154,10 +160,19 @@ impl AgentArgs {
             server: some_true(self.server),
             bootstrap_expect: self.bootstrap_expect,
             bootstrap: some_true(self.bootstrap),
-            retry_join: if self.retry_join.is_empty() { None } else { Some(self.retry_join.clone()) },
+            retry_join: if self.retry_join.is_empty() {
+                None
+            } else {
+                Some(self.retry_join.clone())
+            },
             bind_addr: self.bind.map(|a| a.to_string()),
             client_addr: self.client.map(|a| a.to_string()),
-            ports: Some(RawPorts { http: self.http_port, dns: self.dns_port, server: self.server_port, ..Default::default() }),
+            ports: Some(RawPorts {
+                http: self.http_port,
+                dns: self.dns_port,
+                server: self.server_port,
+                ..Default::default()
+            }),
             domain: self.domain.clone(),
             log_level: self.log_level.clone(),
             ca_file: self.ca_file.clone(),
@@ -182,7 +197,10 @@ impl AgentArgs {
 /// Parse arguments, run the command, and return the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -220,26 +238,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tls { cmd } => tls::run(cmd),
         Command::Version => {
             println!("Trellis v{}", crate::api::version());
-            println!("Protocol 2 spoken by default, understands 2 to 3 (agent will automatically use protocol >2 when speaking to compatible agents)");
+            println!(
+                "Protocol 2 spoken by default, understands 2 to 3 (agent will automatically use protocol >2 when speaking to compatible agents)"
+            );
             Ok(())
         }
     }
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=error,sled=warn")));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},openraft=error,sled=warn"))
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     let cfg = a.config()?;
     init_logging(&cfg.log_level);
-    let temp_data = a.dev && a.data_dir.is_none() && a.config_file.is_empty() && a.config_dir.is_empty();
+    let temp_data =
+        a.dev && a.data_dir.is_none() && a.config_file.is_empty() && a.config_dir.is_empty();
     let data_dir = cfg.data_dir.clone();
     let agent = crate::agent::Agent::start(cfg.clone()).await?;
     if cfg.dev {
-        println!("==> Trellis dev agent running: HTTP API and UI at http://{}/ui/ (data in {})", agent.http_addr(), data_dir.display());
+        println!(
+            "==> Trellis dev agent running: HTTP API and UI at http://{}/ui/ (data in {})",
+            agent.http_addr(),
+            data_dir.display()
+        );
     }
     let result = agent.run_until(signal()).await;
     if temp_data {
@@ -251,7 +280,10 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
 /// Resolves on SIGINT or SIGTERM.
 async fn signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers we can still be stopped by Ctrl-C's default action.
         return std::future::pending().await;
     };

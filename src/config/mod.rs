@@ -165,8 +165,14 @@ pub enum ConfigError {
 
 /// Parse one file by its extension: `.json` or `.hcl` (Consul's two formats).
 pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.into(), message: e.to_string() })?;
-    let err = |message: String| ConfigError::File { path: path.into(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    let err = |message: String| ConfigError::File {
+        path: path.into(),
+        message,
+    };
     match path.extension().and_then(|e| e.to_str()) {
         Some("json") => serde_json::from_str(&text).map_err(|e| err(e.to_string())),
         Some("hcl") => hcl::from_str(&text).map_err(|e| err(e.to_string())),
@@ -179,7 +185,10 @@ pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
 pub fn load_files(files: &[PathBuf], dirs: &[PathBuf]) -> Result<RawConfig, ConfigError> {
     let mut paths: Vec<PathBuf> = files.to_vec();
     for d in dirs {
-        let rd = std::fs::read_dir(d).map_err(|e| ConfigError::File { path: d.clone(), message: e.to_string() })?;
+        let rd = std::fs::read_dir(d).map_err(|e| ConfigError::File {
+            path: d.clone(),
+            message: e.to_string(),
+        })?;
         let mut found: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("hcl" | "json")))
@@ -201,8 +210,32 @@ macro_rules! take {
 impl RawConfig {
     /// Overlay `other` on `self`: every key `other` sets wins.
     pub fn merge(&mut self, other: RawConfig) {
-        take!(self, other, datacenter, primary_datacenter, node_name, data_dir, server, bootstrap_expect, bootstrap, retry_join, bind_addr, client_addr);
-        take!(self, other, domain, log_level, ca_file, cert_file, key_file, tls, performance, autopilot);
+        take!(
+            self,
+            other,
+            datacenter,
+            primary_datacenter,
+            node_name,
+            data_dir,
+            server,
+            bootstrap_expect,
+            bootstrap,
+            retry_join,
+            bind_addr,
+            client_addr
+        );
+        take!(
+            self,
+            other,
+            domain,
+            log_level,
+            ca_file,
+            cert_file,
+            key_file,
+            tls,
+            performance,
+            autopilot
+        );
         if let Some(p) = other.ports {
             let mine = self.ports.get_or_insert_with(Default::default);
             take!(mine, p, http, dns, server, serf_lan, serf_wan, https, grpc);
@@ -221,41 +254,74 @@ impl RawConfig {
             }),
         };
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let bind_addr = ip("bind_addr", self.bind_addr.as_ref(), if dev { loopback } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) }, &mut errs);
-        let client_addr = ip("client_addr", self.client_addr.as_ref(), loopback, &mut errs);
+        let bind_addr = ip(
+            "bind_addr",
+            self.bind_addr.as_ref(),
+            if dev {
+                loopback
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            },
+            &mut errs,
+        );
+        let client_addr = ip(
+            "client_addr",
+            self.client_addr.as_ref(),
+            loopback,
+            &mut errs,
+        );
         if bind_addr.is_unspecified() && !dev {
             errs.push("bind_addr: must be a specific address that other servers can reach (e.g. --bind 10.0.0.5)".into());
         }
         let ports = self.ports.unwrap_or_default();
-        let port = |key: &str, v: Option<i64>, default: u16, errs: &mut Vec<String>| -> Option<u16> {
-            match v {
-                None => Some(default),
-                Some(-1) => None,
-                Some(p) if (0..=65535).contains(&p) => Some(p as u16),
-                Some(p) => {
-                    errs.push(format!("ports.{key}: {p} is not a port number (0-65535, or -1 to disable)"));
-                    Some(default)
+        let port =
+            |key: &str, v: Option<i64>, default: u16, errs: &mut Vec<String>| -> Option<u16> {
+                match v {
+                    None => Some(default),
+                    Some(-1) => None,
+                    Some(p) if (0..=65535).contains(&p) => Some(p as u16),
+                    Some(p) => {
+                        errs.push(format!(
+                            "ports.{key}: {p} is not a port number (0-65535, or -1 to disable)"
+                        ));
+                        Some(default)
+                    }
                 }
-            }
-        };
-        let http_port = port("http", ports.http, DEFAULT_HTTP_PORT, &mut errs).unwrap_or_else(|| {
-            errs.push("ports.http: the HTTP API cannot be disabled".into());
-            0
-        });
+            };
+        let http_port =
+            port("http", ports.http, DEFAULT_HTTP_PORT, &mut errs).unwrap_or_else(|| {
+                errs.push("ports.http: the HTTP API cannot be disabled".into());
+                0
+            });
         let dns_port = port("dns", ports.dns, DEFAULT_DNS_PORT, &mut errs);
-        let server_port = port("server", ports.server, DEFAULT_SERVER_PORT, &mut errs).unwrap_or(DEFAULT_SERVER_PORT);
-        for (key, v) in [("serf_lan", ports.serf_lan), ("serf_wan", ports.serf_wan), ("https", ports.https), ("grpc", ports.grpc)] {
+        let server_port = port("server", ports.server, DEFAULT_SERVER_PORT, &mut errs)
+            .unwrap_or(DEFAULT_SERVER_PORT);
+        for (key, v) in [
+            ("serf_lan", ports.serf_lan),
+            ("serf_wan", ports.serf_wan),
+            ("https", ports.https),
+            ("grpc", ports.grpc),
+        ] {
             port(key, v, 0, &mut errs);
         }
 
         let datacenter = self.datacenter.unwrap_or_else(|| DEFAULT_DATACENTER.into());
         if !valid_label(&datacenter) {
-            errs.push(format!("datacenter: {datacenter:?} must be letters, digits, '-' and '_' only"));
+            errs.push(format!(
+                "datacenter: {datacenter:?} must be letters, digits, '-' and '_' only"
+            ));
         }
-        let primary_datacenter = self.primary_datacenter.unwrap_or_else(|| datacenter.clone());
+        let primary_datacenter = self
+            .primary_datacenter
+            .unwrap_or_else(|| datacenter.clone());
         let node_name = self.node_name.unwrap_or_else(hostname);
-        if node_name.is_empty() || node_name.len() > 63 || !valid_label(&node_name.replace('.', "-")) {
-            errs.push(format!("node_name: {node_name:?} must be 1-63 letters, digits, '-', '_' or '.'"));
+        if node_name.is_empty()
+            || node_name.len() > 63
+            || !valid_label(&node_name.replace('.', "-"))
+        {
+            errs.push(format!(
+                "node_name: {node_name:?} must be 1-63 letters, digits, '-', '_' or '.'"
+            ));
         }
         let server = dev || self.server.unwrap_or(false);
         let bootstrap = self.bootstrap.unwrap_or(false);
@@ -273,7 +339,9 @@ impl RawConfig {
             (false, None) => 0,
         };
         if !server && (bootstrap_expect > 0 || bootstrap) {
-            errs.push("bootstrap_expect: only servers bootstrap a cluster (add server = true)".into());
+            errs.push(
+                "bootstrap_expect: only servers bootstrap a cluster (add server = true)".into(),
+            );
         }
         let data_dir = match self.data_dir {
             Some(d) => PathBuf::from(d),
@@ -283,23 +351,41 @@ impl RawConfig {
                 PathBuf::new()
             }
         };
-        let log_level = self.log_level.unwrap_or_else(|| "info".into()).to_lowercase();
-        if !matches!(log_level.as_str(), "trace" | "debug" | "info" | "warn" | "error") {
-            errs.push(format!("log_level: {log_level:?} is not one of trace, debug, info, warn, error"));
+        let log_level = self
+            .log_level
+            .unwrap_or_else(|| "info".into())
+            .to_lowercase();
+        if !matches!(
+            log_level.as_str(),
+            "trace" | "debug" | "info" | "warn" | "error"
+        ) {
+            errs.push(format!(
+                "log_level: {log_level:?} is not one of trace, debug, info, warn, error"
+            ));
         }
-        let from_block = self.tls.and_then(|t| t.internal_rpc.or(t.defaults)).unwrap_or_default();
+        let from_block = self
+            .tls
+            .and_then(|t| t.internal_rpc.or(t.defaults))
+            .unwrap_or_default();
         let ca = from_block.ca_file.or(self.ca_file);
         let cert = from_block.cert_file.or(self.cert_file);
         let key = from_block.key_file.or(self.key_file);
         let tls = match (ca, cert, key) {
-            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca_file: ca.into(), cert_file: cert.into(), key_file: key.into() }),
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                ca_file: ca.into(),
+                cert_file: cert.into(),
+                key_file: key.into(),
+            }),
             (None, None, None) if dev => None,
             _ => {
                 errs.push("tls: ca_file, cert_file and key_file are all required: RPC is mTLS only (create them with `trellis tls ca create` and `trellis tls cert create --server`)".into());
                 None
             }
         };
-        let multiplier = self.performance.and_then(|p| p.raft_multiplier).unwrap_or(1);
+        let multiplier = self
+            .performance
+            .and_then(|p| p.raft_multiplier)
+            .unwrap_or(1);
         if !(1..=MAX_RAFT_MULTIPLIER).contains(&multiplier) {
             errs.push(format!("performance.raft_multiplier: {multiplier} must be between 1 and {MAX_RAFT_MULTIPLIER}"));
         }
@@ -311,18 +397,30 @@ impl RawConfig {
         };
         let mut autopilot = crate::state::AutopilotConfig::default();
         if let Some(a) = self.autopilot {
-            for (key, v) in [("last_contact_threshold", &a.last_contact_threshold), ("server_stabilization_time", &a.server_stabilization_time)] {
+            for (key, v) in [
+                ("last_contact_threshold", &a.last_contact_threshold),
+                ("server_stabilization_time", &a.server_stabilization_time),
+            ] {
                 if let Some(v) = v
                     && crate::duration::parse(v).is_none()
                 {
-                    errs.push(format!("autopilot.{key}: {v:?} is not a duration like \"10s\""));
+                    errs.push(format!(
+                        "autopilot.{key}: {v:?} is not a duration like \"10s\""
+                    ));
                 }
             }
-            autopilot.cleanup_dead_servers = a.cleanup_dead_servers.unwrap_or(autopilot.cleanup_dead_servers);
-            autopilot.last_contact_threshold = a.last_contact_threshold.unwrap_or(autopilot.last_contact_threshold);
-            autopilot.max_trailing_logs = a.max_trailing_logs.unwrap_or(autopilot.max_trailing_logs);
+            autopilot.cleanup_dead_servers = a
+                .cleanup_dead_servers
+                .unwrap_or(autopilot.cleanup_dead_servers);
+            autopilot.last_contact_threshold = a
+                .last_contact_threshold
+                .unwrap_or(autopilot.last_contact_threshold);
+            autopilot.max_trailing_logs =
+                a.max_trailing_logs.unwrap_or(autopilot.max_trailing_logs);
             autopilot.min_quorum = a.min_quorum.unwrap_or(autopilot.min_quorum);
-            autopilot.server_stabilization_time = a.server_stabilization_time.unwrap_or(autopilot.server_stabilization_time);
+            autopilot.server_stabilization_time = a
+                .server_stabilization_time
+                .unwrap_or(autopilot.server_stabilization_time);
         }
         if !errs.is_empty() {
             return Err(ConfigError::Invalid(errs));
@@ -336,12 +434,20 @@ impl RawConfig {
             dev,
             bootstrap_expect,
             retry_join: self.retry_join.unwrap_or_default(),
-            bind_addr: if dev && bind_addr.is_unspecified() { loopback } else { bind_addr },
+            bind_addr: if dev && bind_addr.is_unspecified() {
+                loopback
+            } else {
+                bind_addr
+            },
             client_addr,
             http_port,
             dns_port,
             server_port,
-            domain: self.domain.unwrap_or_else(|| DEFAULT_DOMAIN.into()).trim_end_matches('.').to_string(),
+            domain: self
+                .domain
+                .unwrap_or_else(|| DEFAULT_DOMAIN.into())
+                .trim_end_matches('.')
+                .to_string(),
             log_level,
             tls,
             raft,
@@ -351,11 +457,15 @@ impl RawConfig {
 }
 
 fn valid_label(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "trellis".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "trellis".into())
 }
 
 #[cfg(test)]
@@ -371,12 +481,28 @@ mod tests {
     #[test]
     fn hcl_and_json_with_consul_keys_parse_to_the_same_config() {
         let d = tempfile::tempdir().unwrap();
-        let hcl = write(d.path(), "a.hcl", "datacenter = \"east\"\nnode_name = \"s1\"\ndata_dir = \"/tmp/x\"\nserver = true\nbootstrap_expect = 3\nretry_join = [\"127.0.0.12\"]\nbind_addr = \"127.0.0.11\"\nports {\n  http = 9500\n}\ntls {\n  defaults {\n    ca_file = \"ca\"\n    cert_file = \"c\"\n    key_file = \"k\"\n  }\n}\n");
-        let json = write(d.path(), "b.json", r#"{"datacenter":"east","node_name":"s1","data_dir":"/tmp/x","server":true,"bootstrap_expect":3,"retry_join":["127.0.0.12"],"bind_addr":"127.0.0.11","ports":{"http":9500},"ca_file":"ca","cert_file":"c","key_file":"k"}"#);
+        let hcl = write(
+            d.path(),
+            "a.hcl",
+            "datacenter = \"east\"\nnode_name = \"s1\"\ndata_dir = \"/tmp/x\"\nserver = true\nbootstrap_expect = 3\nretry_join = [\"127.0.0.12\"]\nbind_addr = \"127.0.0.11\"\nports {\n  http = 9500\n}\ntls {\n  defaults {\n    ca_file = \"ca\"\n    cert_file = \"c\"\n    key_file = \"k\"\n  }\n}\n",
+        );
+        let json = write(
+            d.path(),
+            "b.json",
+            r#"{"datacenter":"east","node_name":"s1","data_dir":"/tmp/x","server":true,"bootstrap_expect":3,"retry_join":["127.0.0.12"],"bind_addr":"127.0.0.11","ports":{"http":9500},"ca_file":"ca","cert_file":"c","key_file":"k"}"#,
+        );
         let a = load_files(&[hcl], &[]).unwrap().validate(false).unwrap();
         let b = load_files(&[json], &[]).unwrap().validate(false).unwrap();
         for c in [&a, &b] {
-            assert_eq!((c.datacenter.as_str(), c.node_name.as_str(), c.bootstrap_expect, c.http_port), ("east", "s1", 3, 9500));
+            assert_eq!(
+                (
+                    c.datacenter.as_str(),
+                    c.node_name.as_str(),
+                    c.bootstrap_expect,
+                    c.http_port
+                ),
+                ("east", "s1", 3, 9500)
+            );
             assert_eq!(c.rpc_addr().to_string(), "127.0.0.11:8300");
         }
     }
@@ -391,7 +517,11 @@ mod tests {
 
     #[test]
     fn every_error_is_reported_at_once() {
-        let raw = RawConfig { bind_addr: Some("nope".into()), log_level: Some("loud".into()), ..Default::default() };
+        let raw = RawConfig {
+            bind_addr: Some("nope".into()),
+            log_level: Some("loud".into()),
+            ..Default::default()
+        };
         let e = raw.validate(false).unwrap_err().to_string();
         for key in ["bind_addr", "log_level", "data_dir", "tls"] {
             assert!(e.contains(key), "{key} missing from {e}");
@@ -401,11 +531,27 @@ mod tests {
     #[test]
     fn later_files_override_earlier_ones_key_by_key() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), "1.hcl", "datacenter = \"a\"\nports { http = 1 }\n");
-        write(d.path(), "2.json", r#"{"node_name":"n","ports":{"dns":-1}}"#);
+        write(
+            d.path(),
+            "1.hcl",
+            "datacenter = \"a\"\nports { http = 1 }\n",
+        );
+        write(
+            d.path(),
+            "2.json",
+            r#"{"node_name":"n","ports":{"dns":-1}}"#,
+        );
         let raw = load_files(&[], &[d.path().to_path_buf()]).unwrap();
         let c = raw.validate(true).unwrap();
-        assert_eq!((c.datacenter.as_str(), c.node_name.as_str(), c.http_port, c.dns_port), ("a", "n", 1, None));
+        assert_eq!(
+            (
+                c.datacenter.as_str(),
+                c.node_name.as_str(),
+                c.http_port,
+                c.dns_port
+            ),
+            ("a", "n", 1, None)
+        );
     }
 
     #[test]

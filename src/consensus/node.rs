@@ -26,7 +26,7 @@ pub enum ClusterRpc {
     /// Add the caller to the Raft configuration as a voter (sent to the leader).
     Join { id: NodeId, node: ServerNode },
     /// Apply a write (sent to the leader).
-    Apply(Request),
+    Apply(Box<Request>),
     /// Become leader: sent by the current leader to the chosen successor.
     Elect,
 }
@@ -70,7 +70,10 @@ pub struct RaftNode {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl RaftNode {
@@ -97,28 +100,49 @@ impl RaftNode {
         let m = m.borrow();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        membership.nodes().map(|(id, n)| (*id, n.clone(), voters.contains(id))).collect()
+        membership
+            .nodes()
+            .map(|(id, n)| (*id, n.clone(), voters.contains(id)))
+            .collect()
     }
 
     /// Replicate `command` and return its outcome and log index, from any server.
     pub async fn write(&self, command: Command) -> Result<(Outcome, u64), WriteError> {
-        self.write_request(Request { now_ms: now_ms(), command }).await
+        self.write_request(Request {
+            now_ms: now_ms(),
+            command,
+        })
+        .await
     }
 
     pub async fn write_request(&self, req: Request) -> Result<(Outcome, u64), WriteError> {
         let leader = if self.is_leader() {
             match self.raft.client_write(req.clone()).await {
                 Ok(resp) => return Ok((resp.data, resp.log_id.index)),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node.and_then(|n| n.socket_addr()),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    f.leader_node.and_then(|n| n.socket_addr())
+                }
                 Err(e) => return Err(WriteError::Raft(e.to_string())),
             }
         } else {
             self.leader_addr()
         };
         let addr = leader.ok_or(WriteError::NoLeader)?;
-        match self.rpc.call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &ClusterRpc::Apply(req), FORWARD_TIMEOUT).await {
+        match self
+            .rpc
+            .call_typed::<ClusterRpc, ClusterReply>(
+                addr,
+                Service::Cluster,
+                &ClusterRpc::Apply(Box::new(req)),
+                FORWARD_TIMEOUT,
+            )
+            .await
+        {
             Ok(ClusterReply::Applied { outcome, index }) => Ok((outcome, index)),
-            Ok(_) => Err(WriteError::Forward(RpcError::new(ErrorCode::Internal, "unexpected reply to apply"))),
+            Ok(_) => Err(WriteError::Forward(RpcError::new(
+                ErrorCode::Internal,
+                "unexpected reply to apply",
+            ))),
             Err(e) if e.code == ErrorCode::NoLeader => Err(WriteError::NoLeader),
             Err(e) => Err(WriteError::Forward(e)),
         }
@@ -128,7 +152,9 @@ impl RaftNode {
     pub async fn apply_as_leader(&self, req: Request) -> Result<(Outcome, u64), RpcError> {
         match self.raft.client_write(req).await {
             Ok(resp) => Ok((resp.data, resp.log_id.index)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(RpcError::new(ErrorCode::NoLeader, "No cluster leader")),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(RpcError::new(ErrorCode::NoLeader, "No cluster leader"))
+            }
             Err(e) => Err(RpcError::new(ErrorCode::Internal, e.to_string())),
         }
     }
@@ -136,16 +162,29 @@ impl RaftNode {
     /// Confirm with a quorum that this node still leads and wait until its state machine has
     /// applied everything committed before now (Raft's read-index; `?consistent`).
     pub async fn verify_leader(&self) -> Result<(), WriteError> {
-        self.raft.ensure_linearizable().await.map(|_| ()).map_err(|_| WriteError::NoLeader)
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|_| WriteError::NoLeader)
     }
 
     /// Time since this server last heard from a leader (zero on the leader itself).
     pub fn last_contact(&self) -> Option<Duration> {
-        if self.is_leader() { Some(Duration::ZERO) } else { self.contacts.since_leader() }
+        if self.is_leader() {
+            Some(Duration::ZERO)
+        } else {
+            self.contacts.since_leader()
+        }
     }
 
     /// The highest log index applied here.
     pub fn applied_index(&self) -> u64 {
-        self.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0)
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0)
     }
 }

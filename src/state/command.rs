@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{AutopilotConfig, HealthCheck, KvEntry, Node, Service, Session};
 use super::StateData;
+use super::types::{AutopilotConfig, HealthCheck, KvEntry, Node, Service, Session};
 
 /// One replicated write: the command plus the proposer's wall clock, so that everything
 /// time-dependent (lock delays) is decided once, by the leader, and replayed identically.
@@ -18,12 +18,21 @@ pub enum Command {
     /// Catalog register: a node with optional service and checks (Consul's `RegisterRequest`).
     Register(Registration),
     /// Catalog deregister: the whole node, or one of its services, or one of its checks.
-    Deregister { node: String, service_id: Option<String>, check_id: Option<String> },
+    Deregister {
+        node: String,
+        service_id: Option<String>,
+        check_id: Option<String>,
+    },
     /// KV operations, applied atomically; a single-key write is a transaction of one op.
     Txn(Vec<TxnOp>),
     SessionCreate(Session),
-    SessionDestroy { id: String },
-    AutopilotSetConfig { config: AutopilotConfig, cas: Option<u64> },
+    SessionDestroy {
+        id: String,
+    },
+    AutopilotSetConfig {
+        config: AutopilotConfig,
+        cas: Option<u64>,
+    },
     /// Replace the whole state with a restored snapshot.
     Restore(Box<StateData>),
 }
@@ -73,7 +82,14 @@ impl KvVerb {
     }
 
     pub fn is_write(self) -> bool {
-        !matches!(self, KvVerb::Get | KvVerb::GetTree | KvVerb::CheckIndex | KvVerb::CheckSession | KvVerb::CheckNotExists)
+        !matches!(
+            self,
+            KvVerb::Get
+                | KvVerb::GetTree
+                | KvVerb::CheckIndex
+                | KvVerb::CheckSession
+                | KvVerb::CheckNotExists
+        )
     }
 }
 

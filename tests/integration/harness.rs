@@ -32,7 +32,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -77,8 +80,19 @@ impl Cluster {
         std::fs::write(&ca, &ca_pem).unwrap();
         let mut servers = Vec::new();
         for i in 1..=n {
-            let (cert, key) = trellis::tls::create_cert(&ca_pem, &ca_key, trellis::tls::CertKind::Server, "dc1", "consul", &[]).expect("cert");
-            let (cp, kp) = (dir.path().join(format!("s{i}.pem")), dir.path().join(format!("s{i}-key.pem")));
+            let (cert, key) = trellis::tls::create_cert(
+                &ca_pem,
+                &ca_key,
+                trellis::tls::CertKind::Server,
+                "dc1",
+                "consul",
+                &[],
+            )
+            .expect("cert");
+            let (cp, kp) = (
+                dir.path().join(format!("s{i}.pem")),
+                dir.path().join(format!("s{i}-key.pem")),
+            );
             std::fs::write(&cp, cert).unwrap();
             std::fs::write(&kp, key).unwrap();
             servers.push(Server {
@@ -90,8 +104,17 @@ impl Cluster {
                 log: dir.path().join(format!("s{i}.log")),
             });
         }
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-        let mut c = Cluster { _dir: dir, servers, http, ca, expect: n };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        let mut c = Cluster {
+            _dir: dir,
+            servers,
+            http,
+            ca,
+            expect: n,
+        };
         for i in 0..n {
             c.spawn(i);
         }
@@ -113,21 +136,28 @@ impl Cluster {
     pub fn spawn(&mut self, i: usize) {
         let s = &self.servers[i];
         let mut cmd = Command::new(BIN);
-        cmd.args(["agent", "--server", "--node", &s.name, "--bind", &s.ip, "--client", &s.ip])
-            .args(["--bootstrap-expect", &self.expect.to_string()])
-            .arg("--data-dir")
-            .arg(&s.data_dir)
-            .arg("--ca-file")
-            .arg(&self.ca)
-            .arg("--cert-file")
-            .arg(&s.cert.0)
-            .arg("--key-file")
-            .arg(&s.cert.1);
+        cmd.args([
+            "agent", "--server", "--node", &s.name, "--bind", &s.ip, "--client", &s.ip,
+        ])
+        .args(["--bootstrap-expect", &self.expect.to_string()])
+        .arg("--data-dir")
+        .arg(&s.data_dir)
+        .arg("--ca-file")
+        .arg(&self.ca)
+        .arg("--cert-file")
+        .arg(&s.cert.0)
+        .arg("--key-file")
+        .arg(&s.cert.1);
         for other in &self.servers {
             cmd.args(["--retry-join", &other.ip]);
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).unwrap();
-        cmd.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&s.log)
+            .unwrap();
+        cmd.stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
         let child = cmd.spawn().expect("spawn trellis");
         self.servers[i].child = Some(child);
     }
@@ -143,16 +173,25 @@ impl Cluster {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.servers[i].child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 if let Ok(Some(status)) = c.try_wait() {
-                    assert!(status.success(), "{} exited with {status} on SIGTERM", self.servers[i].name);
+                    assert!(
+                        status.success(),
+                        "{} exited with {status} on SIGTERM",
+                        self.servers[i].name
+                    );
                     break;
                 }
                 if Instant::now() > deadline {
                     let _ = c.kill();
-                    panic!("{} did not stop within 20s of SIGTERM", self.servers[i].name);
+                    panic!(
+                        "{} did not stop within 20s of SIGTERM",
+                        self.servers[i].name
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -168,7 +207,12 @@ impl Cluster {
         eventually("a leader all running servers agree on", SOON, || async {
             let mut seen = None;
             for s in self.servers.iter().filter(|s| s.is_running()) {
-                let l: String = self.get_json(&format!("{}/v1/status/leader", s.http())).await.ok()?.as_str()?.to_string();
+                let l: String = self
+                    .get_json(&format!("{}/v1/status/leader", s.http()))
+                    .await
+                    .ok()?
+                    .as_str()?
+                    .to_string();
                 if l.is_empty() || seen.as_ref().is_some_and(|x| *x != l) {
                     return None;
                 }
@@ -180,19 +224,36 @@ impl Cluster {
     }
 
     pub fn index_of_rpc(&self, rpc: &str) -> usize {
-        self.servers.iter().position(|s| s.rpc() == rpc).expect("leader is one of ours")
+        self.servers
+            .iter()
+            .position(|s| s.rpc() == rpc)
+            .expect("leader is one of ours")
     }
 
     pub async fn get_json(&self, url: &str) -> Result<Value, String> {
         let r = self.http.get(url).send().await.map_err(|e| e.to_string())?;
         if !r.status().is_success() {
-            return Err(format!("{} {}", r.status(), r.text().await.unwrap_or_default()));
+            return Err(format!(
+                "{} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            ));
         }
         r.json().await.map_err(|e| e.to_string())
     }
 
-    pub async fn put(&self, url: &str, body: impl Into<reqwest::Body>) -> Result<(u16, String), String> {
-        let r = self.http.put(url).body(body).send().await.map_err(|e| e.to_string())?;
+    pub async fn put(
+        &self,
+        url: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<(u16, String), String> {
+        let r = self
+            .http
+            .put(url)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
         Ok((r.status().as_u16(), r.text().await.unwrap_or_default()))
     }
 }
@@ -204,7 +265,19 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for (i, s) in self.servers.iter().enumerate() {
-                eprintln!("---- log of {} ----\n{}", s.name, self.log(i).lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+                eprintln!(
+                    "---- log of {} ----\n{}",
+                    s.name,
+                    self.log(i)
+                        .lines()
+                        .rev()
+                        .take(40)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
             }
         }
     }

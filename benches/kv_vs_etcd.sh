@@ -370,10 +370,10 @@ ratio() { # a b
 
 echo
 echo "KV write benchmark: wrk -t$THREADS -c$CONNS -d$DURATION, ${VALUE_SIZE}-byte values, distinct keys, load on the leader"
-printf '%-8s %12s %10s %10s %10s %10s %12s %12s\n' system "req/s" "p50 ms" "p99 ms" requests non-2xx "sock errors" "keys stored"
+printf '%-12s %10s %10s %10s %10s %10s %12s %12s\n' system "req/s" "p50 ms" "p99 ms" requests non-2xx "sock errors" "keys stored"
 errors=0
 for s in $SYSTEMS; do
-  printf '%-8s %12s %10s %10s %10s %10s %12s %12s\n' "$s" "${RPS[$s]}" "${P50[$s]}" "${P99[$s]}" \
+  printf '%-12s %10s %10s %10s %10s %10s %12s %12s\n' "$s" "${RPS[$s]}" "${P50[$s]}" "${P99[$s]}" \
     "${REQS[$s]}" "${NON2XX[$s]}" "${SOCKERR[$s]}" "${STORED[$s]}"
   if (( ${NON2XX[$s]} > 0 || ${SOCKERR[$s]} > 0 )); then
     errors=1
@@ -386,7 +386,7 @@ for s in $SYSTEMS; do
   fi
 done
 if want etcd && want trellis; then
-  printf '%-8s %12s %10s %10s\n' "trellis/etcd" "$(ratio "${RPS[trellis]}" "${RPS[etcd]}")" \
+  printf '%-12s %10s %10s %10s\n' "trellis/etcd" "$(ratio "${RPS[trellis]}" "${RPS[etcd]}")" \
     "$(ratio "${P50[trellis]}" "${P50[etcd]}")" "$(ratio "${P99[trellis]}" "${P99[etcd]}")"
   echo "(req/s ratio > 1: Trellis is faster; latency ratios < 1: Trellis is faster)"
 fi

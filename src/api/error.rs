@@ -70,8 +70,104 @@ impl From<super::filter::FilterError> for ApiError {
     }
 }
 
-/// Decode a JSON request body the way Consul reports failures.
+/// Every field name our request bodies use. Consul decodes bodies with Go's encoding/json,
+/// which matches field names case-insensitively, and clients rely on it (py-consul sends
+/// `{"name": .., "ttl": ..}`): keys are mapped to these spellings before decoding.
+const FIELD_NAMES: &[&str] = &[
+    "Address",
+    "Behavior",
+    "Check",
+    "CheckID",
+    "Checks",
+    "CleanupDeadServers",
+    "Datacenter",
+    "EnableTagOverride",
+    "Flags",
+    "ID",
+    "Index",
+    "KV",
+    "Key",
+    "Kind",
+    "LastContactThreshold",
+    "LockDelay",
+    "MaxTrailingLogs",
+    "Meta",
+    "MinQuorum",
+    "Name",
+    "Namespace",
+    "Node",
+    "NodeChecks",
+    "NodeMeta",
+    "Notes",
+    "Output",
+    "Passing",
+    "Port",
+    "Service",
+    "ServiceChecks",
+    "ServiceID",
+    "ServerStabilizationTime",
+    "Session",
+    "SkipNodeUpdate",
+    "Status",
+    "TTL",
+    "Tags",
+    "TaggedAddresses",
+    "Type",
+    "Value",
+    "Verb",
+    "Warning",
+    "Weights",
+];
+
+/// Fields whose value is a map of user-chosen keys: those keys are data, never renamed.
+const USER_KEYED: &[&str] = &["Meta", "NodeMeta", "TaggedAddresses"];
+
+fn canonical_keys(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Array(a) => Value::Array(a.into_iter().map(canonical_keys).collect()),
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| {
+                    let name = FIELD_NAMES
+                        .iter()
+                        .find(|n| n.eq_ignore_ascii_case(&k))
+                        .map(|n| n.to_string())
+                        .unwrap_or(k);
+                    let v = match (USER_KEYED.contains(&name.as_str()), v) {
+                        (true, Value::Object(m)) => Value::Object(
+                            m.into_iter().map(|(k, v)| (k, canonical_keys(v))).collect(),
+                        ),
+                        (_, v) => canonical_keys(v),
+                    };
+                    (name, v)
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// Decode a JSON request body as Consul does (field names in any case), reporting failures
+/// with Consul's message.
 pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))
+    let fail = |e: serde_json::Error| ApiError::BadRequest(format!("Request decode failed: {e}"));
+    let raw: serde_json::Value = serde_json::from_slice(body).map_err(fail)?;
+    serde_json::from_value(canonical_keys(raw)).map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_names_match_in_any_case_but_user_keys_are_kept() {
+        let v = canonical_keys(
+            serde_json::json!({"node": "n", "nodemeta": {"name": "x"}, "service": {"tags": ["a"], "meta": {"ttl": "1"}}}),
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({"Node": "n", "NodeMeta": {"name": "x"}, "Service": {"Tags": ["a"], "Meta": {"ttl": "1"}}})
+        );
+    }
 }

@@ -30,6 +30,8 @@ pub struct LeaderWorker {
     pub datacenter: String,
     pub sessions: SessionTimers,
     pub health: Arc<Mutex<AutopilotHealth>>,
+    /// The configured autopilot settings, stored once if the cluster has none yet.
+    pub autopilot: crate::state::AutopilotConfig,
 }
 
 struct Tenure {
@@ -69,6 +71,7 @@ impl LeaderWorker {
                     stable_since: HashMap::new(),
                 }
             });
+            self.seed_autopilot().await;
             let alive = self.liveness(t.since);
             self.reconcile_servers(&alive).await;
             self.expire_sessions().await;
@@ -144,6 +147,28 @@ impl LeaderWorker {
             if let Err(e) = self.node.write(w).await {
                 warn!(error = %e, "catalog reconcile write failed");
             }
+        }
+    }
+
+    async fn seed_autopilot(&self) {
+        if self
+            .node
+            .store
+            .read()
+            .expect("state lock")
+            .data()
+            .autopilot
+            .modify_index
+            != 0
+        {
+            return;
+        }
+        let cmd = Command::AutopilotSetConfig {
+            config: self.autopilot.clone(),
+            cas: Some(0),
+        };
+        if let Err(e) = self.node.write(cmd).await {
+            warn!(error = %e, "storing the configured autopilot settings failed");
         }
     }
 

@@ -109,7 +109,6 @@ fn dev_tls(cfg: &Config) -> Result<TlsMaterial, AgentError> {
 }
 
 pub struct Agent {
-    cfg: Config,
     node: RaftNode,
     storage: Storage,
     tasks: JoinSet<&'static str>,
@@ -275,13 +274,13 @@ impl Agent {
             datacenter: cfg.datacenter.clone(),
             sessions,
             health,
+            autopilot: cfg.autopilot.clone(),
         };
         tasks.spawn(leader.run(shutdown.clone()).map_name("leader"));
         tasks.spawn(watch_fatal(raft, shutdown.clone()).map_name("raft-watch"));
 
         info!(node = %cfg.node_name, dc = %cfg.datacenter, http = %http_addr, rpc = %rpc_addr, data_dir = %dd.display(), "trellis server agent running");
         Ok(Agent {
-            cfg,
             node,
             storage,
             tasks,
@@ -338,9 +337,6 @@ impl Agent {
         }
         if let Err(e) = self.storage.flush().await {
             error!(error = %e, "final storage flush failed");
-        }
-        if self.cfg.dev && self.cfg.tls.is_none() {
-            info!(data_dir = %self.cfg.data_dir.display(), "dev mode data left in place");
         }
         info!("shutdown complete");
     }

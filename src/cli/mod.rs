@@ -175,21 +175,23 @@ impl AgentArgs {
             }),
             domain: self.domain.clone(),
             log_level: self.log_level.clone(),
-            ca_file: self.ca_file.clone(),
-            cert_file: self.cert_file.clone(),
-            key_file: self.key_file.clone(),
+            // TLS flags are the most specific layer, key by key.
+            tls: Some(config::RawTls {
+                defaults: None,
+                internal_rpc: Some(config::RawTlsFiles {
+                    ca_file: self.ca_file.clone(),
+                    cert_file: self.cert_file.clone(),
+                    key_file: self.key_file.clone(),
+                    ..Default::default()
+                }),
+            }),
             ..Default::default()
         }
     }
 
     pub fn config(&self) -> Result<config::Config, config::ConfigError> {
         let mut raw = config::load_files(&self.config_file, &self.config_dir)?;
-        let flags = self.as_raw();
-        // Top-level TLS flags override a `tls` block from the files.
-        if flags.ca_file.is_some() || flags.cert_file.is_some() || flags.key_file.is_some() {
-            raw.tls = None;
-        }
-        raw.merge(flags);
+        raw.merge(self.as_raw());
         raw.validate(self.dev)
     }
 }

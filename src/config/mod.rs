@@ -55,7 +55,8 @@ pub struct RawConfig {
     pub tls: Option<RawTls>,
     /// Raft timing scale.
     pub performance: Option<RawPerformance>,
-    /// Autopilot defaults applied when the cluster is first bootstrapped.
+    /// Autopilot settings the first leader stores, unless the cluster already has some (after
+    /// that, `PUT /v1/operator/autopilot/configuration` changes them).
     pub autopilot: Option<RawAutopilot>,
 }
 
@@ -68,13 +69,13 @@ pub struct RawPorts {
     pub dns: Option<i64>,
     /// Server RPC (default 8300).
     pub server: Option<i64>,
-    /// Reserved for LAN gossip (default 8301).
+    /// LAN gossip. Accepted and range-checked; not used until client agents and gossip exist.
     pub serf_lan: Option<i64>,
-    /// Reserved for WAN gossip (default 8302).
+    /// WAN gossip. Accepted and range-checked; not used until WAN federation exists.
     pub serf_wan: Option<i64>,
-    /// HTTPS API (default -1: off).
+    /// HTTPS API. Accepted and range-checked; the API is plain HTTP for now.
     pub https: Option<i64>,
-    /// gRPC (default -1: off).
+    /// gRPC. Accepted and range-checked; not used yet.
     pub grpc: Option<i64>,
 }
 
@@ -232,10 +233,30 @@ impl RawConfig {
             ca_file,
             cert_file,
             key_file,
-            tls,
             performance,
             autopilot
         );
+        if let Some(t) = other.tls {
+            let mine = self.tls.get_or_insert_with(Default::default);
+            for (mine, theirs) in [
+                (&mut mine.defaults, t.defaults),
+                (&mut mine.internal_rpc, t.internal_rpc),
+            ] {
+                if let Some(theirs) = theirs {
+                    let m = mine.get_or_insert_with(Default::default);
+                    take!(
+                        m,
+                        theirs,
+                        ca_file,
+                        cert_file,
+                        key_file,
+                        verify_incoming,
+                        verify_outgoing,
+                        verify_server_hostname
+                    );
+                }
+            }
+        }
         if let Some(p) = other.ports {
             let mine = self.ports.get_or_insert_with(Default::default);
             take!(mine, p, http, dns, server, serf_lan, serf_wan, https, grpc);
@@ -295,7 +316,10 @@ impl RawConfig {
             });
         let dns_port = port("dns", ports.dns, DEFAULT_DNS_PORT, &mut errs);
         let server_port = port("server", ports.server, DEFAULT_SERVER_PORT, &mut errs)
-            .unwrap_or(DEFAULT_SERVER_PORT);
+            .unwrap_or_else(|| {
+                errs.push("ports.server: server RPC cannot be disabled".into());
+                DEFAULT_SERVER_PORT
+            });
         for (key, v) in [
             ("serf_lan", ports.serf_lan),
             ("serf_wan", ports.serf_wan),
@@ -324,6 +348,9 @@ impl RawConfig {
             ));
         }
         let server = dev || self.server.unwrap_or(false);
+        if !server {
+            errs.push("server: client agents are not available yet; run servers (server = true / --server) or --dev".into());
+        }
         let bootstrap = self.bootstrap.unwrap_or(false);
         let bootstrap_expect = match (dev || bootstrap, self.bootstrap_expect) {
             (true, Some(n)) if n > 1 => {
@@ -363,13 +390,15 @@ impl RawConfig {
                 "log_level: {log_level:?} is not one of trace, debug, info, warn, error"
             ));
         }
-        let from_block = self
-            .tls
-            .and_then(|t| t.internal_rpc.or(t.defaults))
-            .unwrap_or_default();
-        let ca = from_block.ca_file.or(self.ca_file);
-        let cert = from_block.cert_file.or(self.cert_file);
-        let key = from_block.key_file.or(self.key_file);
+        // Per key: tls.internal_rpc, then tls.defaults, then the legacy top-level keys.
+        let tls_block = self.tls.unwrap_or_default();
+        let (rpc, defaults) = (
+            tls_block.internal_rpc.unwrap_or_default(),
+            tls_block.defaults.unwrap_or_default(),
+        );
+        let ca = rpc.ca_file.or(defaults.ca_file).or(self.ca_file);
+        let cert = rpc.cert_file.or(defaults.cert_file).or(self.cert_file);
+        let key = rpc.key_file.or(defaults.key_file).or(self.key_file);
         let tls = match (ca, cert, key) {
             (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
                 ca_file: ca.into(),
@@ -551,6 +580,53 @@ mod tests {
                 c.dns_port
             ),
             ("a", "n", 1, None)
+        );
+    }
+
+    #[test]
+    fn tls_keys_resolve_one_by_one_across_blocks_and_layers() {
+        let mut raw: RawConfig = serde_json::from_str(
+            r#"{"server":true,"data_dir":"/d","bind_addr":"127.0.0.1","ca_file":"legacy-ca",
+                "tls":{"defaults":{"cert_file":"d-cert","key_file":"d-key"},"internal_rpc":{"key_file":"rpc-key"}}}"#,
+        )
+        .unwrap();
+        let flags = RawConfig {
+            tls: Some(RawTls {
+                defaults: None,
+                internal_rpc: Some(RawTlsFiles {
+                    cert_file: Some("flag-cert".into()),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        };
+        raw.merge(flags);
+        let tls = raw.validate(false).unwrap().tls.unwrap();
+        assert_eq!(
+            (
+                tls.ca_file.to_str(),
+                tls.cert_file.to_str(),
+                tls.key_file.to_str()
+            ),
+            (Some("legacy-ca"), Some("flag-cert"), Some("rpc-key"))
+        );
+    }
+
+    #[test]
+    fn client_mode_is_refused_until_it_exists() {
+        let raw = RawConfig {
+            data_dir: Some("/d".into()),
+            bind_addr: Some("127.0.0.1".into()),
+            ca_file: Some("c".into()),
+            cert_file: Some("c".into()),
+            key_file: Some("k".into()),
+            ..Default::default()
+        };
+        assert!(
+            raw.validate(false)
+                .unwrap_err()
+                .to_string()
+                .contains("server:")
         );
     }
 

@@ -82,17 +82,6 @@ impl StateMachine {
         self.store.write().expect("state lock").replace(p.data);
         Ok(())
     }
-
-    fn snapshot_bytes(&self) -> Result<Vec<u8>, StorageError<NodeId>> {
-        let data = self.store.read().expect("state lock").data().clone();
-        let p = SnapshotPayload {
-            last_applied: self.last_applied,
-            membership: self.membership.clone(),
-            data,
-        };
-        postcard::to_allocvec(&p)
-            .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)).into())
-    }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -126,16 +115,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Serialise now, under the state lock, so that building never races with apply.
+        // Only copy the tables here, where apply is paused; openraft runs `build_snapshot`
+        // (encoding and writing) on its own task while applies go on.
+        self.snapshot_seq += 1;
         StateMachineSnapshotter {
-            bytes: self.snapshot_bytes(),
-            last_applied: self.last_applied,
-            membership: self.membership.clone(),
+            payload: Some(SnapshotPayload {
+                last_applied: self.last_applied,
+                membership: self.membership.clone(),
+                data: self.store.read().expect("state lock").data().clone(),
+            }),
             storage: self.storage.clone(),
-            seq: {
-                self.snapshot_seq += 1;
-                self.snapshot_seq
-            },
+            seq: self.snapshot_seq,
         }
     }
 
@@ -178,23 +168,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// A snapshot serialised at request time, written to disk when openraft asks for it.
 pub struct StateMachineSnapshotter {
-    bytes: Result<Vec<u8>, StorageError<NodeId>>,
-    last_applied: Option<LogId<NodeId>>,
-    membership: Membership,
+    payload: Option<SnapshotPayload>,
     storage: Storage,
     seq: u64,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let bytes = std::mem::replace(&mut self.bytes, Ok(Vec::new()))?;
-        let snapshot_id = match self.last_applied {
+        let p = self.payload.take().ok_or_else(|| {
+            StorageIOError::write_snapshot(
+                None,
+                io_err(&std::io::Error::other("snapshot already built")),
+            )
+        })?;
+        let bytes = postcard::to_allocvec(&p)
+            .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        let snapshot_id = match p.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.seq),
             None => format!("--{}", self.seq),
         };
         let meta = SnapshotMeta {
-            last_log_id: self.last_applied,
-            last_membership: self.membership.clone(),
+            last_log_id: p.last_applied,
+            last_membership: p.membership,
             snapshot_id,
         };
         let stored = postcard::to_allocvec(&StoredSnapshot {

@@ -7,24 +7,11 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use trellis::state::{
-    CheckStatus, Command, HealthCheck, KvEntry, KvVerb, Node, Registration, Request, Service,
-    Store, TxnOp,
-};
+use trellis::state::{CheckStatus, Command, HealthCheck, KvEntry, KvVerb, Node, Registration, Request, Service, Store, TxnOp};
 
 fn set(key: String) -> Request {
-    let op = TxnOp {
-        verb: KvVerb::Set,
-        key,
-        value: Some(vec![7u8; 128]),
-        flags: 0,
-        index: 0,
-        session: String::new(),
-    };
-    Request {
-        now_ms: 0,
-        command: Command::Txn(vec![op]),
-    }
+    let op = TxnOp { verb: KvVerb::Set, key, value: Some(vec![7u8; 128]), flags: 0, index: 0, session: String::new() };
+    Request { now_ms: 0, command: Command::Txn(vec![op]) }
 }
 
 fn register(i: u64) -> Request {
@@ -32,18 +19,8 @@ fn register(i: u64) -> Request {
     Request {
         now_ms: 0,
         command: Command::Register(Registration {
-            node: Node {
-                node: node.clone(),
-                address: format!("10.0.{}.{}", (i / 250) % 250, i % 250),
-                ..Default::default()
-            },
-            service: Some(Service {
-                id: format!("web-{i}"),
-                service: "web".into(),
-                port: 8080,
-                tags: vec!["v1".into()],
-                ..Default::default()
-            }),
+            node: Node { node: node.clone(), address: format!("10.0.{}.{}", (i / 250) % 250, i % 250), ..Default::default() },
+            service: Some(Service { id: format!("web-{i}"), service: "web".into(), port: 8080, tags: vec!["v1".into()], ..Default::default() }),
             checks: vec![HealthCheck {
                 check_id: format!("web-{i}-check"),
                 status: CheckStatus::Passing,
@@ -63,16 +40,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             let key = format!("bench/{i}");
-            m.insert(
-                key.clone(),
-                KvEntry {
-                    key,
-                    value: Some(vec![7u8; 128]),
-                    create_index: i,
-                    modify_index: i,
-                    ..Default::default()
-                },
-            );
+            m.insert(key.clone(), KvEntry { key, value: Some(vec![7u8; 128]), create_index: i, modify_index: i, ..Default::default() });
         })
     });
     g.bench_function("trellis_store_apply", |b| {
@@ -114,22 +82,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             let ops = (0..5)
-                .map(|k| TxnOp {
-                    verb: KvVerb::Set,
-                    key: format!("t/{i}/{k}"),
-                    value: Some(vec![1; 64]),
-                    flags: 0,
-                    index: 0,
-                    session: String::new(),
-                })
+                .map(|k| TxnOp { verb: KvVerb::Set, key: format!("t/{i}/{k}"), value: Some(vec![1; 64]), flags: 0, index: 0, session: String::new() })
                 .collect();
-            black_box(s.apply(
-                i,
-                &Request {
-                    now_ms: 0,
-                    command: Command::Txn(ops),
-                },
-            ));
+            black_box(s.apply(i, &Request { now_ms: 0, command: Command::Txn(ops) }));
         })
     });
     g.finish();

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod consensus;
 pub mod duration;
+pub mod membership;
 pub mod rpc;
 pub mod state;
 pub mod tls;

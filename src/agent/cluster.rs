@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use openraft::ChangeMembers;
 use tracing::info;
 
-use crate::consensus::node::{ClusterReply, ClusterRpc, HelloInfo, RaftNode};
+use crate::consensus::node::{ClusterReply, ClusterRpc, HelloInfo, RaftNode, WriteError};
 use crate::rpc::{self, ErrorCode, Handler, Peer, RpcError};
 
 /// How long a server asked to take over leadership keeps calling elections.
@@ -34,11 +34,7 @@ pub fn hello(node: &RaftNode, datacenter: &str) -> HelloInfo {
 }
 
 /// Add a server as a voter: first as a learner that catches up, then promoted.
-pub async fn add_voter(
-    node: &RaftNode,
-    id: u64,
-    server: crate::consensus::ServerNode,
-) -> Result<(), RpcError> {
+pub async fn add_voter(node: &RaftNode, id: u64, server: crate::consensus::ServerNode) -> Result<(), RpcError> {
     let err = |e: String| RpcError::new(ErrorCode::Internal, e);
     if !node.is_leader() {
         return Err(RpcError::new(ErrorCode::NoLeader, "not the leader"));
@@ -48,14 +44,8 @@ pub async fn add_voter(
         return Ok(());
     }
     info!(server = %server, "adding server to the raft configuration");
-    node.raft
-        .add_learner(id, server, true)
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    node.raft
-        .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    node.raft.add_learner(id, server, true).await.map_err(|e| err(e.to_string()))?;
+    node.raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false).await.map_err(|e| err(e.to_string()))?;
     Ok(())
 }
 
@@ -67,34 +57,29 @@ impl Handler for ClusterHandler {
             let req: ClusterRpc = rpc::decode(&body)?;
             let reply = match req {
                 ClusterRpc::Hello => ClusterReply::Hello(hello(&node, &dc)),
-                ClusterRpc::Apply(r) => {
-                    let (outcome, index) = node.apply_as_leader(*r).await?;
+                ClusterRpc::Apply { req, hops } => {
+                    let (outcome, index) = node.write_hops(*req, hops).await.map_err(|e| match e {
+                        WriteError::NoLeader => RpcError::new(ErrorCode::NoLeader, "No cluster leader"),
+                        other => RpcError::new(ErrorCode::Internal, other.to_string()),
+                    })?;
                     ClusterReply::Applied { outcome, index }
                 }
+                ClusterRpc::NodeState { node: name } => ClusterReply::NodeState(Box::new(node.node_state(&name))),
                 ClusterRpc::Join { id, node: server } => {
                     if !peer.is_server {
-                        return Err(RpcError::new(
-                            ErrorCode::Forbidden,
-                            "only servers may join the raft configuration",
-                        ));
+                        return Err(RpcError::new(ErrorCode::Forbidden, "only servers may join the raft configuration"));
                     }
                     add_voter(&node, id, server).await?;
                     ClusterReply::Joined
                 }
                 ClusterRpc::Elect => {
                     if !peer.is_server {
-                        return Err(RpcError::new(
-                            ErrorCode::Forbidden,
-                            "only servers may hand over leadership",
-                        ));
+                        return Err(RpcError::new(ErrorCode::Forbidden, "only servers may hand over leadership"));
                     }
                     let start = Instant::now();
                     while !node.is_leader() {
                         if start.elapsed() > ELECT_DEADLINE {
-                            return Err(RpcError::new(
-                                ErrorCode::Timeout,
-                                "did not win the election in time",
-                            ));
+                            return Err(RpcError::new(ErrorCode::Timeout, "did not win the election in time"));
                         }
                         let _ = node.raft.trigger().elect().await;
                         let mut m = node.raft.metrics();

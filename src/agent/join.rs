@@ -27,6 +27,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct JoinWorker {
     pub node: RaftNode,
+    /// Servers found through LAN gossip are introduced to as well.
+    pub gossip: crate::membership::Gossip,
     pub datacenter: String,
     pub retry_join: Vec<String>,
     pub default_port: u16,
@@ -51,9 +53,8 @@ impl JoinWorker {
         let mut out = Vec::new();
         for target in &self.retry_join {
             let with_port = if target.parse::<SocketAddr>().is_ok()
-                || target.rsplit_once(':').is_some_and(|(h, p)| {
-                    !h.ends_with(']') && p.parse::<u16>().is_ok() && !h.contains(':')
-                }) {
+                || target.rsplit_once(':').is_some_and(|(h, p)| !h.ends_with(']') && p.parse::<u16>().is_ok() && !h.contains(':'))
+            {
                 target.clone()
             } else if target.contains(':') && !target.starts_with('[') {
                 format!("[{target}]:{}", self.default_port)
@@ -65,20 +66,17 @@ impl JoinWorker {
                 Err(e) => debug!(target, error = %e, "cannot resolve retry_join address"),
             }
         }
+        out.extend(super::ops::alive_servers(&self.gossip, &self.datacenter));
+        out.sort();
+        out.dedup();
         out.retain(|a| self.node.me.socket_addr() != Some(*a));
         out
     }
 
     async fn introductions(&self) -> Vec<HelloInfo> {
         let addrs = self.resolve().await;
-        let calls = addrs.iter().map(|a| {
-            self.node.rpc.call_typed::<ClusterRpc, ClusterReply>(
-                *a,
-                Service::Cluster,
-                &ClusterRpc::Hello,
-                HELLO_TIMEOUT,
-            )
-        });
+        let calls =
+            addrs.iter().map(|a| self.node.rpc.call_typed::<ClusterRpc, ClusterReply>(*a, Service::Cluster, &ClusterRpc::Hello, HELLO_TIMEOUT));
         futures::future::join_all(calls)
             .await
             .into_iter()
@@ -104,10 +102,7 @@ impl JoinWorker {
             }
             // The leader's own view of the configuration decides; without it, ask anyway
             // (adding a server that already votes is a no-op).
-            if views()
-                .find(|h| h.id == leader_id)
-                .is_some_and(|v| v.voters.contains(&self.node.id))
-            {
+            if views().find(|h| h.id == leader_id).is_some_and(|v| v.voters.contains(&self.node.id)) {
                 return true;
             }
             self.ask_to_join(&leader).await;
@@ -120,22 +115,13 @@ impl JoinWorker {
         if self.bootstrap_expect == 0 {
             return false;
         }
-        let mut candidates: BTreeMap<u64, ServerNode> = peers
-            .iter()
-            .filter(|h| !h.initialized)
-            .map(|h| (h.id, h.node.clone()))
-            .collect();
+        let mut candidates: BTreeMap<u64, ServerNode> = peers.iter().filter(|h| !h.initialized).map(|h| (h.id, h.node.clone())).collect();
         candidates.insert(self.node.id, self.node.me.clone());
         if candidates.len() < self.bootstrap_expect {
-            debug!(
-                known = candidates.len(),
-                expect = self.bootstrap_expect,
-                "waiting for more servers before bootstrapping"
-            );
+            debug!(known = candidates.len(), expect = self.bootstrap_expect, "waiting for more servers before bootstrapping");
             return false;
         }
-        let chosen: BTreeMap<u64, ServerNode> =
-            candidates.into_iter().take(self.bootstrap_expect).collect();
+        let chosen: BTreeMap<u64, ServerNode> = candidates.into_iter().take(self.bootstrap_expect).collect();
         if chosen.keys().next() == Some(&self.node.id) {
             info!(servers = ?chosen.values().map(|n| n.name.as_str()).collect::<Vec<_>>(), "bootstrapping the cluster");
             if let Err(e) = self.node.raft.initialize(chosen).await {
@@ -150,17 +136,52 @@ impl JoinWorker {
             return;
         };
         info!(leader = %leader, "asking the leader to add this server");
-        let req = ClusterRpc::Join {
-            id: self.node.id,
-            node: self.node.me.clone(),
-        };
-        if let Err(e) = self
-            .node
-            .rpc
-            .call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &req, JOIN_TIMEOUT)
-            .await
-        {
+        let req = ClusterRpc::Join { id: self.node.id, node: self.node.me.clone() };
+        if let Err(e) = self.node.rpc.call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &req, JOIN_TIMEOUT).await {
             warn!(leader = %leader, error = %e, "join failed; will retry");
+        }
+    }
+}
+
+/// Joins the LAN gossip pool through `retry_join`, retrying until one address answers (then
+/// gossip itself keeps the membership), as Consul's `retry_join` does.
+pub struct GossipJoinWorker {
+    pub gossip: crate::membership::Gossip,
+    pub retry_join: Vec<String>,
+    pub default_port: u16,
+}
+
+impl GossipJoinWorker {
+    pub async fn run(self, shutdown: CancellationToken) {
+        if self.retry_join.is_empty() {
+            return shutdown.cancelled().await;
+        }
+        loop {
+            let mut addrs = Vec::new();
+            for t in &self.retry_join {
+                let target = if t.contains(':') && !t.starts_with('[') && t.matches(':').count() == 1 {
+                    t.clone()
+                } else {
+                    format!("{t}:{}", self.default_port)
+                };
+                if let Ok(found) = tokio::net::lookup_host(target.as_str()).await {
+                    addrs.extend(found);
+                }
+            }
+            match self.gossip.join(&addrs).await {
+                Ok(n) if n > 0 => {
+                    info!(answered = n, "joined the LAN gossip pool");
+                    // Done: gossip keeps the membership from here. Stay until shutdown, since
+                    // the agent treats any task ending early as a failure.
+                    return shutdown.cancelled().await;
+                }
+                Ok(_) => debug!("no retry_join address answered yet"),
+                Err(e) => debug!(error = %e, "gossip join failed; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(JOIN_RETRY) => {}
+            }
         }
     }
 }

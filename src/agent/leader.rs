@@ -3,7 +3,6 @@
 //! lapsed, and run autopilot (server health, dead-server cleanup).
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,6 +14,7 @@ use crate::api::operator::{AutopilotHealth, ServerHealth};
 use crate::api::session::{SessionTimers, parse_ttl};
 use crate::consensus::node::RaftNode;
 use crate::consensus::{NodeId, ServerNode};
+use crate::membership::{Gossip, Member, MemberStatus};
 use crate::state::{CheckStatus, Command, HealthCheck, Node, Registration, Service};
 
 const TICK: Duration = Duration::from_secs(1);
@@ -27,6 +27,7 @@ const SERF_CHECK: &str = "serfHealth";
 
 pub struct LeaderWorker {
     pub node: RaftNode,
+    pub gossip: Gossip,
     pub datacenter: String,
     pub sessions: SessionTimers,
     pub health: Arc<Mutex<AutopilotHealth>>,
@@ -66,14 +67,11 @@ impl LeaderWorker {
             let t = tenure.get_or_insert_with(|| {
                 info!("leader duties started");
                 self.sessions.clear();
-                Tenure {
-                    since: Instant::now(),
-                    stable_since: HashMap::new(),
-                }
+                Tenure { since: Instant::now(), stable_since: HashMap::new() }
             });
             self.seed_autopilot().await;
             let alive = self.liveness(t.since);
-            self.reconcile_servers(&alive).await;
+            self.reconcile_members(&alive).await;
             self.expire_sessions().await;
             self.autopilot(&alive, t).await;
         }
@@ -81,65 +79,68 @@ impl LeaderWorker {
 
     /// Which servers answer the leader. Right after taking office nobody has had the chance
     /// to, so everyone counts as alive for the first period.
+    /// Which servers are alive: as gossip sees them, or, for a server gossip does not know
+    /// (yet), whether it answers the leader's RPCs. Right after taking office nobody has had
+    /// the chance to answer, so the unknown count as alive for the first period.
     fn liveness(&self, since: Instant) -> HashMap<NodeId, bool> {
         let grace = since.elapsed() < SERVER_FAILED_AFTER;
+        let gossip: HashMap<String, MemberStatus> = self.gossip.members().into_iter().map(|m| (m.name, m.status)).collect();
         self.node
             .members()
             .into_iter()
-            .map(|(id, _, _)| {
-                let alive = id == self.node.id
-                    || grace
-                    || self
-                        .node
-                        .contacts
-                        .since(id)
-                        .is_some_and(|d| d < SERVER_FAILED_AFTER);
+            .map(|(id, n, _)| {
+                let alive = match gossip.get(&n.name) {
+                    _ if id == self.node.id => true,
+                    Some(status) => *status == MemberStatus::Alive,
+                    None => grace || self.node.contacts.since(id).is_some_and(|d| d < SERVER_FAILED_AFTER),
+                };
                 (id, alive)
             })
             .collect()
     }
 
-    async fn reconcile_servers(&self, alive: &HashMap<NodeId, bool>) {
-        let members = self.node.members();
+    /// Make the catalog's nodes and `serfHealth` checks follow membership: servers from the
+    /// Raft configuration, every other node from LAN gossip.
+    async fn reconcile_members(&self, alive: &HashMap<NodeId, bool>) {
+        let servers = self.node.members();
+        let members = self.gossip.members();
         let mut writes = Vec::new();
         {
             let store = self.node.store.read().expect("state lock");
             let d = store.data();
-            for (id, server, _) in &members {
-                let reg = server_registration(
-                    server,
-                    &self.datacenter,
-                    alive.get(id).copied().unwrap_or(true),
-                );
-                let node_ok = d
-                    .nodes
-                    .get(&server.name)
-                    .is_some_and(|n| n.address == reg.node.address && n.id == reg.node.id);
-                let svc_ok = d
-                    .services
-                    .get(&(server.name.clone(), SERVER_SERVICE.into()))
-                    .is_some_and(|s| Some(s.port) == reg.service.as_ref().map(|r| r.port));
-                let check_ok = d
-                    .checks
-                    .get(&(server.name.clone(), SERF_CHECK.into()))
-                    .is_some_and(|c| c.status == reg.checks[0].status);
+            let mut wanted: Vec<Registration> =
+                servers.iter().map(|(id, server, _)| server_registration(server, &self.datacenter, alive.get(id).copied().unwrap_or(true))).collect();
+            let server_names: BTreeSet<&str> = servers.iter().map(|(_, n, _)| n.name.as_str()).collect();
+            for m in members
+                .iter()
+                .filter(|m| m.tags.get("dc").map(String::as_str) == Some(self.datacenter.as_str()) && !server_names.contains(m.name.as_str()))
+            {
+                match m.status {
+                    MemberStatus::Left => {
+                        if d.nodes.contains_key(&m.name) {
+                            writes.push(Command::Deregister { node: m.name.clone(), service_id: None, check_id: None });
+                        }
+                    }
+                    status => wanted.push(client_registration(m, &self.datacenter, status == MemberStatus::Alive)),
+                }
+            }
+            for reg in wanted {
+                let name = &reg.node.node;
+                let node_ok = d.nodes.get(name).is_some_and(|n| n.address == reg.node.address && n.id == reg.node.id);
+                let svc_ok = match &reg.service {
+                    Some(s) => d.services.get(&(name.clone(), s.id.clone())).is_some_and(|r| r.port == s.port),
+                    None => true,
+                };
+                let check_ok = d.checks.get(&(name.clone(), SERF_CHECK.into())).is_some_and(|c| c.status == reg.checks[0].status);
                 if !(node_ok && svc_ok && check_ok) {
                     writes.push(Command::Register(reg));
                 }
             }
-            // Servers that left the configuration leave the catalog too.
-            let names: BTreeSet<&str> = members.iter().map(|(_, n, _)| n.name.as_str()).collect();
-            for ((node, sid), _) in d
-                .services
-                .iter()
-                .filter(|(_, s)| s.service == SERVER_SERVICE)
-            {
-                if sid == SERVER_SERVICE && !names.contains(node.as_str()) {
-                    writes.push(Command::Deregister {
-                        node: node.clone(),
-                        service_id: None,
-                        check_id: None,
-                    });
+            // Nodes gossip no longer knows (reaped, or forced out) leave the catalog.
+            let known: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).chain(server_names.iter().copied()).collect();
+            for ((node, cid), _) in d.checks.iter().filter(|((_, cid), _)| cid == SERF_CHECK) {
+                if cid == SERF_CHECK && !known.contains(node.as_str()) {
+                    writes.push(Command::Deregister { node: node.clone(), service_id: None, check_id: None });
                 }
             }
         }
@@ -151,22 +152,10 @@ impl LeaderWorker {
     }
 
     async fn seed_autopilot(&self) {
-        if self
-            .node
-            .store
-            .read()
-            .expect("state lock")
-            .data()
-            .autopilot
-            .modify_index
-            != 0
-        {
+        if self.node.store.read().expect("state lock").data().autopilot.modify_index != 0 {
             return;
         }
-        let cmd = Command::AutopilotSetConfig {
-            config: self.autopilot.clone(),
-            cas: Some(0),
-        };
+        let cmd = Command::AutopilotSetConfig { config: self.autopilot.clone(), cas: Some(0) };
         if let Err(e) = self.node.write(cmd).await {
             warn!(error = %e, "storing the configured autopilot settings failed");
         }
@@ -175,12 +164,7 @@ impl LeaderWorker {
     async fn expire_sessions(&self) {
         let live: Vec<(String, Duration)> = {
             let store = self.node.store.read().expect("state lock");
-            store
-                .data()
-                .sessions
-                .values()
-                .filter_map(|s| parse_ttl(&s.ttl).ok().flatten().map(|t| (s.id.clone(), t)))
-                .collect()
+            store.data().sessions.values().filter_map(|s| parse_ttl(&s.ttl).ok().flatten().map(|t| (s.id.clone(), t))).collect()
         };
         for id in self.sessions.expired(&live) {
             info!(session = %id, "session TTL expired");
@@ -191,49 +175,21 @@ impl LeaderWorker {
     }
 
     async fn autopilot(&self, alive: &HashMap<NodeId, bool>, t: &mut Tenure) {
-        let cfg = self
-            .node
-            .store
-            .read()
-            .expect("state lock")
-            .data()
-            .autopilot
-            .clone();
-        let threshold = crate::duration::parse(&cfg.last_contact_threshold)
-            .unwrap_or(Duration::from_millis(200));
+        let cfg = self.node.store.read().expect("state lock").data().autopilot.clone();
+        let threshold = crate::duration::parse(&cfg.last_contact_threshold).unwrap_or(Duration::from_millis(200));
         let m = self.node.raft.metrics().borrow().clone();
         let leader_index = m.last_log_index.unwrap_or(0);
-        let matched: HashMap<NodeId, u64> = m
-            .replication
-            .as_ref()
-            .map(|r| {
-                r.iter()
-                    .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let matched: HashMap<NodeId, u64> =
+            m.replication.as_ref().map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect()).unwrap_or_default();
         let members = self.node.members();
         let mut servers = Vec::new();
         for (id, n, voter) in &members {
             let is_self = *id == self.node.id;
-            let contact = if is_self {
-                Some(Duration::ZERO)
-            } else {
-                self.node.contacts.since(*id)
-            };
-            let last_index = if is_self {
-                leader_index
-            } else {
-                matched.get(id).copied().unwrap_or(0)
-            };
+            let contact = if is_self { Some(Duration::ZERO) } else { self.node.contacts.since(*id) };
+            let last_index = if is_self { leader_index } else { matched.get(id).copied().unwrap_or(0) };
             let up = alive.get(id).copied().unwrap_or(false);
-            let healthy = up
-                && contact.is_some_and(|c| c <= threshold.max(TICK))
-                && leader_index.saturating_sub(last_index) <= cfg.max_trailing_logs;
-            let entry = t
-                .stable_since
-                .entry(*id)
-                .or_insert((healthy, SystemTime::now()));
+            let healthy = up && contact.is_some_and(|c| c <= threshold.max(TICK)) && leader_index.saturating_sub(last_index) <= cfg.max_trailing_logs;
+            let entry = t.stable_since.entry(*id).or_insert((healthy, SystemTime::now()));
             if entry.0 != healthy {
                 *entry = (healthy, SystemTime::now());
             }
@@ -244,9 +200,7 @@ impl LeaderWorker {
                 serf_status: if up { "alive" } else { "failed" }.into(),
                 version: crate::api::version().into(),
                 leader: is_self,
-                last_contact: contact
-                    .map(crate::duration::format)
-                    .unwrap_or_else(|| "never".into()),
+                last_contact: contact.map(crate::duration::format).unwrap_or_else(|| "never".into()),
                 last_term: m.current_term,
                 last_index,
                 healthy,
@@ -256,67 +210,52 @@ impl LeaderWorker {
         }
         let voters = servers.iter().filter(|s| s.voter).count();
         let healthy_voters = servers.iter().filter(|s| s.voter && s.healthy).count();
-        *self.health.lock().expect("autopilot lock") = AutopilotHealth {
-            healthy: servers.iter().all(|s| s.healthy),
-            failure_tolerance: healthy_voters.saturating_sub(voters / 2 + 1),
-            servers,
-        };
+        *self.health.lock().expect("autopilot lock") =
+            AutopilotHealth { healthy: servers.iter().all(|s| s.healthy), failure_tolerance: healthy_voters.saturating_sub(voters / 2 + 1), servers };
         if !cfg.cleanup_dead_servers {
             return;
         }
-        let failed: BTreeSet<NodeId> = members
-            .iter()
-            .filter(|(id, _, v)| *v && !alive.get(id).copied().unwrap_or(true))
-            .map(|(id, _, _)| *id)
-            .collect();
+        let failed: BTreeSet<NodeId> =
+            members.iter().filter(|(id, _, v)| *v && !alive.get(id).copied().unwrap_or(true)).map(|(id, _, _)| *id).collect();
         let remaining = voters - failed.len();
         // Only remove what leaves a majority of the old configuration and the operator's floor.
         if failed.is_empty() || remaining <= voters / 2 || (remaining as u64) < cfg.min_quorum {
             return;
         }
         info!(servers = ?failed, "autopilot removing failed servers");
-        if let Err(e) = self
-            .node
-            .raft
-            .change_membership(ChangeMembers::RemoveVoters(failed), false)
-            .await
-        {
+        if let Err(e) = self.node.raft.change_membership(ChangeMembers::RemoveVoters(failed), false).await {
             warn!(error = %e, "autopilot could not remove failed servers");
         }
     }
 }
 
-fn server_registration(server: &ServerNode, dc: &str, alive: bool) -> Registration {
-    let addr: Option<SocketAddr> = server.socket_addr();
-    let (ip, port) = addr
-        .map(|a| (a.ip().to_string(), a.port()))
-        .unwrap_or_default();
-    let (status, output) = if alive {
-        (CheckStatus::Passing, "Agent alive and reachable")
-    } else {
-        (CheckStatus::Critical, "Agent not live or unreachable")
-    };
+fn serf_check(alive: bool) -> HealthCheck {
+    let (status, output) =
+        if alive { (CheckStatus::Passing, "Agent alive and reachable") } else { (CheckStatus::Critical, "Agent not live or unreachable") };
+    HealthCheck { check_id: SERF_CHECK.into(), name: "Serf Health Status".into(), status, output: output.into(), ..Default::default() }
+}
+
+fn client_registration(m: &Member, dc: &str, alive: bool) -> Registration {
     Registration {
         node: Node {
-            id: server.id.clone(),
-            node: server.name.clone(),
-            address: ip,
+            id: m.tags.get("id").cloned().unwrap_or_default(),
+            node: m.name.clone(),
+            address: m.addr.ip().to_string(),
             datacenter: dc.into(),
             ..Default::default()
         },
-        service: Some(Service {
-            id: SERVER_SERVICE.into(),
-            service: SERVER_SERVICE.into(),
-            port,
-            ..Default::default()
-        }),
-        checks: vec![HealthCheck {
-            check_id: SERF_CHECK.into(),
-            name: "Serf Health Status".into(),
-            status,
-            output: output.into(),
-            ..Default::default()
-        }],
+        service: None,
+        checks: vec![serf_check(alive)],
+        skip_node_update: false,
+    }
+}
+
+fn server_registration(server: &ServerNode, dc: &str, alive: bool) -> Registration {
+    let (ip, port) = server.socket_addr().map(|a| (a.ip().to_string(), a.port())).unwrap_or_default();
+    Registration {
+        node: Node { id: server.id.clone(), node: server.name.clone(), address: ip, datacenter: dc.into(), ..Default::default() },
+        service: Some(Service { id: SERVER_SERVICE.into(), service: SERVER_SERVICE.into(), port, ..Default::default() }),
+        checks: vec![serf_check(alive)],
         skip_node_update: false,
     }
 }

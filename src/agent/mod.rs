@@ -7,6 +7,8 @@
 pub mod cluster;
 pub mod join;
 pub mod leader;
+pub mod local;
+pub mod ops;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,12 +27,15 @@ use crate::consensus::node::{ClusterReply, ClusterRpc, RaftNode};
 use crate::consensus::state_machine::StateMachine;
 use crate::consensus::storage::Storage;
 use crate::consensus::{Raft, ServerNode, raft_config};
+use crate::membership::{self, Gossip};
 use crate::rpc::{RpcClient, RpcServer, Service};
 use crate::state::Store;
 use crate::tls::{self, CertKind, TlsMaterial};
 
 /// How long in-flight HTTP requests get to finish at shutdown.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a graceful leave may take to reach the gossip pool.
+const LEAVE_DEADLINE: Duration = Duration::from_secs(3);
 /// How long a departing leader waits for a successor.
 const HANDOVER_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -38,27 +43,24 @@ const HANDOVER_DEADLINE: Duration = Duration::from_secs(5);
 pub enum AgentError {
     #[error("data_dir {path}: {error}")]
     DataDir { path: String, error: std::io::Error },
-    #[error("tls: {0}")]
+    #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("storage: {0}")]
     Storage(String),
     #[error("cannot listen on {what} address {addr}: {error}")]
-    Bind {
-        what: &'static str,
-        addr: std::net::SocketAddr,
-        error: std::io::Error,
-    },
+    Bind { what: &'static str, addr: std::net::SocketAddr, error: std::io::Error },
     #[error("raft: {0}")]
     Raft(String),
+    #[error("gossip: {0}")]
+    Gossip(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// This node's identity, created once and kept in the data dir.
 fn node_identity(data_dir: &Path) -> Result<(String, u64), AgentError> {
     let path = data_dir.join("node-id");
-    let err = |error| AgentError::DataDir {
-        path: path.display().to_string(),
-        error,
-    };
+    let err = |error| AgentError::DataDir { path: path.display().to_string(), error };
     let id = match std::fs::read_to_string(&path) {
         Ok(s) if uuid::Uuid::parse_str(s.trim()).is_ok() => s.trim().to_string(),
         _ => {
@@ -76,32 +78,12 @@ fn node_identity(data_dir: &Path) -> Result<(String, u64), AgentError> {
 /// Dev mode makes its own CA and server certificate, kept in the data dir.
 fn dev_tls(cfg: &Config) -> Result<TlsMaterial, AgentError> {
     let dir = cfg.data_dir.join("tls");
-    std::fs::create_dir_all(&dir).map_err(|error| AgentError::DataDir {
-        path: dir.display().to_string(),
-        error,
-    })?;
-    let (ca, ca_key, cert, key) = (
-        dir.join(tls::CA_CERT_FILE),
-        dir.join(tls::CA_KEY_FILE),
-        dir.join("server.pem"),
-        dir.join("server-key.pem"),
-    );
+    std::fs::create_dir_all(&dir).map_err(|error| AgentError::DataDir { path: dir.display().to_string(), error })?;
+    let (ca, ca_key, cert, key) = (dir.join(tls::CA_CERT_FILE), dir.join(tls::CA_KEY_FILE), dir.join("server.pem"), dir.join("server-key.pem"));
     if !(ca.exists() && cert.exists() && key.exists()) {
         let (ca_pem, ca_key_pem) = tls::create_ca(&cfg.domain)?;
-        let (c, k) = tls::create_cert(
-            &ca_pem,
-            &ca_key_pem,
-            CertKind::Server,
-            &cfg.datacenter,
-            &cfg.domain,
-            &[],
-        )?;
-        for (p, t) in [
-            (&ca, &ca_pem),
-            (&ca_key, &ca_key_pem),
-            (&cert, &c),
-            (&key, &k),
-        ] {
+        let (c, k) = tls::create_cert(&ca_pem, &ca_key_pem, CertKind::Server, &cfg.datacenter, &cfg.domain, &[])?;
+        for (p, t) in [(&ca, &ca_pem), (&ca_key, &ca_key_pem), (&cert, &c), (&key, &k)] {
             tls::write(p, t)?;
         }
     }
@@ -109,93 +91,124 @@ fn dev_tls(cfg: &Config) -> Result<TlsMaterial, AgentError> {
 }
 
 pub struct Agent {
-    node: RaftNode,
-    storage: Storage,
+    node: Option<RaftNode>,
+    reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    storage: Option<Storage>,
+    gossip: Gossip,
     tasks: JoinSet<&'static str>,
     shutdown: CancellationToken,
     http_addr: std::net::SocketAddr,
-    rpc_addr: std::net::SocketAddr,
+}
+
+/// The server-only parts: Raft on sled, and the RPC listener other agents call.
+struct ServerParts {
+    node: RaftNode,
+    storage: Storage,
+    rpc_listener: TcpListener,
+}
+
+async fn start_server(cfg: &Config, material: &TlsMaterial, node_uuid: &str, raft_id: u64, client: &RpcClient) -> Result<ServerParts, AgentError> {
+    let dd = &cfg.data_dir;
+    let rpc_listener =
+        TcpListener::bind(cfg.rpc_addr()).await.map_err(|error| AgentError::Bind { what: "server RPC", addr: cfg.rpc_addr(), error })?;
+    let rpc_addr = rpc_listener.local_addr().map_err(|error| AgentError::Bind { what: "server RPC", addr: cfg.rpc_addr(), error })?;
+    let storage = Storage::open(&dd.join("raft")).map_err(|e| AgentError::Storage(e.to_string()))?;
+    let store = Arc::new(RwLock::new(Store::new()));
+    let sm = StateMachine::open(storage.clone(), store.clone()).map_err(|e| AgentError::Storage(e.to_string()))?;
+    let log = LogStore::new(storage.clone());
+    let contacts = ContactLog::default();
+    let network = Network { client: client.clone(), contacts: contacts.clone() };
+    let rcfg = raft_config(&cfg.raft).map_err(|e| AgentError::Raft(e.to_string()))?;
+    let raft = Raft::new(raft_id, Arc::new(rcfg), network, log, sm).await.map_err(|e| AgentError::Raft(e.to_string()))?;
+    let me = ServerNode { id: node_uuid.to_string(), name: cfg.node_name.clone(), rpc_addr: rpc_addr.to_string() };
+    let _ = material;
+    Ok(ServerParts { node: RaftNode { id: raft_id, me, raft, store, rpc: client.clone(), contacts }, storage, rpc_listener })
 }
 
 impl Agent {
-    /// Build and start every part of a server agent.
+    /// Build and start every part of an agent: a server with `cfg.server`, else a client.
     pub async fn start(cfg: Config) -> Result<Agent, AgentError> {
         let dd = &cfg.data_dir;
-        std::fs::create_dir_all(dd).map_err(|error| AgentError::DataDir {
-            path: dd.display().to_string(),
-            error,
-        })?;
+        std::fs::create_dir_all(dd).map_err(|error| AgentError::DataDir { path: dd.display().to_string(), error })?;
         let material = match &cfg.tls {
             Some(f) => TlsMaterial::load(&f.ca_file, &f.cert_file, &f.key_file)?,
             None => dev_tls(&cfg)?,
         };
         let (node_uuid, raft_id) = node_identity(dd)?;
-
-        let rpc_listener =
-            TcpListener::bind(cfg.rpc_addr())
-                .await
-                .map_err(|error| AgentError::Bind {
-                    what: "server RPC",
-                    addr: cfg.rpc_addr(),
-                    error,
-                })?;
-        let rpc_addr = rpc_listener
-            .local_addr()
-            .map_err(|error| AgentError::Bind {
-                what: "server RPC",
-                addr: cfg.rpc_addr(),
-                error,
-            })?;
+        let client = RpcClient::new(material.client_config()?, tls::rpc_server_name(&cfg.datacenter, &cfg.domain));
         let http_listener =
-            TcpListener::bind(cfg.http_addr())
-                .await
-                .map_err(|error| AgentError::Bind {
-                    what: "HTTP",
-                    addr: cfg.http_addr(),
-                    error,
-                })?;
-        let http_addr = http_listener
-            .local_addr()
-            .map_err(|error| AgentError::Bind {
-                what: "HTTP",
-                addr: cfg.http_addr(),
-                error,
-            })?;
-
-        let storage =
-            Storage::open(&dd.join("raft")).map_err(|e| AgentError::Storage(e.to_string()))?;
-        let store = Arc::new(RwLock::new(Store::new()));
-        let sm = StateMachine::open(storage.clone(), store.clone())
-            .map_err(|e| AgentError::Storage(e.to_string()))?;
-        let log = LogStore::new(storage.clone());
-        let server_name = tls::server_name(&cfg.datacenter, &cfg.domain);
-        let client = RpcClient::new(
-            material.client_config()?,
-            tls::rpc_server_name(&cfg.datacenter, &cfg.domain),
-        );
-        let contacts = ContactLog::default();
-        let network = Network {
-            client: client.clone(),
-            contacts: contacts.clone(),
+            TcpListener::bind(cfg.http_addr()).await.map_err(|error| AgentError::Bind { what: "HTTP", addr: cfg.http_addr(), error })?;
+        let http_addr = http_listener.local_addr().map_err(|error| AgentError::Bind { what: "HTTP", addr: cfg.http_addr(), error })?;
+        let server = if cfg.server { Some(start_server(&cfg, &material, &node_uuid, raft_id, &client).await?) } else { None };
+        let rpc_addr = match &server {
+            Some(s) => s.rpc_listener.local_addr().map_err(|error| AgentError::Bind { what: "server RPC", addr: cfg.rpc_addr(), error })?,
+            None => cfg.rpc_addr(),
         };
-        let rcfg = raft_config(&cfg.raft).map_err(|e| AgentError::Raft(e.to_string()))?;
-        let raft = Raft::new(raft_id, Arc::new(rcfg), network, log, sm)
-            .await
-            .map_err(|e| AgentError::Raft(e.to_string()))?;
-        let me = ServerNode {
-            id: node_uuid.clone(),
+
+        let mut tags = std::collections::BTreeMap::from([
+            ("role".to_string(), if cfg.server { "consul" } else { "node" }.to_string()),
+            ("dc".to_string(), cfg.datacenter.clone()),
+            ("id".to_string(), node_uuid.clone()),
+            ("build".to_string(), api::version().to_string()),
+            ("vsn".to_string(), "2".to_string()),
+        ]);
+        if cfg.server {
+            tags.insert("port".into(), rpc_addr.port().to_string());
+            tags.insert("expect".into(), cfg.bootstrap_expect.to_string());
+        }
+        let keyring = cfg.encrypt.as_deref().map(membership::keyring::Keyring::new).transpose().map_err(|e| AgentError::Gossip(e.to_string()))?;
+        let gossip_addr = gossip_address(&cfg)?;
+        let (gossip, gossip_worker) = membership::start(membership::GossipConfig {
+            node_name: cfg.node_name.clone(),
+            bind: gossip_addr,
+            advertise: gossip_addr,
+            tags,
+            keyring,
+            profile: membership::Profile::lan(),
+            reap_failed_after: cfg.reconnect_timeout,
+        })
+        .await
+        .map_err(|e| AgentError::Gossip(e.to_string()))?;
+
+        let shutdown = CancellationToken::new();
+        let facts = local::NodeFacts {
             name: cfg.node_name.clone(),
-            rpc_addr: rpc_addr.to_string(),
+            id: node_uuid.clone(),
+            datacenter: cfg.datacenter.clone(),
+            address: cfg.bind_addr.to_string(),
+            meta: Default::default(),
+            server: cfg.server,
         };
-        let node = RaftNode {
-            id: raft_id,
-            me,
-            raft: raft.clone(),
-            store,
-            rpc: client,
-            contacts: contacts.clone(),
-        };
+        let options = local::checks::RunnerOptions { enable_script_checks: cfg.enable_script_checks, ..Default::default() };
+        let node = server.as_ref().map(|s| s.node.clone());
+        let (local_agent, updates) = local::LocalAgent::new(facts, dd.clone(), options, node.clone(), shutdown.clone());
+        for s in &cfg.services {
+            local_agent.add_service(s.clone(), false, false).map_err(|e| AgentError::Config(format!("service {s}: {e}")))?;
+        }
+        for c in &cfg.checks {
+            local_agent.add_check(c.clone(), false).map_err(|e| AgentError::Config(format!("check {c}: {e}")))?;
+        }
+        local_agent.restore();
 
+        let upstream = match &node {
+            Some(n) => local::Upstream::Raft(n.clone()),
+            None => {
+                let (g, dc) = (gossip.clone(), cfg.datacenter.clone());
+                local::Upstream::Rpc { rpc: client.clone(), servers: Arc::new(move || ops::alive_servers(&g, &dc)) }
+            }
+        };
+        let reload = reloader(&cfg, local_agent.clone());
+        let events = Arc::new(ops::EventLog::default());
+        let handle = ops::AgentHandle {
+            events: events.clone(),
+            local: local_agent.clone(),
+            gossip: gossip.clone(),
+            raft: node.clone(),
+            datacenter: cfg.datacenter.clone(),
+            serf_lan_port: cfg.serf_lan_port,
+            shutdown: shutdown.clone(),
+            reload: reload.clone(),
+        };
         let sessions = api::session::SessionTimers::default();
         let health = Arc::new(Mutex::new(api::operator::AutopilotHealth::default()));
         let ctx = Arc::new(ApiContext {
@@ -214,6 +227,8 @@ impl Agent {
                 data_dir: dd.display().to_string(),
             },
             node: node.clone(),
+            rpc: client.clone(),
+            agent: Arc::new(handle),
             sessions: sessions.clone(),
             autopilot: health.clone(),
             metrics: api::metrics::Registry::default(),
@@ -221,104 +236,107 @@ impl Agent {
         });
         let router = api::router(ctx);
 
-        let mut rpc_server = RpcServer::new(rpc_listener, material.server_config()?, server_name);
-        rpc_server.register(
-            Service::Raft,
-            Arc::new(RaftHandler {
-                raft: raft.clone(),
-                contacts,
-            }),
-        );
-        rpc_server.register(
-            Service::Cluster,
-            Arc::new(cluster::ClusterHandler {
-                node: node.clone(),
-                datacenter: cfg.datacenter.clone(),
-            }),
-        );
-        rpc_server.register(
-            Service::Http,
-            Arc::new(api::forward::HttpHandler {
-                router: router.clone(),
-            }),
-        );
-
-        let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let token = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = rpc_server.run(token).await {
-                error!(error = %e, "rpc server failed");
+            if let Err(e) = gossip_worker.run(token).await {
+                error!(error = %e, "gossip failed");
             }
-            "rpc"
+            "gossip"
         });
         let token = shutdown.clone();
+        let serve_router = router.clone();
         tasks.spawn(async move {
-            let serve =
-                axum::serve(http_listener, router).with_graceful_shutdown(token.cancelled_owned());
+            let serve = axum::serve(http_listener, serve_router).with_graceful_shutdown(token.cancelled_owned());
             if let Err(e) = serve.await {
                 error!(error = %e, "http server failed");
             }
             "http"
         });
-        let join = join::JoinWorker {
-            node: node.clone(),
-            datacenter: cfg.datacenter.clone(),
-            retry_join: cfg.retry_join.clone(),
-            default_port: cfg.server_port,
-            bootstrap_expect: cfg.bootstrap_expect,
+        tasks.spawn(local_agent.clone().run_updates(updates).map_name("check-updates"));
+        tasks.spawn(events.run(gossip.clone(), local_agent.clone(), shutdown.clone()).map_name("events"));
+        let size_gossip = gossip.clone();
+        let syncer = local::sync::SyncWorker {
+            local: local_agent,
+            upstream,
+            interval: cfg.ae_interval,
+            cluster_size: Arc::new(move || size_gossip.members().len()),
         };
-        tasks.spawn(join.run(shutdown.clone()).map_name("join"));
-        let leader = leader::LeaderWorker {
-            node: node.clone(),
-            datacenter: cfg.datacenter.clone(),
-            sessions,
-            health,
-            autopilot: cfg.autopilot.clone(),
-        };
-        tasks.spawn(leader.run(shutdown.clone()).map_name("leader"));
-        tasks.spawn(watch_fatal(raft, shutdown.clone()).map_name("raft-watch"));
+        tasks.spawn(syncer.run(shutdown.clone()).map_name("anti-entropy"));
+        let lan_join = join::GossipJoinWorker { gossip: gossip.clone(), retry_join: cfg.retry_join.clone(), default_port: cfg.serf_lan_port };
+        tasks.spawn(lan_join.run(shutdown.clone()).map_name("lan-join"));
 
-        info!(node = %cfg.node_name, dc = %cfg.datacenter, http = %http_addr, rpc = %rpc_addr, data_dir = %dd.display(), "trellis server agent running");
-        Ok(Agent {
-            node,
-            storage,
-            tasks,
-            shutdown,
-            http_addr,
-            rpc_addr,
-        })
+        let storage = match server {
+            None => None,
+            Some(ServerParts { node, storage, rpc_listener }) => {
+                let server_name = tls::server_name(&cfg.datacenter, &cfg.domain);
+                let mut rpc_server = RpcServer::new(rpc_listener, material.server_config()?, server_name);
+                rpc_server.register(Service::Raft, Arc::new(RaftHandler { raft: node.raft.clone(), contacts: node.contacts.clone() }));
+                rpc_server.register(Service::Cluster, Arc::new(cluster::ClusterHandler { node: node.clone(), datacenter: cfg.datacenter.clone() }));
+                rpc_server.register(Service::Http, Arc::new(api::forward::HttpHandler { router: router.clone() }));
+                let token = shutdown.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = rpc_server.run(token).await {
+                        error!(error = %e, "rpc server failed");
+                    }
+                    "rpc"
+                });
+                let join = join::JoinWorker {
+                    node: node.clone(),
+                    gossip: gossip.clone(),
+                    datacenter: cfg.datacenter.clone(),
+                    retry_join: cfg.retry_join.clone(),
+                    default_port: cfg.server_port,
+                    bootstrap_expect: cfg.bootstrap_expect,
+                };
+                tasks.spawn(join.run(shutdown.clone()).map_name("raft-join"));
+                let leader = leader::LeaderWorker {
+                    node: node.clone(),
+                    gossip: gossip.clone(),
+                    datacenter: cfg.datacenter.clone(),
+                    sessions,
+                    health,
+                    autopilot: cfg.autopilot.clone(),
+                };
+                tasks.spawn(leader.run(shutdown.clone()).map_name("leader"));
+                tasks.spawn(watch_fatal(node.raft.clone(), shutdown.clone()).map_name("raft-watch"));
+                Some(storage)
+            }
+        };
+
+        info!(node = %cfg.node_name, dc = %cfg.datacenter, mode = if cfg.server { "server" } else { "client" }, http = %http_addr, rpc = %rpc_addr, gossip = %gossip_addr, data_dir = %dd.display(), "trellis agent running");
+        Ok(Agent { node, reload, storage, gossip, tasks, shutdown, http_addr })
     }
 
     pub fn http_addr(&self) -> std::net::SocketAddr {
         self.http_addr
     }
 
-    pub fn rpc_addr(&self) -> std::net::SocketAddr {
-        self.rpc_addr
-    }
-
     /// Run until `stop` fires or a part fails, then shut down in order.
-    pub async fn run_until(
-        mut self,
-        stop: impl std::future::Future<Output = ()>,
-    ) -> Result<(), AgentError> {
-        let failed = tokio::select! {
-            _ = stop => None,
-            _ = self.shutdown.cancelled() => Some("shutdown requested"),
-            Some(done) = self.tasks.join_next() => Some(done.unwrap_or("a task panicked")),
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        tokio::pin!(stop);
+        let failed = loop {
+            tokio::select! {
+                _ = &mut stop => break None,
+                _ = self.shutdown.cancelled() => break Some("shutdown requested"),
+                Some(done) = self.tasks.join_next() => break Some(done.unwrap_or("a task panicked")),
+                Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    match (self.reload)() {
+                        Ok(()) => info!("configuration reloaded (SIGHUP)"),
+                        Err(e) => error!(error = %e, "reload failed; keeping the running configuration"),
+                    }
+                }
+            }
         };
-        if let Some(part) = failed {
-            error!(
-                part,
-                "a part of the agent stopped unexpectedly; shutting down"
-            );
+        match failed {
+            Some("shutdown requested") => info!("leaving on request"),
+            Some(part) => error!(part, "a part of the agent stopped unexpectedly; shutting down"),
+            None => {}
         }
         self.shutdown().await;
         match failed {
-            Some(part) if part != "shutdown requested" => {
-                Err(AgentError::Raft(format!("{part} stopped unexpectedly")))
-            }
+            Some(part) if part != "shutdown requested" => Err(AgentError::Raft(format!("{part} stopped unexpectedly"))),
             _ => Ok(()),
         }
     }
@@ -326,16 +344,24 @@ impl Agent {
     async fn shutdown(mut self) {
         info!("shutting down");
         self.handover().await;
+        // A graceful stop leaves the gossip pool, so the cluster marks us left, not failed.
+        if let Err(e) = self.gossip.leave(LEAVE_DEADLINE).await {
+            warn!(error = %e, "leaving the gossip pool failed");
+        }
         self.shutdown.cancel();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(DRAIN_DEADLINE, drain).await.is_err() {
             warn!("some tasks did not stop within the drain deadline; aborting them");
             self.tasks.abort_all();
         }
-        if let Err(e) = self.node.raft.shutdown().await {
+        if let Some(node) = &self.node
+            && let Err(e) = node.raft.shutdown().await
+        {
             warn!(error = %e, "raft shutdown");
         }
-        if let Err(e) = self.storage.flush().await {
+        if let Some(storage) = &self.storage
+            && let Err(e) = storage.flush().await
+        {
             error!(error = %e, "final storage flush failed");
         }
         info!("shutdown complete");
@@ -343,36 +369,45 @@ impl Agent {
 
     /// A leader that leaves hands over first, so the cluster does not wait out an election.
     async fn handover(&self) {
-        if !self.node.is_leader() {
+        let Some(node) = &self.node else { return };
+        if !node.is_leader() {
             return;
         }
-        let Some((_, next, _)) = self
-            .node
-            .members()
-            .into_iter()
-            .find(|(id, _, voter)| *voter && *id != self.node.id)
-        else {
-            return;
-        };
-        let Some(addr) = next.socket_addr() else {
-            return;
-        };
+        let Some((_, next, _)) = node.members().into_iter().find(|(id, _, voter)| *voter && *id != node.id) else { return };
+        let Some(addr) = next.socket_addr() else { return };
         info!(to = %next, "handing leadership over before leaving");
-        self.node.raft.runtime_config().heartbeat(false);
-        let res = self
-            .node
-            .rpc
-            .call_typed::<ClusterRpc, ClusterReply>(
-                addr,
-                Service::Cluster,
-                &ClusterRpc::Elect,
-                HANDOVER_DEADLINE,
-            )
-            .await;
+        node.raft.runtime_config().heartbeat(false);
+        let res = node.rpc.call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &ClusterRpc::Elect, HANDOVER_DEADLINE).await;
         if let Err(e) = res {
             warn!(error = %e, "leadership handover failed; the others will elect a leader");
         }
     }
+}
+
+/// The LAN gossip address; port 0 picks a free port (for tests and several dev agents on one
+/// host), found by binding a throwaway socket, since other members need the real number.
+fn gossip_address(cfg: &Config) -> Result<std::net::SocketAddr, AgentError> {
+    let addr = std::net::SocketAddr::new(cfg.bind_addr, cfg.serf_lan_port);
+    if cfg.serf_lan_port != 0 {
+        return Ok(addr);
+    }
+    let probe = std::net::UdpSocket::bind(addr).and_then(|s| s.local_addr()).map_err(|error| AgentError::Bind { what: "LAN gossip", addr, error })?;
+    Ok(probe)
+}
+
+/// What SIGHUP and `/v1/agent/reload` do: re-register the services and checks of the config
+/// files (definitions removed from the files are removed from the agent).
+fn reloader(cfg: &Config, local: local::LocalAgent) -> Arc<dyn Fn() -> Result<(), String> + Send + Sync> {
+    let (services, checks) = (cfg.services.clone(), cfg.checks.clone());
+    Arc::new(move || {
+        for s in &services {
+            local.add_service(s.clone(), false, false).map_err(|e| e.to_string())?;
+        }
+        for c in &checks {
+            local.add_check(c.clone(), false).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
 }
 
 /// A fatal Raft error stops the whole process instead of leaving it half alive.

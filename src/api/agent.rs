@@ -1,65 +1,85 @@
-//! `/v1/agent/*`: this agent's own view (self, members, metrics), answered locally.
+//! `/v1/agent/*`: this agent's own view, answered locally by servers and client agents alike.
+//!
+//! The endpoints are thin: they parse the request and call `AgentOps`, the narrow interface the
+//! agent layer implements over its local services and checks, gossip and (on servers) Raft.
 
 use axum::Router;
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
+use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
 use super::query::Params;
-use super::{Ctx, metrics, version};
-use crate::consensus::ServerNode;
-use crate::state::CheckStatus;
+use super::{ApiError, Ctx, metrics, version};
 
-/// Serf's member status codes, which Consul's API reports as numbers.
-const MEMBER_ALIVE: u8 = 1;
-const MEMBER_FAILED: u8 = 4;
-/// LAN gossip port members advertise (Consul's default).
-const SERF_LAN_PORT: u16 = 8301;
+/// What the agent endpoints need from the agent. Bodies are passed as raw JSON: the agent
+/// layer owns the service and check definitions.
+pub trait AgentOps: Send + Sync + 'static {
+    /// Gossip members as Consul's `/v1/agent/members` shows them.
+    fn members(&self, wan: bool) -> Vec<Value>;
+    /// This agent's own member entry.
+    fn member_self(&self) -> Value;
+    /// RPC addresses of the servers of this datacenter (a client forwards to them).
+    fn servers(&self) -> Vec<std::net::SocketAddr>;
+    /// Local services keyed by ID, and local checks keyed by ID.
+    fn services(&self) -> Value;
+    fn checks(&self) -> Value;
+    /// A local service with its aggregated status ("passing", "warning", "critical").
+    fn service_health(&self, id: &str) -> Option<(String, Value)>;
+    /// Every local instance of a service name with its aggregated status.
+    fn service_health_by_name(&self, name: &str) -> Vec<(String, Value)>;
+    fn register_service(&self, body: Bytes, replace_existing_checks: bool) -> BoxFuture<'_, Result<(), ApiError>>;
+    fn deregister_service(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>>;
+    fn register_check(&self, body: Bytes) -> BoxFuture<'_, Result<(), ApiError>>;
+    fn deregister_check(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>>;
+    /// Set a TTL check's status ("passing", "warning", "critical") and output.
+    fn update_ttl(&self, id: &str, status: &str, output: String) -> Result<(), ApiError>;
+    fn service_maintenance(&self, id: &str, enable: bool, reason: String) -> Result<(), ApiError>;
+    fn node_maintenance(&self, enable: bool, reason: String) -> Result<(), ApiError>;
+    fn join(&self, addr: String, wan: bool) -> BoxFuture<'_, Result<(), ApiError>>;
+    fn leave(&self) -> BoxFuture<'_, Result<(), ApiError>>;
+    fn force_leave(&self, node: &str) -> Result<(), ApiError>;
+    fn reload(&self) -> Result<(), ApiError>;
+    /// Extra `Stats` sections for `/v1/agent/self` (raft, serf, ...).
+    fn stats(&self) -> Value;
+    /// Broadcast a user event; returns it as Consul's API shows it.
+    fn fire_event(&self, name: String, payload: Vec<u8>, node: String, service: String, tag: String) -> Result<Value, ApiError>;
+    /// Recent events this agent accepted, oldest first, with the index of the newest.
+    fn events(&self) -> (Vec<Value>, u64);
+    /// Changes whenever an event is accepted (its value is the new index).
+    fn event_changes(&self) -> tokio::sync::watch::Receiver<u64>;
+}
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
         .route("/v1/agent/self", get(agent_self))
         .route("/v1/agent/members", get(members))
         .route("/v1/agent/metrics", get(metrics_handler))
-}
-
-/// A server's liveness as the leader last recorded it in the catalog (`serfHealth`).
-fn member_status(ctx: &Ctx, name: &str) -> u8 {
-    if name == ctx.info.node_name {
-        return MEMBER_ALIVE;
-    }
-    let store = ctx.node.store.read().expect("state lock");
-    match store
-        .data()
-        .checks
-        .get(&(name.to_string(), "serfHealth".to_string()))
-    {
-        Some(c) if c.status == CheckStatus::Critical => MEMBER_FAILED,
-        _ => MEMBER_ALIVE,
-    }
-}
-
-fn member_json(ctx: &Ctx, n: &ServerNode) -> Value {
-    let (addr, port) = n
-        .socket_addr()
-        .map(|a| (a.ip().to_string(), a.port()))
-        .unwrap_or_default();
-    json!({
-        "Name": n.name, "Addr": addr, "Port": SERF_LAN_PORT,
-        "Tags": {
-            "role": "consul", "dc": ctx.info.datacenter, "port": port.to_string(), "id": n.id,
-            "build": version(), "vsn": "2", "vsn_min": "2", "vsn_max": "3", "raft_vsn": "3",
-            "expect": ctx.info.bootstrap_expect.to_string(),
-        },
-        "Status": member_status(ctx, &n.name),
-        "ProtocolMin": 1, "ProtocolMax": 5, "ProtocolCur": 2, "DelegateMin": 2, "DelegateMax": 5, "DelegateCur": 4,
-    })
+        .route("/v1/agent/services", get(services))
+        .route("/v1/agent/service/{id}", get(service))
+        .route("/v1/agent/checks", get(checks))
+        .route("/v1/agent/service/register", put(register_service))
+        .route("/v1/agent/service/deregister/{id}", put(deregister_service))
+        .route("/v1/agent/check/register", put(register_check))
+        .route("/v1/agent/check/deregister/{id}", put(deregister_check))
+        .route("/v1/agent/check/pass/{id}", put(|c: State<Ctx>, p: Path<String>, q: Params| ttl(c, p, q, "passing")))
+        .route("/v1/agent/check/warn/{id}", put(|c: State<Ctx>, p: Path<String>, q: Params| ttl(c, p, q, "warning")))
+        .route("/v1/agent/check/fail/{id}", put(|c: State<Ctx>, p: Path<String>, q: Params| ttl(c, p, q, "critical")))
+        .route("/v1/agent/check/update/{id}", put(ttl_update))
+        .route("/v1/agent/service/maintenance/{id}", put(service_maintenance))
+        .route("/v1/agent/maintenance", put(node_maintenance))
+        .route("/v1/agent/health/service/id/{id}", get(health_by_id))
+        .route("/v1/agent/health/service/name/{name}", get(health_by_name))
+        .route("/v1/agent/join/{addr}", put(join))
+        .route("/v1/agent/leave", put(leave))
+        .route("/v1/agent/force-leave/{node}", put(force_leave))
+        .route("/v1/agent/reload", put(reload))
 }
 
 async fn agent_self(State(ctx): State<Ctx>) -> Response {
-    let m = ctx.node.raft.metrics().borrow().clone();
-    let leader = ctx.node.leader();
     let info = &ctx.info;
     let body = json!({
         "Config": {
@@ -75,63 +95,162 @@ async fn agent_self(State(ctx): State<Ctx>) -> Response {
             "DNSPort": info.dns_port.map(i64::from).unwrap_or(-1),
         },
         "Coord": null,
-        "Member": member_json(&ctx, &ctx.node.me),
-        "Stats": {
-            "agent": { "checks": "0", "services": "0" },
-            "consul": {
-                "server": info.server.to_string(),
-                "leader": (leader.as_ref().map(|l| l.0) == Some(ctx.node.id)).to_string(),
-                "leader_addr": leader.as_ref().map(|l| l.1.rpc_addr.clone()).unwrap_or_default(),
-                "bootstrap": (info.bootstrap_expect == 1).to_string(),
-                "known_datacenters": "1",
-            },
-            "raft": {
-                "state": format!("{:?}", m.state),
-                "term": m.current_term.to_string(),
-                "last_log_index": m.last_log_index.unwrap_or(0).to_string(),
-                "applied_index": m.last_applied.map(|l| l.index).unwrap_or(0).to_string(),
-                "last_snapshot_index": m.snapshot.map(|l| l.index).unwrap_or(0).to_string(),
-                "num_peers": m.membership_config.membership().voter_ids().filter(|id| *id != ctx.node.id).count().to_string(),
-            },
-            "build": { "version": version(), "prerelease": "", "revision": "" },
-        },
+        "Member": ctx.agent.member_self(),
+        "Stats": ctx.agent.stats(),
         "Meta": {},
     });
     axum::Json(body).into_response()
 }
 
 async fn members(State(ctx): State<Ctx>, p: Params) -> Response {
-    if p.flag("wan") {
-        // Federation arrives with WAN gossip; until then the WAN pool is this datacenter's
-        // servers, named `node.dc` as Consul shows them.
-        let list: Vec<Value> = ctx
-            .node
-            .members()
-            .iter()
-            .map(|(_, n, _)| {
-                let mut m = member_json(&ctx, n);
-                m["Name"] = json!(format!("{}.{}", n.name, ctx.info.datacenter));
-                m
-            })
-            .collect();
-        return axum::Json(list).into_response();
-    }
-    let list: Vec<Value> = ctx
-        .node
-        .members()
-        .iter()
-        .map(|(_, n, _)| member_json(&ctx, n))
-        .collect();
-    axum::Json(list).into_response()
+    axum::Json(ctx.agent.members(p.flag("wan"))).into_response()
 }
 
 async fn metrics_handler(State(ctx): State<Ctx>, p: Params) -> Response {
     if p.get("format") == Some("prometheus") {
-        return (
-            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-            metrics::render_prometheus(&ctx),
-        )
-            .into_response();
+        return ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], metrics::render_prometheus(&ctx)).into_response();
     }
     axum::Json(metrics::render_json(&ctx)).into_response()
+}
+
+async fn services(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    let all = ctx.agent.services();
+    let Some(expr) = p.filter() else { return Ok(axum::Json(all).into_response()) };
+    let filter = super::filter::Filter::parse(expr)?;
+    let mut kept = serde_json::Map::new();
+    for (id, svc) in all.as_object().cloned().unwrap_or_default() {
+        if filter.matches(&svc)? {
+            kept.insert(id, svc);
+        }
+    }
+    Ok(axum::Json(Value::Object(kept)).into_response())
+}
+
+async fn service(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let all = ctx.agent.services();
+    let svc = all.get(&id).cloned().ok_or_else(|| ApiError::NotFound(format!("unknown service ID: {id}")))?;
+    Ok(axum::Json(svc).into_response())
+}
+
+async fn checks(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    let all = ctx.agent.checks();
+    let Some(expr) = p.filter() else { return Ok(axum::Json(all).into_response()) };
+    let filter = super::filter::Filter::parse(expr)?;
+    let mut kept = serde_json::Map::new();
+    for (id, c) in all.as_object().cloned().unwrap_or_default() {
+        if filter.matches(&c)? {
+            kept.insert(id, c);
+        }
+    }
+    Ok(axum::Json(Value::Object(kept)).into_response())
+}
+
+async fn register_service(State(ctx): State<Ctx>, p: Params, body: Bytes) -> Result<Response, ApiError> {
+    ctx.agent.register_service(body, p.flag("replace-existing-checks")).await?;
+    Ok(().into_response())
+}
+
+async fn deregister_service(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    ctx.agent.deregister_service(id).await?;
+    Ok(().into_response())
+}
+
+async fn register_check(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
+    ctx.agent.register_check(body).await?;
+    Ok(().into_response())
+}
+
+async fn deregister_check(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    ctx.agent.deregister_check(id).await?;
+    Ok(().into_response())
+}
+
+async fn ttl(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params, status: &str) -> Result<Response, ApiError> {
+    ctx.agent.update_ttl(&id, status, p.get("note").unwrap_or("").to_string())?;
+    Ok(().into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct TtlUpdate {
+    status: String,
+    output: String,
+}
+
+async fn ttl_update(State(ctx): State<Ctx>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let u: TtlUpdate = super::error::decode(&body)?;
+    let status = match u.status.as_str() {
+        "passing" | "warning" | "critical" => u.status.as_str(),
+        other => return Err(ApiError::BadRequest(format!("Invalid check status: {other:?}"))),
+    };
+    ctx.agent.update_ttl(&id, status, u.output)?;
+    Ok(().into_response())
+}
+
+fn enable_flag(p: &Params) -> Result<bool, ApiError> {
+    match p.get("enable") {
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(ApiError::BadRequest(format!("Invalid value for \"enable\": {other:?}"))),
+        None => Err(ApiError::BadRequest("Missing value for enable".into())),
+    }
+}
+
+async fn service_maintenance(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params) -> Result<Response, ApiError> {
+    ctx.agent.service_maintenance(&id, enable_flag(&p)?, p.get("reason").unwrap_or("").to_string())?;
+    Ok(().into_response())
+}
+
+async fn node_maintenance(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    ctx.agent.node_maintenance(enable_flag(&p)?, p.get("reason").unwrap_or("").to_string())?;
+    Ok(().into_response())
+}
+
+/// Consul's agent health endpoints: 200 passing, 429 warning, 503 critical, with the status
+/// as plain text or the service(s) as JSON (`?format=text`).
+fn health_reply(status: &str, body: Value, text: bool) -> Response {
+    let code = match status {
+        "passing" => StatusCode::OK,
+        "warning" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    if text {
+        return (code, status.to_string()).into_response();
+    }
+    (code, axum::Json(body)).into_response()
+}
+
+async fn health_by_id(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let (status, svc) = ctx.agent.service_health(&id).ok_or_else(|| ApiError::NotFound(format!("ServiceId {id} not found")))?;
+    Ok(health_reply(&status, json!({ "AggregatedStatus": status, "Service": svc, "Checks": [] }), p.get("format") == Some("text")))
+}
+
+async fn health_by_name(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let all = ctx.agent.service_health_by_name(&name);
+    if all.is_empty() {
+        return Err(ApiError::NotFound(format!("ServiceName {name} Not Found")));
+    }
+    let worst = ["critical", "warning", "passing"].into_iter().find(|s| all.iter().any(|(st, _)| st == s)).unwrap_or("passing");
+    let body: Vec<Value> = all.into_iter().map(|(st, svc)| json!({ "AggregatedStatus": st, "Service": svc, "Checks": [] })).collect();
+    Ok(health_reply(worst, Value::Array(body), p.get("format") == Some("text")))
+}
+
+async fn join(State(ctx): State<Ctx>, Path(addr): Path<String>, p: Params) -> Result<Response, ApiError> {
+    ctx.agent.join(addr, p.flag("wan")).await?;
+    Ok(().into_response())
+}
+
+async fn leave(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    ctx.agent.leave().await?;
+    Ok(().into_response())
+}
+
+async fn force_leave(State(ctx): State<Ctx>, Path(node): Path<String>) -> Result<Response, ApiError> {
+    ctx.agent.force_leave(&node)?;
+    Ok(().into_response())
+}
+
+async fn reload(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    ctx.agent.reload()?;
+    Ok(().into_response())
 }

@@ -14,10 +14,7 @@ use super::error::decode;
 use super::query::{Meta, Params, blocking, filtered, reply};
 use super::{ApiError, Ctx};
 use crate::state::catalog::{ServiceInstance, ServiceQuery};
-use crate::state::{
-    CheckStatus, Command, HealthCheck, Node, Outcome, Registration, Service, ServiceAddress, Table,
-    Weights,
-};
+use crate::state::{CheckStatus, Command, HealthCheck, Node, Outcome, Registration, Service, ServiceAddress, Table, Weights};
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
@@ -96,8 +93,7 @@ struct RegisterBody {
 }
 
 fn port(key: &str, p: i64) -> Result<u16, ApiError> {
-    u16::try_from(p)
-        .map_err(|_| ApiError::BadRequest(format!("Invalid {key}: {p} is not a port number")))
+    u16::try_from(p).map_err(|_| ApiError::BadRequest(format!("Invalid {key}: {p} is not a port number")))
 }
 
 impl ServiceBody {
@@ -106,32 +102,17 @@ impl ServiceBody {
             .tagged_addresses
             .unwrap_or_default()
             .into_iter()
-            .map(|(k, a)| {
-                Ok((
-                    k.clone(),
-                    ServiceAddress {
-                        address: a.address,
-                        port: port(&format!("TaggedAddresses.{k}.Port"), a.port)?,
-                    },
-                ))
-            })
+            .map(|(k, a)| Ok((k.clone(), ServiceAddress { address: a.address, port: port(&format!("TaggedAddresses.{k}.Port"), a.port)? })))
             .collect::<Result<_, ApiError>>()?;
         let weights = match self.weights {
             None => Weights::default(),
             Some(w) if w.passing < 1 => {
-                return Err(ApiError::BadRequest(
-                    "Passing must be greater than 0".into(),
-                ));
+                return Err(ApiError::BadRequest("Passing must be greater than 0".into()));
             }
             Some(w) if w.warning < 0 => {
-                return Err(ApiError::BadRequest(
-                    "Warning must be greater or equal than 0".into(),
-                ));
+                return Err(ApiError::BadRequest("Warning must be greater or equal than 0".into()));
             }
-            Some(w) => Weights {
-                passing: w.passing,
-                warning: w.warning,
-            },
+            Some(w) => Weights { passing: w.passing, warning: w.warning },
         };
         Ok(Service {
             kind: self.kind,
@@ -154,8 +135,7 @@ impl CheckBody {
     pub fn into_check(self) -> Result<HealthCheck, ApiError> {
         let status = match self.status.as_str() {
             "" => CheckStatus::Critical,
-            s => CheckStatus::parse(s)
-                .ok_or_else(|| ApiError::BadRequest(format!("Invalid check status: {s:?}")))?,
+            s => CheckStatus::parse(s).ok_or_else(|| ApiError::BadRequest(format!("Invalid check status: {s:?}")))?,
         };
         Ok(HealthCheck {
             node: self.node,
@@ -203,7 +183,7 @@ async fn register(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiEr
         checks,
         skip_node_update: b.skip_node_update,
     };
-    let (outcome, index) = ctx.node.write(Command::Register(reg)).await?;
+    let (outcome, index) = ctx.raft()?.write(Command::Register(reg)).await?;
     accepted(outcome)?;
     Ok(write_reply(&ctx, index, true))
 }
@@ -228,14 +208,8 @@ async fn deregister(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, Api
         return Err(ApiError::NoPathToDatacenter);
     }
     let some = |s: String| if s.is_empty() { None } else { Some(s) };
-    let (outcome, index) = ctx
-        .node
-        .write(Command::Deregister {
-            node: b.node,
-            service_id: some(b.service_id),
-            check_id: some(b.check_id),
-        })
-        .await?;
+    let (outcome, index) =
+        ctx.raft()?.write(Command::Deregister { node: b.node, service_id: some(b.service_id), check_id: some(b.check_id) }).await?;
     accepted(outcome)?;
     Ok(write_reply(&ctx, index, true))
 }
@@ -262,10 +236,7 @@ async fn nodes(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> 
     let dc = ctx.info.datacenter.clone();
     let (list, meta) = blocking(&ctx, &p, &[Table::Nodes], |d| {
         let (nodes, idx) = d.node_list(&meta_filter);
-        Ok((
-            nodes.iter().map(|n| node_json(n, &dc)).collect::<Vec<_>>(),
-            idx,
-        ))
+        Ok((nodes.iter().map(|n| node_json(n, &dc)).collect::<Vec<_>>(), idx))
     })
     .await?;
     Ok(reply(&meta, &filtered(&p, &list)?))
@@ -273,19 +244,12 @@ async fn nodes(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> 
 
 async fn services(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
     let meta_filter = p.node_meta()?;
-    let (map, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes], |d| {
-        Ok(d.service_list(&meta_filter))
-    })
-    .await?;
+    let (map, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes], |d| Ok(d.service_list(&meta_filter))).await?;
     Ok(reply(&meta, &map))
 }
 
 pub fn service_query(p: &Params) -> Result<ServiceQuery, ApiError> {
-    Ok(ServiceQuery {
-        tags: p.all("tag").into_iter().map(String::from).collect(),
-        node_meta: p.node_meta()?,
-        passing_only: false,
-    })
+    Ok(ServiceQuery { tags: p.all("tag").into_iter().map(String::from).collect(), node_meta: p.node_meta()?, passing_only: false })
 }
 
 fn catalog_service_json(i: &ServiceInstance, dc: &str) -> Value {
@@ -300,45 +264,24 @@ fn catalog_service_json(i: &ServiceInstance, dc: &str) -> Value {
     })
 }
 
-async fn service(
-    State(ctx): State<Ctx>,
-    Path(name): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
+async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
     let q = service_query(&p)?;
     let dc = ctx.info.datacenter.clone();
-    let (list, meta) = blocking(
-        &ctx,
-        &p,
-        &[Table::Services, Table::Nodes, Table::Checks],
-        |d| {
-            let (inst, idx) = d.service_instances(&name, &q);
-            Ok((
-                inst.iter()
-                    .map(|i| catalog_service_json(i, &dc))
-                    .collect::<Vec<_>>(),
-                idx,
-            ))
-        },
-    )
+    let (list, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
+        let (inst, idx) = d.service_instances(&name, &q);
+        Ok((inst.iter().map(|i| catalog_service_json(i, &dc)).collect::<Vec<_>>(), idx))
+    })
     .await?;
     Ok(reply(&meta, &filtered(&p, &list)?))
 }
 
-async fn node(
-    State(ctx): State<Ctx>,
-    Path(name): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
+async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
     let dc = ctx.info.datacenter.clone();
     let (found, meta) = blocking(&ctx, &p, &[Table::Nodes, Table::Services], |d| {
         let (found, idx) = d.node_services(&name);
         Ok((
             found.map(|(n, svcs)| {
-                let services: BTreeMap<String, Value> = svcs
-                    .iter()
-                    .map(|s| (s.id.clone(), service_json(s)))
-                    .collect();
+                let services: BTreeMap<String, Value> = svcs.iter().map(|s| (s.id.clone(), service_json(s))).collect();
                 json!({ "Node": node_json(&n, &dc), "Services": services })
             }),
             idx,
@@ -352,11 +295,7 @@ pub fn service_json(s: &Service) -> Value {
     serde_json::to_value(s).unwrap_or(Value::Null)
 }
 
-async fn node_services(
-    State(ctx): State<Ctx>,
-    Path(name): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
+async fn node_services(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
     let dc = ctx.info.datacenter.clone();
     let (found, meta) = blocking(&ctx, &p, &[Table::Nodes, Table::Services], |d| {
         let (found, idx) = d.node_services(&name);

@@ -20,6 +20,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("No cluster leader")]
     NoLeader,
+    /// The agent a request was relayed to could not be reached.
+    #[error("rpc error: {0}")]
+    Unreachable(String),
     #[error("No path to datacenter")]
     NoPathToDatacenter,
     #[error("{0}")]
@@ -35,21 +38,14 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             // Consul answers both with a 500 and these exact texts; clients match on them.
-            ApiError::NoLeader | ApiError::NoPathToDatacenter | ApiError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::NoLeader | ApiError::NoPathToDatacenter | ApiError::Unreachable(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status(),
-            [("content-type", "text/plain; charset=utf-8")],
-            self.to_string(),
-        )
-            .into_response()
+        (self.status(), [("content-type", "text/plain; charset=utf-8")], self.to_string()).into_response()
     }
 }
 
@@ -64,9 +60,7 @@ impl From<WriteError> for ApiError {
 
 impl From<super::filter::FilterError> for ApiError {
     fn from(e: super::filter::FilterError) -> Self {
-        ApiError::BadRequest(format!(
-            "Failed to create boolean expression evaluator: {e}"
-        ))
+        ApiError::BadRequest(format!("Failed to create boolean expression evaluator: {e}"))
     }
 }
 
@@ -120,24 +114,18 @@ const FIELD_NAMES: &[&str] = &[
 ];
 
 /// Fields whose value is a map of user-chosen keys: those keys are data, never renamed.
-const USER_KEYED: &[&str] = &["Meta", "NodeMeta", "TaggedAddresses"];
+const USER_KEYED: &[&str] = &["Meta", "NodeMeta", "TaggedAddresses", "Header"];
 
-fn canonical_keys(v: serde_json::Value) -> serde_json::Value {
+pub fn canonical_keys(v: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match v {
         Value::Array(a) => Value::Array(a.into_iter().map(canonical_keys).collect()),
         Value::Object(o) => Value::Object(
             o.into_iter()
                 .map(|(k, v)| {
-                    let name = FIELD_NAMES
-                        .iter()
-                        .find(|n| n.eq_ignore_ascii_case(&k))
-                        .map(|n| n.to_string())
-                        .unwrap_or(k);
+                    let name = FIELD_NAMES.iter().find(|n| n.eq_ignore_ascii_case(&k)).map(|n| n.to_string()).unwrap_or(k);
                     let v = match (USER_KEYED.contains(&name.as_str()), v) {
-                        (true, Value::Object(m)) => Value::Object(
-                            m.into_iter().map(|(k, v)| (k, canonical_keys(v))).collect(),
-                        ),
+                        (true, Value::Object(m)) => Value::Object(m.into_iter().map(|(k, v)| (k, canonical_keys(v))).collect()),
                         (_, v) => canonical_keys(v),
                     };
                     (name, v)
@@ -162,12 +150,7 @@ mod tests {
 
     #[test]
     fn field_names_match_in_any_case_but_user_keys_are_kept() {
-        let v = canonical_keys(
-            serde_json::json!({"node": "n", "nodemeta": {"name": "x"}, "service": {"tags": ["a"], "meta": {"ttl": "1"}}}),
-        );
-        assert_eq!(
-            v,
-            serde_json::json!({"Node": "n", "NodeMeta": {"name": "x"}, "Service": {"Tags": ["a"], "Meta": {"ttl": "1"}}})
-        );
+        let v = canonical_keys(serde_json::json!({"node": "n", "nodemeta": {"name": "x"}, "service": {"tags": ["a"], "meta": {"ttl": "1"}}}));
+        assert_eq!(v, serde_json::json!({"Node": "n", "NodeMeta": {"name": "x"}, "Service": {"Tags": ["a"], "Meta": {"ttl": "1"}}}));
     }
 }

@@ -29,18 +29,10 @@ pub enum FilterError {
     InvalidSelector { selector: String },
     /// The operator cannot be applied to the selected value (e.g. `==` on an array).
     #[error("Invalid match operator \"{operator}\" for selector \"{selector}\" holding {kind}")]
-    InvalidOperator {
-        operator: &'static str,
-        selector: String,
-        kind: &'static str,
-    },
+    InvalidOperator { operator: &'static str, selector: String, kind: &'static str },
     /// The literal cannot be converted to the selected field's type (e.g. `Port == abc`).
     #[error("Failed to coerce value \"{value}\" for selector \"{selector}\" to {kind}")]
-    Coerce {
-        value: String,
-        selector: String,
-        kind: &'static str,
-    },
+    Coerce { value: String, selector: String, kind: &'static str },
 }
 
 /// A parsed filter expression.
@@ -109,11 +101,7 @@ impl Op {
 impl Filter {
     /// Parses `expr`; regular expressions are compiled here, so a bad one is a parse error.
     pub fn parse(expr: &str) -> Result<Filter, FilterError> {
-        let mut p = Parser {
-            src: expr,
-            pos: 0,
-            depth: 0,
-        };
+        let mut p = Parser { src: expr, pos: 0, depth: 0 };
         p.skip_ws();
         if p.peek().is_none() {
             return p.error(p.pos, "empty filter expression");
@@ -158,10 +146,7 @@ fn eval(expr: &Expr, item: &Value) -> Result<bool, FilterError> {
 }
 
 /// Short-circuiting "any": stops at the first `true` or error.
-fn any<'a, T>(
-    items: &'a [T],
-    mut f: impl FnMut(&'a T) -> Result<bool, FilterError>,
-) -> Result<bool, FilterError> {
+fn any<'a, T>(items: &'a [T], mut f: impl FnMut(&'a T) -> Result<bool, FilterError>) -> Result<bool, FilterError> {
     let first = items.iter().map(&mut f).find(|r| !matches!(r, Ok(false)));
     first.unwrap_or(Ok(false))
 }
@@ -201,11 +186,7 @@ impl Match {
             (Op::Eq, v) => self.equals(v)?,
             (Op::In, Value::String(s)) => s.contains(self.value.as_str()),
             (Op::In, Value::Object(map)) => map.contains_key(&self.value),
-            (Op::In, Value::Array(items))
-                if !items.iter().any(|v| v.is_object() || v.is_array()) =>
-            {
-                any(items, |item| self.equals(item))?
-            }
+            (Op::In, Value::Array(items)) if !items.iter().any(|v| v.is_object() || v.is_array()) => any(items, |item| self.equals(item))?,
             (Op::IsEmpty, Value::String(s)) => s.is_empty(),
             (Op::IsEmpty, Value::Array(items)) => items.is_empty(),
             (Op::IsEmpty, Value::Object(map)) => map.is_empty(),
@@ -221,37 +202,23 @@ impl Match {
         match value {
             Value::Null => Ok(false),
             Value::String(s) => Ok(*s == self.value),
-            Value::Bool(b) => parse_go_bool(&self.value)
-                .map(|lit| lit == *b)
-                .ok_or_else(|| self.coerce_error("a boolean")),
-            Value::Number(n) => {
-                number_equals(n, &self.value).ok_or_else(|| self.coerce_error("a number"))
-            }
+            Value::Bool(b) => parse_go_bool(&self.value).map(|lit| lit == *b).ok_or_else(|| self.coerce_error("a boolean")),
+            Value::Number(n) => number_equals(n, &self.value).ok_or_else(|| self.coerce_error("a number")),
             _ => Err(self.invalid_operator(kind(value))),
         }
     }
 
     fn invalid_selector(&self, len: usize) -> FilterError {
         let prefix = self.selector.get(..len).unwrap_or(&self.selector);
-        FilterError::InvalidSelector {
-            selector: display_path(prefix),
-        }
+        FilterError::InvalidSelector { selector: display_path(prefix) }
     }
 
     fn invalid_operator(&self, kind: &'static str) -> FilterError {
-        FilterError::InvalidOperator {
-            operator: self.op.name(),
-            selector: display_path(&self.selector),
-            kind,
-        }
+        FilterError::InvalidOperator { operator: self.op.name(), selector: display_path(&self.selector), kind }
     }
 
     fn coerce_error(&self, kind: &'static str) -> FilterError {
-        FilterError::Coerce {
-            value: self.value.clone(),
-            selector: display_path(&self.selector),
-            kind,
-        }
+        FilterError::Coerce { value: self.value.clone(), selector: display_path(&self.selector), kind }
     }
 }
 
@@ -270,8 +237,7 @@ fn kind(value: &Value) -> &'static str {
 fn display_path(path: &[String]) -> String {
     let mut out = String::new();
     for (i, seg) in path.iter().enumerate() {
-        let plain =
-            seg.bytes().next().is_some_and(is_ident_start) && seg.bytes().all(is_ident_char);
+        let plain = seg.bytes().next().is_some_and(is_ident_start) && seg.bytes().all(is_ident_char);
         match (i, plain) {
             (0, _) => out.push_str(seg),
             (_, true) => {
@@ -320,16 +286,11 @@ fn parse_go_int(raw: &str) -> Option<i128> {
 /// cannot tell a Go float field holding `1` from an int field, so an integer
 /// field compared with `1.5` is simply unequal where bexpr would reject it.
 fn number_equals(n: &Number, raw: &str) -> Option<bool> {
-    let int = n
-        .as_i64()
-        .map(i128::from)
-        .or_else(|| n.as_u64().map(i128::from));
+    let int = n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from));
     match (int, parse_go_int(raw)) {
         (Some(value), Some(literal)) => Some(value == literal),
         (_, literal) => {
-            let literal = literal
-                .map(|i| i as f64)
-                .or_else(|| raw.parse::<f64>().ok())?;
+            let literal = literal.map(|i| i as f64).or_else(|| raw.parse::<f64>().ok())?;
             Some(n.as_f64()? == literal)
         }
     }
@@ -378,11 +339,7 @@ impl<'a> Parser<'a> {
     /// Consumes `kw` only as a whole word (keywords are case-sensitive, as in bexpr).
     fn keyword(&mut self, kw: &str) -> bool {
         let rest = self.rest();
-        let hit = rest.starts_with(kw)
-            && !rest
-                .as_bytes()
-                .get(kw.len())
-                .is_some_and(|&b| is_ident_char(b));
+        let hit = rest.starts_with(kw) && !rest.as_bytes().get(kw.len()).is_some_and(|&b| is_ident_char(b));
         if hit {
             self.pos += kw.len();
         }
@@ -397,27 +354,15 @@ impl<'a> Parser<'a> {
 
     /// Fails at the cursor with "expected ..., found <what is there>".
     fn expected<T>(&self, what: &str) -> Result<T, FilterError> {
-        let token: String = self
-            .rest()
-            .chars()
-            .take_while(|c| !" \t\r\n".contains(*c))
-            .take(20)
-            .collect();
-        let found = if token.is_empty() {
-            "end of input".into()
-        } else {
-            format!("{token:?}")
-        };
+        let token: String = self.rest().chars().take_while(|c| !" \t\r\n".contains(*c)).take(20).collect();
+        let found = if token.is_empty() { "end of input".into() } else { format!("{token:?}") };
         self.error(self.pos, format!("expected {what}, found {found}"))
     }
 
     fn enter(&mut self) -> Result<(), FilterError> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return self.error(
-                self.pos,
-                format!("expression nested more than {MAX_DEPTH} deep"),
-            );
+            return self.error(self.pos, format!("expression nested more than {MAX_DEPTH} deep"));
         }
         Ok(())
     }
@@ -430,12 +375,7 @@ impl<'a> Parser<'a> {
         self.chain("and", Self::unary, Expr::And)
     }
 
-    fn chain(
-        &mut self,
-        kw: &str,
-        next: fn(&mut Self) -> Result<Expr, FilterError>,
-        wrap: fn(Vec<Expr>) -> Expr,
-    ) -> Result<Expr, FilterError> {
+    fn chain(&mut self, kw: &str, next: fn(&mut Self) -> Result<Expr, FilterError>, wrap: fn(Vec<Expr>) -> Expr) -> Result<Expr, FilterError> {
         let mut terms = vec![next(self)?];
         loop {
             let save = self.pos;
@@ -447,11 +387,7 @@ impl<'a> Parser<'a> {
             self.skip_ws();
             terms.push(next(self)?);
         }
-        Ok(if terms.len() == 1 {
-            terms.remove(0)
-        } else {
-            wrap(terms)
-        })
+        Ok(if terms.len() == 1 { terms.remove(0) } else { wrap(terms) })
     }
 
     fn unary(&mut self) -> Result<Expr, FilterError> {
@@ -500,13 +436,8 @@ impl<'a> Parser<'a> {
         let negated = self.keyword("not");
         self.skip_ws();
         if !self.keyword("in") {
-            let ops =
-                "an operator (==, !=, [not] contains, [not] in, [not] matches, is [not] empty)";
-            return self.expected(if negated {
-                "\"in\", \"contains\" or \"matches\""
-            } else {
-                ops
-            });
+            let ops = "an operator (==, !=, [not] contains, [not] in, [not] matches, is [not] empty)";
+            return self.expected(if negated { "\"in\", \"contains\" or \"matches\"" } else { ops });
         }
         self.skip_ws();
         if !self.peek().is_some_and(is_ident_start) {
@@ -514,12 +445,7 @@ impl<'a> Parser<'a> {
         }
         let selector = self.selector()?;
         let op = if negated { Op::NotIn } else { Op::In };
-        Ok(Match {
-            selector,
-            op,
-            value,
-            regex: None,
-        })
+        Ok(Match { selector, op, value, regex: None })
     }
 
     /// Parses the operator and value after a selector; `None` (nothing consumed)
@@ -535,21 +461,12 @@ impl<'a> Parser<'a> {
             _ if self.keyword("matches") => [Op::Matches, Op::NotMatches][negated as usize],
             _ if !negated && self.keyword("is") => {
                 self.skip_ws();
-                let op = if self.keyword("not") {
-                    Op::IsNotEmpty
-                } else {
-                    Op::IsEmpty
-                };
+                let op = if self.keyword("not") { Op::IsNotEmpty } else { Op::IsEmpty };
                 self.skip_ws();
                 if !self.keyword("empty") {
                     return self.expected("\"empty\"");
                 }
-                return Ok(Some(Match {
-                    selector,
-                    op,
-                    value: String::new(),
-                    regex: None,
-                }));
+                return Ok(Some(Match { selector, op, value: String::new(), regex: None }));
             }
             _ => {
                 self.pos = save;
@@ -570,22 +487,13 @@ impl<'a> Parser<'a> {
                 Err(e) => {
                     // regex errors are multi-line (pattern, caret, reason): keep the reason
                     let e = e.to_string();
-                    let reason = e
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                        .trim_start_matches("error: ");
+                    let reason = e.lines().last().unwrap_or_default().trim_start_matches("error: ");
                     return self.error(value_pos, format!("invalid regex {value:?}: {reason}"));
                 }
             },
             _ => None,
         };
-        Ok(Some(Match {
-            selector,
-            op,
-            value,
-            regex,
-        }))
+        Ok(Some(Match { selector, op, value, regex }))
     }
 
     /// `Ident ("." Ident | "[" string "]")*` where `Ident` is `[a-zA-Z][a-zA-Z0-9_]*`.
@@ -618,20 +526,13 @@ impl<'a> Parser<'a> {
         while self.peek().is_some_and(is_ident_char) {
             self.pos += 1;
         }
-        self.src
-            .get(start..self.pos)
-            .unwrap_or_default()
-            .to_string()
+        self.src.get(start..self.pos).unwrap_or_default().to_string()
     }
 
     /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?`, which must be followed by whitespace, `)` or the end.
     fn number(&mut self) -> Result<String, FilterError> {
         let (start, bytes) = (self.pos, self.src.as_bytes());
-        let digits_at = |i: usize| {
-            bytes
-                .get(i..)
-                .map_or(0, |s| s.iter().take_while(|b| b.is_ascii_digit()).count())
-        };
+        let digits_at = |i: usize| bytes.get(i..).map_or(0, |s| s.iter().take_while(|b| b.is_ascii_digit()).count());
         let mut end = start + usize::from(bytes.get(start) == Some(&b'-'));
         let int_digits = digits_at(end);
         let mut valid = int_digits == 1 || (int_digits > 1 && bytes.get(end) != Some(&b'0'));
@@ -641,10 +542,7 @@ impl<'a> Parser<'a> {
             valid &= frac > 0;
             end += 1 + frac;
         }
-        valid &= matches!(
-            bytes.get(end),
-            None | Some(b' ' | b'\t' | b'\r' | b'\n' | b')')
-        );
+        valid &= matches!(bytes.get(end), None | Some(b' ' | b'\t' | b'\r' | b'\n' | b')'));
         if !valid {
             return self.error(start, "Invalid number literal");
         }
@@ -676,10 +574,7 @@ fn unquote(body: &str) -> Result<String, String> {
     fn digits(chars: &mut std::str::Chars<'_>, n: usize, radix: u32) -> Result<u32, String> {
         let mut value = 0u32;
         for _ in 0..n {
-            let d = chars
-                .next()
-                .and_then(|c| c.to_digit(radix))
-                .ok_or("invalid escape sequence in string literal")?;
+            let d = chars.next().and_then(|c| c.to_digit(radix)).ok_or("invalid escape sequence in string literal")?;
             value = value * radix + d;
         }
         Ok(value)
@@ -691,11 +586,9 @@ fn unquote(body: &str) -> Result<String, String> {
             '\n' => return Err("newline in string literal (use \\n or a `backtick` string)".into()),
             '\\' => match chars.next() {
                 None => {
-                    return Err(
-                        "string literal ends with a backslash (\\\" cannot be used inside \
+                    return Err("string literal ends with a backslash (\\\" cannot be used inside \
                                 double quotes; use a `backtick` string)"
-                            .into(),
-                    );
+                        .into());
                 }
                 Some('a') => 7,
                 Some('b') => 8,
@@ -709,20 +602,16 @@ fn unquote(body: &str) -> Result<String, String> {
                 Some(d @ '0'..='7') => {
                     let value = d as u32 - '0' as u32;
                     let value = value * 64 + digits(&mut chars, 2, 8)?;
-                    u8::try_from(value)
-                        .map_err(|_| "octal escape value above 255 in string literal")?
+                    u8::try_from(value).map_err(|_| "octal escape value above 255 in string literal")?
                 }
                 Some(u @ ('u' | 'U')) => {
                     let code = digits(&mut chars, if u == 'u' { 4 } else { 8 }, 16)?;
-                    let ch =
-                        char::from_u32(code).ok_or("invalid Unicode escape in string literal")?;
+                    let ch = char::from_u32(code).ok_or("invalid Unicode escape in string literal")?;
                     out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
                     continue;
                 }
                 Some(other) => {
-                    return Err(format!(
-                        "invalid escape sequence \\{other} in string literal"
-                    ));
+                    return Err(format!("invalid escape sequence \\{other} in string literal"));
                 }
             },
             c => {
@@ -827,11 +716,7 @@ mod tests {
 
     #[test]
     fn not_in_excludes_tagged_services() {
-        let items = vec![
-            json!({"ID": "a", "Tags": ["primary"]}),
-            json!({"ID": "b", "Tags": ["secondary"]}),
-            json!({"ID": "c", "Tags": []}),
-        ];
+        let items = vec![json!({"ID": "a", "Tags": ["primary"]}), json!({"ID": "b", "Tags": ["secondary"]}), json!({"ID": "c", "Tags": []})];
         for expr in [r#""primary" not in Tags"#, "Tags not contains primary"] {
             let kept = apply(expr, items.clone()).unwrap();
             let ids: Vec<_> = kept.iter().map(|i| i["ID"].as_str().unwrap()).collect();
@@ -887,15 +772,8 @@ mod tests {
             "#,
         );
         let err = Filter::parse(r#"Service matches "(""#).unwrap_err();
-        assert!(
-            matches!(err, FilterError::Parse { column: 17, .. }),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .ends_with(r#"invalid regex "(": unclosed group"#),
-            "{err}"
-        );
+        assert!(matches!(err, FilterError::Parse { column: 17, .. }), "{err}");
+        assert!(err.to_string().ends_with(r#"invalid regex "(": unclosed group"#), "{err}");
     }
 
     #[test]
@@ -1016,10 +894,7 @@ mod tests {
         );
         assert!(Filter::parse("Service == \"a\nb\"").is_err());
         let raw = Filter::parse("Path == `C:\\d\r\nir`").unwrap();
-        assert!(
-            raw.matches(&json!({"Path": "C:\\d\nir"})).unwrap(),
-            "raw strings drop \\r"
-        );
+        assert!(raw.matches(&json!({"Path": "C:\\d\nir"})).unwrap(), "raw strings drop \\r");
     }
 
     #[test]
@@ -1053,23 +928,11 @@ mod tests {
         let cases = [
             ("", 1, "empty filter expression"),
             ("   ", 4, "empty filter expression"),
-            (
-                "Service ==",
-                11,
-                r#"expected a value after "==", found end of input"#,
-            ),
+            ("Service ==", 11, r#"expected a value after "==", found end of input"#),
             ("Service = redis", 9, "expected an operator"),
             ("(Service == redis", 18, "unmatched parentheses"),
-            (
-                "Service == redis or",
-                20,
-                r#"expected a selector, a value or "(""#,
-            ),
-            (
-                "Service == redis Port",
-                18,
-                r#"or end of input, found "Port""#,
-            ),
+            ("Service == redis or", 20, r#"expected a selector, a value or "(""#),
+            ("Service == redis Port", 18, r#"or end of input, found "Port""#),
             (r#"Service == "redis"#, 12, "Unterminated string literal"),
             ("Port == 01", 9, "Invalid number literal"),
             ("Port == 1.", 9, "Invalid number literal"),
@@ -1080,11 +943,7 @@ mod tests {
             ("redis in", 9, r#"a selector after "in""#),
             ("redis in 5", 10, r#"a selector after "in""#),
             ("\"x\" == Service", 5, "expected an operator"),
-            (
-                "Service not equals x",
-                13,
-                r#"expected "in", "contains" or "matches""#,
-            ),
+            ("Service not equals x", 13, r#"expected "in", "contains" or "matches""#),
             ("Servicé == x", 7, r#"found "é""#),
             ("Service == x)", 13, r#"found ")""#),
         ];
@@ -1164,15 +1023,8 @@ mod tests {
     fn deep_nesting_is_an_error_not_a_stack_overflow() {
         assert!(Filter::parse(&"(".repeat(100_000)).is_err());
         assert!(Filter::parse(&format!("{}Service == x", "not ".repeat(100_000))).is_err());
-        check(&format!(
-            "T {}Service == redis{}",
-            "(".repeat(60),
-            ")".repeat(60)
-        ));
-        check(&format!(
-            "T {}Service == redis",
-            "Port == 1 or ".repeat(20_000)
-        ));
+        check(&format!("T {}Service == redis{}", "(".repeat(60), ")".repeat(60)));
+        check(&format!("T {}Service == redis", "Port == 1 or ".repeat(20_000)));
     }
 
     #[test]
@@ -1187,9 +1039,6 @@ mod tests {
         assert_eq!(apply("", items.clone()).unwrap(), items);
         let err = apply("Bogus == 1", items).unwrap_err();
         assert!(matches!(err, FilterError::InvalidSelector { .. }));
-        assert!(matches!(
-            apply("Bogus ==", vec![]),
-            Err(FilterError::Parse { .. })
-        ));
+        assert!(matches!(apply("Bogus ==", vec![]), Err(FilterError::Parse { .. })));
     }
 }

@@ -37,11 +37,13 @@ pub struct ForwardedResponse {
     pub body: Vec<u8>,
 }
 
-/// Paths answered by whichever agent receives them.
-fn is_local(path: &str) -> bool {
+/// Paths answered by whichever agent receives them. Servers also answer `/v1/status/*` from
+/// their own Raft view; client agents forward those.
+fn is_local(path: &str, server: bool) -> bool {
     !path.starts_with("/v1/")
         || path.starts_with("/v1/agent/")
-        || path.starts_with("/v1/status/")
+        || path.starts_with("/v1/event/")
+        || (server && path.starts_with("/v1/status/"))
         || path == "/v1/catalog/datacenters"
 }
 
@@ -57,15 +59,22 @@ pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next)
     {
         return ApiError::NoPathToDatacenter.into_response();
     }
+    let Some(node) = &ctx.node else {
+        // A client agent: everything but its own endpoints goes to a server, which forwards
+        // to the leader when the request needs it.
+        if is_local(&path, false) {
+            return next.run(req).await;
+        }
+        return match relay_any(&ctx, req, &params).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+    };
     let read = req.method() == Method::GET || req.method() == Method::HEAD;
-    if is_local(&path)
-        || (read && params.flag("stale"))
-        || req.headers().contains_key(FORWARDED_HEADER)
-        || ctx.node.is_leader()
-    {
+    if is_local(&path, true) || (read && params.flag("stale")) || req.headers().contains_key(FORWARDED_HEADER) || node.is_leader() {
         return next.run(req).await;
     }
-    let Some(leader) = ctx.node.leader_addr() else {
+    let Some(leader) = node.leader_addr() else {
         return ApiError::NoLeader.into_response();
     };
     match relay(&ctx, leader, req, &params).await {
@@ -74,63 +83,60 @@ pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next)
     }
 }
 
-async fn relay(
-    ctx: &Ctx,
-    leader: std::net::SocketAddr,
-    req: Request,
-    params: &Params,
-) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|e| ApiError::TooLarge(format!("Request body too large: {e}")))?;
-    let fwd = ForwardedRequest {
-        method: parts.method.to_string(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-            .collect(),
-        body: body.to_vec(),
-    };
-    let wait = params
-        .get("wait")
-        .and_then(crate::duration::parse)
-        .unwrap_or(super::query::DEFAULT_WAIT)
-        .min(MAX_WAIT);
-    let timeout = if params.has("index") {
-        wait + wait / 16 + FORWARD_SLACK
-    } else {
-        FORWARD_SLACK
-    };
-    let resp: ForwardedResponse = match ctx
-        .node
-        .rpc
-        .call_typed(leader, Service::Http, &fwd, timeout)
-        .await
-    {
-        Ok(r) => r,
-        Err(e) if e.code == ErrorCode::Unreachable => return Err(ApiError::NoLeader),
-        Err(e) => {
-            return Err(ApiError::Internal(format!(
-                "rpc error forwarding to the leader: {e}"
-            )));
+/// Relay to the first server that answers, starting at a random one.
+async fn relay_any(ctx: &Ctx, req: Request, params: &Params) -> Result<Response, ApiError> {
+    let mut servers = ctx.agent.servers();
+    if servers.is_empty() {
+        return Err(ApiError::Internal("No known Consul servers".into()));
+    }
+    use rand::RngExt;
+    let start = rand::rng().random_range(0..servers.len());
+    servers.rotate_left(start);
+    let fwd = forwarded(req).await?;
+    let mut last = ApiError::Internal("No known Consul servers".into());
+    for s in servers {
+        match send(ctx, s, &fwd, params).await {
+            Err(e @ ApiError::Unreachable(_)) => last = e,
+            other => return other,
         }
+    }
+    Err(last)
+}
+
+async fn relay(ctx: &Ctx, leader: std::net::SocketAddr, req: Request, params: &Params) -> Result<Response, ApiError> {
+    let fwd = forwarded(req).await?;
+    match send(ctx, leader, &fwd, params).await {
+        Err(ApiError::Unreachable(_)) => Err(ApiError::NoLeader),
+        other => other,
+    }
+}
+
+async fn forwarded(req: Request) -> Result<ForwardedRequest, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|e| ApiError::TooLarge(format!("Request body too large: {e}")))?;
+    Ok(ForwardedRequest {
+        method: parts.method.to_string(),
+        uri: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+        body: body.to_vec(),
+    })
+}
+
+async fn send(ctx: &Ctx, to: std::net::SocketAddr, fwd: &ForwardedRequest, params: &Params) -> Result<Response, ApiError> {
+    let wait = params.get("wait").and_then(crate::duration::parse).unwrap_or(super::query::DEFAULT_WAIT).min(MAX_WAIT);
+    let timeout = if params.has("index") { wait + wait / 16 + FORWARD_SLACK } else { FORWARD_SLACK };
+    let resp: ForwardedResponse = match ctx.rpc.call_typed(to, Service::Http, fwd, timeout).await {
+        Ok(r) => r,
+        Err(e) if e.code == ErrorCode::Unreachable => return Err(ApiError::Unreachable(e.message)),
+        Err(e) => return Err(ApiError::Internal(format!("rpc error forwarding to {to}: {e}"))),
     };
-    let mut out = Response::builder()
-        .status(StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    let mut out = Response::builder().status(StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
     for (k, v) in resp.headers {
         if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::from_bytes(&v)) {
             out = out.header(k, v);
         }
     }
-    out.body(Body::from(resp.body))
-        .map_err(|e| ApiError::Internal(e.to_string()))
+    out.body(Body::from(resp.body)).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 /// Serves forwarded requests (`Service::Http`) through the local router.
@@ -139,36 +145,25 @@ pub struct HttpHandler {
 }
 
 impl Handler for HttpHandler {
-    fn handle(&self, _peer: Peer, body: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
+    fn handle(&self, peer: Peer, body: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
         let router = self.router.clone();
         async move {
             let fwd: ForwardedRequest = rpc::decode(&body)?;
             let bad = |e: String| RpcError::new(ErrorCode::BadRequest, e);
-            let mut builder = axum::http::Request::builder()
-                .method(fwd.method.as_str())
-                .uri(fwd.uri.as_str());
+            let mut builder = axum::http::Request::builder().method(fwd.method.as_str()).uri(fwd.uri.as_str());
             for (k, v) in &fwd.headers {
                 builder = builder.header(k.as_str(), v.as_slice());
             }
-            builder = builder.header(FORWARDED_HEADER, "1");
-            let req = builder
-                .body(Body::from(fwd.body))
-                .map_err(|e| bad(e.to_string()))?;
-            let resp = router
-                .oneshot(req)
-                .await
-                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+            if peer.is_server {
+                builder = builder.header(FORWARDED_HEADER, "1");
+            }
+            let req = builder.body(Body::from(fwd.body)).map_err(|e| bad(e.to_string()))?;
+            let resp = router.oneshot(req).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
             let (parts, body) = resp.into_parts();
-            let body = axum::body::to_bytes(body, usize::MAX)
-                .await
-                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+            let body = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
             rpc::encode(&ForwardedResponse {
                 status: parts.status.as_u16(),
-                headers: parts
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                    .collect(),
+                headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
                 body: body.to_vec(),
             })
         }

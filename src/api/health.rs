@@ -19,61 +19,37 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/health/state/{state}", get(state))
 }
 
-async fn node(
-    State(ctx): State<Ctx>,
-    Path(name): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
+async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
     let (checks, meta) = blocking(&ctx, &p, &[Table::Checks], |d| Ok(d.node_checks(&name))).await?;
     Ok(reply(&meta, &filtered(&p, &checks)?))
 }
 
-async fn checks(
-    State(ctx): State<Ctx>,
-    Path(name): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
-    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks, Table::Services], |d| {
-        Ok(d.service_checks(&name))
-    })
-    .await?;
+async fn checks(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks, Table::Services], |d| Ok(d.service_checks(&name))).await?;
     Ok(reply(&meta, &filtered(&p, &checks)?))
 }
 
-async fn service(
-    State(ctx): State<Ctx>,
-    Path(name): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
+async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
     let mut q = service_query(&p)?;
     q.passing_only = p.flag("passing");
     let dc = ctx.info.datacenter.clone();
     let (entries, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
         let (inst, idx) = d.service_instances(&name, &q);
-        let entries: Vec<Value> = inst
-            .iter()
-            .map(|i| json!({ "Node": node_json(&i.node, &dc), "Service": service_json(&i.service), "Checks": i.checks }))
-            .collect();
+        let entries: Vec<Value> =
+            inst.iter().map(|i| json!({ "Node": node_json(&i.node, &dc), "Service": service_json(&i.service), "Checks": i.checks })).collect();
         Ok((entries, idx))
     })
     .await?;
     Ok(reply(&meta, &filtered(&p, &entries)?))
 }
 
-async fn state(
-    State(ctx): State<Ctx>,
-    Path(state): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
+async fn state(State(ctx): State<Ctx>, Path(state): Path<String>, p: Params) -> Result<Response, ApiError> {
     let want = match state.as_str() {
         "any" => None,
         s => Some(
-            CheckStatus::parse(s)
-                .filter(|s| *s != CheckStatus::Maintenance)
-                .ok_or_else(|| ApiError::BadRequest(format!("Invalid state: {s}")))?,
+            CheckStatus::parse(s).filter(|s| *s != CheckStatus::Maintenance).ok_or_else(|| ApiError::BadRequest(format!("Invalid state: {s}")))?,
         ),
     };
-    let (checks, meta) =
-        blocking(&ctx, &p, &[Table::Checks], |d| Ok(d.checks_in_state(want))).await?;
+    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks], |d| Ok(d.checks_in_state(want))).await?;
     Ok(reply(&meta, &filtered(&p, &checks)?))
 }

@@ -18,38 +18,18 @@ use crate::state::{Command, KvEntry, KvVerb, Outcome, Table, TxnOp};
 pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 
 pub fn routes() -> Router<Ctx> {
-    Router::new()
-        .route("/v1/kv", any(root))
-        .route("/v1/kv/", any(root))
-        .route("/v1/kv/{*key}", any(keyed))
+    Router::new().route("/v1/kv", any(root)).route("/v1/kv/", any(root)).route("/v1/kv/{*key}", any(keyed))
 }
 
-async fn root(
-    ctx: State<Ctx>,
-    method: Method,
-    p: Params,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn root(ctx: State<Ctx>, method: Method, p: Params, body: Bytes) -> Result<Response, ApiError> {
     handle(ctx, method, String::new(), p, body).await
 }
 
-async fn keyed(
-    ctx: State<Ctx>,
-    method: Method,
-    Path(key): Path<String>,
-    p: Params,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn keyed(ctx: State<Ctx>, method: Method, Path(key): Path<String>, p: Params, body: Bytes) -> Result<Response, ApiError> {
     handle(ctx, method, key, p, body).await
 }
 
-async fn handle(
-    State(ctx): State<Ctx>,
-    method: Method,
-    key: String,
-    p: Params,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn handle(State(ctx): State<Ctx>, method: Method, key: String, p: Params, body: Bytes) -> Result<Response, ApiError> {
     match method {
         Method::GET => get(ctx, key, p).await,
         Method::PUT | Method::POST => put(ctx, key, p, body).await,
@@ -76,12 +56,7 @@ async fn get(ctx: Ctx, key: String, p: Params) -> Result<Response, ApiError> {
         return Ok(found_or_404(&meta, true, &()));
     };
     if p.has("raw") {
-        let mut resp = (
-            StatusCode::OK,
-            [("content-type", "application/octet-stream")],
-            entry.value.unwrap_or_default(),
-        )
-            .into_response();
+        let mut resp = (StatusCode::OK, [("content-type", "application/octet-stream")], entry.value.unwrap_or_default()).into_response();
         meta.apply(&mut resp);
         return Ok(resp);
     }
@@ -100,30 +75,16 @@ fn found_or_404<T: serde::Serialize>(meta: &super::query::Meta, empty: bool, bod
 }
 
 fn op(verb: KvVerb, key: &str) -> TxnOp {
-    TxnOp {
-        verb,
-        key: key.to_string(),
-        value: None,
-        flags: 0,
-        index: 0,
-        session: String::new(),
-    }
+    TxnOp { verb, key: key.to_string(), value: None, flags: 0, index: 0, session: String::new() }
 }
 
 /// Run a one-op transaction: a failed condition is `false`, an invalid request an error.
 async fn one(ctx: &Ctx, op: TxnOp) -> Result<Response, ApiError> {
-    let (outcome, index) = ctx.node.write(Command::Txn(vec![op])).await?;
+    let (outcome, index) = ctx.raft()?.write(Command::Txn(vec![op])).await?;
     match outcome {
         Outcome::Txn(Ok(_)) => Ok(write_reply(ctx, index, true)),
-        Outcome::Txn(Err(errs)) if errs.iter().all(|e| e.conflict) => {
-            Ok(write_reply(ctx, index, false))
-        }
-        Outcome::Txn(Err(errs)) => Err(ApiError::BadRequest(
-            errs.into_iter()
-                .map(|e| e.what)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )),
+        Outcome::Txn(Err(errs)) if errs.iter().all(|e| e.conflict) => Ok(write_reply(ctx, index, false)),
+        Outcome::Txn(Err(errs)) => Err(ApiError::BadRequest(errs.into_iter().map(|e| e.what).collect::<Vec<_>>().join("; "))),
         Outcome::Rejected(m) => Err(ApiError::BadRequest(m)),
         other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
     }
@@ -144,9 +105,7 @@ async fn put(ctx: Ctx, key: String, p: Params, body: Bytes) -> Result<Response, 
     let cas = p.u64("cas")?;
     let (verb, session) = match (acquire, release, cas) {
         (Some(_), Some(_), _) => {
-            return Err(ApiError::BadRequest(
-                "Conflicting flags: acquire and release".into(),
-            ));
+            return Err(ApiError::BadRequest("Conflicting flags: acquire and release".into()));
         }
         (Some(s), None, _) => (KvVerb::Lock, s.to_string()),
         (None, Some(s), _) => (KvVerb::Unlock, s.to_string()),
@@ -168,9 +127,7 @@ async fn delete(ctx: Ctx, key: String, p: Params) -> Result<Response, ApiError> 
     }
     let mut o = match (recurse, p.u64("cas")?) {
         (true, Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "Conflicting flags: cas and recurse".into(),
-            ));
+            return Err(ApiError::BadRequest("Conflicting flags: cas and recurse".into()));
         }
         (true, None) => op(KvVerb::DeleteTree, &key),
         (false, Some(i)) => {

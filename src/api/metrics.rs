@@ -36,16 +36,8 @@ impl Stats {
         self.sum_sq += v * v;
     }
     fn json(&self, name: &str, labels: &Labels) -> Value {
-        let mean = if self.count > 0 {
-            self.sum / self.count as f64
-        } else {
-            0.0
-        };
-        let var = if self.count > 1 {
-            (self.sum_sq - self.sum * mean) / (self.count - 1) as f64
-        } else {
-            0.0
-        };
+        let mean = if self.count > 0 { self.sum / self.count as f64 } else { 0.0 };
+        let var = if self.count > 1 { (self.sum_sq - self.sum * mean) / (self.count - 1) as f64 } else { 0.0 };
         json!({
             "Name": name, "Count": self.count, "Rate": self.sum / 10.0, "Sum": self.sum,
             "Min": self.min, "Max": self.max, "Mean": mean, "Stddev": var.max(0.0).sqrt(),
@@ -63,20 +55,10 @@ pub struct Registry {
 
 impl Registry {
     pub fn count(&self, name: &'static str, labels: Labels, by: f64) {
-        self.counters
-            .lock()
-            .expect("metrics lock")
-            .entry((name, labels))
-            .or_default()
-            .add(by);
+        self.counters.lock().expect("metrics lock").entry((name, labels)).or_default().add(by);
     }
     pub fn sample(&self, name: &'static str, labels: Labels, v: f64) {
-        self.samples
-            .lock()
-            .expect("metrics lock")
-            .entry((name, labels))
-            .or_default()
-            .add(v);
+        self.samples.lock().expect("metrics lock").entry((name, labels)).or_default().add(v);
     }
 }
 
@@ -86,88 +68,39 @@ pub async fn track(State(ctx): State<Ctx>, req: Request, next: Next) -> Response
     let start = Instant::now();
     let resp = next.run(req).await;
     let ms = start.elapsed().as_secs_f64() * 1000.0;
-    ctx.metrics.count(
-        "consul.http.request",
-        vec![
-            ("method", method.clone()),
-            ("code", resp.status().as_u16().to_string()),
-        ],
-        1.0,
-    );
-    ctx.metrics.sample(
-        "consul.http.request_duration_ms",
-        vec![("method", method)],
-        ms,
-    );
+    ctx.metrics.count("consul.http.request", vec![("method", method.clone()), ("code", resp.status().as_u16().to_string())], 1.0);
+    ctx.metrics.sample("consul.http.request_duration_ms", vec![("method", method)], ms);
     resp
 }
 
 fn gauges(ctx: &Ctx) -> Vec<(&'static str, f64)> {
-    let m = ctx.node.raft.metrics().borrow().clone();
+    let mut out = vec![("consul.runtime.uptime_seconds", ctx.started.elapsed().as_secs_f64())];
+    let Some(node) = &ctx.node else { return out };
+    let m = node.raft.metrics().borrow().clone();
     let (nodes, services, kv, sessions) = {
-        let s = ctx.node.store.read().expect("state lock");
+        let s = node.store.read().expect("state lock");
         let d = s.data();
-        (
-            d.nodes.len(),
-            d.services.len(),
-            d.kv.len(),
-            d.sessions.len(),
-        )
+        (d.nodes.len(), d.services.len(), d.kv.len(), d.sessions.len())
     };
-    vec![
-        (
-            "consul.raft.leader",
-            f64::from(u8::from(m.current_leader == Some(ctx.node.id))),
-        ),
+    out.extend([
+        ("consul.raft.leader", f64::from(u8::from(m.current_leader == Some(node.id)))),
         ("consul.raft.term", m.current_term as f64),
-        (
-            "consul.raft.last_index",
-            m.last_log_index.unwrap_or(0) as f64,
-        ),
-        (
-            "consul.raft.applied_index",
-            m.last_applied.map(|l| l.index).unwrap_or(0) as f64,
-        ),
-        (
-            "consul.raft.peers",
-            m.membership_config.membership().voter_ids().count() as f64,
-        ),
-        (
-            "consul.runtime.uptime_seconds",
-            ctx.started.elapsed().as_secs_f64(),
-        ),
+        ("consul.raft.last_index", m.last_log_index.unwrap_or(0) as f64),
+        ("consul.raft.applied_index", m.last_applied.map(|l| l.index).unwrap_or(0) as f64),
+        ("consul.raft.peers", m.membership_config.membership().voter_ids().count() as f64),
         ("consul.state.nodes", nodes as f64),
         ("consul.state.services", services as f64),
         ("consul.state.kv_entries", kv as f64),
         ("consul.state.sessions", sessions as f64),
-    ]
+    ]);
+    out
 }
 
 pub fn render_json(ctx: &Ctx) -> Value {
-    let counters: Vec<Value> = ctx
-        .metrics
-        .counters
-        .lock()
-        .expect("metrics lock")
-        .iter()
-        .map(|((n, l), s)| s.json(n, l))
-        .collect();
-    let samples: Vec<Value> = ctx
-        .metrics
-        .samples
-        .lock()
-        .expect("metrics lock")
-        .iter()
-        .map(|((n, l), s)| s.json(n, l))
-        .collect();
-    let gauges: Vec<Value> = gauges(ctx)
-        .into_iter()
-        .map(|(n, v)| json!({ "Name": n, "Value": v, "Labels": {} }))
-        .collect();
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let counters: Vec<Value> = ctx.metrics.counters.lock().expect("metrics lock").iter().map(|((n, l), s)| s.json(n, l)).collect();
+    let samples: Vec<Value> = ctx.metrics.samples.lock().expect("metrics lock").iter().map(|((n, l), s)| s.json(n, l)).collect();
+    let gauges: Vec<Value> = gauges(ctx).into_iter().map(|(n, v)| json!({ "Name": n, "Value": v, "Labels": {} })).collect();
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     json!({ "Timestamp": secs.to_string(), "Gauges": gauges, "Points": [], "Counters": counters, "Samples": samples })
 }
 
@@ -179,10 +112,7 @@ fn prom_labels(l: &Labels) -> String {
     if l.is_empty() {
         return String::new();
     }
-    let inner: Vec<String> = l
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
+    let inner: Vec<String> = l.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))).collect();
     format!("{{{}}}", inner.join(","))
 }
 
@@ -208,14 +138,7 @@ pub fn render_prometheus(ctx: &Ctx) -> String {
             let _ = writeln!(out, "# TYPE {n} summary");
             last = n.clone();
         }
-        let _ = writeln!(
-            out,
-            "{n}_sum{} {}\n{n}_count{} {}",
-            prom_labels(l),
-            s.sum,
-            prom_labels(l),
-            s.count
-        );
+        let _ = writeln!(out, "{n}_sum{} {}\n{n}_count{} {}", prom_labels(l), s.sum, prom_labels(l), s.count);
     }
     out
 }

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod catalog;
 pub mod error;
+pub mod event;
 pub mod filter;
 pub mod forward;
 pub mod health;
@@ -54,7 +55,11 @@ pub struct AgentInfo {
 
 pub struct ApiContext {
     pub info: AgentInfo,
-    pub node: RaftNode,
+    /// The Raft handle on servers; `None` on client agents, which forward to servers.
+    pub node: Option<RaftNode>,
+    /// RPC to other agents (forwarding).
+    pub rpc: crate::rpc::RpcClient,
+    pub agent: Arc<dyn agent::AgentOps>,
     pub sessions: session::SessionTimers,
     pub autopilot: Arc<Mutex<operator::AutopilotHealth>>,
     pub metrics: metrics::Registry,
@@ -62,6 +67,14 @@ pub struct ApiContext {
 }
 
 pub type Ctx = Arc<ApiContext>;
+
+impl ApiContext {
+    /// The Raft handle; only servers have one, and only server-side handlers ask for it (a
+    /// client agent forwards those requests before they get here).
+    pub fn raft(&self) -> Result<&RaftNode, ApiError> {
+        self.node.as_ref().ok_or_else(|| ApiError::Internal("this endpoint is answered by servers".into()))
+    }
+}
 
 pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
@@ -76,21 +89,14 @@ pub fn router(ctx: Ctx) -> Router {
         .merge(session::routes())
         .merge(txn::routes())
         .merge(agent::routes())
+        .merge(event::routes())
         .merge(operator::routes())
         .merge(snapshot::routes())
         .merge(ui::routes())
         .fallback(|| async { ApiError::NotFound("404 page not found".into()) })
-        .method_not_allowed_fallback(|m: axum::http::Method| async move {
-            ApiError::MethodNotAllowed(m.to_string())
-        })
-        .layer(axum::middleware::from_fn_with_state(
-            ctx.clone(),
-            forward::forward_to_leader,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            ctx.clone(),
-            metrics::track,
-        ))
+        .method_not_allowed_fallback(|m: axum::http::Method| async move { ApiError::MethodNotAllowed(m.to_string()) })
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), forward::forward_to_leader))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), metrics::track))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(ctx)
 }

@@ -28,10 +28,7 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/operator/raft/configuration", get(configuration))
         .route("/v1/operator/raft/peer", delete(remove_peer))
         .route("/v1/operator/raft/transfer-leader", post(transfer_leader))
-        .route(
-            "/v1/operator/autopilot/configuration",
-            get(autopilot_get).put(autopilot_put),
-        )
+        .route("/v1/operator/autopilot/configuration", get(autopilot_get).put(autopilot_put))
         .route("/v1/operator/autopilot/health", get(autopilot_health))
 }
 
@@ -64,13 +61,13 @@ pub struct ServerHealth {
 
 async fn configuration(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
     if p.flag("consistent") || !p.flag("stale") {
-        ctx.node.verify_leader().await?;
+        ctx.raft()?.verify_leader().await?;
     }
-    let leader = ctx.node.leader().map(|l| l.0);
-    let m = ctx.node.raft.metrics().borrow().clone();
+    let leader = ctx.raft()?.leader().map(|l| l.0);
+    let m = ctx.raft()?.raft.metrics().borrow().clone();
     let index = m.membership_config.log_id().map(|l| l.index).unwrap_or(0);
     let servers: Vec<_> = ctx
-        .node
+        .raft()?
         .members()
         .into_iter()
         .map(|(id, n, voter)| {
@@ -87,87 +84,50 @@ async fn remove_peer(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiE
         _ => return Err(ApiError::BadRequest("Must specify either ?id with the server's ID or ?address with IP:port of peer to remove".into())),
     };
     let target = ctx
-        .node
+        .raft()?
         .members()
         .into_iter()
-        .find(|(_, n, _)| {
-            if by == "id" {
-                n.id == want
-            } else {
-                n.rpc_addr == want
-            }
-        })
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{by} {want:?} was not found in the Raft configuration"
-            ))
-        })?;
-    if target.0 == ctx.node.id && ctx.node.members().len() == 1 {
+        .find(|(_, n, _)| if by == "id" { n.id == want } else { n.rpc_addr == want })
+        .ok_or_else(|| ApiError::BadRequest(format!("{by} {want:?} was not found in the Raft configuration")))?;
+    if target.0 == ctx.raft()?.id && ctx.raft()?.members().len() == 1 {
         return Err(ApiError::BadRequest("cannot remove the only server".into()));
     }
-    ctx.node
+    ctx.raft()?
         .raft
-        .change_membership(
-            ChangeMembers::RemoveVoters(BTreeSet::from([target.0])),
-            false,
-        )
+        .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([target.0])), false)
         .await
         .map_err(|e| ApiError::Internal(format!("removing peer: {e}")))?;
     Ok(().into_response())
 }
 
 async fn transfer_leader(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
-    let leader = ctx.node.leader().ok_or(ApiError::NoLeader)?;
-    let members = ctx.node.members();
+    let leader = ctx.raft()?.leader().ok_or(ApiError::NoLeader)?;
+    let members = ctx.raft()?.members();
     let target = match p.get("id").filter(|s| !s.is_empty()) {
-        Some(id) => members
-            .iter()
-            .find(|(_, n, v)| *v && n.id == id)
-            .ok_or_else(|| ApiError::BadRequest(format!("id {id:?} is not a voter")))?,
+        Some(id) => members.iter().find(|(_, n, v)| *v && n.id == id).ok_or_else(|| ApiError::BadRequest(format!("id {id:?} is not a voter")))?,
         None => members
             .iter()
             .find(|(id, _, v)| *v && *id != leader.0)
-            .ok_or_else(|| {
-                ApiError::BadRequest("no other voter to transfer leadership to".into())
-            })?,
+            .ok_or_else(|| ApiError::BadRequest("no other voter to transfer leadership to".into()))?,
     };
     if target.0 == leader.0 {
-        return Err(ApiError::BadRequest(
-            "that server is already the leader".into(),
-        ));
+        return Err(ApiError::BadRequest("that server is already the leader".into()));
     }
-    let addr = target
-        .1
-        .socket_addr()
-        .ok_or_else(|| ApiError::Internal("target has no RPC address".into()))?;
+    let addr = target.1.socket_addr().ok_or_else(|| ApiError::Internal("target has no RPC address".into()))?;
     // openraft 0.9 has no transfer primitive: the leader stops heartbeating so that the
     // followers' leader lease lapses, and the target calls an election meanwhile.
-    ctx.node.raft.runtime_config().heartbeat(false);
-    let res = ctx
-        .node
-        .rpc
-        .call_typed::<ClusterRpc, ClusterReply>(
-            addr,
-            Service::Cluster,
-            &ClusterRpc::Elect,
-            TRANSFER_TIMEOUT,
-        )
-        .await;
-    ctx.node.raft.runtime_config().heartbeat(true);
+    ctx.raft()?.raft.runtime_config().heartbeat(false);
+    let res = ctx.raft()?.rpc.call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &ClusterRpc::Elect, TRANSFER_TIMEOUT).await;
+    ctx.raft()?.raft.runtime_config().heartbeat(true);
     match res {
         Ok(ClusterReply::Elected) => Ok(axum::Json(json!({ "Success": true })).into_response()),
         Ok(_) => Err(ApiError::Internal("unexpected reply to elect".into())),
-        Err(e) => Err(ApiError::Internal(format!(
-            "leadership transfer failed: {e}"
-        ))),
+        Err(e) => Err(ApiError::Internal(format!("leadership transfer failed: {e}"))),
     }
 }
 
 async fn autopilot_get(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
-    let (cfg, meta) = blocking(&ctx, &p, &[Table::Autopilot], |d| {
-        Ok((d.autopilot.clone(), d.autopilot.modify_index))
-    })
-    .await?;
+    let (cfg, meta) = blocking(&ctx, &p, &[Table::Autopilot], |d| Ok((d.autopilot.clone(), d.autopilot.modify_index))).await?;
     Ok(reply(&meta, &autopilot_json(&cfg)))
 }
 
@@ -191,55 +151,27 @@ struct AutopilotBody {
     server_stabilization_time: Option<String>,
 }
 
-async fn autopilot_put(
-    State(ctx): State<Ctx>,
-    p: Params,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn autopilot_put(State(ctx): State<Ctx>, p: Params, body: Bytes) -> Result<Response, ApiError> {
     let b: AutopilotBody = decode(&body)?;
-    let mut c = ctx
-        .node
-        .store
-        .read()
-        .expect("state lock")
-        .data()
-        .autopilot
-        .clone();
-    for (key, v) in [
-        ("LastContactThreshold", &b.last_contact_threshold),
-        ("ServerStabilizationTime", &b.server_stabilization_time),
-    ] {
+    let mut c = ctx.raft()?.store.read().expect("state lock").data().autopilot.clone();
+    for (key, v) in [("LastContactThreshold", &b.last_contact_threshold), ("ServerStabilizationTime", &b.server_stabilization_time)] {
         if let Some(v) = v
             && crate::duration::parse(v).is_none()
         {
-            return Err(ApiError::BadRequest(format!(
-                "Request decode failed: {key}: invalid duration {v:?}"
-            )));
+            return Err(ApiError::BadRequest(format!("Request decode failed: {key}: invalid duration {v:?}")));
         }
     }
     c.cleanup_dead_servers = b.cleanup_dead_servers.unwrap_or(c.cleanup_dead_servers);
     c.last_contact_threshold = b.last_contact_threshold.unwrap_or(c.last_contact_threshold);
     c.max_trailing_logs = b.max_trailing_logs.unwrap_or(c.max_trailing_logs);
     c.min_quorum = b.min_quorum.unwrap_or(c.min_quorum);
-    c.server_stabilization_time = b
-        .server_stabilization_time
-        .unwrap_or(c.server_stabilization_time);
-    let (outcome, index) = ctx
-        .node
-        .write(Command::AutopilotSetConfig {
-            config: c,
-            cas: p.u64("cas")?,
-        })
-        .await?;
+    c.server_stabilization_time = b.server_stabilization_time.unwrap_or(c.server_stabilization_time);
+    let (outcome, index) = ctx.raft()?.write(Command::AutopilotSetConfig { config: c, cas: p.u64("cas")? }).await?;
     Ok(write_reply(&ctx, index, outcome == Outcome::Applied(true)))
 }
 
 async fn autopilot_health(State(ctx): State<Ctx>) -> Response {
     let h = ctx.autopilot.lock().expect("autopilot lock").clone();
-    let status = if h.healthy {
-        axum::http::StatusCode::OK
-    } else {
-        axum::http::StatusCode::TOO_MANY_REQUESTS
-    };
+    let status = if h.healthy { axum::http::StatusCode::OK } else { axum::http::StatusCode::TOO_MANY_REQUESTS };
     (status, axum::Json(h)).into_response()
 }

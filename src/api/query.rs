@@ -28,18 +28,13 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 2;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -61,10 +56,7 @@ impl Params {
         Params(pairs)
     }
     pub fn get(&self, k: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
     }
     pub fn has(&self, k: &str) -> bool {
         self.0.iter().any(|(key, _)| key == k)
@@ -74,20 +66,12 @@ impl Params {
         self.get(k).is_some_and(|v| v != "false" && v != "0")
     }
     pub fn all(&self, k: &str) -> Vec<&str> {
-        self.0
-            .iter()
-            .filter(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.0.iter().filter(|(key, _)| key == k).map(|(_, v)| v.as_str()).collect()
     }
     pub fn u64(&self, k: &str) -> Result<Option<u64>, ApiError> {
         match self.get(k) {
             None | Some("") => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| {
-                ApiError::BadRequest(format!(
-                    "Invalid {k} parameter: {v:?} is not a non-negative integer"
-                ))
-            }),
+            Some(v) => v.parse().map(Some).map_err(|_| ApiError::BadRequest(format!("Invalid {k} parameter: {v:?} is not a non-negative integer"))),
         }
     }
     /// `node-meta=key:value` pairs.
@@ -96,9 +80,7 @@ impl Params {
             .into_iter()
             .map(|kv| match kv.split_once(':') {
                 Some((k, v)) => Ok((k.to_string(), v.to_string())),
-                None => Err(ApiError::BadRequest(format!(
-                    "Invalid node-meta {kv:?}: expected key:value"
-                ))),
+                None => Err(ApiError::BadRequest(format!("Invalid node-meta {kv:?}: expected key:value"))),
             })
             .collect()
     }
@@ -134,12 +116,8 @@ impl Meta {
         };
         Meta {
             index: index.max(1),
-            known_leader: ctx.node.leader().is_some(),
-            last_contact_ms: ctx
-                .node
-                .last_contact()
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            known_leader: ctx.node.as_ref().is_none_or(|n| n.leader().is_some()),
+            last_contact_ms: ctx.node.as_ref().and_then(|n| n.last_contact()).map(|d| d.as_millis() as u64).unwrap_or(0),
             consistency,
         }
     }
@@ -154,11 +132,7 @@ impl Meta {
         put(h, "x-consul-index", self.index.to_string());
         put(h, "x-consul-knownleader", self.known_leader.to_string());
         put(h, "x-consul-lastcontact", self.last_contact_ms.to_string());
-        put(
-            h,
-            "x-consul-effective-consistency",
-            self.consistency.to_string(),
-        );
+        put(h, "x-consul-effective-consistency", self.consistency.to_string());
     }
 }
 
@@ -171,10 +145,7 @@ pub fn reply<T: Serialize>(meta: &Meta, body: &T) -> Response {
 
 /// Serialise `items` and keep the ones `?filter=` selects.
 pub fn filtered<T: Serialize>(p: &Params, items: &[T]) -> Result<serde_json::Value, ApiError> {
-    let values: Vec<serde_json::Value> = items
-        .iter()
-        .map(|i| serde_json::to_value(i).unwrap_or(serde_json::Value::Null))
-        .collect();
+    let values: Vec<serde_json::Value> = items.iter().map(|i| serde_json::to_value(i).unwrap_or(serde_json::Value::Null)).collect();
     Ok(serde_json::Value::Array(match p.filter() {
         Some(expr) => super::filter::apply(expr, values)?,
         None => values,
@@ -184,32 +155,26 @@ pub fn filtered<T: Serialize>(p: &Params, items: &[T]) -> Result<serde_json::Val
 fn wait_of(p: &Params) -> Result<Duration, ApiError> {
     let wait = match p.get("wait") {
         None | Some("") => DEFAULT_WAIT,
-        Some(w) => crate::duration::parse(w)
-            .ok_or_else(|| ApiError::BadRequest(format!("Invalid wait time: {w:?}")))?,
+        Some(w) => crate::duration::parse(w).ok_or_else(|| ApiError::BadRequest(format!("Invalid wait time: {w:?}")))?,
     };
     Ok(wait.min(MAX_WAIT))
 }
 
 /// Run `read` against the state; with `?index=N`, wait (up to `?wait`) until its index passes
 /// N. Receivers are taken before each read so that no change between read and wait is missed.
-pub async fn blocking<T, F>(
-    ctx: &Ctx,
-    p: &Params,
-    tables: &[Table],
-    read: F,
-) -> Result<(T, Meta), ApiError>
+pub async fn blocking<T, F>(ctx: &Ctx, p: &Params, tables: &[Table], read: F) -> Result<(T, Meta), ApiError>
 where
     F: Fn(&StateData) -> Result<(T, RaftIndex), ApiError>,
 {
     if p.flag("consistent") && !p.flag("stale") {
-        ctx.node.verify_leader().await?;
+        ctx.raft()?.verify_leader().await?;
     }
     let min_index = p.u64("index")?.filter(|i| *i > 0);
     let wait = wait_of(p)?;
     let deadline = tokio::time::Instant::now() + wait + jitter(wait);
     loop {
         let (mut watches, result) = {
-            let store = ctx.node.store.read().expect("state lock");
+            let store = ctx.raft()?.store.read().expect("state lock");
             let watches: Vec<_> = tables.iter().map(|t| store.watch(*t)).collect();
             (watches, read(store.data())?)
         };
@@ -225,10 +190,9 @@ where
         if done || tokio::time::Instant::now() >= deadline {
             return Ok((value, Meta::of(ctx, index, p)));
         }
-        let changed =
-            futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        let changed = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            let store = ctx.node.store.read().expect("state lock");
+            let store = ctx.raft()?.store.read().expect("state lock");
             let (value, index) = read(store.data())?;
             return Ok((value, Meta::of(ctx, index, p)));
         }
@@ -250,9 +214,7 @@ mod tests {
 
     #[test]
     fn params_decode_flags_and_percent_escapes() {
-        let p = Params::parse(Some(
-            "recurse&filter=Service%20%3D%3D%20web&tag=a&tag=b+c&stale=false",
-        ));
+        let p = Params::parse(Some("recurse&filter=Service%20%3D%3D%20web&tag=a&tag=b+c&stale=false"));
         assert!(p.has("recurse") && p.flag("recurse"));
         assert!(!p.flag("stale"));
         assert_eq!(p.get("filter"), Some("Service == web"));

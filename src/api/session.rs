@@ -40,10 +40,7 @@ pub struct SessionTimers {
 
 impl SessionTimers {
     pub fn renew(&self, id: &str, ttl: Duration) {
-        self.deadlines
-            .lock()
-            .expect("timers lock")
-            .insert(id.to_string(), Instant::now() + ttl * TTL_GRACE_MULTIPLIER);
+        self.deadlines.lock().expect("timers lock").insert(id.to_string(), Instant::now() + ttl * TTL_GRACE_MULTIPLIER);
     }
 
     /// Forget every deadline (on losing or gaining leadership).
@@ -59,9 +56,7 @@ impl SessionTimers {
         d.retain(|id, _| live.iter().any(|(l, _)| l == id));
         let mut out = Vec::new();
         for (id, ttl) in live {
-            let deadline = *d
-                .entry(id.clone())
-                .or_insert(now + *ttl * TTL_GRACE_MULTIPLIER);
+            let deadline = *d.entry(id.clone()).or_insert(now + *ttl * TTL_GRACE_MULTIPLIER);
             if deadline <= now {
                 out.push(id.clone());
             }
@@ -106,17 +101,10 @@ fn lock_delay(v: Option<Value>) -> Result<Duration, ApiError> {
     let d = match v {
         None | Some(Value::Null) => DEFAULT_LOCK_DELAY,
         Some(Value::Number(n)) => {
-            let n = n
-                .as_u64()
-                .ok_or_else(|| ApiError::BadRequest(format!("Invalid LockDelay: {n}")))?;
-            if n < LOCK_DELAY_SECONDS_BELOW {
-                Duration::from_secs(n)
-            } else {
-                Duration::from_nanos(n)
-            }
+            let n = n.as_u64().ok_or_else(|| ApiError::BadRequest(format!("Invalid LockDelay: {n}")))?;
+            if n < LOCK_DELAY_SECONDS_BELOW { Duration::from_secs(n) } else { Duration::from_nanos(n) }
         }
-        Some(Value::String(s)) => crate::duration::parse(&s)
-            .ok_or_else(|| ApiError::BadRequest(format!("Invalid LockDelay: {s:?}")))?,
+        Some(Value::String(s)) => crate::duration::parse(&s).ok_or_else(|| ApiError::BadRequest(format!("Invalid LockDelay: {s:?}")))?,
         Some(other) => return Err(ApiError::BadRequest(format!("Invalid LockDelay: {other}"))),
     };
     if d > MAX_LOCK_DELAY {
@@ -133,31 +121,21 @@ pub fn parse_ttl(ttl: &str) -> Result<Option<Duration>, ApiError> {
     if ttl.is_empty() {
         return Ok(None);
     }
-    let d = crate::duration::parse(ttl).ok_or_else(|| {
-        ApiError::BadRequest(format!("Request decode failed: invalid TTL {ttl:?}"))
-    })?;
+    let d = crate::duration::parse(ttl).ok_or_else(|| ApiError::BadRequest(format!("Request decode failed: invalid TTL {ttl:?}")))?;
     if d != Duration::ZERO && !(MIN_TTL..=MAX_TTL).contains(&d) {
-        return Err(ApiError::BadRequest(format!(
-            "Invalid Session TTL '{ttl}', must be between [10s=24h0m0s]"
-        )));
+        return Err(ApiError::BadRequest(format!("Invalid Session TTL '{ttl}', must be between [10s=24h0m0s]")));
     }
     Ok(Some(d).filter(|d| !d.is_zero()))
 }
 
 async fn create(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
     // An empty body is a session with every default, as Consul allows.
-    let b: CreateBody = if body.iter().all(u8::is_ascii_whitespace) {
-        CreateBody::default()
-    } else {
-        decode(&body)?
-    };
+    let b: CreateBody = if body.iter().all(u8::is_ascii_whitespace) { CreateBody::default() } else { decode(&body)? };
     let behavior = match b.behavior.as_str() {
         "" | "release" => SessionBehavior::Release,
         "delete" => SessionBehavior::Delete,
         other => {
-            return Err(ApiError::BadRequest(format!(
-                "Invalid Behavior setting '{other}'"
-            )));
+            return Err(ApiError::BadRequest(format!("Invalid Behavior setting '{other}'")));
         }
     };
     let ttl = parse_ttl(&b.ttl)?;
@@ -168,21 +146,9 @@ async fn create(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiErro
     let s = Session {
         id: uuid::Uuid::new_v4().to_string(),
         name: b.name,
-        node: if b.node.is_empty() {
-            ctx.info.node_name.clone()
-        } else {
-            b.node
-        },
+        node: if b.node.is_empty() { ctx.info.node_name.clone() } else { b.node },
         node_checks,
-        service_checks: b
-            .service_checks
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| ServiceCheckRef {
-                id: c.id,
-                namespace: c.namespace,
-            })
-            .collect(),
+        service_checks: b.service_checks.unwrap_or_default().into_iter().map(|c| ServiceCheckRef { id: c.id, namespace: c.namespace }).collect(),
         lock_delay: lock_delay(b.lock_delay)?.as_nanos() as u64,
         behavior,
         ttl: ttl.map(crate::duration::format).unwrap_or_default(),
@@ -191,31 +157,21 @@ async fn create(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiErro
         modify_index: 0,
     };
     let id = s.id.clone();
-    let (outcome, index) = ctx.node.write(Command::SessionCreate(s)).await?;
+    let (outcome, index) = ctx.raft()?.write(Command::SessionCreate(s)).await?;
     accepted(outcome)?;
     if let Some(ttl) = ttl {
         ctx.sessions.renew(&id, ttl);
     }
-    Ok(reply(
-        &Meta::of(&ctx, index, &Params::default()),
-        &json!({ "ID": id }),
-    ))
+    Ok(reply(&Meta::of(&ctx, index, &Params::default()), &json!({ "ID": id })))
 }
 
 async fn destroy(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let (_, index) = ctx.node.write(Command::SessionDestroy { id }).await?;
+    let (_, index) = ctx.raft()?.write(Command::SessionDestroy { id }).await?;
     Ok(write_reply(&ctx, index, true))
 }
 
-async fn renew(
-    State(ctx): State<Ctx>,
-    Path(id): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
-    let (found, meta) = blocking(&ctx, &Params::default(), &[Table::Sessions], |d| {
-        Ok(d.session_get(&id))
-    })
-    .await?;
+async fn renew(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let (found, meta) = blocking(&ctx, &Params::default(), &[Table::Sessions], |d| Ok(d.session_get(&id))).await?;
     let Some(s) = found else {
         return Err(ApiError::NotFound(format!("Session id '{id}' not found")));
     };
@@ -226,24 +182,13 @@ async fn renew(
     Ok(reply(&meta, &[s]))
 }
 
-async fn info(
-    State(ctx): State<Ctx>,
-    Path(id): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
+async fn info(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params) -> Result<Response, ApiError> {
     let (found, meta) = blocking(&ctx, &p, &[Table::Sessions], |d| Ok(d.session_get(&id))).await?;
     Ok(reply(&meta, &found.into_iter().collect::<Vec<_>>()))
 }
 
-async fn node(
-    State(ctx): State<Ctx>,
-    Path(node): Path<String>,
-    p: Params,
-) -> Result<Response, ApiError> {
-    let (list, meta) = blocking(&ctx, &p, &[Table::Sessions], |d| {
-        Ok(d.session_list(Some(&node)))
-    })
-    .await?;
+async fn node(State(ctx): State<Ctx>, Path(node): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let (list, meta) = blocking(&ctx, &p, &[Table::Sessions], |d| Ok(d.session_list(Some(&node)))).await?;
     Ok(reply(&meta, &list))
 }
 
@@ -266,14 +211,8 @@ mod tests {
 
     #[test]
     fn small_numeric_lock_delays_are_seconds() {
-        assert_eq!(
-            lock_delay(Some(json!(15))).unwrap(),
-            Duration::from_secs(15)
-        );
-        assert_eq!(
-            lock_delay(Some(json!(2_000_000_000u64))).unwrap(),
-            Duration::from_secs(2)
-        );
+        assert_eq!(lock_delay(Some(json!(15))).unwrap(), Duration::from_secs(15));
+        assert_eq!(lock_delay(Some(json!(2_000_000_000u64))).unwrap(), Duration::from_secs(2));
         assert!(lock_delay(Some(json!("2m"))).is_err());
     }
 
@@ -282,10 +221,7 @@ mod tests {
         let t = SessionTimers::default();
         let live = vec![("a".to_string(), Duration::from_secs(10))];
         assert!(t.expired(&live).is_empty());
-        t.deadlines
-            .lock()
-            .unwrap()
-            .insert("a".into(), Instant::now() - Duration::from_millis(1));
+        t.deadlines.lock().unwrap().insert("a".into(), Instant::now() - Duration::from_millis(1));
         assert_eq!(t.expired(&live), vec!["a"]);
         assert!(t.expired(&[]).is_empty());
     }

@@ -39,38 +39,22 @@ pub struct SnapshotMeta {
 }
 
 fn sha256_hex(b: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, b)
-        .as_ref()
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
+    ring::digest::digest(&ring::digest::SHA256, b).as_ref().iter().map(|x| format!("{x:02x}")).collect()
 }
 
 pub fn build_archive(meta: &SnapshotMeta, data: &StateData) -> Result<Vec<u8>, ApiError> {
-    let state = postcard::to_allocvec(data)
-        .map_err(|e| ApiError::Internal(format!("encoding snapshot: {e}")))?;
-    let meta_json =
-        serde_json::to_vec_pretty(meta).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let sums = format!(
-        "{}  {META}\n{}  {STATE}\n",
-        sha256_hex(&meta_json),
-        sha256_hex(&state)
-    );
+    let state = postcard::to_allocvec(data).map_err(|e| ApiError::Internal(format!("encoding snapshot: {e}")))?;
+    let meta_json = serde_json::to_vec_pretty(meta).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let sums = format!("{}  {META}\n{}  {STATE}\n", sha256_hex(&meta_json), sha256_hex(&state));
     let mut tar = tar::Builder::new(Vec::new());
-    for (name, bytes) in [
-        (META, meta_json.as_slice()),
-        (STATE, state.as_slice()),
-        (SUMS, sums.as_bytes()),
-    ] {
+    for (name, bytes) in [(META, meta_json.as_slice()), (STATE, state.as_slice()), (SUMS, sums.as_bytes())] {
         let mut h = tar::Header::new_gnu();
         h.set_size(bytes.len() as u64);
         h.set_mode(0o600);
         h.set_cksum();
-        tar.append_data(&mut h, name, bytes)
-            .map_err(|e| ApiError::Internal(format!("writing snapshot: {e}")))?;
+        tar.append_data(&mut h, name, bytes).map_err(|e| ApiError::Internal(format!("writing snapshot: {e}")))?;
     }
-    tar.into_inner()
-        .map_err(|e| ApiError::Internal(format!("writing snapshot: {e}")))
+    tar.into_inner().map_err(|e| ApiError::Internal(format!("writing snapshot: {e}")))
 }
 
 /// Read and verify an archive; nothing is trusted until every checksum matches.
@@ -80,52 +64,34 @@ pub fn read_archive(bytes: &[u8]) -> Result<(SnapshotMeta, StateData), ApiError>
     let mut ar = tar::Archive::new(bytes);
     for entry in ar.entries().map_err(|e| bad(e.to_string()))? {
         let mut entry = entry.map_err(|e| bad(e.to_string()))?;
-        let name = entry
-            .path()
-            .map_err(|e| bad(e.to_string()))?
-            .to_string_lossy()
-            .into_owned();
+        let name = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
         let mut buf = Vec::new();
-        entry
-            .read_to_end(&mut buf)
-            .map_err(|e| bad(e.to_string()))?;
+        entry.read_to_end(&mut buf).map_err(|e| bad(e.to_string()))?;
         files.insert(name, buf);
     }
-    let get = |n: &str| {
-        files
-            .get(n)
-            .ok_or_else(|| bad(format!("archive has no {n}")))
-    };
+    let get = |n: &str| files.get(n).ok_or_else(|| bad(format!("archive has no {n}")));
     let sums = String::from_utf8_lossy(get(SUMS)?).into_owned();
     for name in [META, STATE] {
-        let want = sums
-            .lines()
-            .find_map(|l| l.strip_suffix(&format!("  {name}")))
-            .ok_or_else(|| bad(format!("{SUMS} has no entry for {name}")))?;
+        let want = sums.lines().find_map(|l| l.strip_suffix(&format!("  {name}"))).ok_or_else(|| bad(format!("{SUMS} has no entry for {name}")))?;
         if sha256_hex(get(name)?) != want {
             return Err(bad(format!("checksum mismatch for {name}")));
         }
     }
-    let meta: SnapshotMeta =
-        serde_json::from_slice(get(META)?).map_err(|e| bad(format!("{META}: {e}")))?;
+    let meta: SnapshotMeta = serde_json::from_slice(get(META)?).map_err(|e| bad(format!("{META}: {e}")))?;
     if meta.version != FORMAT_VERSION {
-        return Err(bad(format!(
-            "unsupported snapshot version {}",
-            meta.version
-        )));
+        return Err(bad(format!("unsupported snapshot version {}", meta.version)));
     }
-    let data: StateData =
-        postcard::from_bytes(get(STATE)?).map_err(|e| bad(format!("{STATE}: {e}")))?;
+    let data: StateData = postcard::from_bytes(get(STATE)?).map_err(|e| bad(format!("{STATE}: {e}")))?;
     Ok((meta, data))
 }
 
 async fn save(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
     if !p.flag("stale") {
-        ctx.node.verify_leader().await?;
+        ctx.raft()?.verify_leader().await?;
     }
     let (data, index) = {
-        let store = ctx.node.store.read().expect("state lock");
-        (store.data().clone(), ctx.node.applied_index())
+        let store = ctx.raft()?.store.read().expect("state lock");
+        (store.data().clone(), ctx.raft()?.applied_index())
     };
     let meta = SnapshotMeta {
         id: format!("{index}-{}", crate::consensus::node::now_ms()),
@@ -142,7 +108,7 @@ async fn save(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
 
 async fn restore(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
     let (_, data) = read_archive(&body)?;
-    let (_, index) = ctx.node.write(Command::Restore(Box::new(data))).await?;
+    let (_, index) = ctx.raft()?.write(Command::Restore(Box::new(data))).await?;
     let mut resp = ().into_response();
     Meta::of(&ctx, index, &Params::default()).apply(&mut resp);
     Ok(resp)
@@ -153,26 +119,13 @@ mod tests {
     use super::*;
 
     fn meta() -> SnapshotMeta {
-        SnapshotMeta {
-            id: "1".into(),
-            index: 1,
-            datacenter: "dc1".into(),
-            version: FORMAT_VERSION,
-            timestamp: String::new(),
-        }
+        SnapshotMeta { id: "1".into(), index: 1, datacenter: "dc1".into(), version: FORMAT_VERSION, timestamp: String::new() }
     }
 
     #[test]
     fn archive_round_trips() {
         let mut d = StateData::default();
-        d.kv.insert(
-            "a".into(),
-            crate::state::KvEntry {
-                key: "a".into(),
-                value: Some(b"v".to_vec()),
-                ..Default::default()
-            },
-        );
+        d.kv.insert("a".into(), crate::state::KvEntry { key: "a".into(), value: Some(b"v".to_vec()), ..Default::default() });
         let bytes = build_archive(&meta(), &d).unwrap();
         assert_eq!(read_archive(&bytes).unwrap().1, d);
     }

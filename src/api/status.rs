@@ -5,31 +5,21 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 
-use super::Ctx;
 use super::query::{Meta, Params, reply};
+use super::{ApiError, Ctx};
 
 pub fn routes() -> Router<Ctx> {
-    Router::new()
-        .route("/v1/status/leader", get(leader))
-        .route("/v1/status/peers", get(peers))
+    Router::new().route("/v1/status/leader", get(leader)).route("/v1/status/peers", get(peers))
 }
 
-async fn leader(State(ctx): State<Ctx>, p: Params) -> Response {
-    let addr = ctx
-        .node
-        .leader()
-        .map(|(_, n)| n.rpc_addr)
-        .unwrap_or_default();
-    reply(&Meta::of(&ctx, ctx.node.applied_index(), &p), &addr)
+async fn leader(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    let node = ctx.raft()?;
+    let addr = node.leader().map(|(_, n)| n.rpc_addr).unwrap_or_default();
+    Ok(reply(&Meta::of(&ctx, node.applied_index(), &p), &addr))
 }
 
-async fn peers(State(ctx): State<Ctx>, p: Params) -> Response {
-    let voters: Vec<String> = ctx
-        .node
-        .members()
-        .into_iter()
-        .filter(|(_, _, voter)| *voter)
-        .map(|(_, n, _)| n.rpc_addr)
-        .collect();
-    reply(&Meta::of(&ctx, ctx.node.applied_index(), &p), &voters)
+async fn peers(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    let node = ctx.raft()?;
+    let voters: Vec<String> = node.members().into_iter().filter(|(_, _, voter)| *voter).map(|(_, n, _)| n.rpc_addr).collect();
+    Ok(reply(&Meta::of(&ctx, node.applied_index(), &p), &voters))
 }

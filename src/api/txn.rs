@@ -46,84 +46,47 @@ struct KvOpBody {
 
 fn parse_ops(body: &[u8]) -> Result<Vec<TxnOp>, ApiError> {
     if body.len() > MAX_TXN_BYTES {
-        return Err(ApiError::TooLarge(format!(
-            "Request body({} bytes) too large, max size: {MAX_TXN_BYTES} bytes",
-            body.len()
-        )));
+        return Err(ApiError::TooLarge(format!("Request body({} bytes) too large, max size: {MAX_TXN_BYTES} bytes", body.len())));
     }
     let ops: Vec<OpBody> = decode(body)?;
     if ops.len() > MAX_OPS {
-        return Err(ApiError::TooLarge(format!(
-            "Transaction contains too many operations ({} > {MAX_OPS})",
-            ops.len()
-        )));
+        return Err(ApiError::TooLarge(format!("Transaction contains too many operations ({} > {MAX_OPS})", ops.len())));
     }
     ops.into_iter()
         .enumerate()
         .map(|(i, o)| {
             if o.node.is_some() || o.service.is_some() || o.check.is_some() {
-                return Err(ApiError::BadRequest(format!(
-                    "operation {i}: only KV operations are supported in transactions"
-                )));
+                return Err(ApiError::BadRequest(format!("operation {i}: only KV operations are supported in transactions")));
             }
-            let kv = o.kv.ok_or_else(|| {
-                ApiError::BadRequest(format!("operation {i}: missing KV operation"))
-            })?;
-            let verb = KvVerb::parse(&kv.verb).ok_or_else(|| {
-                ApiError::BadRequest(format!("operation {i}: unknown KV verb {:?}", kv.verb))
-            })?;
+            let kv = o.kv.ok_or_else(|| ApiError::BadRequest(format!("operation {i}: missing KV operation")))?;
+            let verb = KvVerb::parse(&kv.verb).ok_or_else(|| ApiError::BadRequest(format!("operation {i}: unknown KV verb {:?}", kv.verb)))?;
             let value = kv
                 .value
                 .map(|v| base64::engine::general_purpose::STANDARD.decode(v))
                 .transpose()
-                .map_err(|e| {
-                    ApiError::BadRequest(format!("operation {i}: Value is not valid base64: {e}"))
-                })?;
+                .map_err(|e| ApiError::BadRequest(format!("operation {i}: Value is not valid base64: {e}")))?;
             if kv.key.is_empty() && !matches!(verb, KvVerb::GetTree | KvVerb::DeleteTree) {
-                return Err(ApiError::BadRequest(format!(
-                    "operation {i}: missing key name"
-                )));
+                return Err(ApiError::BadRequest(format!("operation {i}: missing key name")));
             }
-            if matches!(verb, KvVerb::Lock | KvVerb::Unlock | KvVerb::CheckSession)
-                && kv.session.is_empty()
-            {
-                return Err(ApiError::BadRequest(format!(
-                    "operation {i}: verb {:?} needs a Session",
-                    kv.verb
-                )));
+            if matches!(verb, KvVerb::Lock | KvVerb::Unlock | KvVerb::CheckSession) && kv.session.is_empty() {
+                return Err(ApiError::BadRequest(format!("operation {i}: verb {:?} needs a Session", kv.verb)));
             }
-            Ok(TxnOp {
-                verb,
-                key: kv.key,
-                value,
-                flags: kv.flags,
-                index: kv.index,
-                session: kv.session,
-            })
+            Ok(TxnOp { verb, key: kv.key, value, flags: kv.flags, index: kv.index, session: kv.session })
         })
         .collect()
 }
 
 async fn txn(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
     let ops = parse_ops(&body)?;
-    let (outcome, index) = ctx.node.write(Command::Txn(ops)).await?;
+    let (outcome, index) = ctx.raft()?.write(Command::Txn(ops)).await?;
     let (status, body) = match outcome {
         Outcome::Txn(Ok(entries)) => {
             let results: Vec<Value> = entries.iter().map(|e| json!({ "KV": e })).collect();
-            (
-                StatusCode::OK,
-                json!({ "Results": results, "Errors": null }),
-            )
+            (StatusCode::OK, json!({ "Results": results, "Errors": null }))
         }
         Outcome::Txn(Err(errs)) => {
-            let errors: Vec<Value> = errs
-                .iter()
-                .map(|e| json!({ "OpIndex": e.op_index, "What": e.what }))
-                .collect();
-            (
-                StatusCode::CONFLICT,
-                json!({ "Results": null, "Errors": errors }),
-            )
+            let errors: Vec<Value> = errs.iter().map(|e| json!({ "OpIndex": e.op_index, "What": e.what })).collect();
+            (StatusCode::CONFLICT, json!({ "Results": null, "Errors": errors }))
         }
         Outcome::Rejected(m) => return Err(ApiError::BadRequest(m)),
         other => return Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
@@ -142,23 +105,12 @@ mod tests {
         assert!(parse_ops(br#"[{"Node":{"Verb":"set"}}]"#).is_err());
         assert!(parse_ops(br#"[{"KV":{"Verb":"explode","Key":"a"}}]"#).is_err());
         assert!(parse_ops(br#"[{"KV":{"Verb":"set","Key":"a","Value":"!!"}}]"#).is_err());
-        assert_eq!(
-            parse_ops(br#"[{"KV":{"Verb":"set","Key":"a","Value":"aGk="}}]"#).unwrap()[0]
-                .value
-                .as_deref(),
-            Some(&b"hi"[..])
-        );
+        assert_eq!(parse_ops(br#"[{"KV":{"Verb":"set","Key":"a","Value":"aGk="}}]"#).unwrap()[0].value.as_deref(), Some(&b"hi"[..]));
     }
 
     #[test]
     fn too_many_ops_is_413() {
-        let ops = (0..65)
-            .map(|i| format!(r#"{{"KV":{{"Verb":"get","Key":"k{i}"}}}}"#))
-            .collect::<Vec<_>>()
-            .join(",");
-        assert!(matches!(
-            parse_ops(format!("[{ops}]").as_bytes()),
-            Err(ApiError::TooLarge(_))
-        ));
+        let ops = (0..65).map(|i| format!(r#"{{"KV":{{"Verb":"get","Key":"k{i}"}}}}"#)).collect::<Vec<_>>().join(",");
+        assert!(matches!(parse_ops(format!("[{ops}]").as_bytes()), Err(ApiError::TooLarge(_))));
     }
 }

@@ -19,10 +19,7 @@ pub fn routes() -> Router<Ctx> {
         .route("/", get(|| async { Redirect::temporary("/ui/") }))
         .route("/ui", get(|| async { Redirect::temporary("/ui/") }))
         .route("/ui/", get(|| async { asset("index.html") }))
-        .route(
-            "/ui/{*path}",
-            get(|Path(p): Path<String>| async move { asset(&p) }),
-        )
+        .route("/ui/{*path}", get(|Path(p): Path<String>| async move { asset(&p) }))
 }
 
 fn asset(path: &str) -> Response {
@@ -37,12 +34,6 @@ fn asset(path: &str) -> Response {
         None => return (StatusCode::NOT_FOUND, "404 page not found").into_response(),
     };
     let _ = name;
-    (
-        [
-            (header::CONTENT_TYPE, file.metadata.mimetype().to_string()),
-            (header::CACHE_CONTROL, "no-cache".to_string()),
-        ],
-        file.data.into_owned(),
-    )
+    ([(header::CONTENT_TYPE, file.metadata.mimetype().to_string()), (header::CACHE_CONTROL, "no-cache".to_string())], file.data.into_owned())
         .into_response()
 }

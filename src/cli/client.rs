@@ -27,12 +27,7 @@ use tokio::io::AsyncWriteExt;
 #[derive(clap::Args, Debug, Clone)]
 pub struct HttpOpts {
     /// Address of the agent's HTTP API
-    #[arg(
-        long = "http-addr",
-        env = "TRELLIS_HTTP_ADDR",
-        default_value = "http://127.0.0.1:8500",
-        global = true
-    )]
+    #[arg(long = "http-addr", env = "TRELLIS_HTTP_ADDR", default_value = "http://127.0.0.1:8500", global = true)]
     pub http_addr: String,
     /// Datacenter to query (default: the agent's)
     #[arg(long = "datacenter", global = true)]
@@ -182,36 +177,17 @@ pub enum SnapshotCommand {
 pub async fn kv(opts: &HttpOpts, cmd: KvCommand) -> Result<()> {
     let api = Api::new(opts)?;
     match cmd {
-        KvCommand::Get {
-            key,
-            recurse,
-            keys,
-            separator,
-            detailed,
-            base64,
-        } => {
+        KvCommand::Get { key, recurse, keys, separator, detailed, base64 } => {
             let key = strip_leading_slash(key.as_deref().unwrap_or_default());
             if key.is_empty() && !(recurse || keys) {
                 bail!("Error! Missing KEY argument");
             }
             kv_get(&api, key, keys, recurse, &separator, detailed, base64).await
         }
-        KvCommand::Put {
-            key,
-            value,
-            flags,
-            cas,
-            modify_index,
-            acquire,
-            release,
-            session,
-            base64,
-        } => {
+        KvCommand::Put { key, value, flags, cas, modify_index, acquire, release, session, base64 } => {
             let mut data = read_value(value.as_deref(), std::io::stdin().lock())?;
             if base64 {
-                data = BASE64
-                    .decode(&data)
-                    .context("Error! Cannot base 64 decode data")?;
+                data = BASE64.decode(&data).context("Error! Cannot base 64 decode data")?;
             }
             let mut query = Vec::new();
             if flags != 0 {
@@ -221,10 +197,7 @@ pub async fn kv(opts: &HttpOpts, cmd: KvCommand) -> Result<()> {
             let (verb, refusal) = if cas {
                 let index = modify_index.unwrap_or_default();
                 query.push(("cas", Some(index.to_string())));
-                (
-                    "Data written to",
-                    format!("Did not write to {key}: CAS failed"),
-                )
+                ("Data written to", format!("Did not write to {key}: CAS failed"))
             } else if acquire {
                 query.push(("acquire", Some(session)));
                 ("Lock acquired on", "Did not acquire lock".to_owned())
@@ -234,40 +207,27 @@ pub async fn kv(opts: &HttpOpts, cmd: KvCommand) -> Result<()> {
             } else {
                 ("Data written to", format!("Did not write to {key}"))
             };
-            let written: bool = api
-                .json(Method::PUT, &kv_path(&key), &query, Some(data))
-                .await
-                .context("Error! Failed writing data")?;
+            let written: bool = api.json(Method::PUT, &kv_path(&key), &query, Some(data)).await.context("Error! Failed writing data")?;
             if !written {
                 bail!("Error! {refusal}");
             }
             print_line(format!("Success! {verb}: {key}"))
         }
-        KvCommand::Delete {
-            key,
-            recurse,
-            cas,
-            modify_index,
-        } => {
+        KvCommand::Delete { key, recurse, cas, modify_index } => {
             let key = strip_leading_slash(key.as_deref().unwrap_or_default());
             if key.is_empty() && !recurse {
                 bail!("Error! Missing KEY argument");
             }
             let path = kv_path(key);
             if recurse {
-                api.send(Method::DELETE, &path, &[("recurse", None)], None)
-                    .await
-                    .with_context(|| format!("Error! Did not delete prefix {key}"))?;
+                api.send(Method::DELETE, &path, &[("recurse", None)], None).await.with_context(|| format!("Error! Did not delete prefix {key}"))?;
                 return print_line(format!("Success! Deleted keys with prefix: {key}"));
             }
             let query = match (cas, modify_index) {
                 (true, Some(index)) => vec![("cas", Some(index.to_string()))],
                 _ => Vec::new(),
             };
-            let deleted: bool = api
-                .json(Method::DELETE, &path, &query, None)
-                .await
-                .with_context(|| format!("Error! Did not delete key {key}"))?;
+            let deleted: bool = api.json(Method::DELETE, &path, &query, None).await.with_context(|| format!("Error! Did not delete key {key}"))?;
             if !deleted {
                 bail!("Error! Did not delete key {key}: CAS failed");
             }
@@ -280,21 +240,14 @@ pub async fn kv(opts: &HttpOpts, cmd: KvCommand) -> Result<()> {
 pub async fn catalog(opts: &HttpOpts, cmd: CatalogCommand) -> Result<()> {
     let api = Api::new(opts)?;
     match cmd {
-        CatalogCommand::Nodes {
-            detailed,
-            service,
-            node_meta,
-        } => {
+        CatalogCommand::Nodes { detailed, service, node_meta } => {
             let query = node_meta_query(&node_meta);
             let nodes: Vec<CatalogNode> = match &service {
                 Some(name) => api
                     .get_or_default(&format!("catalog/service/{}", escape(name, false)), &query)
                     .await
                     .context("Error listing nodes for service")?,
-                None => api
-                    .get_or_default("catalog/nodes", &query)
-                    .await
-                    .context("Error listing nodes")?,
+                None => api.get_or_default("catalog/nodes", &query).await.context("Error listing nodes")?,
             };
             if nodes.is_empty() {
                 eprintln!("No nodes match the given query - try expanding your search.");
@@ -302,19 +255,12 @@ pub async fn catalog(opts: &HttpOpts, cmd: CatalogCommand) -> Result<()> {
             }
             print_line(render_nodes(&nodes, detailed))
         }
-        CatalogCommand::Services {
-            node,
-            node_meta,
-            tags,
-        } => {
+        CatalogCommand::Services { node, node_meta, tags } => {
             let query = node_meta_query(&node_meta);
             let services: BTreeMap<String, Vec<String>> = match &node {
                 Some(name) => {
                     let listing: NodeServices = api
-                        .get_or_default(
-                            &format!("catalog/node-services/{}", escape(name, false)),
-                            &query,
-                        )
+                        .get_or_default(&format!("catalog/node-services/{}", escape(name, false)), &query)
                         .await
                         .context("Error listing services for node")?;
                     let mut services = BTreeMap::<String, Vec<String>>::new();
@@ -325,14 +271,9 @@ pub async fn catalog(opts: &HttpOpts, cmd: CatalogCommand) -> Result<()> {
                     services
                 }
                 None => {
-                    let services: BTreeMap<String, Option<Vec<String>>> = api
-                        .get_or_default("catalog/services", &query)
-                        .await
-                        .context("Error listing services")?;
-                    services
-                        .into_iter()
-                        .map(|(name, tags)| (name, tags.unwrap_or_default()))
-                        .collect()
+                    let services: BTreeMap<String, Option<Vec<String>>> =
+                        api.get_or_default("catalog/services", &query).await.context("Error listing services")?;
+                    services.into_iter().map(|(name, tags)| (name, tags.unwrap_or_default())).collect()
                 }
             };
             if services.is_empty() {
@@ -350,10 +291,7 @@ pub async fn operator(opts: &HttpOpts, cmd: OperatorCommand) -> Result<()> {
     let OperatorCommand::Raft(cmd) = cmd;
     match cmd {
         RaftCommand::ListPeers => {
-            let config: RaftConfiguration = api
-                .json(Method::GET, "operator/raft/configuration", &[], None)
-                .await
-                .context("Error getting peers")?;
+            let config: RaftConfiguration = api.json(Method::GET, "operator/raft/configuration", &[], None).await.context("Error getting peers")?;
             print_line(render_peers(&config.servers))
         }
         RaftCommand::RemovePeer { address, id } => {
@@ -361,22 +299,13 @@ pub async fn operator(opts: &HttpOpts, cmd: OperatorCommand) -> Result<()> {
                 (Some(address), None) => ("address", address),
                 (None, Some(id)) => ("id", id),
                 (None, None) => {
-                    bail!(
-                        "Error removing peer: an address or id is required for the peer to remove"
-                    )
+                    bail!("Error removing peer: an address or id is required for the peer to remove")
                 }
                 (Some(_), Some(_)) => {
                     bail!("Error removing peer: cannot give both an address and id")
                 }
             };
-            api.send(
-                Method::DELETE,
-                "operator/raft/peer",
-                &[(field, Some(value.clone()))],
-                None,
-            )
-            .await
-            .context("Error removing peer")?;
+            api.send(Method::DELETE, "operator/raft/peer", &[(field, Some(value.clone()))], None).await.context("Error removing peer")?;
             print_line(format!("Removed peer with {field} {value:?}"))
         }
     }
@@ -387,17 +316,14 @@ pub async fn snapshot(opts: &HttpOpts, cmd: SnapshotCommand) -> Result<()> {
     let api = Api::new(opts)?;
     match cmd {
         SnapshotCommand::Save { file } => {
-            let response = api
-                .send(Method::GET, "snapshot", &[], None)
-                .await
-                .context("Error saving snapshot")?;
+            let response = api.send(Method::GET, "snapshot", &[], None).await.context("Error saving snapshot")?;
             let index = consul_index(&response).context("Error saving snapshot")?;
             let partial = partial_path(&file);
             let saved = save_body(response, &partial).await;
             let saved = match saved {
-                Ok(()) => tokio::fs::rename(&partial, &file).await.with_context(|| {
-                    format!("Error renaming {} to {}", partial.display(), file.display())
-                }),
+                Ok(()) => {
+                    tokio::fs::rename(&partial, &file).await.with_context(|| format!("Error renaming {} to {}", partial.display(), file.display()))
+                }
                 Err(err) => Err(err.context("Error writing snapshot file")),
             };
             if saved.is_err() {
@@ -407,13 +333,123 @@ pub async fn snapshot(opts: &HttpOpts, cmd: SnapshotCommand) -> Result<()> {
             print_line(format!("Saved and verified snapshot to index {index}"))
         }
         SnapshotCommand::Restore { file } => {
-            let body = tokio::fs::read(&file)
-                .await
-                .with_context(|| format!("Error opening snapshot file {}", file.display()))?;
-            api.send(Method::PUT, "snapshot", &[], Some(body))
-                .await
-                .context("Error restoring snapshot")?;
+            let body = tokio::fs::read(&file).await.with_context(|| format!("Error opening snapshot file {}", file.display()))?;
+            api.send(Method::PUT, "snapshot", &[], Some(body)).await.context("Error restoring snapshot")?;
             print_line("Restored snapshot")
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Membership: members, join, leave, force-leave
+
+/// `trellis members`: the gossip pool as this agent sees it.
+pub async fn members(opts: &HttpOpts, wan: bool, status: Option<String>) -> Result<()> {
+    let api = Api::new(opts)?;
+    let query: Vec<Param<'_>> = if wan { vec![("wan", Some("1".into()))] } else { vec![] };
+    let list: Vec<serde_json::Value> = api.json(Method::GET, "agent/members", &query, None).await.context("Error retrieving members")?;
+    let status_name = |code: u64| match code {
+        1 => "alive",
+        2 => "leaving",
+        3 => "left",
+        4 => "failed",
+        _ => "none",
+    };
+    let mut rows = vec![vec!["Node".to_string(), "Address".into(), "Status".into(), "Type".into(), "Build".into(), "Protocol".into(), "DC".into()]];
+    let mut list = list;
+    list.sort_by(|a, b| a["Name"].as_str().cmp(&b["Name"].as_str()));
+    for m in &list {
+        let st = status_name(m["Status"].as_u64().unwrap_or(0));
+        if status.as_deref().is_some_and(|want| !regex::Regex::new(&format!("^(?:{want})$")).map(|r| r.is_match(st)).unwrap_or(false)) {
+            continue;
+        }
+        let role = if m["Tags"]["role"] == "consul" { "server" } else { "client" };
+        rows.push(vec![
+            m["Name"].as_str().unwrap_or("").to_string(),
+            format!("{}:{}", m["Addr"].as_str().unwrap_or(""), m["Port"]),
+            st.to_string(),
+            role.to_string(),
+            m["Tags"]["build"].as_str().unwrap_or("").to_string(),
+            m["Tags"]["vsn"].as_str().unwrap_or("2").to_string(),
+            m["Tags"]["dc"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        print_line(line.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+/// `trellis join ADDR...`
+pub async fn join(opts: &HttpOpts, addrs: &[String], wan: bool) -> Result<()> {
+    let api = Api::new(opts)?;
+    let mut joined = 0;
+    for a in addrs {
+        let query: Vec<Param<'_>> = if wan { vec![("wan", Some("1".into()))] } else { vec![] };
+        match api.send(Method::PUT, &format!("agent/join/{}", escape(a, false)), &query, None).await {
+            Ok(_) => joined += 1,
+            Err(e) => eprintln!("Error joining address '{a}': {e:#}"),
+        }
+    }
+    if joined == 0 {
+        bail!("Failed to join any nodes.");
+    }
+    print_line(format!("Successfully joined cluster by contacting {joined} nodes."))
+}
+
+/// `trellis leave`: the agent leaves the cluster gracefully and shuts down.
+pub async fn leave(opts: &HttpOpts) -> Result<()> {
+    Api::new(opts)?.send(Method::PUT, "agent/leave", &[], None).await.context("Error leaving")?;
+    print_line("Graceful leave complete")
+}
+
+/// `trellis force-leave NODE`: mark a failed member as left.
+pub async fn force_leave(opts: &HttpOpts, node: &str) -> Result<()> {
+    Api::new(opts)?.send(Method::PUT, &format!("agent/force-leave/{}", escape(node, false)), &[], None).await.context("Error force leaving")?;
+    Ok(())
+}
+
+/// `trellis event --name NAME [payload]`: fire a user event.
+pub async fn event(
+    opts: &HttpOpts,
+    name: &str,
+    payload: Option<String>,
+    node: Option<String>,
+    service: Option<String>,
+    tag: Option<String>,
+) -> Result<()> {
+    let api = Api::new(opts)?;
+    let mut query: Vec<Param<'_>> = Vec::new();
+    for (k, v) in [("node", node), ("service", service), ("tag", tag)] {
+        if let Some(v) = v {
+            query.push((k, Some(v)));
+        }
+    }
+    let ev: serde_json::Value = api
+        .json(Method::PUT, &format!("event/fire/{}", escape(name, false)), &query, payload.map(String::into_bytes))
+        .await
+        .context("Error firing event")?;
+    print_line(format!("Event ID: {}", ev["ID"].as_str().unwrap_or("")))
+}
+
+/// `trellis watch --type event [--name NAME]`: print events as they arrive, one JSON array
+/// per change, until interrupted (a blocking query on `/v1/event/list`).
+pub async fn watch_events(opts: &HttpOpts, name: Option<String>) -> Result<()> {
+    let api = Api::new(opts)?;
+    let mut index = 0u64;
+    loop {
+        let mut query: Vec<Param<'_>> = vec![("index", Some(index.to_string())), ("wait", Some("5m".into()))];
+        if let Some(n) = &name {
+            query.push(("name", Some(n.clone())));
+        }
+        let resp = api.send(Method::GET, "event/list", &query, None).await.context("Error watching events")?;
+        let next: u64 = resp.headers().get("x-consul-index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(index);
+        let body = resp.text().await.unwrap_or_default();
+        if next != index {
+            print_line(body.trim())?;
+            index = next;
         }
     }
 }
@@ -481,13 +517,7 @@ impl Api {
     }
 
     /// Sends one request; fails on transport errors and non-2xx answers.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[Param<'_>],
-        body: Option<Vec<u8>>,
-    ) -> Result<Response> {
+    async fn send(&self, method: Method, path: &str, query: &[Param<'_>], body: Option<Vec<u8>>) -> Result<Response> {
         let url = self.url(&method, path, query);
         let mut request = self.http.request(method, &url);
         if let Some(body) = body {
@@ -510,37 +540,19 @@ impl Api {
             return Ok(response);
         }
         let body = response.text().await.unwrap_or_default();
-        Err(UnexpectedStatus {
-            status: status.as_u16(),
-            body: body.trim().to_owned(),
-        }
-        .into())
+        Err(UnexpectedStatus { status: status.as_u16(), body: body.trim().to_owned() }.into())
     }
 
     /// Sends one request and decodes its JSON answer.
-    async fn json<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[Param<'_>],
-        body: Option<Vec<u8>>,
-    ) -> Result<T> {
+    async fn json<T: DeserializeOwned>(&self, method: Method, path: &str, query: &[Param<'_>], body: Option<Vec<u8>>) -> Result<T> {
         let response = self.send(method, path, query, body).await?;
-        let bytes = response
-            .bytes()
-            .await
-            .with_context(|| format!("reading the answer from /v1/{path}"))?;
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("decoding the answer from /v1/{path}"))
+        let bytes = response.bytes().await.with_context(|| format!("reading the answer from /v1/{path}"))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("decoding the answer from /v1/{path}"))
     }
 
     /// A GET decoded from JSON, where a 404 or a JSON `null` yields
     /// `T::default()`, the way Consul's client treats missing entries.
-    async fn get_or_default<T: DeserializeOwned + Default>(
-        &self,
-        path: &str,
-        query: &[Param<'_>],
-    ) -> Result<T> {
+    async fn get_or_default<T: DeserializeOwned + Default>(&self, path: &str, query: &[Param<'_>]) -> Result<T> {
         match self.json::<Option<T>>(Method::GET, path, query, None).await {
             Ok(found) => Ok(found.unwrap_or_default()),
             Err(err) if is_not_found(&err) => Ok(T::default()),
@@ -550,8 +562,7 @@ impl Api {
 }
 
 fn is_not_found(err: &anyhow::Error) -> bool {
-    err.downcast_ref::<UnexpectedStatus>()
-        .is_some_and(|e| e.status == 404)
+    err.downcast_ref::<UnexpectedStatus>().is_some_and(|e| e.status == 404)
 }
 
 /// The innermost cause of an error, e.g. "Connection refused (os error 111)".
@@ -582,10 +593,7 @@ fn base_url(addr: &str) -> Result<String> {
 fn escape(text: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(text.len());
     for &byte in text.as_bytes() {
-        if byte.is_ascii_alphanumeric()
-            || matches!(byte, b'-' | b'.' | b'_' | b'~')
-            || (keep_slash && byte == b'/')
-        {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') || (keep_slash && byte == b'/') {
             out.push(char::from(byte));
         } else {
             let _ = write!(out, "%{byte:02X}");
@@ -606,9 +614,7 @@ fn strip_leading_slash(key: &str) -> &str {
 
 /// `--node-meta k=v` pairs as Consul's repeated `node-meta=k:v` parameters.
 fn node_meta_query(meta: &[(String, String)]) -> Vec<Param<'static>> {
-    meta.iter()
-        .map(|(key, value)| ("node-meta", Some(format!("{key}:{value}"))))
-        .collect()
+    meta.iter().map(|(key, value)| ("node-meta", Some(format!("{key}:{value}")))).collect()
 }
 
 /// Parses a `KEY=VALUE` flag value.
@@ -623,11 +629,7 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 fn consul_index(response: &Response) -> Result<u64> {
     match response.headers().get("X-Consul-Index") {
         None => Ok(0),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow!("malformed X-Consul-Index header {value:?}")),
+        Some(value) => value.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or_else(|| anyhow!("malformed X-Consul-Index header {value:?}")),
     }
 }
 
@@ -652,52 +654,32 @@ impl KvPair {
     fn value_bytes(&self) -> Result<Vec<u8>> {
         match &self.value {
             None => Ok(Vec::new()),
-            Some(encoded) => BASE64
-                .decode(encoded)
-                .with_context(|| format!("the value of {} is not valid base64", self.key)),
+            Some(encoded) => BASE64.decode(encoded).with_context(|| format!("the value of {} is not valid base64", self.key)),
         }
     }
 
     /// The value as printed: raw bytes, or base64 text with `--base64`.
     fn printable_value(&self, base64: bool) -> Result<Vec<u8>> {
         let value = self.value_bytes()?;
-        Ok(if base64 {
-            BASE64.encode(value).into_bytes()
-        } else {
-            value
-        })
+        Ok(if base64 { BASE64.encode(value).into_bytes() } else { value })
     }
 }
 
 const QUERY_FAILED: &str = "Error querying Trellis agent";
 
 /// `kv get`: one value, every pair under a prefix, or the keys under it.
-async fn kv_get(
-    api: &Api,
-    key: &str,
-    keys: bool,
-    recurse: bool,
-    separator: &str,
-    detailed: bool,
-    base64: bool,
-) -> Result<()> {
+async fn kv_get(api: &Api, key: &str, keys: bool, recurse: bool, separator: &str, detailed: bool, base64: bool) -> Result<()> {
     let path = kv_path(key);
     if keys {
         let mut query = vec![("keys", None)];
         if !separator.is_empty() {
             query.push(("separator", Some(separator.to_owned())));
         }
-        let keys: Vec<String> = api
-            .get_or_default(&path, &query)
-            .await
-            .context(QUERY_FAILED)?;
+        let keys: Vec<String> = api.get_or_default(&path, &query).await.context(QUERY_FAILED)?;
         return keys.iter().try_for_each(print_line);
     }
     if recurse {
-        let pairs: Vec<KvPair> = api
-            .get_or_default(&path, &[("recurse", None)])
-            .await
-            .context(QUERY_FAILED)?;
+        let pairs: Vec<KvPair> = api.get_or_default(&path, &[("recurse", None)]).await.context(QUERY_FAILED)?;
         for (i, pair) in pairs.iter().enumerate() {
             if detailed {
                 if i > 0 {
@@ -716,11 +698,7 @@ async fn kv_get(
     let Some(pair) = pairs.into_iter().next() else {
         bail!("Error! No key exists at: {key}");
     };
-    if detailed {
-        print_line(render_kv_detailed(&pair, base64)?)
-    } else {
-        print_line(pair.printable_value(base64)?)
-    }
+    if detailed { print_line(render_kv_detailed(&pair, base64)?) } else { print_line(pair.printable_value(base64)?) }
 }
 
 /// Resolves the `kv put` VALUE argument: `-` reads `stdin`, `@PATH` reads a
@@ -730,15 +708,11 @@ fn read_value(arg: Option<&str>, mut stdin: impl Read) -> Result<Vec<u8>> {
         None => Ok(Vec::new()),
         Some("-") => {
             let mut data = Vec::new();
-            stdin
-                .read_to_end(&mut data)
-                .context("Error! Failed to read stdin")?;
+            stdin.read_to_end(&mut data).context("Error! Failed to read stdin")?;
             Ok(data)
         }
         Some(arg) => match arg.strip_prefix('@') {
-            Some(path) => {
-                std::fs::read(path).with_context(|| format!("Error! Failed to read file {path}"))
-            }
+            Some(path) => std::fs::read(path).with_context(|| format!("Error! Failed to read file {path}")),
             None => Ok(arg.as_bytes().to_vec()),
         },
     }
@@ -757,11 +731,7 @@ fn render_kv_detailed(pair: &KvPair, base64: bool) -> Result<String> {
         ("Session", session.unwrap_or("-").to_owned()),
         ("Value", String::from_utf8_lossy(&value).into_owned()),
     ];
-    Ok(align(
-        rows.into_iter()
-            .map(|(name, value)| vec![name.to_owned(), value]),
-        6,
-    ))
+    Ok(align(rows.into_iter().map(|(name, value)| vec![name.to_owned(), value]), 6))
 }
 
 // ---------------------------------------------------------------------------
@@ -804,11 +774,7 @@ fn render_nodes(nodes: &[CatalogNode], detailed: bool) -> String {
     }
     let header = header.into_iter().map(str::to_owned).collect();
     let rows = nodes.iter().map(|node| {
-        let id = if detailed {
-            node.id.clone()
-        } else {
-            node.id.chars().take(8).collect()
-        };
+        let id = if detailed { node.id.clone() } else { node.id.chars().take(8).collect() };
         let mut row = vec![id, node.address.clone(), node.datacenter.clone()];
         row.insert(0, node.node.clone());
         if detailed {
@@ -822,11 +788,7 @@ fn render_nodes(nodes: &[CatalogNode], detailed: bool) -> String {
 
 /// `k1=v1, k2=v2`, sorted by key.
 fn join_pairs(map: Option<&BTreeMap<String, String>>) -> String {
-    map.into_iter()
-        .flatten()
-        .map(|(key, value)| format!("{key}={value}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    map.into_iter().flatten().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(", ")
 }
 
 /// The `catalog services` listing: sorted names, optionally with their
@@ -867,23 +829,14 @@ struct RaftServer {
 
 /// The `operator raft list-peers` table.
 fn render_peers(servers: &[RaftServer]) -> String {
-    let header = ["Node", "ID", "Address", "State", "Voter", "RaftProtocol"]
-        .map(str::to_owned)
-        .to_vec();
+    let header = ["Node", "ID", "Address", "State", "Voter", "RaftProtocol"].map(str::to_owned).to_vec();
     let rows = servers.iter().map(|server| {
         let state = if server.leader { "leader" } else { "follower" };
         let protocol = match server.protocol_version.as_str() {
             "" => "<=1",
             version => version,
         };
-        vec![
-            server.node.clone(),
-            server.id.clone(),
-            server.address.clone(),
-            state.to_owned(),
-            server.voter.to_string(),
-            protocol.to_owned(),
-        ]
+        vec![server.node.clone(), server.id.clone(), server.address.clone(), state.to_owned(), server.voter.to_string(), protocol.to_owned()]
     });
     align(std::iter::once(header).chain(rows), 2)
 }
@@ -906,10 +859,7 @@ async fn save_body(mut response: Response, path: &Path) -> Result<()> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     options.mode(0o600);
-    let mut file = options
-        .open(path)
-        .await
-        .with_context(|| format!("creating {}", path.display()))?;
+    let mut file = options.open(path).await.with_context(|| format!("creating {}", path.display()))?;
     let mut received = 0u64;
     while let Some(chunk) = response.chunk().await.context("receiving the snapshot")? {
         file.write_all(&chunk).await?;
@@ -921,10 +871,7 @@ async fn save_body(mut response: Response, path: &Path) -> Result<()> {
         bail!("the agent sent an empty snapshot");
     }
     if expected.is_some_and(|n| n != received) || on_disk != received {
-        bail!(
-            "snapshot is incomplete: expected {} bytes, received {received}, wrote {on_disk}",
-            expected.unwrap_or(received)
-        );
+        bail!("snapshot is incomplete: expected {} bytes, received {received}, wrote {on_disk}", expected.unwrap_or(received));
     }
     Ok(())
 }
@@ -975,11 +922,7 @@ mod tests {
     use super::*;
 
     fn opts(addr: &str, datacenter: Option<&str>, stale: bool) -> HttpOpts {
-        HttpOpts {
-            http_addr: addr.to_owned(),
-            datacenter: datacenter.map(str::to_owned),
-            stale,
-        }
+        HttpOpts { http_addr: addr.to_owned(), datacenter: datacenter.map(str::to_owned), stale }
     }
 
     fn api(datacenter: Option<&str>, stale: bool) -> Api {
@@ -1018,11 +961,7 @@ mod tests {
 
     #[test]
     fn urls_carry_query_pairs_and_bare_flags_in_order() {
-        let url = api(None, false).url(
-            &Method::PUT,
-            "kv/a",
-            &[("flags", Some("3".into())), ("recurse", None)],
-        );
+        let url = api(None, false).url(&Method::PUT, "kv/a", &[("flags", Some("3".into())), ("recurse", None)]);
         assert_eq!(url, "http://127.0.0.1:8500/v1/kv/a?flags=3&recurse");
     }
 
@@ -1048,18 +987,12 @@ mod tests {
     fn node_meta_becomes_repeated_colon_separated_parameters() {
         let meta = [("rack".into(), "r1".into()), ("os".into(), "linux".into())];
         let url = api(None, false).url(&Method::GET, "catalog/nodes", &node_meta_query(&meta));
-        assert_eq!(
-            url,
-            "http://127.0.0.1:8500/v1/catalog/nodes?node-meta=rack%3Ar1&node-meta=os%3Alinux"
-        );
+        assert_eq!(url, "http://127.0.0.1:8500/v1/catalog/nodes?node-meta=rack%3Ar1&node-meta=os%3Alinux");
     }
 
     #[test]
     fn key_value_flags_split_at_the_first_equals_sign() {
-        assert_eq!(
-            parse_key_value("a=b=c").unwrap(),
-            ("a".into(), "b=c".into())
-        );
+        assert_eq!(parse_key_value("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(parse_key_value("novalue").is_err());
         assert!(parse_key_value("=v").is_err());
     }
@@ -1071,10 +1004,7 @@ mod tests {
 
     #[test]
     fn a_literal_value_is_taken_as_is() {
-        assert_eq!(
-            read_value(Some("hello"), std::io::empty()).unwrap(),
-            b"hello"
-        );
+        assert_eq!(read_value(Some("hello"), std::io::empty()).unwrap(), b"hello");
     }
 
     #[test]
@@ -1093,10 +1023,7 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(b"\x00binary\xff").unwrap();
         let arg = format!("@{}", file.path().display());
-        assert_eq!(
-            read_value(Some(&arg), std::io::empty()).unwrap(),
-            b"\x00binary\xff"
-        );
+        assert_eq!(read_value(Some(&arg), std::io::empty()).unwrap(), b"\x00binary\xff");
     }
 
     #[test]
@@ -1107,10 +1034,7 @@ mod tests {
 
     #[test]
     fn columns_are_padded_to_the_widest_cell_plus_the_gap() {
-        let rows = [
-            vec!["a".to_owned(), "bb".to_owned(), "c".to_owned()],
-            vec!["aaa".to_owned(), "b".to_owned(), "".to_owned()],
-        ];
+        let rows = [vec!["a".to_owned(), "bb".to_owned(), "c".to_owned()], vec!["aaa".to_owned(), "b".to_owned(), "".to_owned()]];
         assert_eq!(align(rows, 2), "a    bb  c\naaa  b");
     }
 
@@ -1138,11 +1062,7 @@ Value            5";
 
     #[test]
     fn detailed_kv_output_can_show_the_value_as_base64() {
-        let pair = KvPair {
-            value: Some(BASE64.encode("5")),
-            session: Some("adf4238a".into()),
-            ..KvPair::default()
-        };
+        let pair = KvPair { value: Some(BASE64.encode("5")), session: Some("adf4238a".into()), ..KvPair::default() };
         let out = render_kv_detailed(&pair, true).unwrap();
         assert!(out.contains("Session          adf4238a"));
         assert!(out.ends_with("Value            NQ=="));
@@ -1157,10 +1077,7 @@ Value            5";
             datacenter: "dc1".into(),
             ..CatalogNode::default()
         }];
-        assert_eq!(
-            render_nodes(&nodes, false),
-            "Node      ID        Address   DC\nserver-1  e0c8b5f2  10.0.0.1  dc1"
-        );
+        assert_eq!(render_nodes(&nodes, false), "Node      ID        Address   DC\nserver-1  e0c8b5f2  10.0.0.1  dc1");
     }
 
     #[test]
@@ -1170,10 +1087,7 @@ Value            5";
             node: "n".into(),
             address: "10.0.0.1".into(),
             datacenter: "dc1".into(),
-            tagged_addresses: Some(BTreeMap::from([
-                ("wan".into(), "1.2.3.4".into()),
-                ("lan".into(), "10.0.0.1".into()),
-            ])),
+            tagged_addresses: Some(BTreeMap::from([("wan".into(), "1.2.3.4".into()), ("lan".into(), "10.0.0.1".into())])),
             meta: Some(BTreeMap::from([("rack".into(), "r1".into())])),
         }];
         let out = render_nodes(&nodes, true);
@@ -1199,13 +1113,7 @@ Value            5";
 
     #[test]
     fn services_with_tags_show_sorted_unique_tags() {
-        let services = BTreeMap::from([
-            (
-                "web".into(),
-                vec!["v2".into(), "primary".into(), "v2".into()],
-            ),
-            ("db".into(), vec![]),
-        ]);
+        let services = BTreeMap::from([("web".into(), vec!["v2".into(), "primary".into(), "v2".into()]), ("db".into(), vec![])]);
         assert_eq!(render_services(services, true), "db\nweb      primary,v2");
     }
 
@@ -1228,26 +1136,14 @@ s2    id-2  10.0.0.2:8300  follower  false  <=1";
 
     #[test]
     fn unexpected_statuses_read_like_consuls() {
-        let err = UnexpectedStatus {
-            status: 500,
-            body: "No cluster leader".into(),
-        };
-        assert_eq!(
-            err.to_string(),
-            "Unexpected response code: 500 (No cluster leader)"
-        );
-        let bare = UnexpectedStatus {
-            status: 403,
-            body: String::new(),
-        };
+        let err = UnexpectedStatus { status: 500, body: "No cluster leader".into() };
+        assert_eq!(err.to_string(), "Unexpected response code: 500 (No cluster leader)");
+        let bare = UnexpectedStatus { status: 403, body: String::new() };
         assert_eq!(bare.to_string(), "Unexpected response code: 403");
     }
 
     #[test]
     fn snapshots_are_written_beside_the_target_first() {
-        assert_eq!(
-            partial_path(Path::new("/tmp/backup.snap")),
-            Path::new("/tmp/backup.snap.tmp")
-        );
+        assert_eq!(partial_path(Path::new("/tmp/backup.snap")), Path::new("/tmp/backup.snap.tmp"));
     }
 }

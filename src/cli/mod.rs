@@ -13,11 +13,7 @@ use crate::config::{self, RawConfig, RawPorts};
 use client::{CatalogCommand, HttpOpts, KvCommand, OperatorCommand, SnapshotCommand};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "trellis",
-    version,
-    about = "One binary that runs a whole multi-datacenter service mesh, speaking Consul's HTTP API"
-)]
+#[command(name = "trellis", version, about = "One binary that runs a whole multi-datacenter service mesh, speaking Consul's HTTP API")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -58,6 +54,66 @@ pub enum Command {
         http: HttpOpts,
         #[command(subcommand)]
         cmd: SnapshotCommand,
+    },
+    /// List the members of the gossip pool
+    Members {
+        #[command(flatten)]
+        http: HttpOpts,
+        /// List WAN members (servers of every datacenter)
+        #[arg(long)]
+        wan: bool,
+        /// Only members whose status matches this regular expression
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Ask the agent to join the gossip pool through these addresses
+    Join {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[arg(long)]
+        wan: bool,
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
+    /// Make the agent leave the cluster gracefully and shut down
+    Leave {
+        #[command(flatten)]
+        http: HttpOpts,
+    },
+    /// Mark a failed member as left
+    ForceLeave {
+        #[command(flatten)]
+        http: HttpOpts,
+        node: String,
+    },
+    /// Print a new gossip encryption key
+    Keygen,
+    /// Fire a user event through gossip
+    Event {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[arg(long)]
+        name: String,
+        /// Regular expression on node names
+        #[arg(long)]
+        node: Option<String>,
+        /// Regular expression on service names
+        #[arg(long)]
+        service: Option<String>,
+        /// Regular expression on service tags (needs --service)
+        #[arg(long)]
+        tag: Option<String>,
+        payload: Option<String>,
+    },
+    /// Watch for changes (user events) and print them as they happen
+    Watch {
+        #[command(flatten)]
+        http: HttpOpts,
+        /// What to watch: only "event" for now
+        #[arg(long = "type")]
+        kind: String,
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Create the CA and certificates for agent TLS
     Tls {
@@ -124,6 +180,15 @@ pub struct AgentArgs {
     /// This agent's private key
     #[arg(long = "key-file")]
     pub key_file: Option<String>,
+    /// Gossip encryption key (base64; `trellis keygen`)
+    #[arg(long)]
+    pub encrypt: Option<String>,
+    /// LAN gossip port
+    #[arg(long = "serf-lan-port")]
+    pub serf_lan_port: Option<i64>,
+    /// Allow script checks
+    #[arg(long = "enable-script-checks")]
+    pub enable_script_checks: bool,
     /// Log level: trace, debug, info, warn, error
     #[arg(long = "log-level")]
     pub log_level: Option<String>,
@@ -160,19 +225,18 @@ impl AgentArgs {
             server: some_true(self.server),
             bootstrap_expect: self.bootstrap_expect,
             bootstrap: some_true(self.bootstrap),
-            retry_join: if self.retry_join.is_empty() {
-                None
-            } else {
-                Some(self.retry_join.clone())
-            },
+            retry_join: if self.retry_join.is_empty() { None } else { Some(self.retry_join.clone()) },
             bind_addr: self.bind.map(|a| a.to_string()),
             client_addr: self.client.map(|a| a.to_string()),
             ports: Some(RawPorts {
                 http: self.http_port,
                 dns: self.dns_port,
                 server: self.server_port,
+                serf_lan: self.serf_lan_port,
                 ..Default::default()
             }),
+            encrypt: self.encrypt.clone(),
+            enable_script_checks: some_true(self.enable_script_checks),
             domain: self.domain.clone(),
             log_level: self.log_level.clone(),
             // TLS flags are the most specific layer, key by key.
@@ -199,10 +263,7 @@ impl AgentArgs {
 /// Parse arguments, run the command, and return the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -238,6 +299,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator { http, cmd } => client::operator(&http, cmd).await,
         Command::Snapshot { http, cmd } => client::snapshot(&http, cmd).await,
         Command::Tls { cmd } => tls::run(cmd),
+        Command::Members { http, wan, status } => client::members(&http, wan, status).await,
+        Command::Join { http, wan, addresses } => client::join(&http, &addresses, wan).await,
+        Command::Leave { http } => client::leave(&http).await,
+        Command::ForceLeave { http, node } => client::force_leave(&http, &node).await,
+        Command::Event { http, name, node, service, tag, payload } => client::event(&http, &name, payload, node, service, tag).await,
+        Command::Watch { http, kind, name } => match kind.as_str() {
+            "event" => client::watch_events(&http, name).await,
+            other => anyhow::bail!("unsupported watch type {other:?}: only \"event\" is available"),
+        },
+        Command::Keygen => {
+            println!("{}", crate::membership::keygen());
+            Ok(())
+        }
         Command::Version => {
             println!("Trellis v{}", crate::api::version());
             println!(
@@ -249,28 +323,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{level},openraft=error,sled=warn"))
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=error,sled=warn")));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     let cfg = a.config()?;
     init_logging(&cfg.log_level);
-    let temp_data =
-        a.dev && a.data_dir.is_none() && a.config_file.is_empty() && a.config_dir.is_empty();
+    let temp_data = a.dev && a.data_dir.is_none() && a.config_file.is_empty() && a.config_dir.is_empty();
     let data_dir = cfg.data_dir.clone();
     let agent = crate::agent::Agent::start(cfg.clone()).await?;
     if cfg.dev {
-        println!(
-            "==> Trellis dev agent running: HTTP API and UI at http://{}/ui/ (data in {})",
-            agent.http_addr(),
-            data_dir.display()
-        );
+        println!("==> Trellis dev agent running: HTTP API and UI at http://{}/ui/ (data in {})", agent.http_addr(), data_dir.display());
     }
     let result = agent.run_until(signal()).await;
     if temp_data {
@@ -282,10 +347,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
 /// Resolves on SIGINT or SIGTERM.
 async fn signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers we can still be stopped by Ctrl-C's default action.
         return std::future::pending().await;
     };

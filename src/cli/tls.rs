@@ -63,22 +63,10 @@ pub fn run(cmd: TlsCommand) -> anyhow::Result<()> {
             let (cert, key) = tls::create_ca(&domain)?;
             tls::write(&here.join(tls::CA_CERT_FILE), &cert)?;
             tls::write(&here.join(tls::CA_KEY_FILE), &key)?;
-            println!(
-                "==> Saved {}\n==> Saved {}",
-                tls::CA_CERT_FILE,
-                tls::CA_KEY_FILE
-            );
+            println!("==> Saved {}\n==> Saved {}", tls::CA_CERT_FILE, tls::CA_KEY_FILE);
             Ok(())
         }
-        TlsCommand::Cert(CertCommand::Create {
-            server,
-            client,
-            dc,
-            domain,
-            ca,
-            key,
-            additional_dnsname,
-        }) => {
+        TlsCommand::Cert(CertCommand::Create { server, client, dc, domain, ca, key, additional_dnsname }) => {
             let kind = match (server, client) {
                 (true, false) => CertKind::Server,
                 (false, true) => CertKind::Client,
@@ -86,24 +74,10 @@ pub fn run(cmd: TlsCommand) -> anyhow::Result<()> {
             };
             let ca_pem = tls::read(&ca).with_context(|| "run `trellis tls ca create` first")?;
             let ca_key = tls::read(&key).with_context(|| "run `trellis tls ca create` first")?;
-            let (cert, k) =
-                tls::create_cert(&ca_pem, &ca_key, kind, &dc, &domain, &additional_dnsname)?;
-            let prefix = format!(
-                "{dc}-{}-trellis",
-                if kind == CertKind::Server {
-                    "server"
-                } else {
-                    "client"
-                }
-            );
+            let (cert, k) = tls::create_cert(&ca_pem, &ca_key, kind, &dc, &domain, &additional_dnsname)?;
+            let prefix = format!("{dc}-{}-trellis", if kind == CertKind::Server { "server" } else { "client" });
             let (c, kp) = tls::write_numbered(here, &prefix, &cert, &k)?;
-            println!(
-                "==> Using {} and {}\n==> Saved {}\n==> Saved {}",
-                ca.display(),
-                key.display(),
-                c.display(),
-                kp.display()
-            );
+            println!("==> Using {} and {}\n==> Saved {}\n==> Saved {}", ca.display(), key.display(), c.display(), kp.display());
             Ok(())
         }
     }

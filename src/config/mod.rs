@@ -12,6 +12,11 @@ use crate::consensus::{DEFAULT_RAFT_TIMINGS, RaftTimings};
 pub const DEFAULT_HTTP_PORT: u16 = 8500;
 pub const DEFAULT_DNS_PORT: u16 = 8600;
 pub const DEFAULT_SERVER_PORT: u16 = 8300;
+pub const DEFAULT_SERF_LAN_PORT: u16 = 8301;
+/// Consul's anti-entropy period for clusters up to 128 nodes.
+pub const DEFAULT_AE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Consul's default for how long failed members are kept before they are reaped.
+pub const DEFAULT_RECONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(72 * 3600);
 pub const DEFAULT_DATACENTER: &str = "dc1";
 pub const DEFAULT_DOMAIN: &str = "consul";
 /// Consul's largest accepted `raft_multiplier`; 1 is tuned for a LAN.
@@ -55,9 +60,40 @@ pub struct RawConfig {
     pub tls: Option<RawTls>,
     /// Raft timing scale.
     pub performance: Option<RawPerformance>,
+    /// Gossip encryption key (base64, 16/24/32 bytes; `trellis keygen` makes one).
+    pub encrypt: Option<String>,
+    /// Allow script checks (`Args`) in service and check definitions.
+    pub enable_script_checks: Option<bool>,
+    /// Services to register at start (Consul's `service` blocks / `services` list).
+    pub service: Option<OneOrMany>,
+    pub services: Option<OneOrMany>,
+    /// Node-level checks to register at start (`check` blocks / `checks` list).
+    pub check: Option<OneOrMany>,
+    pub checks: Option<OneOrMany>,
+    /// Anti-entropy period before cluster-size scaling (Consul's internal `ae_interval`, 1m).
+    pub ae_interval: Option<String>,
+    /// How long failed members stay listed before they are reaped (default 72h).
+    pub reconnect_timeout: Option<String>,
     /// Autopilot settings the first leader stores, unless the cluster already has some (after
     /// that, `PUT /v1/operator/autopilot/configuration` changes them).
     pub autopilot: Option<RawAutopilot>,
+}
+
+/// A block given once or as a list.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    Many(Vec<serde_json::Value>),
+    One(serde_json::Value),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<serde_json::Value> {
+        match self {
+            OneOrMany::Many(v) => v,
+            OneOrMany::One(v) => vec![v],
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -69,7 +105,7 @@ pub struct RawPorts {
     pub dns: Option<i64>,
     /// Server RPC (default 8300).
     pub server: Option<i64>,
-    /// LAN gossip. Accepted and range-checked; not used until client agents and gossip exist.
+    /// LAN gossip (default 8301).
     pub serf_lan: Option<i64>,
     /// WAN gossip. Accepted and range-checked; not used until WAN federation exists.
     pub serf_wan: Option<i64>,
@@ -139,7 +175,16 @@ pub struct Config {
     /// `None` when DNS is disabled.
     pub dns_port: Option<u16>,
     pub server_port: u16,
+    pub serf_lan_port: u16,
     pub domain: String,
+    /// Gossip encryption key, validated base64.
+    pub encrypt: Option<String>,
+    pub enable_script_checks: bool,
+    /// Service and check definitions from the config files (Consul's JSON shapes).
+    pub services: Vec<serde_json::Value>,
+    pub checks: Vec<serde_json::Value>,
+    pub ae_interval: std::time::Duration,
+    pub reconnect_timeout: std::time::Duration,
     pub log_level: String,
     /// `None` only in dev mode, which makes its own CA and certificate.
     pub tls: Option<TlsFiles>,
@@ -166,14 +211,8 @@ pub enum ConfigError {
 
 /// Parse one file by its extension: `.json` or `.hcl` (Consul's two formats).
 pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
-    let err = |message: String| ConfigError::File {
-        path: path.into(),
-        message,
-    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.into(), message: e.to_string() })?;
+    let err = |message: String| ConfigError::File { path: path.into(), message };
     match path.extension().and_then(|e| e.to_str()) {
         Some("json") => serde_json::from_str(&text).map_err(|e| err(e.to_string())),
         Some("hcl") => hcl::from_str(&text).map_err(|e| err(e.to_string())),
@@ -186,14 +225,9 @@ pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
 pub fn load_files(files: &[PathBuf], dirs: &[PathBuf]) -> Result<RawConfig, ConfigError> {
     let mut paths: Vec<PathBuf> = files.to_vec();
     for d in dirs {
-        let rd = std::fs::read_dir(d).map_err(|e| ConfigError::File {
-            path: d.clone(),
-            message: e.to_string(),
-        })?;
-        let mut found: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("hcl" | "json")))
-            .collect();
+        let rd = std::fs::read_dir(d).map_err(|e| ConfigError::File { path: d.clone(), message: e.to_string() })?;
+        let mut found: Vec<PathBuf> =
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("hcl" | "json"))).collect();
         found.sort();
         paths.extend(found);
     }
@@ -225,35 +259,27 @@ impl RawConfig {
             bind_addr,
             client_addr
         );
-        take!(
-            self,
-            other,
-            domain,
-            log_level,
-            ca_file,
-            cert_file,
-            key_file,
-            performance,
-            autopilot
-        );
+        take!(self, other, domain, log_level, ca_file, cert_file, key_file, performance, autopilot);
+        take!(self, other, encrypt, enable_script_checks, ae_interval, reconnect_timeout);
+        // Definitions accumulate across files, as Consul's do.
+        for (mine, theirs) in [
+            (&mut self.service, other.service),
+            (&mut self.services, other.services),
+            (&mut self.check, other.check),
+            (&mut self.checks, other.checks),
+        ] {
+            if let Some(t) = theirs {
+                let mut v = mine.take().map(OneOrMany::into_vec).unwrap_or_default();
+                v.extend(t.into_vec());
+                *mine = Some(OneOrMany::Many(v));
+            }
+        }
         if let Some(t) = other.tls {
             let mine = self.tls.get_or_insert_with(Default::default);
-            for (mine, theirs) in [
-                (&mut mine.defaults, t.defaults),
-                (&mut mine.internal_rpc, t.internal_rpc),
-            ] {
+            for (mine, theirs) in [(&mut mine.defaults, t.defaults), (&mut mine.internal_rpc, t.internal_rpc)] {
                 if let Some(theirs) = theirs {
                     let m = mine.get_or_insert_with(Default::default);
-                    take!(
-                        m,
-                        theirs,
-                        ca_file,
-                        cert_file,
-                        key_file,
-                        verify_incoming,
-                        verify_outgoing,
-                        verify_server_hostname
-                    );
+                    take!(m, theirs, ca_file, cert_file, key_file, verify_incoming, verify_outgoing, verify_server_hostname);
                 }
             }
         }
@@ -275,82 +301,69 @@ impl RawConfig {
             }),
         };
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let bind_addr = ip(
-            "bind_addr",
-            self.bind_addr.as_ref(),
-            if dev {
-                loopback
-            } else {
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-            },
-            &mut errs,
-        );
-        let client_addr = ip(
-            "client_addr",
-            self.client_addr.as_ref(),
-            loopback,
-            &mut errs,
-        );
+        let bind_addr = ip("bind_addr", self.bind_addr.as_ref(), if dev { loopback } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) }, &mut errs);
+        let client_addr = ip("client_addr", self.client_addr.as_ref(), loopback, &mut errs);
         if bind_addr.is_unspecified() && !dev {
             errs.push("bind_addr: must be a specific address that other servers can reach (e.g. --bind 10.0.0.5)".into());
         }
         let ports = self.ports.unwrap_or_default();
-        let port =
-            |key: &str, v: Option<i64>, default: u16, errs: &mut Vec<String>| -> Option<u16> {
-                match v {
-                    None => Some(default),
-                    Some(-1) => None,
-                    Some(p) if (0..=65535).contains(&p) => Some(p as u16),
-                    Some(p) => {
-                        errs.push(format!(
-                            "ports.{key}: {p} is not a port number (0-65535, or -1 to disable)"
-                        ));
-                        Some(default)
-                    }
+        let port = |key: &str, v: Option<i64>, default: u16, errs: &mut Vec<String>| -> Option<u16> {
+            match v {
+                None => Some(default),
+                Some(-1) => None,
+                Some(p) if (0..=65535).contains(&p) => Some(p as u16),
+                Some(p) => {
+                    errs.push(format!("ports.{key}: {p} is not a port number (0-65535, or -1 to disable)"));
+                    Some(default)
                 }
-            };
-        let http_port =
-            port("http", ports.http, DEFAULT_HTTP_PORT, &mut errs).unwrap_or_else(|| {
-                errs.push("ports.http: the HTTP API cannot be disabled".into());
-                0
-            });
+            }
+        };
+        let http_port = port("http", ports.http, DEFAULT_HTTP_PORT, &mut errs).unwrap_or_else(|| {
+            errs.push("ports.http: the HTTP API cannot be disabled".into());
+            0
+        });
         let dns_port = port("dns", ports.dns, DEFAULT_DNS_PORT, &mut errs);
-        let server_port = port("server", ports.server, DEFAULT_SERVER_PORT, &mut errs)
-            .unwrap_or_else(|| {
-                errs.push("ports.server: server RPC cannot be disabled".into());
-                DEFAULT_SERVER_PORT
-            });
-        for (key, v) in [
-            ("serf_lan", ports.serf_lan),
-            ("serf_wan", ports.serf_wan),
-            ("https", ports.https),
-            ("grpc", ports.grpc),
-        ] {
+        let server_port = port("server", ports.server, DEFAULT_SERVER_PORT, &mut errs).unwrap_or_else(|| {
+            errs.push("ports.server: server RPC cannot be disabled".into());
+            DEFAULT_SERVER_PORT
+        });
+        let serf_lan_port = port("serf_lan", ports.serf_lan, DEFAULT_SERF_LAN_PORT, &mut errs).unwrap_or_else(|| {
+            errs.push("ports.serf_lan: LAN gossip cannot be disabled".into());
+            DEFAULT_SERF_LAN_PORT
+        });
+        for (key, v) in [("serf_wan", ports.serf_wan), ("https", ports.https), ("grpc", ports.grpc)] {
             port(key, v, 0, &mut errs);
         }
+        let encrypt = self.encrypt.filter(|k| !k.is_empty());
+        if let Some(k) = &encrypt {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(k) {
+                Ok(b) if matches!(b.len(), 16 | 24 | 32) => {}
+                _ => errs.push("encrypt: must be a base64 key of 16, 24 or 32 bytes (make one with `trellis keygen`)".into()),
+            }
+        }
+        let duration = |key: &str, v: Option<String>, default: std::time::Duration, errs: &mut Vec<String>| match v {
+            None => default,
+            Some(s) => crate::duration::parse(&s).filter(|d| !d.is_zero()).unwrap_or_else(|| {
+                errs.push(format!("{key}: {s:?} is not a positive duration like \"30s\""));
+                default
+            }),
+        };
+        let ae_interval = duration("ae_interval", self.ae_interval, DEFAULT_AE_INTERVAL, &mut errs);
+        let reconnect_timeout = duration("reconnect_timeout", self.reconnect_timeout, DEFAULT_RECONNECT_TIMEOUT, &mut errs);
+        let services: Vec<serde_json::Value> = [self.service, self.services].into_iter().flatten().flat_map(OneOrMany::into_vec).collect();
+        let checks: Vec<serde_json::Value> = [self.check, self.checks].into_iter().flatten().flat_map(OneOrMany::into_vec).collect();
 
         let datacenter = self.datacenter.unwrap_or_else(|| DEFAULT_DATACENTER.into());
         if !valid_label(&datacenter) {
-            errs.push(format!(
-                "datacenter: {datacenter:?} must be letters, digits, '-' and '_' only"
-            ));
+            errs.push(format!("datacenter: {datacenter:?} must be letters, digits, '-' and '_' only"));
         }
-        let primary_datacenter = self
-            .primary_datacenter
-            .unwrap_or_else(|| datacenter.clone());
+        let primary_datacenter = self.primary_datacenter.unwrap_or_else(|| datacenter.clone());
         let node_name = self.node_name.unwrap_or_else(hostname);
-        if node_name.is_empty()
-            || node_name.len() > 63
-            || !valid_label(&node_name.replace('.', "-"))
-        {
-            errs.push(format!(
-                "node_name: {node_name:?} must be 1-63 letters, digits, '-', '_' or '.'"
-            ));
+        if node_name.is_empty() || node_name.len() > 63 || !valid_label(&node_name.replace('.', "-")) {
+            errs.push(format!("node_name: {node_name:?} must be 1-63 letters, digits, '-', '_' or '.'"));
         }
         let server = dev || self.server.unwrap_or(false);
-        if !server {
-            errs.push("server: client agents are not available yet; run servers (server = true / --server) or --dev".into());
-        }
         let bootstrap = self.bootstrap.unwrap_or(false);
         let bootstrap_expect = match (dev || bootstrap, self.bootstrap_expect) {
             (true, Some(n)) if n > 1 => {
@@ -366,9 +379,7 @@ impl RawConfig {
             (false, None) => 0,
         };
         if !server && (bootstrap_expect > 0 || bootstrap) {
-            errs.push(
-                "bootstrap_expect: only servers bootstrap a cluster (add server = true)".into(),
-            );
+            errs.push("bootstrap_expect: only servers bootstrap a cluster (add server = true)".into());
         }
         let data_dir = match self.data_dir {
             Some(d) => PathBuf::from(d),
@@ -378,43 +389,25 @@ impl RawConfig {
                 PathBuf::new()
             }
         };
-        let log_level = self
-            .log_level
-            .unwrap_or_else(|| "info".into())
-            .to_lowercase();
-        if !matches!(
-            log_level.as_str(),
-            "trace" | "debug" | "info" | "warn" | "error"
-        ) {
-            errs.push(format!(
-                "log_level: {log_level:?} is not one of trace, debug, info, warn, error"
-            ));
+        let log_level = self.log_level.unwrap_or_else(|| "info".into()).to_lowercase();
+        if !matches!(log_level.as_str(), "trace" | "debug" | "info" | "warn" | "error") {
+            errs.push(format!("log_level: {log_level:?} is not one of trace, debug, info, warn, error"));
         }
         // Per key: tls.internal_rpc, then tls.defaults, then the legacy top-level keys.
         let tls_block = self.tls.unwrap_or_default();
-        let (rpc, defaults) = (
-            tls_block.internal_rpc.unwrap_or_default(),
-            tls_block.defaults.unwrap_or_default(),
-        );
+        let (rpc, defaults) = (tls_block.internal_rpc.unwrap_or_default(), tls_block.defaults.unwrap_or_default());
         let ca = rpc.ca_file.or(defaults.ca_file).or(self.ca_file);
         let cert = rpc.cert_file.or(defaults.cert_file).or(self.cert_file);
         let key = rpc.key_file.or(defaults.key_file).or(self.key_file);
         let tls = match (ca, cert, key) {
-            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
-                ca_file: ca.into(),
-                cert_file: cert.into(),
-                key_file: key.into(),
-            }),
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca_file: ca.into(), cert_file: cert.into(), key_file: key.into() }),
             (None, None, None) if dev => None,
             _ => {
                 errs.push("tls: ca_file, cert_file and key_file are all required: RPC is mTLS only (create them with `trellis tls ca create` and `trellis tls cert create --server`)".into());
                 None
             }
         };
-        let multiplier = self
-            .performance
-            .and_then(|p| p.raft_multiplier)
-            .unwrap_or(1);
+        let multiplier = self.performance.and_then(|p| p.raft_multiplier).unwrap_or(1);
         if !(1..=MAX_RAFT_MULTIPLIER).contains(&multiplier) {
             errs.push(format!("performance.raft_multiplier: {multiplier} must be between 1 and {MAX_RAFT_MULTIPLIER}"));
         }
@@ -426,30 +419,18 @@ impl RawConfig {
         };
         let mut autopilot = crate::state::AutopilotConfig::default();
         if let Some(a) = self.autopilot {
-            for (key, v) in [
-                ("last_contact_threshold", &a.last_contact_threshold),
-                ("server_stabilization_time", &a.server_stabilization_time),
-            ] {
+            for (key, v) in [("last_contact_threshold", &a.last_contact_threshold), ("server_stabilization_time", &a.server_stabilization_time)] {
                 if let Some(v) = v
                     && crate::duration::parse(v).is_none()
                 {
-                    errs.push(format!(
-                        "autopilot.{key}: {v:?} is not a duration like \"10s\""
-                    ));
+                    errs.push(format!("autopilot.{key}: {v:?} is not a duration like \"10s\""));
                 }
             }
-            autopilot.cleanup_dead_servers = a
-                .cleanup_dead_servers
-                .unwrap_or(autopilot.cleanup_dead_servers);
-            autopilot.last_contact_threshold = a
-                .last_contact_threshold
-                .unwrap_or(autopilot.last_contact_threshold);
-            autopilot.max_trailing_logs =
-                a.max_trailing_logs.unwrap_or(autopilot.max_trailing_logs);
+            autopilot.cleanup_dead_servers = a.cleanup_dead_servers.unwrap_or(autopilot.cleanup_dead_servers);
+            autopilot.last_contact_threshold = a.last_contact_threshold.unwrap_or(autopilot.last_contact_threshold);
+            autopilot.max_trailing_logs = a.max_trailing_logs.unwrap_or(autopilot.max_trailing_logs);
             autopilot.min_quorum = a.min_quorum.unwrap_or(autopilot.min_quorum);
-            autopilot.server_stabilization_time = a
-                .server_stabilization_time
-                .unwrap_or(autopilot.server_stabilization_time);
+            autopilot.server_stabilization_time = a.server_stabilization_time.unwrap_or(autopilot.server_stabilization_time);
         }
         if !errs.is_empty() {
             return Err(ConfigError::Invalid(errs));
@@ -463,20 +444,19 @@ impl RawConfig {
             dev,
             bootstrap_expect,
             retry_join: self.retry_join.unwrap_or_default(),
-            bind_addr: if dev && bind_addr.is_unspecified() {
-                loopback
-            } else {
-                bind_addr
-            },
+            bind_addr: if dev && bind_addr.is_unspecified() { loopback } else { bind_addr },
             client_addr,
             http_port,
             dns_port,
             server_port,
-            domain: self
-                .domain
-                .unwrap_or_else(|| DEFAULT_DOMAIN.into())
-                .trim_end_matches('.')
-                .to_string(),
+            serf_lan_port,
+            encrypt,
+            enable_script_checks: self.enable_script_checks.unwrap_or(false),
+            services,
+            checks,
+            ae_interval,
+            reconnect_timeout,
+            domain: self.domain.unwrap_or_else(|| DEFAULT_DOMAIN.into()).trim_end_matches('.').to_string(),
             log_level,
             tls,
             raft,
@@ -486,15 +466,11 @@ impl RawConfig {
 }
 
 fn valid_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "trellis".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "trellis".into())
 }
 
 #[cfg(test)]
@@ -523,15 +499,7 @@ mod tests {
         let a = load_files(&[hcl], &[]).unwrap().validate(false).unwrap();
         let b = load_files(&[json], &[]).unwrap().validate(false).unwrap();
         for c in [&a, &b] {
-            assert_eq!(
-                (
-                    c.datacenter.as_str(),
-                    c.node_name.as_str(),
-                    c.bootstrap_expect,
-                    c.http_port
-                ),
-                ("east", "s1", 3, 9500)
-            );
+            assert_eq!((c.datacenter.as_str(), c.node_name.as_str(), c.bootstrap_expect, c.http_port), ("east", "s1", 3, 9500));
             assert_eq!(c.rpc_addr().to_string(), "127.0.0.11:8300");
         }
     }
@@ -546,11 +514,7 @@ mod tests {
 
     #[test]
     fn every_error_is_reported_at_once() {
-        let raw = RawConfig {
-            bind_addr: Some("nope".into()),
-            log_level: Some("loud".into()),
-            ..Default::default()
-        };
+        let raw = RawConfig { bind_addr: Some("nope".into()), log_level: Some("loud".into()), ..Default::default() };
         let e = raw.validate(false).unwrap_err().to_string();
         for key in ["bind_addr", "log_level", "data_dir", "tls"] {
             assert!(e.contains(key), "{key} missing from {e}");
@@ -560,27 +524,11 @@ mod tests {
     #[test]
     fn later_files_override_earlier_ones_key_by_key() {
         let d = tempfile::tempdir().unwrap();
-        write(
-            d.path(),
-            "1.hcl",
-            "datacenter = \"a\"\nports { http = 1 }\n",
-        );
-        write(
-            d.path(),
-            "2.json",
-            r#"{"node_name":"n","ports":{"dns":-1}}"#,
-        );
+        write(d.path(), "1.hcl", "datacenter = \"a\"\nports { http = 1 }\n");
+        write(d.path(), "2.json", r#"{"node_name":"n","ports":{"dns":-1}}"#);
         let raw = load_files(&[], &[d.path().to_path_buf()]).unwrap();
         let c = raw.validate(true).unwrap();
-        assert_eq!(
-            (
-                c.datacenter.as_str(),
-                c.node_name.as_str(),
-                c.http_port,
-                c.dns_port
-            ),
-            ("a", "n", 1, None)
-        );
+        assert_eq!((c.datacenter.as_str(), c.node_name.as_str(), c.http_port, c.dns_port), ("a", "n", 1, None));
     }
 
     #[test]
@@ -591,43 +539,26 @@ mod tests {
         )
         .unwrap();
         let flags = RawConfig {
-            tls: Some(RawTls {
-                defaults: None,
-                internal_rpc: Some(RawTlsFiles {
-                    cert_file: Some("flag-cert".into()),
-                    ..Default::default()
-                }),
-            }),
+            tls: Some(RawTls { defaults: None, internal_rpc: Some(RawTlsFiles { cert_file: Some("flag-cert".into()), ..Default::default() }) }),
             ..Default::default()
         };
         raw.merge(flags);
         let tls = raw.validate(false).unwrap().tls.unwrap();
-        assert_eq!(
-            (
-                tls.ca_file.to_str(),
-                tls.cert_file.to_str(),
-                tls.key_file.to_str()
-            ),
-            (Some("legacy-ca"), Some("flag-cert"), Some("rpc-key"))
-        );
+        assert_eq!((tls.ca_file.to_str(), tls.cert_file.to_str(), tls.key_file.to_str()), (Some("legacy-ca"), Some("flag-cert"), Some("rpc-key")));
     }
 
     #[test]
-    fn client_mode_is_refused_until_it_exists() {
-        let raw = RawConfig {
-            data_dir: Some("/d".into()),
-            bind_addr: Some("127.0.0.1".into()),
-            ca_file: Some("c".into()),
-            cert_file: Some("c".into()),
-            key_file: Some("k".into()),
-            ..Default::default()
-        };
-        assert!(
-            raw.validate(false)
-                .unwrap_err()
-                .to_string()
-                .contains("server:")
-        );
+    fn service_blocks_accumulate_across_files_and_bad_keys_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "1.hcl", "service {\n  name = \"web\"\n  port = 80\n}\n");
+        write(d.path(), "2.json", r#"{"services":[{"name":"db","port":5432}],"encrypt":"short"}"#);
+        let raw = load_files(&[], &[d.path().to_path_buf()]).unwrap();
+        let e = raw.clone().validate(true).unwrap_err().to_string();
+        assert!(e.contains("encrypt"), "{e}");
+        let mut raw = raw;
+        raw.encrypt = None;
+        let c = raw.validate(true).unwrap();
+        assert_eq!(c.services.len(), 2);
     }
 
     #[test]

@@ -65,11 +65,7 @@ pub struct RaftTimings {
     pub election_max_ms: u64,
 }
 
-pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings {
-    heartbeat_ms: 100,
-    election_min_ms: 1000,
-    election_max_ms: 2000,
-};
+pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings { heartbeat_ms: 100, election_min_ms: 1000, election_max_ms: 2000 };
 
 /// Take a snapshot (and purge the log behind it) every this many entries.
 const SNAPSHOT_EVERY_ENTRIES: u64 = 8192;

@@ -7,14 +7,9 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use serde::{Deserialize, Serialize};
 
 use super::{NodeId, Raft, ServerNode, TypeConfig};
@@ -44,26 +39,16 @@ pub struct ContactLog {
 
 impl ContactLog {
     pub fn record(&self, id: NodeId) {
-        self.inner
-            .lock()
-            .expect("contact lock")
-            .insert(id, Instant::now());
+        self.inner.lock().expect("contact lock").insert(id, Instant::now());
     }
     pub fn since(&self, id: NodeId) -> Option<Duration> {
-        self.inner
-            .lock()
-            .expect("contact lock")
-            .get(&id)
-            .map(|t| t.elapsed())
+        self.inner.lock().expect("contact lock").get(&id).map(|t| t.elapsed())
     }
     pub fn heard_from_leader(&self) {
         *self.leader.lock().expect("contact lock") = Some(Instant::now());
     }
     pub fn since_leader(&self) -> Option<Duration> {
-        self.leader
-            .lock()
-            .expect("contact lock")
-            .map(|t| t.elapsed())
+        self.leader.lock().expect("contact lock").map(|t| t.elapsed())
     }
 }
 
@@ -77,11 +62,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &ServerNode) -> Self::Network {
-        PeerConnection {
-            target,
-            addr: node.socket_addr(),
-            net: self.clone(),
-        }
+        PeerConnection { target, addr: node.socket_addr(), net: self.clone() }
     }
 }
 
@@ -94,41 +75,24 @@ pub struct PeerConnection {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, ServerNode, E>>;
 
 impl PeerConnection {
-    async fn send<E: std::error::Error>(
-        &self,
-        req: RaftRpc,
-        timeout: Duration,
-    ) -> RpcResult<RaftReply, E> {
+    async fn send<E: std::error::Error>(&self, req: RaftRpc, timeout: Duration) -> RpcResult<RaftReply, E> {
         let Some(addr) = self.addr else {
-            let e = std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "peer has no valid rpc address",
-            );
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "peer has no valid rpc address");
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
-        match self
-            .net
-            .client
-            .call_typed::<RaftRpc, RaftReply>(addr, Service::Raft, &req, timeout)
-            .await
-        {
+        match self.net.client.call_typed::<RaftRpc, RaftReply>(addr, Service::Raft, &req, timeout).await {
             Ok(r) => {
                 self.net.contacts.record(self.target);
                 Ok(r)
             }
-            Err(e) if e.code == ErrorCode::Unreachable => {
-                Err(RPCError::Unreachable(Unreachable::new(&e)))
-            }
+            Err(e) if e.code == ErrorCode::Unreachable => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
 }
 
 fn unexpected<E: std::error::Error>() -> RPCError<NodeId, ServerNode, E> {
-    RPCError::Network(NetworkError::new(&RpcError::new(
-        ErrorCode::Internal,
-        "mismatched raft reply",
-    )))
+    RPCError::Network(NetworkError::new(&RpcError::new(ErrorCode::Internal, "mismatched raft reply")))
 }
 
 impl RaftNetwork<TypeConfig> for PeerConnection {
@@ -138,9 +102,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
         match self.send(RaftRpc::Append(rpc), option.hard_ttl()).await? {
-            RaftReply::Append(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            RaftReply::Append(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(unexpected()),
         }
     }
@@ -151,22 +113,14 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
         match self.send(RaftRpc::Snapshot(rpc), option.hard_ttl()).await? {
-            RaftReply::Snapshot(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            RaftReply::Snapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(unexpected()),
         }
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        option: RPCOption,
-    ) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
         match self.send(RaftRpc::Vote(rpc), option.hard_ttl()).await? {
-            RaftReply::Vote(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            RaftReply::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(unexpected()),
         }
     }
@@ -184,10 +138,7 @@ impl Handler for RaftHandler {
         let contacts = self.contacts.clone();
         async move {
             if !peer.is_server {
-                return Err(RpcError::new(
-                    ErrorCode::Forbidden,
-                    "raft messages are accepted only from servers of this datacenter",
-                ));
+                return Err(RpcError::new(ErrorCode::Forbidden, "raft messages are accepted only from servers of this datacenter"));
             }
             let reply = match rpc::decode::<RaftRpc>(&body)? {
                 RaftRpc::Append(r) => {

@@ -25,8 +25,11 @@ pub enum ClusterRpc {
     Hello,
     /// Add the caller to the Raft configuration as a voter (sent to the leader).
     Join { id: NodeId, node: ServerNode },
-    /// Apply a write (sent to the leader).
-    Apply(Box<Request>),
+    /// Apply a write: the leader applies it, a follower passes it on (at most `MAX_HOPS` times).
+    Apply { req: Box<Request>, hops: u8 },
+    /// A node's catalog entries, for a client agent's anti-entropy (read from the receiving
+    /// server's state).
+    NodeState { node: String },
     /// Become leader: sent by the current leader to the chosen successor.
     Elect,
 }
@@ -46,8 +49,21 @@ pub enum ClusterReply {
     Hello(HelloInfo),
     Joined,
     Applied { outcome: Outcome, index: u64 },
+    NodeState(Box<NodeState>),
     Elected,
 }
+
+/// What the catalog holds for one node.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct NodeState {
+    pub node: Option<crate::state::Node>,
+    pub services: Vec<crate::state::Service>,
+    pub checks: Vec<crate::state::HealthCheck>,
+}
+
+/// How many times a write may be passed between servers before it is refused, so that
+/// servers with momentarily different views of the leader cannot bounce it forever.
+pub const MAX_HOPS: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -70,10 +86,7 @@ pub struct RaftNode {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl RaftNode {
@@ -100,91 +113,67 @@ impl RaftNode {
         let m = m.borrow();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        membership
-            .nodes()
-            .map(|(id, n)| (*id, n.clone(), voters.contains(id)))
-            .collect()
+        membership.nodes().map(|(id, n)| (*id, n.clone(), voters.contains(id))).collect()
     }
 
     /// Replicate `command` and return its outcome and log index, from any server.
     pub async fn write(&self, command: Command) -> Result<(Outcome, u64), WriteError> {
-        self.write_request(Request {
-            now_ms: now_ms(),
-            command,
-        })
-        .await
+        self.write_request(Request { now_ms: now_ms(), command }).await
     }
 
     pub async fn write_request(&self, req: Request) -> Result<(Outcome, u64), WriteError> {
+        self.write_hops(req, 0).await
+    }
+
+    /// `write_request` for a write that has already been passed on `hops` times.
+    pub async fn write_hops(&self, req: Request, hops: u8) -> Result<(Outcome, u64), WriteError> {
         let leader = if self.is_leader() {
             match self.raft.client_write(req.clone()).await {
                 Ok(resp) => return Ok((resp.data, resp.log_id.index)),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    f.leader_node.and_then(|n| n.socket_addr())
-                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node.and_then(|n| n.socket_addr()),
                 Err(e) => return Err(WriteError::Raft(e.to_string())),
             }
         } else {
             self.leader_addr()
         };
         let addr = leader.ok_or(WriteError::NoLeader)?;
-        match self
-            .rpc
-            .call_typed::<ClusterRpc, ClusterReply>(
-                addr,
-                Service::Cluster,
-                &ClusterRpc::Apply(Box::new(req)),
-                FORWARD_TIMEOUT,
-            )
-            .await
-        {
+        if hops >= MAX_HOPS {
+            return Err(WriteError::NoLeader);
+        }
+        let call = ClusterRpc::Apply { req: Box::new(req), hops: hops + 1 };
+        match self.rpc.call_typed::<ClusterRpc, ClusterReply>(addr, Service::Cluster, &call, FORWARD_TIMEOUT).await {
             Ok(ClusterReply::Applied { outcome, index }) => Ok((outcome, index)),
-            Ok(_) => Err(WriteError::Forward(RpcError::new(
-                ErrorCode::Internal,
-                "unexpected reply to apply",
-            ))),
+            Ok(_) => Err(WriteError::Forward(RpcError::new(ErrorCode::Internal, "unexpected reply to apply"))),
             Err(e) if e.code == ErrorCode::NoLeader => Err(WriteError::NoLeader),
             Err(e) => Err(WriteError::Forward(e)),
         }
     }
 
-    /// Apply locally on the leader only: the handler for forwarded writes.
-    pub async fn apply_as_leader(&self, req: Request) -> Result<(Outcome, u64), RpcError> {
-        match self.raft.client_write(req).await {
-            Ok(resp) => Ok((resp.data, resp.log_id.index)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(RpcError::new(ErrorCode::NoLeader, "No cluster leader"))
-            }
-            Err(e) => Err(RpcError::new(ErrorCode::Internal, e.to_string())),
+    /// The catalog entries of `node` in this server's state.
+    pub fn node_state(&self, node: &str) -> NodeState {
+        let store = self.store.read().expect("state lock");
+        let d = store.data();
+        let (found, _) = d.node_services(node);
+        let (checks, _) = d.node_checks(node);
+        match found {
+            Some((n, services)) => NodeState { node: Some(n), services, checks },
+            None => NodeState { node: None, services: Vec::new(), checks },
         }
     }
 
     /// Confirm with a quorum that this node still leads and wait until its state machine has
     /// applied everything committed before now (Raft's read-index; `?consistent`).
     pub async fn verify_leader(&self) -> Result<(), WriteError> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map(|_| ())
-            .map_err(|_| WriteError::NoLeader)
+        self.raft.ensure_linearizable().await.map(|_| ()).map_err(|_| WriteError::NoLeader)
     }
 
     /// Time since this server last heard from a leader (zero on the leader itself).
     pub fn last_contact(&self) -> Option<Duration> {
-        if self.is_leader() {
-            Some(Duration::ZERO)
-        } else {
-            self.contacts.since_leader()
-        }
+        if self.is_leader() { Some(Duration::ZERO) } else { self.contacts.since_leader() }
     }
 
     /// The highest log index applied here.
     pub fn applied_index(&self) -> u64 {
-        self.raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map(|l| l.index)
-            .unwrap_or(0)
+        self.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0)
     }
 }

@@ -6,10 +6,7 @@ use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::RaftStateMachine;
-use openraft::{
-    Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
-};
+use openraft::{Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 use super::storage::Storage;
@@ -45,17 +42,8 @@ pub struct StateMachine {
 
 impl StateMachine {
     /// Open the state machine, loading the latest snapshot from `storage` if there is one.
-    pub fn open(
-        storage: Storage,
-        store: Arc<RwLock<Store>>,
-    ) -> Result<StateMachine, StorageError<NodeId>> {
-        let mut sm = StateMachine {
-            store,
-            last_applied: None,
-            membership: Membership::default(),
-            storage,
-            snapshot_seq: 0,
-        };
+    pub fn open(storage: Storage, store: Arc<RwLock<Store>>) -> Result<StateMachine, StorageError<NodeId>> {
+        let mut sm = StateMachine { store, last_applied: None, membership: Membership::default(), storage, snapshot_seq: 0 };
         if let Some(snap) = sm.stored_snapshot()? {
             sm.load(&snap.bytes)?;
         }
@@ -63,20 +51,12 @@ impl StateMachine {
     }
 
     fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError<NodeId>> {
-        let raw = self
-            .storage
-            .meta_get(SNAPSHOT)
-            .map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
-        raw.map(|b| {
-            postcard::from_bytes(&b)
-                .map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)).into())
-        })
-        .transpose()
+        let raw = self.storage.meta_get(SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
+        raw.map(|b| postcard::from_bytes(&b).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)).into())).transpose()
     }
 
     fn load(&mut self, bytes: &[u8]) -> Result<(), StorageError<NodeId>> {
-        let p: SnapshotPayload = postcard::from_bytes(bytes)
-            .map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
+        let p: SnapshotPayload = postcard::from_bytes(bytes).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
         self.last_applied = p.last_applied;
         self.membership = p.membership;
         self.store.write().expect("state lock").replace(p.data);
@@ -87,9 +67,7 @@ impl StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachineSnapshotter;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
         Ok((self.last_applied, self.membership.clone()))
     }
 
@@ -129,9 +107,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -144,25 +120,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.load(&bytes)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        let stored = postcard::to_allocvec(&StoredSnapshot {
-            meta: meta.clone(),
-            bytes,
-        })
-        .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
-        self.storage
-            .meta_put(SNAPSHOT, stored, true)
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        let stored =
+            postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes }).map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        self.storage.meta_put(SNAPSHOT, stored, true).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self.stored_snapshot()?.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.bytes)),
-        }))
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self.stored_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.bytes)) }))
     }
 }
 
@@ -175,35 +140,16 @@ pub struct StateMachineSnapshotter {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let p = self.payload.take().ok_or_else(|| {
-            StorageIOError::write_snapshot(
-                None,
-                io_err(&std::io::Error::other("snapshot already built")),
-            )
-        })?;
-        let bytes = postcard::to_allocvec(&p)
-            .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        let p = self.payload.take().ok_or_else(|| StorageIOError::write_snapshot(None, io_err(&std::io::Error::other("snapshot already built"))))?;
+        let bytes = postcard::to_allocvec(&p).map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
         let snapshot_id = match p.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.seq),
             None => format!("--{}", self.seq),
         };
-        let meta = SnapshotMeta {
-            last_log_id: p.last_applied,
-            last_membership: p.membership,
-            snapshot_id,
-        };
-        let stored = postcard::to_allocvec(&StoredSnapshot {
-            meta: meta.clone(),
-            bytes: bytes.clone(),
-        })
-        .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
-        self.storage
-            .meta_put(SNAPSHOT, stored, true)
-            .await
+        let meta = SnapshotMeta { last_log_id: p.last_applied, last_membership: p.membership, snapshot_id };
+        let stored = postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes: bytes.clone() })
             .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        self.storage.meta_put(SNAPSHOT, stored, true).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }

@@ -30,31 +30,17 @@ fn index_of(k: &[u8]) -> u64 {
 
 impl Storage {
     pub fn open(dir: &Path) -> Result<Storage, StorageError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()?;
-        Ok(Storage {
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            db,
-        })
+        let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open()?;
+        Ok(Storage { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, db })
     }
 
     /// A throwaway store for tests.
     pub fn temporary() -> Result<Storage, StorageError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Ok(Storage {
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            db,
-        })
+        Ok(Storage { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, db })
     }
 
-    pub fn log_range<R: RangeBounds<u64>>(
-        &self,
-        range: R,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    pub fn log_range<R: RangeBounds<u64>>(&self, range: R) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         use std::ops::Bound::*;
         let start = match range.start_bound() {
             Included(i) => key(*i),
@@ -114,12 +100,7 @@ impl Storage {
     }
 
     /// Store a metadata value; `durable` waits for the disk, as votes and snapshots need.
-    pub async fn meta_put(
-        &self,
-        name: &str,
-        value: Vec<u8>,
-        durable: bool,
-    ) -> Result<(), StorageError> {
+    pub async fn meta_put(&self, name: &str, value: Vec<u8>, durable: bool) -> Result<(), StorageError> {
         self.meta.insert(name, value)?;
         if durable {
             self.db.flush_async().await?;
@@ -140,17 +121,8 @@ mod tests {
     #[tokio::test]
     async fn log_range_truncate_and_purge_keep_order() {
         let s = Storage::temporary().unwrap();
-        s.log_append((1..=10).map(|i| (i, vec![i as u8])).collect())
-            .await
-            .unwrap();
-        assert_eq!(
-            s.log_range(3..5)
-                .unwrap()
-                .iter()
-                .map(|e| e.0)
-                .collect::<Vec<_>>(),
-            vec![3, 4]
-        );
+        s.log_append((1..=10).map(|i| (i, vec![i as u8])).collect()).await.unwrap();
+        assert_eq!(s.log_range(3..5).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 4]);
         s.log_truncate_from(8).await.unwrap();
         assert_eq!(s.log_last().unwrap().unwrap().0, 7);
         s.log_purge_upto(2).unwrap();
@@ -160,17 +132,8 @@ mod tests {
     #[tokio::test]
     async fn index_keys_sort_numerically_past_255() {
         let s = Storage::temporary().unwrap();
-        s.log_append(vec![(255, vec![]), (256, vec![]), (70_000, vec![])])
-            .await
-            .unwrap();
-        assert_eq!(
-            s.log_range(200..)
-                .unwrap()
-                .iter()
-                .map(|e| e.0)
-                .collect::<Vec<_>>(),
-            vec![255, 256, 70_000]
-        );
+        s.log_append(vec![(255, vec![]), (256, vec![]), (70_000, vec![])]).await.unwrap();
+        assert_eq!(s.log_range(200..).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), vec![255, 256, 70_000]);
     }
 
     #[tokio::test]

@@ -51,25 +51,13 @@ impl RpcClient {
     }
 
     /// Send one request and wait for its answer, at most `timeout`.
-    pub async fn call(
-        &self,
-        addr: SocketAddr,
-        service: Service,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, RpcError> {
+    pub async fn call(&self, addr: SocketAddr, service: Service, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, RpcError> {
         let conn = self.conn(addr).await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = postcard::to_allocvec(&RequestFrame { id, service, body })
-            .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+        let frame = postcard::to_allocvec(&RequestFrame { id, service, body }).map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().expect("pending lock").insert(id, tx);
-        let unreachable = || {
-            RpcError::new(
-                ErrorCode::Unreachable,
-                format!("connection to {addr} closed"),
-            )
-        };
+        let unreachable = || RpcError::new(ErrorCode::Unreachable, format!("connection to {addr} closed"));
         if conn.tx.send(frame).await.is_err() {
             conn.pending.lock().expect("pending lock").remove(&id);
             self.forget(addr, &conn);
@@ -80,10 +68,7 @@ impl RpcClient {
             Ok(Err(_)) => Err(unreachable()),
             Err(_) => {
                 conn.pending.lock().expect("pending lock").remove(&id);
-                Err(RpcError::new(
-                    ErrorCode::Timeout,
-                    format!("rpc to {addr} timed out after {timeout:?}"),
-                ))
+                Err(RpcError::new(ErrorCode::Timeout, format!("rpc to {addr} timed out after {timeout:?}")))
             }
         }
     }
@@ -96,9 +81,7 @@ impl RpcClient {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RpcError> {
-        let bytes = self
-            .call(addr, service, super::encode(req)?, timeout)
-            .await?;
+        let bytes = self.call(addr, service, super::encode(req)?, timeout).await?;
         super::decode(&bytes)
     }
 
@@ -118,11 +101,7 @@ impl RpcClient {
             return Ok(c);
         }
         let conn = Arc::new(self.dial(addr).await?);
-        self.inner
-            .conns
-            .lock()
-            .expect("conns lock")
-            .insert(addr, conn.clone());
+        self.inner.conns.lock().expect("conns lock").insert(addr, conn.clone());
         Ok(conn)
     }
 
@@ -134,15 +113,9 @@ impl RpcClient {
     async fn dial(&self, addr: SocketAddr) -> Result<Conn, RpcError> {
         let fail = |e: String| RpcError::new(ErrorCode::Unreachable, format!("dial {addr}: {e}"));
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            let tcp = TcpStream::connect(addr)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
+            let tcp = TcpStream::connect(addr).await.map_err(|e| fail(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
-            self.inner
-                .connector
-                .connect(self.inner.server_name.clone(), tcp)
-                .await
-                .map_err(|e| fail(e.to_string()))
+            self.inner.connector.connect(self.inner.server_name.clone(), tcp).await.map_err(|e| fail(e.to_string()))
         })
         .await
         .map_err(|_| fail("timed out".into()))??;
@@ -164,21 +137,14 @@ impl RpcClient {
                 let Ok(resp) = postcard::from_bytes::<ResponseFrame>(&bytes) else {
                     break;
                 };
-                if let Some(waiter) = reader_pending
-                    .lock()
-                    .expect("pending lock")
-                    .remove(&resp.id)
-                {
+                if let Some(waiter) = reader_pending.lock().expect("pending lock").remove(&resp.id) {
                     let _ = waiter.send(resp.result);
                 }
             }
             // The connection is gone: fail everything still waiting and let the next call redial.
             reader_pending.lock().expect("pending lock").clear();
             let mut conns = inner.conns.lock().expect("conns lock");
-            if conns
-                .get(&addr)
-                .is_some_and(|c| c.tx.same_channel(&writer_tx))
-            {
+            if conns.get(&addr).is_some_and(|c| c.tx.same_channel(&writer_tx)) {
                 conns.remove(&addr);
             }
         });

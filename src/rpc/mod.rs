@@ -48,10 +48,7 @@ pub struct RpcError {
 
 impl RpcError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> RpcError {
-        RpcError {
-            code,
-            message: message.into(),
-        }
+        RpcError { code, message: message.into() }
     }
 }
 
@@ -88,14 +85,10 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {
 
 /// Decode a frame body.
 pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, RpcError> {
-    postcard::from_bytes(b)
-        .map_err(|e| RpcError::new(ErrorCode::BadRequest, format!("decode: {e}")))
+    postcard::from_bytes(b).map_err(|e| RpcError::new(ErrorCode::BadRequest, format!("decode: {e}")))
 }
 
-async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    bytes: &[u8],
-) -> std::io::Result<()> {
+async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
     w.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
     w.write_all(bytes).await
@@ -105,10 +98,7 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Resu
     use tokio::io::AsyncReadExt;
     let len = r.read_u32().await? as usize;
     if len > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes exceeds {MAX_FRAME}"),
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {MAX_FRAME}")));
     }
     let mut buf = vec![0; len];
     r.read_exact(&mut buf).await?;

@@ -9,10 +9,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{
-    ErrorCode, Handler, Peer, RequestFrame, ResponseFrame, RpcError, Service, read_frame,
-    write_frame,
-};
+use super::{ErrorCode, Handler, Peer, RequestFrame, ResponseFrame, RpcError, Service, read_frame, write_frame};
 
 pub struct RpcServer {
     listener: TcpListener,
@@ -23,23 +20,12 @@ pub struct RpcServer {
 }
 
 impl RpcServer {
-    pub fn new(
-        listener: TcpListener,
-        tls: Arc<rustls::ServerConfig>,
-        server_name: String,
-    ) -> RpcServer {
-        RpcServer {
-            listener,
-            acceptor: TlsAcceptor::from(tls),
-            handlers: Arc::new(HashMap::new()),
-            server_name,
-        }
+    pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>, server_name: String) -> RpcServer {
+        RpcServer { listener, acceptor: TlsAcceptor::from(tls), handlers: Arc::new(HashMap::new()), server_name }
     }
 
     pub fn register(&mut self, service: Service, handler: Arc<dyn Handler>) {
-        Arc::get_mut(&mut self.handlers)
-            .expect("handlers are registered before run")
-            .insert(service, handler);
+        Arc::get_mut(&mut self.handlers).expect("handlers are registered before run").insert(service, handler);
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
@@ -58,34 +44,21 @@ impl RpcServer {
             let server_name = self.server_name.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    acceptor.accept(tcp),
-                )
-                .await
-                {
+                let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => return debug!(%addr, error = %e, "rpc handshake failed"),
                     Err(_) => return debug!(%addr, "rpc handshake timed out"),
                 };
-                let is_server = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .is_some_and(|c| crate::tls::dns_names(c).contains(&server_name));
+                let is_server =
+                    tls.get_ref().1.peer_certificates().and_then(|c| c.first()).is_some_and(|c| crate::tls::dns_names(c).contains(&server_name));
                 serve_connection(tls, Peer { addr, is_server }, handlers, shutdown).await;
             });
         }
     }
 }
 
-async fn serve_connection<S>(
-    stream: S,
-    peer: Peer,
-    handlers: Arc<HashMap<Service, Arc<dyn Handler>>>,
-    shutdown: CancellationToken,
-) where
+async fn serve_connection<S>(stream: S, peer: Peer, handlers: Arc<HashMap<Service, Arc<dyn Handler>>>, shutdown: CancellationToken)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -112,10 +85,7 @@ async fn serve_connection<S>(
         tokio::spawn(async move {
             let result = match handler {
                 Some(h) => h.handle(peer, req.body).await,
-                None => Err(RpcError::new(
-                    ErrorCode::BadRequest,
-                    format!("no handler for {:?}", req.service),
-                )),
+                None => Err(RpcError::new(ErrorCode::BadRequest, format!("no handler for {:?}", req.service))),
             };
             if let Ok(frame) = postcard::to_allocvec(&ResponseFrame { id: req.id, result }) {
                 let _ = tx.send(frame).await;

@@ -3,10 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{
-    CheckStatus, HealthCheck, Node, Outcome, RaftIndex, Registration, Service, StateData, Store,
-    Table,
-};
+use super::{CheckStatus, HealthCheck, Node, Outcome, RaftIndex, Registration, Service, StateData, Store, Table};
 
 /// One instance of a service with its node and the checks that decide its health.
 #[derive(Debug, Clone)]
@@ -19,44 +16,20 @@ pub struct ServiceInstance {
 impl ServiceInstance {
     /// The worst status among the instance's checks (passing when it has none).
     pub fn status(&self) -> CheckStatus {
-        self.checks
-            .iter()
-            .map(|c| c.status)
-            .max()
-            .unwrap_or(CheckStatus::Passing)
+        self.checks.iter().map(|c| c.status).max().unwrap_or(CheckStatus::Passing)
     }
 }
 
 fn same_node(a: &Node, b: &Node) -> bool {
-    a.id == b.id
-        && a.address == b.address
-        && a.datacenter == b.datacenter
-        && a.tagged_addresses == b.tagged_addresses
-        && a.meta == b.meta
+    a.id == b.id && a.address == b.address && a.datacenter == b.datacenter && a.tagged_addresses == b.tagged_addresses && a.meta == b.meta
 }
 
 fn same_service(a: &Service, b: &Service) -> bool {
-    Service {
-        create_index: 0,
-        modify_index: 0,
-        ..a.clone()
-    } == Service {
-        create_index: 0,
-        modify_index: 0,
-        ..b.clone()
-    }
+    Service { create_index: 0, modify_index: 0, ..a.clone() } == Service { create_index: 0, modify_index: 0, ..b.clone() }
 }
 
 fn same_check(a: &HealthCheck, b: &HealthCheck) -> bool {
-    HealthCheck {
-        create_index: 0,
-        modify_index: 0,
-        ..a.clone()
-    } == HealthCheck {
-        create_index: 0,
-        modify_index: 0,
-        ..b.clone()
-    }
+    HealthCheck { create_index: 0, modify_index: 0, ..a.clone() } == HealthCheck { create_index: 0, modify_index: 0, ..b.clone() }
 }
 
 impl Store {
@@ -86,10 +59,7 @@ impl Store {
         for c in &r.checks {
             let mut c = c.clone();
             if !c.node.is_empty() && c.node != node_name {
-                return Outcome::Rejected(format!(
-                    "Check node '{}' does not match node '{}'",
-                    c.node, node_name
-                ));
+                return Outcome::Rejected(format!("Check node '{}' does not match node '{}'", c.node, node_name));
             }
             c.node = node_name.clone();
             if c.check_id.is_empty() {
@@ -104,17 +74,10 @@ impl Store {
             if !c.service_id.is_empty() {
                 let svc = match &service {
                     Some(s) if s.id == c.service_id => Some(s.clone()),
-                    _ => self
-                        .data
-                        .services
-                        .get(&(node_name.clone(), c.service_id.clone()))
-                        .cloned(),
+                    _ => self.data.services.get(&(node_name.clone(), c.service_id.clone())).cloned(),
                 };
                 let Some(svc) = svc else {
-                    return Outcome::Rejected(format!(
-                        "Unknown service ID '{}' for check ID '{}'",
-                        c.service_id, c.check_id
-                    ));
+                    return Outcome::Rejected(format!("Unknown service ID '{}' for check ID '{}'", c.service_id, c.check_id));
                 };
                 c.service_name = svc.service.clone();
                 c.service_tags = svc.tags.clone();
@@ -127,14 +90,10 @@ impl Store {
 
         // Everything validated: now mutate.
         let mut dirty_services: BTreeSet<String> = BTreeSet::new();
-        let node_changed =
-            !matches!(&existing_node, Some(n) if r.skip_node_update || same_node(n, &r.node));
+        let node_changed = !matches!(&existing_node, Some(n) if r.skip_node_update || same_node(n, &r.node));
         if node_changed {
             let mut n = r.node.clone();
-            n.create_index = existing_node
-                .as_ref()
-                .map(|e| e.create_index)
-                .unwrap_or(index);
+            n.create_index = existing_node.as_ref().map(|e| e.create_index).unwrap_or(index);
             n.modify_index = index;
             self.data.nodes.insert(node_name.clone(), n);
             self.touch(Table::Nodes);
@@ -174,14 +133,7 @@ impl Store {
         Outcome::Done
     }
 
-    pub(super) fn deregister(
-        &mut self,
-        index: RaftIndex,
-        now_ms: u64,
-        node: &str,
-        service_id: Option<&str>,
-        check_id: Option<&str>,
-    ) -> Outcome {
+    pub(super) fn deregister(&mut self, index: RaftIndex, now_ms: u64, node: &str, service_id: Option<&str>, check_id: Option<&str>) -> Outcome {
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         match (service_id, check_id) {
             (None, None) => {
@@ -189,55 +141,30 @@ impl Store {
                     return Outcome::Done;
                 }
                 self.touch(Table::Nodes);
-                let svc_keys: Vec<_> = self
-                    .data
-                    .services
-                    .range(node_range(node))
-                    .map(|(k, _)| k.clone())
-                    .collect();
+                let svc_keys: Vec<_> = self.data.services.range(node_range(node)).map(|(k, _)| k.clone()).collect();
                 for k in svc_keys {
                     if let Some(s) = self.data.services.remove(&k) {
                         dirty.insert(s.service);
                         self.touch(Table::Services);
                     }
                 }
-                let check_keys: Vec<_> = self
-                    .data
-                    .checks
-                    .range(node_range(node))
-                    .map(|(k, _)| k.clone())
-                    .collect();
+                let check_keys: Vec<_> = self.data.checks.range(node_range(node)).map(|(k, _)| k.clone()).collect();
                 for k in check_keys {
                     self.data.checks.remove(&k);
                     self.touch(Table::Checks);
                 }
-                let sessions: Vec<String> = self
-                    .data
-                    .sessions
-                    .values()
-                    .filter(|s| s.node == node)
-                    .map(|s| s.id.clone())
-                    .collect();
+                let sessions: Vec<String> = self.data.sessions.values().filter(|s| s.node == node).map(|s| s.id.clone()).collect();
                 for id in sessions {
                     self.session_destroy(index, now_ms, &id);
                 }
             }
             (Some(sid), _) => {
-                if let Some(s) = self
-                    .data
-                    .services
-                    .remove(&(node.to_string(), sid.to_string()))
-                {
+                if let Some(s) = self.data.services.remove(&(node.to_string(), sid.to_string())) {
                     dirty.insert(s.service);
                     self.touch(Table::Services);
                 }
-                let check_keys: Vec<_> = self
-                    .data
-                    .checks
-                    .range(node_range(node))
-                    .filter(|(_, c)| c.service_id == sid)
-                    .map(|(k, _)| k.clone())
-                    .collect();
+                let check_keys: Vec<_> =
+                    self.data.checks.range(node_range(node)).filter(|(_, c)| c.service_id == sid).map(|(k, _)| k.clone()).collect();
                 for k in check_keys {
                     self.data.checks.remove(&k);
                     self.touch(Table::Checks);
@@ -245,11 +172,7 @@ impl Store {
                 }
             }
             (None, Some(cid)) => {
-                if let Some(c) = self
-                    .data
-                    .checks
-                    .remove(&(node.to_string(), cid.to_string()))
-                {
+                if let Some(c) = self.data.checks.remove(&(node.to_string(), cid.to_string())) {
                     self.touch(Table::Checks);
                     self.mark_check_services(&c, &mut dirty);
                     self.invalidate_check_sessions(index, now_ms, node, cid);
@@ -280,22 +203,12 @@ impl Store {
     }
 
     /// Destroy the sessions that depend on a check that just failed or went away.
-    fn invalidate_check_sessions(
-        &mut self,
-        index: RaftIndex,
-        now_ms: u64,
-        node: &str,
-        check_id: &str,
-    ) {
+    fn invalidate_check_sessions(&mut self, index: RaftIndex, now_ms: u64, node: &str, check_id: &str) {
         let ids: Vec<String> = self
             .data
             .sessions
             .values()
-            .filter(|s| {
-                s.node == node
-                    && (s.node_checks.iter().any(|c| c == check_id)
-                        || s.service_checks.iter().any(|c| c.id == check_id))
-            })
+            .filter(|s| s.node == node && (s.node_checks.iter().any(|c| c == check_id) || s.service_checks.iter().any(|c| c.id == check_id)))
             .map(|s| s.id.clone())
             .collect();
         for id in ids {
@@ -319,50 +232,28 @@ pub struct ServiceQuery {
 
 impl StateData {
     pub fn node_list(&self, node_meta: &BTreeMap<String, String>) -> (Vec<Node>, RaftIndex) {
-        let nodes = self
-            .nodes
-            .values()
-            .filter(|n| meta_matches(&n.meta, node_meta))
-            .cloned()
-            .collect();
+        let nodes = self.nodes.values().filter(|n| meta_matches(&n.meta, node_meta)).cloned().collect();
         (nodes, self.index_of(&[Table::Nodes]))
     }
 
     /// Service name -> union of tags, for nodes matching `node_meta`.
-    pub fn service_list(
-        &self,
-        node_meta: &BTreeMap<String, String>,
-    ) -> (BTreeMap<String, BTreeSet<String>>, RaftIndex) {
+    pub fn service_list(&self, node_meta: &BTreeMap<String, String>) -> (BTreeMap<String, BTreeSet<String>>, RaftIndex) {
         let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for ((node, _), s) in &self.services {
-            if !node_meta.is_empty()
-                && !self
-                    .nodes
-                    .get(node)
-                    .is_some_and(|n| meta_matches(&n.meta, node_meta))
-            {
+            if !node_meta.is_empty() && !self.nodes.get(node).is_some_and(|n| meta_matches(&n.meta, node_meta)) {
                 continue;
             }
-            out.entry(s.service.clone())
-                .or_default()
-                .extend(s.tags.iter().cloned());
+            out.entry(s.service.clone()).or_default().extend(s.tags.iter().cloned());
         }
         (out, self.index_of(&[Table::Services, Table::Nodes]))
     }
 
     /// The index a service's catalog or health view last changed at.
     pub fn service_view_index(&self, name: &str) -> RaftIndex {
-        self.service_index
-            .get(name)
-            .copied()
-            .unwrap_or_else(|| self.index_of(&[Table::Services, Table::Nodes, Table::Checks]))
+        self.service_index.get(name).copied().unwrap_or_else(|| self.index_of(&[Table::Services, Table::Nodes, Table::Checks]))
     }
 
-    pub fn service_instances(
-        &self,
-        name: &str,
-        q: &ServiceQuery,
-    ) -> (Vec<ServiceInstance>, RaftIndex) {
+    pub fn service_instances(&self, name: &str, q: &ServiceQuery) -> (Vec<ServiceInstance>, RaftIndex) {
         let mut out = Vec::new();
         for ((node_name, _), s) in &self.services {
             if s.service != name || !q.tags.iter().all(|t| s.tags.contains(t)) {
@@ -381,11 +272,7 @@ impl StateData {
                 .filter(|c| c.service_id.is_empty() || c.service_id == s.id)
                 .cloned()
                 .collect();
-            let inst = ServiceInstance {
-                node: node.clone(),
-                service: s.clone(),
-                checks,
-            };
+            let inst = ServiceInstance { node: node.clone(), service: s.clone(), checks };
             if q.passing_only && inst.status() != CheckStatus::Passing {
                 continue;
             }
@@ -396,46 +283,22 @@ impl StateData {
 
     pub fn node_services(&self, node: &str) -> (Option<(Node, Vec<Service>)>, RaftIndex) {
         let idx = self.index_of(&[Table::Nodes, Table::Services]);
-        let found = self.nodes.get(node).map(|n| {
-            (
-                n.clone(),
-                self.services
-                    .range(node_range(node))
-                    .map(|(_, s)| s.clone())
-                    .collect(),
-            )
-        });
+        let found = self.nodes.get(node).map(|n| (n.clone(), self.services.range(node_range(node)).map(|(_, s)| s.clone()).collect()));
         (found, idx)
     }
 
     pub fn node_checks(&self, node: &str) -> (Vec<HealthCheck>, RaftIndex) {
-        (
-            self.checks
-                .range(node_range(node))
-                .map(|(_, c)| c.clone())
-                .collect(),
-            self.index_of(&[Table::Checks]),
-        )
+        (self.checks.range(node_range(node)).map(|(_, c)| c.clone()).collect(), self.index_of(&[Table::Checks]))
     }
 
     pub fn service_checks(&self, service: &str) -> (Vec<HealthCheck>, RaftIndex) {
-        let checks = self
-            .checks
-            .values()
-            .filter(|c| c.service_name == service)
-            .cloned()
-            .collect();
+        let checks = self.checks.values().filter(|c| c.service_name == service).cloned().collect();
         (checks, self.service_view_index(service))
     }
 
     /// Checks in `state`; `None` means any state.
     pub fn checks_in_state(&self, state: Option<CheckStatus>) -> (Vec<HealthCheck>, RaftIndex) {
-        let checks = self
-            .checks
-            .values()
-            .filter(|c| state.is_none_or(|s| c.status == s))
-            .cloned()
-            .collect();
+        let checks = self.checks.values().filter(|c| state.is_none_or(|s| c.status == s)).cloned().collect();
         (checks, self.index_of(&[Table::Checks]))
     }
 }
@@ -452,17 +315,8 @@ pub(crate) mod tests {
 
     pub fn web_registration(node: &str, addr: &str) -> Registration {
         Registration {
-            node: Node {
-                node: node.into(),
-                address: addr.into(),
-                ..Default::default()
-            },
-            service: Some(Service {
-                service: "web".into(),
-                port: 80,
-                tags: vec!["v1".into()],
-                ..Default::default()
-            }),
+            node: Node { node: node.into(), address: addr.into(), ..Default::default() },
+            service: Some(Service { service: "web".into(), port: 80, tags: vec!["v1".into()], ..Default::default() }),
             checks: vec![HealthCheck {
                 check_id: "web-alive".into(),
                 name: "web alive".into(),
@@ -477,13 +331,7 @@ pub(crate) mod tests {
     #[test]
     fn register_creates_node_service_and_check_with_indexes() {
         let mut s = Store::new();
-        assert_eq!(
-            s.apply(
-                10,
-                &req(Command::Register(web_registration("n1", "10.0.0.1")))
-            ),
-            Outcome::Done
-        );
+        assert_eq!(s.apply(10, &req(Command::Register(web_registration("n1", "10.0.0.1")))), Outcome::Done);
         let d = s.data();
         assert_eq!(d.nodes["n1"].create_index, 10);
         let (inst, idx) = d.service_instances("web", &ServiceQuery::default());
@@ -495,14 +343,8 @@ pub(crate) mod tests {
     #[test]
     fn reregistering_unchanged_data_keeps_modify_index() {
         let mut s = Store::new();
-        s.apply(
-            10,
-            &req(Command::Register(web_registration("n1", "10.0.0.1"))),
-        );
-        s.apply(
-            11,
-            &req(Command::Register(web_registration("n1", "10.0.0.1"))),
-        );
+        s.apply(10, &req(Command::Register(web_registration("n1", "10.0.0.1"))));
+        s.apply(11, &req(Command::Register(web_registration("n1", "10.0.0.1"))));
         assert_eq!(s.data().nodes["n1"].modify_index, 10);
         assert_eq!(s.data().service_view_index("web"), 10);
     }
@@ -512,10 +354,7 @@ pub(crate) mod tests {
         let mut s = Store::new();
         let mut r = web_registration("n1", "");
         r.node.address.clear();
-        assert!(matches!(
-            s.apply(3, &req(Command::Register(r))),
-            Outcome::Rejected(_)
-        ));
+        assert!(matches!(s.apply(3, &req(Command::Register(r))), Outcome::Rejected(_)));
         assert!(s.data().nodes.is_empty());
     }
 
@@ -524,53 +363,28 @@ pub(crate) mod tests {
         let mut s = Store::new();
         let mut r = web_registration("n1", "10.0.0.1");
         r.service = None;
-        assert!(
-            matches!(s.apply(3, &req(Command::Register(r))), Outcome::Rejected(m) if m.contains("Unknown service"))
-        );
+        assert!(matches!(s.apply(3, &req(Command::Register(r))), Outcome::Rejected(m) if m.contains("Unknown service")));
         assert!(s.data().nodes.is_empty());
     }
 
     #[test]
     fn passing_filter_skips_critical_instances() {
         let mut s = Store::new();
-        s.apply(
-            1,
-            &req(Command::Register(web_registration("n1", "10.0.0.1"))),
-        );
+        s.apply(1, &req(Command::Register(web_registration("n1", "10.0.0.1"))));
         let mut bad = web_registration("n2", "10.0.0.2");
         bad.checks[0].status = CheckStatus::Critical;
         s.apply(2, &req(Command::Register(bad)));
-        let q = ServiceQuery {
-            passing_only: true,
-            ..Default::default()
-        };
+        let q = ServiceQuery { passing_only: true, ..Default::default() };
         let (inst, _) = s.data().service_instances("web", &q);
-        assert_eq!(
-            inst.iter()
-                .map(|i| i.node.node.as_str())
-                .collect::<Vec<_>>(),
-            vec!["n1"]
-        );
+        assert_eq!(inst.iter().map(|i| i.node.node.as_str()).collect::<Vec<_>>(), vec!["n1"]);
     }
 
     #[test]
     fn deregistering_a_node_removes_its_services_and_checks() {
         let mut s = Store::new();
-        s.apply(
-            1,
-            &req(Command::Register(web_registration("n1", "10.0.0.1"))),
-        );
-        s.apply(
-            2,
-            &req(Command::Deregister {
-                node: "n1".into(),
-                service_id: None,
-                check_id: None,
-            }),
-        );
-        assert!(
-            s.data().services.is_empty() && s.data().checks.is_empty() && s.data().nodes.is_empty()
-        );
+        s.apply(1, &req(Command::Register(web_registration("n1", "10.0.0.1"))));
+        s.apply(2, &req(Command::Deregister { node: "n1".into(), service_id: None, check_id: None }));
+        assert!(s.data().services.is_empty() && s.data().checks.is_empty() && s.data().nodes.is_empty());
         assert_eq!(s.data().service_view_index("web"), 2);
     }
 }

@@ -82,14 +82,7 @@ impl KvVerb {
     }
 
     pub fn is_write(self) -> bool {
-        !matches!(
-            self,
-            KvVerb::Get
-                | KvVerb::GetTree
-                | KvVerb::CheckIndex
-                | KvVerb::CheckSession
-                | KvVerb::CheckNotExists
-        )
+        !matches!(self, KvVerb::Get | KvVerb::GetTree | KvVerb::CheckIndex | KvVerb::CheckSession | KvVerb::CheckNotExists)
     }
 }
 

@@ -26,11 +26,7 @@ impl<'a> Overlay<'a> {
             .map(|(k, _)| k.clone())
             .filter(|k| !matches!(self.changes.get(k), Some(None)))
             .collect();
-        for (k, v) in self
-            .changes
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-        {
+        for (k, v) in self.changes.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)) {
             if v.is_some() && !self.base.contains_key(k) {
                 keys.push(k.clone());
             }
@@ -41,29 +37,18 @@ impl<'a> Overlay<'a> {
 }
 
 fn conflict(op_index: usize, what: String) -> TxnError {
-    TxnError {
-        op_index,
-        what,
-        conflict: true,
-    }
+    TxnError { op_index, what, conflict: true }
 }
 
 fn invalid(op_index: usize, what: String) -> TxnError {
-    TxnError {
-        op_index,
-        what,
-        conflict: false,
-    }
+    TxnError { op_index, what, conflict: false }
 }
 
 impl Store {
     /// Apply KV ops atomically: either every op succeeds and all writes land at `index`, or
     /// nothing changes and the failed ops are reported.
     pub(super) fn txn(&mut self, index: RaftIndex, now_ms: u64, ops: &[TxnOp]) -> Outcome {
-        let mut ov = Overlay {
-            base: &self.data.kv,
-            changes: BTreeMap::new(),
-        };
+        let mut ov = Overlay { base: &self.data.kv, changes: BTreeMap::new() };
         let mut results = Vec::new();
         let mut errors = Vec::new();
         for (i, op) in ops.iter().enumerate() {
@@ -81,11 +66,7 @@ impl Store {
             match op.verb {
                 KvVerb::Set => {
                     let e = existing.as_ref();
-                    out = Some(write(
-                        op.value.clone(),
-                        e.map(|e| e.session.clone()).unwrap_or_default(),
-                        e.map(|e| e.lock_index).unwrap_or(0),
-                    ));
+                    out = Some(write(op.value.clone(), e.map(|e| e.session.clone()).unwrap_or_default(), e.map(|e| e.lock_index).unwrap_or(0)));
                 }
                 KvVerb::Cas => {
                     let ok = match &existing {
@@ -93,61 +74,33 @@ impl Store {
                         Some(e) => op.index != 0 && e.modify_index == op.index,
                     };
                     if !ok {
-                        errors.push(conflict(
-                            i,
-                            format!("failed to set key {:?}, index is stale", op.key),
-                        ));
+                        errors.push(conflict(i, format!("failed to set key {:?}, index is stale", op.key)));
                         continue;
                     }
                     let e = existing.as_ref();
-                    out = Some(write(
-                        op.value.clone(),
-                        e.map(|e| e.session.clone()).unwrap_or_default(),
-                        e.map(|e| e.lock_index).unwrap_or(0),
-                    ));
+                    out = Some(write(op.value.clone(), e.map(|e| e.session.clone()).unwrap_or_default(), e.map(|e| e.lock_index).unwrap_or(0)));
                 }
                 KvVerb::Lock => {
                     if !self.data.sessions.contains_key(&op.session) {
                         errors.push(invalid(i, format!("invalid session {:?}", op.session)));
                         continue;
                     }
-                    if self
-                        .data
-                        .lock_delays
-                        .get(&op.key)
-                        .is_some_and(|until| *until > now_ms)
-                    {
-                        errors.push(conflict(
-                            i,
-                            format!("failed to lock key {:?}, lock delay in effect", op.key),
-                        ));
+                    if self.data.lock_delays.get(&op.key).is_some_and(|until| *until > now_ms) {
+                        errors.push(conflict(i, format!("failed to lock key {:?}, lock delay in effect", op.key)));
                         continue;
                     }
                     match &existing {
                         Some(e) if !e.session.is_empty() && e.session != op.session => {
-                            errors.push(conflict(
-                                i,
-                                format!("failed to lock key {:?}, lock is already held", op.key),
-                            ));
+                            errors.push(conflict(i, format!("failed to lock key {:?}, lock is already held", op.key)));
                             continue;
                         }
-                        Some(e) if e.session == op.session => {
-                            out = Some(write(op.value.clone(), op.session.clone(), e.lock_index))
-                        }
-                        Some(e) => {
-                            out = Some(write(
-                                op.value.clone(),
-                                op.session.clone(),
-                                e.lock_index + 1,
-                            ))
-                        }
+                        Some(e) if e.session == op.session => out = Some(write(op.value.clone(), op.session.clone(), e.lock_index)),
+                        Some(e) => out = Some(write(op.value.clone(), op.session.clone(), e.lock_index + 1)),
                         None => out = Some(write(op.value.clone(), op.session.clone(), 1)),
                     }
                 }
                 KvVerb::Unlock => match &existing {
-                    Some(e) if e.session == op.session => {
-                        out = Some(write(op.value.clone(), String::new(), e.lock_index))
-                    }
+                    Some(e) if e.session == op.session => out = Some(write(op.value.clone(), String::new(), e.lock_index)),
                     _ => {
                         errors.push(conflict(i, format!("failed to unlock key {:?}, lock isn't held, or is held by another session", op.key)));
                         continue;
@@ -164,18 +117,12 @@ impl Store {
                 }
                 KvVerb::CheckIndex => match &existing {
                     Some(e) if e.modify_index == op.index => results.push(e.clone()),
-                    Some(e) => errors.push(conflict(
-                        i,
-                        format!("current modify index {} != {}", e.modify_index, op.index),
-                    )),
+                    Some(e) => errors.push(conflict(i, format!("current modify index {} != {}", e.modify_index, op.index))),
                     None => errors.push(conflict(i, format!("key {:?} doesn't exist", op.key))),
                 },
                 KvVerb::CheckSession => match &existing {
                     Some(e) if e.session == op.session => results.push(e.clone()),
-                    Some(e) => errors.push(conflict(
-                        i,
-                        format!("current session {:?} != {:?}", e.session, op.session),
-                    )),
+                    Some(e) => errors.push(conflict(i, format!("current session {:?} != {:?}", e.session, op.session))),
                     None => errors.push(conflict(i, format!("key {:?} doesn't exist", op.key))),
                 },
                 KvVerb::CheckNotExists => {
@@ -195,18 +142,12 @@ impl Store {
                     Some(e) if e.modify_index == op.index => {
                         ov.changes.insert(op.key.clone(), None);
                     }
-                    _ => errors.push(conflict(
-                        i,
-                        format!("failed to delete key {:?}, index is stale", op.key),
-                    )),
+                    _ => errors.push(conflict(i, format!("failed to delete key {:?}, index is stale", op.key))),
                 },
             }
             if let Some(e) = out {
                 // Written entries are reported without their value, as Consul does.
-                results.push(KvEntry {
-                    value: None,
-                    ..e.clone()
-                });
+                results.push(KvEntry { value: None, ..e.clone() });
                 ov.changes.insert(op.key.clone(), Some(e));
             }
         }
@@ -239,42 +180,21 @@ impl StateData {
     pub fn kv_get(&self, key: &str) -> (Option<KvEntry>, RaftIndex) {
         match self.kv.get(key) {
             Some(e) => (Some(e.clone()), e.modify_index),
-            None => (
-                None,
-                self.kv_tombstones
-                    .get(key)
-                    .copied()
-                    .unwrap_or_else(|| self.index_of(&[Table::Kv])),
-            ),
+            None => (None, self.kv_tombstones.get(key).copied().unwrap_or_else(|| self.index_of(&[Table::Kv]))),
         }
     }
 
     /// Every entry under `prefix`, with the highest index among them and their deletions.
     pub fn kv_list(&self, prefix: &str) -> (Vec<KvEntry>, RaftIndex) {
-        let entries: Vec<KvEntry> = self
-            .kv
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, e)| e.clone())
-            .collect();
-        (
-            entries.clone(),
-            self.prefix_index(
-                prefix,
-                entries.iter().map(|e| e.modify_index).max().unwrap_or(0),
-            ),
-        )
+        let entries: Vec<KvEntry> = self.kv.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(_, e)| e.clone()).collect();
+        (entries.clone(), self.prefix_index(prefix, entries.iter().map(|e| e.modify_index).max().unwrap_or(0)))
     }
 
     /// Keys under `prefix`, folded at the first `separator` after the prefix (Consul's `?keys`).
     pub fn kv_keys(&self, prefix: &str, separator: &str) -> (Vec<String>, RaftIndex) {
         let mut keys: Vec<String> = Vec::new();
         let mut max = 0;
-        for (k, e) in self
-            .kv
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-        {
+        for (k, e) in self.kv.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)) {
             max = max.max(e.modify_index);
             let folded = match separator.is_empty() {
                 true => k.clone(),
@@ -291,13 +211,7 @@ impl StateData {
     }
 
     fn prefix_index(&self, prefix: &str, entries_max: RaftIndex) -> RaftIndex {
-        let tomb = self
-            .kv_tombstones
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, i)| *i)
-            .max()
-            .unwrap_or(0);
+        let tomb = self.kv_tombstones.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(_, i)| *i).max().unwrap_or(0);
         match entries_max.max(tomb) {
             0 => self.index_of(&[Table::Kv]),
             i => i,
@@ -312,14 +226,7 @@ mod tests {
     use super::*;
 
     fn op(verb: KvVerb, key: &str, value: &str) -> TxnOp {
-        TxnOp {
-            verb,
-            key: key.into(),
-            value: Some(value.as_bytes().to_vec()),
-            flags: 0,
-            index: 0,
-            session: String::new(),
-        }
+        TxnOp { verb, key: key.into(), value: Some(value.as_bytes().to_vec()), flags: 0, index: 0, session: String::new() }
     }
 
     fn set(s: &mut Store, index: u64, key: &str, value: &str) -> Outcome {
@@ -332,14 +239,9 @@ mod tests {
         set(&mut s, 5, "a", "1");
         let mut cas = op(KvVerb::Cas, "a", "2");
         cas.index = 4;
-        assert!(
-            matches!(s.apply(6, &req(Command::Txn(vec![cas.clone()]))), Outcome::Txn(Err(e)) if e[0].conflict)
-        );
+        assert!(matches!(s.apply(6, &req(Command::Txn(vec![cas.clone()]))), Outcome::Txn(Err(e)) if e[0].conflict));
         cas.index = 5;
-        assert!(matches!(
-            s.apply(7, &req(Command::Txn(vec![cas]))),
-            Outcome::Txn(Ok(_))
-        ));
+        assert!(matches!(s.apply(7, &req(Command::Txn(vec![cas]))), Outcome::Txn(Ok(_))));
         assert_eq!(s.data().kv["a"].value.as_deref(), Some(&b"2"[..]));
         assert_eq!(s.data().kv["a"].create_index, 5);
     }
@@ -358,16 +260,8 @@ mod tests {
     #[test]
     fn txn_reads_see_earlier_writes_of_the_same_txn() {
         let mut s = Store::new();
-        let out = s.apply(
-            3,
-            &req(Command::Txn(vec![
-                op(KvVerb::Set, "p/a", "1"),
-                op(KvVerb::GetTree, "p/", ""),
-            ])),
-        );
-        let Outcome::Txn(Ok(r)) = out else {
-            panic!("{out:?}")
-        };
+        let out = s.apply(3, &req(Command::Txn(vec![op(KvVerb::Set, "p/a", "1"), op(KvVerb::GetTree, "p/", "")])));
+        let Outcome::Txn(Ok(r)) = out else { panic!("{out:?}") };
         assert_eq!(r.len(), 2);
         assert_eq!(r[1].value.as_deref(), Some(&b"1"[..]));
     }
@@ -397,35 +291,20 @@ mod tests {
     fn lock_is_exclusive_and_counts_acquisitions() {
         let mut s = Store::new();
         for (i, id) in ["s1", "s2"].iter().enumerate() {
-            let sess = Session {
-                id: id.to_string(),
-                node: "n".into(),
-                ..Default::default()
-            };
+            let sess = Session { id: id.to_string(), node: "n".into(), ..Default::default() };
             s.data.sessions.insert(id.to_string(), sess);
             let _ = i;
         }
         let mut lock = op(KvVerb::Lock, "l", "me");
         lock.session = "s1".into();
-        assert!(matches!(
-            s.apply(1, &req(Command::Txn(vec![lock.clone()]))),
-            Outcome::Txn(Ok(_))
-        ));
+        assert!(matches!(s.apply(1, &req(Command::Txn(vec![lock.clone()]))), Outcome::Txn(Ok(_))));
         let mut other = lock.clone();
         other.session = "s2".into();
-        assert!(
-            matches!(s.apply(2, &req(Command::Txn(vec![other]))), Outcome::Txn(Err(e)) if e[0].conflict)
-        );
+        assert!(matches!(s.apply(2, &req(Command::Txn(vec![other]))), Outcome::Txn(Err(e)) if e[0].conflict));
         let mut unlock = op(KvVerb::Unlock, "l", "me");
         unlock.session = "s1".into();
-        assert!(matches!(
-            s.apply(3, &req(Command::Txn(vec![unlock]))),
-            Outcome::Txn(Ok(_))
-        ));
-        assert!(matches!(
-            s.apply(4, &req(Command::Txn(vec![lock]))),
-            Outcome::Txn(Ok(_))
-        ));
+        assert!(matches!(s.apply(3, &req(Command::Txn(vec![unlock]))), Outcome::Txn(Ok(_))));
+        assert!(matches!(s.apply(4, &req(Command::Txn(vec![lock]))), Outcome::Txn(Ok(_))));
         assert_eq!(s.data().kv["l"].lock_index, 2);
     }
 }

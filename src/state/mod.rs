@@ -56,11 +56,7 @@ pub struct StateData {
 
 impl StateData {
     pub fn index_of(&self, tables: &[Table]) -> RaftIndex {
-        tables
-            .iter()
-            .map(|t| self.table_index[*t as usize])
-            .max()
-            .unwrap_or(0)
+        tables.iter().map(|t| self.table_index[*t as usize]).max().unwrap_or(0)
     }
 }
 
@@ -80,11 +76,7 @@ impl Default for Store {
 
 impl Store {
     pub fn new() -> Store {
-        Store {
-            data: StateData::default(),
-            watches: (0..TABLE_COUNT).map(|_| watch::channel(0).0).collect(),
-            touched: [false; TABLE_COUNT],
-        }
+        Store { data: StateData::default(), watches: (0..TABLE_COUNT).map(|_| watch::channel(0).0).collect(), touched: [false; TABLE_COUNT] }
     }
 
     pub fn data(&self) -> &StateData {
@@ -110,17 +102,9 @@ impl Store {
         self.touched = [false; TABLE_COUNT];
         let outcome = match &req.command {
             Command::Register(r) => self.register(index, req.now_ms, r),
-            Command::Deregister {
-                node,
-                service_id,
-                check_id,
-            } => self.deregister(
-                index,
-                req.now_ms,
-                node,
-                service_id.as_deref(),
-                check_id.as_deref(),
-            ),
+            Command::Deregister { node, service_id, check_id } => {
+                self.deregister(index, req.now_ms, node, service_id.as_deref(), check_id.as_deref())
+            }
             Command::Txn(ops) => self.txn(index, req.now_ms, ops),
             Command::SessionCreate(s) => self.session_create(index, s),
             Command::SessionDestroy { id } => {
@@ -151,23 +135,14 @@ impl Store {
         self.touched[t as usize] = true;
     }
 
-    fn autopilot_set(
-        &mut self,
-        index: RaftIndex,
-        config: &AutopilotConfig,
-        cas: Option<u64>,
-    ) -> Outcome {
+    fn autopilot_set(&mut self, index: RaftIndex, config: &AutopilotConfig, cas: Option<u64>) -> Outcome {
         if let Some(cas) = cas
             && cas != self.data.autopilot.modify_index
         {
             return Outcome::Applied(false);
         }
         let mut c = config.clone();
-        c.create_index = if self.data.autopilot.create_index == 0 {
-            index
-        } else {
-            self.data.autopilot.create_index
-        };
+        c.create_index = if self.data.autopilot.create_index == 0 { index } else { self.data.autopilot.create_index };
         c.modify_index = index;
         self.data.autopilot = c;
         self.touch(Table::Autopilot);
@@ -180,58 +155,23 @@ pub(crate) mod tests {
     use super::*;
 
     pub fn req(command: Command) -> Request {
-        Request {
-            now_ms: 1_000_000,
-            command,
-        }
+        Request { now_ms: 1_000_000, command }
     }
 
     #[test]
     fn autopilot_cas_rejects_stale_index() {
         let mut s = Store::new();
         let c = AutopilotConfig::default();
-        assert_eq!(
-            s.apply(
-                5,
-                &req(Command::AutopilotSetConfig {
-                    config: c.clone(),
-                    cas: None
-                })
-            ),
-            Outcome::Applied(true)
-        );
-        assert_eq!(
-            s.apply(
-                6,
-                &req(Command::AutopilotSetConfig {
-                    config: c.clone(),
-                    cas: Some(4)
-                })
-            ),
-            Outcome::Applied(false)
-        );
-        assert_eq!(
-            s.apply(
-                7,
-                &req(Command::AutopilotSetConfig {
-                    config: c,
-                    cas: Some(5)
-                })
-            ),
-            Outcome::Applied(true)
-        );
+        assert_eq!(s.apply(5, &req(Command::AutopilotSetConfig { config: c.clone(), cas: None })), Outcome::Applied(true));
+        assert_eq!(s.apply(6, &req(Command::AutopilotSetConfig { config: c.clone(), cas: Some(4) })), Outcome::Applied(false));
+        assert_eq!(s.apply(7, &req(Command::AutopilotSetConfig { config: c, cas: Some(5) })), Outcome::Applied(true));
         assert_eq!(s.data().autopilot.modify_index, 7);
     }
 
     #[test]
     fn state_data_round_trips_through_postcard() {
         let mut s = Store::new();
-        s.apply(
-            3,
-            &req(Command::Register(catalog::tests::web_registration(
-                "n1", "10.0.0.1",
-            ))),
-        );
+        s.apply(3, &req(Command::Register(catalog::tests::web_registration("n1", "10.0.0.1"))));
         let bytes = postcard::to_allocvec(s.data()).unwrap();
         let back: StateData = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(&back, s.data());

@@ -1,9 +1,7 @@
 //! Sessions: creation against the node's checks, and invalidation that releases or deletes the
 //! locks a session held and starts their lock delay.
 
-use super::{
-    CheckStatus, KvEntry, Outcome, RaftIndex, Session, SessionBehavior, StateData, Store, Table,
-};
+use super::{CheckStatus, KvEntry, Outcome, RaftIndex, Session, SessionBehavior, StateData, Store, Table};
 
 impl Store {
     pub(super) fn session_create(&mut self, index: RaftIndex, s: &Session) -> Outcome {
@@ -41,13 +39,7 @@ impl Store {
             return;
         };
         self.touch(Table::Sessions);
-        let held: Vec<String> = self
-            .data
-            .kv
-            .values()
-            .filter(|e| e.session == id)
-            .map(|e| e.key.clone())
-            .collect();
+        let held: Vec<String> = self.data.kv.values().filter(|e| e.session == id).map(|e| e.key.clone()).collect();
         if held.is_empty() {
             return;
         }
@@ -59,11 +51,7 @@ impl Store {
             match s.behavior {
                 SessionBehavior::Release => {
                     if let Some(e) = self.data.kv.get_mut(&key) {
-                        *e = KvEntry {
-                            session: String::new(),
-                            modify_index: index,
-                            ..e.clone()
-                        };
+                        *e = KvEntry { session: String::new(), modify_index: index, ..e.clone() };
                     }
                 }
                 SessionBehavior::Delete => {
@@ -80,19 +68,11 @@ impl Store {
 
 impl StateData {
     pub fn session_get(&self, id: &str) -> (Option<Session>, RaftIndex) {
-        (
-            self.sessions.get(id).cloned(),
-            self.index_of(&[Table::Sessions]),
-        )
+        (self.sessions.get(id).cloned(), self.index_of(&[Table::Sessions]))
     }
 
     pub fn session_list(&self, node: Option<&str>) -> (Vec<Session>, RaftIndex) {
-        let list = self
-            .sessions
-            .values()
-            .filter(|s| node.is_none_or(|n| s.node == n))
-            .cloned()
-            .collect();
+        let list = self.sessions.values().filter(|s| node.is_none_or(|n| s.node == n)).cloned().collect();
         (list, self.index_of(&[Table::Sessions]))
     }
 }
@@ -107,11 +87,7 @@ mod tests {
     fn store_with_node() -> Store {
         let mut s = Store::new();
         let mut r = web_registration("n1", "10.0.0.1");
-        r.checks.push(HealthCheck {
-            check_id: "serfHealth".into(),
-            status: CheckStatus::Passing,
-            ..Default::default()
-        });
+        r.checks.push(HealthCheck { check_id: "serfHealth".into(), status: CheckStatus::Passing, ..Default::default() });
         s.apply(1, &req(Command::Register(r)));
         s
     }
@@ -128,72 +104,32 @@ mod tests {
     }
 
     fn acquire(key: &str, session: &str) -> Command {
-        Command::Txn(vec![TxnOp {
-            verb: KvVerb::Lock,
-            key: key.into(),
-            value: None,
-            flags: 0,
-            index: 0,
-            session: session.into(),
-        }])
+        Command::Txn(vec![TxnOp { verb: KvVerb::Lock, key: key.into(), value: None, flags: 0, index: 0, session: session.into() }])
     }
 
     #[test]
     fn session_on_unknown_node_is_rejected() {
         let mut s = Store::new();
-        assert!(matches!(
-            s.apply(
-                1,
-                &req(Command::SessionCreate(session(
-                    "a",
-                    SessionBehavior::Release
-                )))
-            ),
-            Outcome::Rejected(_)
-        ));
+        assert!(matches!(s.apply(1, &req(Command::SessionCreate(session("a", SessionBehavior::Release)))), Outcome::Rejected(_)));
     }
 
     #[test]
     fn destroying_a_release_session_unlocks_its_keys_and_starts_lock_delay() {
         let mut s = store_with_node();
-        s.apply(
-            2,
-            &req(Command::SessionCreate(session(
-                "a",
-                SessionBehavior::Release,
-            ))),
-        );
+        s.apply(2, &req(Command::SessionCreate(session("a", SessionBehavior::Release))));
         s.apply(3, &req(acquire("lock", "a")));
         s.apply(4, &req(Command::SessionDestroy { id: "a".into() }));
         assert_eq!(s.data().kv["lock"].session, "");
-        s.apply(
-            5,
-            &req(Command::SessionCreate(session(
-                "b",
-                SessionBehavior::Release,
-            ))),
-        );
-        assert!(matches!(
-            s.apply(6, &req(acquire("lock", "b"))),
-            Outcome::Txn(Err(_))
-        ));
-        let later = super::super::Request {
-            now_ms: 1_000_000 + 15_001,
-            command: acquire("lock", "b"),
-        };
+        s.apply(5, &req(Command::SessionCreate(session("b", SessionBehavior::Release))));
+        assert!(matches!(s.apply(6, &req(acquire("lock", "b"))), Outcome::Txn(Err(_))));
+        let later = super::super::Request { now_ms: 1_000_000 + 15_001, command: acquire("lock", "b") };
         assert!(matches!(s.apply(7, &later), Outcome::Txn(Ok(_))));
     }
 
     #[test]
     fn delete_behavior_removes_held_keys() {
         let mut s = store_with_node();
-        s.apply(
-            2,
-            &req(Command::SessionCreate(session(
-                "a",
-                SessionBehavior::Delete,
-            ))),
-        );
+        s.apply(2, &req(Command::SessionCreate(session("a", SessionBehavior::Delete))));
         s.apply(3, &req(acquire("lock", "a")));
         s.apply(4, &req(Command::SessionDestroy { id: "a".into() }));
         assert!(!s.data().kv.contains_key("lock"));
@@ -202,19 +138,9 @@ mod tests {
     #[test]
     fn critical_node_check_invalidates_session() {
         let mut s = store_with_node();
-        s.apply(
-            2,
-            &req(Command::SessionCreate(session(
-                "a",
-                SessionBehavior::Release,
-            ))),
-        );
+        s.apply(2, &req(Command::SessionCreate(session("a", SessionBehavior::Release))));
         let mut r = web_registration("n1", "10.0.0.1");
-        r.checks = vec![HealthCheck {
-            check_id: "serfHealth".into(),
-            status: CheckStatus::Critical,
-            ..Default::default()
-        }];
+        r.checks = vec![HealthCheck { check_id: "serfHealth".into(), status: CheckStatus::Critical, ..Default::default() }];
         s.apply(3, &req(Command::Register(r)));
         assert!(s.data().sessions.is_empty());
     }

@@ -12,9 +12,7 @@ use serde::{Deserialize, Serialize};
 pub type RaftIndex = u64;
 
 /// Health of a check, ordered from best to worst so that `max` gives the aggregate.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckStatus {
     Passing,
@@ -72,10 +70,7 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
-        Weights {
-            passing: 1,
-            warning: 1,
-        }
+        Weights { passing: 1, warning: 1 }
     }
 }
 
@@ -247,8 +242,7 @@ mod base64_opt {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
         if d.is_human_readable() {
             let t: Option<String> = Option::deserialize(d)?;
-            t.map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom))
-                .transpose()
+            t.map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom)).transpose()
         } else {
             Option::<Vec<u8>>::deserialize(d)
         }
@@ -265,11 +259,7 @@ mod tests {
 
     #[test]
     fn kv_entry_value_is_base64_in_json_and_raw_in_postcard() {
-        let e = KvEntry {
-            key: "a".into(),
-            value: Some(b"hi".to_vec()),
-            ..Default::default()
-        };
+        let e = KvEntry { key: "a".into(), value: Some(b"hi".to_vec()), ..Default::default() };
         let j = serde_json::to_value(&e).unwrap();
         assert_eq!(j["Value"], "aGk=");
         let back: KvEntry = serde_json::from_value(j).unwrap();

@@ -7,10 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -27,15 +24,9 @@ pub const RPC_ALPN: &[u8] = b"trellis-rpc/1";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {error}")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Read { path: PathBuf, error: std::io::Error },
     #[error("writing {path}: {error}")]
-    Write {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Write { path: PathBuf, error: std::io::Error },
     #[error("{path} holds no {what}")]
     Missing { path: PathBuf, what: &'static str },
     #[error("certificate generation failed: {0}")]
@@ -83,15 +74,9 @@ fn set_validity(params: &mut CertificateParams, years: i32) {
 /// Create a self-signed CA: (certificate PEM, key PEM).
 pub fn create_ca(domain: &str) -> Result<(String, String), TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("Trellis Agent CA {domain}"));
+    params.distinguished_name.push(DnType::CommonName, format!("Trellis Agent CA {domain}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     set_validity(&mut params, CA_VALID_YEARS);
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
@@ -122,19 +107,11 @@ pub fn create_cert(
     names.extend(extra_dns.iter().cloned());
     let mut params = CertificateParams::new(names)?;
     if kind == CertKind::Server {
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
     }
     params.distinguished_name.push(DnType::CommonName, primary);
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, CERT_VALID_YEARS);
     let key = KeyPair::generate()?;
@@ -143,26 +120,15 @@ pub fn create_cert(
 }
 
 pub fn read(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|error| TlsError::Read {
-        path: path.to_path_buf(),
-        error,
-    })
+    std::fs::read_to_string(path).map_err(|error| TlsError::Read { path: path.to_path_buf(), error })
 }
 
 pub fn write(path: &Path, text: &str) -> Result<(), TlsError> {
-    std::fs::write(path, text).map_err(|error| TlsError::Write {
-        path: path.to_path_buf(),
-        error,
-    })
+    std::fs::write(path, text).map_err(|error| TlsError::Write { path: path.to_path_buf(), error })
 }
 
 /// Write `text` to the first `<prefix>-N<suffix>` that does not exist yet and return its N.
-pub fn write_numbered(
-    dir: &Path,
-    prefix: &str,
-    cert: &str,
-    key: &str,
-) -> Result<(PathBuf, PathBuf), TlsError> {
+pub fn write_numbered(dir: &Path, prefix: &str, cert: &str, key: &str) -> Result<(PathBuf, PathBuf), TlsError> {
     for n in 0.. {
         let cert_path = dir.join(format!("{prefix}-{n}.pem"));
         let key_path = dir.join(format!("{prefix}-{n}-key.pem"));
@@ -178,22 +144,13 @@ pub fn write_numbered(
 
 impl TlsMaterial {
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
-        Ok(TlsMaterial {
-            ca_pem: read(ca)?,
-            cert_pem: read(cert)?,
-            key_pem: read(key)?,
-        })
+        Ok(TlsMaterial { ca_pem: read(ca)?, cert_pem: read(cert)?, key_pem: read(key)? })
     }
 
     fn certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-        let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
-            .filter_map(Result::ok)
-            .collect();
+        let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes()).filter_map(Result::ok).collect();
         if certs.is_empty() {
-            return Err(TlsError::Missing {
-                path: PathBuf::from(what),
-                what: "certificate",
-            });
+            return Err(TlsError::Missing { path: PathBuf::from(what), what: "certificate" });
         }
         Ok(certs)
     }
@@ -210,19 +167,15 @@ impl TlsMaterial {
         let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
             .ok()
             .flatten()
-            .ok_or(TlsError::Missing {
-                path: PathBuf::from("key_file"),
-                what: "private key",
-            })?;
+            .ok_or(TlsError::Missing { path: PathBuf::from("key_file"), what: "private key" })?;
         Ok((Self::certs(&self.cert_pem, "cert_file")?, key))
     }
 
     /// RPC server side: only peers with a certificate from our CA get in.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
         let (certs, key) = self.identity()?;
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
@@ -250,8 +203,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The SNI to send to (any) server of `dc`.
 pub fn rpc_server_name(dc: &str, domain: &str) -> ServerName<'static> {
-    ServerName::try_from(server_name(dc, domain))
-        .unwrap_or_else(|_| ServerName::try_from("localhost").expect("static name"))
+    ServerName::try_from(server_name(dc, domain)).unwrap_or_else(|_| ServerName::try_from("localhost").expect("static name"))
 }
 
 /// DNS names in a peer certificate's SANs.
@@ -279,13 +231,8 @@ mod tests {
     #[test]
     fn server_cert_names_its_datacenter_and_verifies_against_the_ca() {
         let (ca, ca_key) = create_ca("consul").unwrap();
-        let (cert, key) =
-            create_cert(&ca, &ca_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
-        let m = TlsMaterial {
-            ca_pem: ca,
-            cert_pem: cert.clone(),
-            key_pem: key,
-        };
+        let (cert, key) = create_cert(&ca, &ca_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
+        let m = TlsMaterial { ca_pem: ca, cert_pem: cert.clone(), key_pem: key };
         m.server_config().unwrap();
         m.client_config().unwrap();
         let der = TlsMaterial::certs(&cert, "cert").unwrap();

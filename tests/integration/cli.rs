@@ -5,16 +5,8 @@ use std::process::Command;
 use crate::harness::{BIN, Cluster};
 
 fn run(addr: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("TRELLIS_HTTP_ADDR", addr)
-        .output()
-        .expect("run trellis");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(BIN).args(args).env("TRELLIS_HTTP_ADDR", addr).output().expect("run trellis");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// What this test does: drives each CLI command against one server and checks its output and
@@ -28,17 +20,10 @@ async fn cli_commands_talk_to_the_http_api() {
         assert!(ok, "trellis {args:?} failed: {err}");
         out
     };
-    assert!(
-        ok(&["kv", "put", "app/config", "hello"]).contains("Success! Data written to: app/config")
-    );
+    assert!(ok(&["kv", "put", "app/config", "hello"]).contains("Success! Data written to: app/config"));
     assert_eq!(ok(&["kv", "get", "app/config"]).trim(), "hello");
     ok(&["kv", "put", "app/other", "x"]);
-    assert_eq!(
-        ok(&["kv", "get", "--keys", "app/"])
-            .lines()
-            .collect::<Vec<_>>(),
-        vec!["app/config", "app/other"]
-    );
+    assert_eq!(ok(&["kv", "get", "--keys", "app/"]).lines().collect::<Vec<_>>(), vec!["app/config", "app/other"]);
     assert!(ok(&["kv", "get", "--recurse", "app/"]).contains("app/config:hello"));
     ok(&["kv", "delete", "app/config"]);
     let (success, _, err) = run(&addr, &["kv", "get", "app/config"]);
@@ -62,34 +47,12 @@ async fn cli_commands_talk_to_the_http_api() {
 
     // `tls` writes Consul-style file names into the current directory, a new number each call.
     let tls_dir = tempfile::tempdir().unwrap();
-    let tls = |args: &[&str]| {
-        Command::new(BIN)
-            .args(args)
-            .current_dir(tls_dir.path())
-            .output()
-            .unwrap()
-    };
+    let tls = |args: &[&str]| Command::new(BIN).args(args).current_dir(tls_dir.path()).output().unwrap();
     assert!(tls(&["tls", "ca", "create"]).status.success());
-    assert!(
-        tls(&["tls", "cert", "create", "--server", "--dc", "dc1"])
-            .status
-            .success()
-    );
-    assert!(
-        tls(&["tls", "cert", "create", "--server", "--dc", "dc1"])
-            .status
-            .success()
-    );
-    for f in [
-        "trellis-agent-ca.pem",
-        "trellis-agent-ca-key.pem",
-        "dc1-server-trellis-0.pem",
-        "dc1-server-trellis-1-key.pem",
-    ] {
+    assert!(tls(&["tls", "cert", "create", "--server", "--dc", "dc1"]).status.success());
+    assert!(tls(&["tls", "cert", "create", "--server", "--dc", "dc1"]).status.success());
+    for f in ["trellis-agent-ca.pem", "trellis-agent-ca-key.pem", "dc1-server-trellis-0.pem", "dc1-server-trellis-1-key.pem"] {
         assert!(tls_dir.path().join(f).exists(), "{f} missing");
     }
-    assert!(
-        !tls(&["tls", "ca", "create"]).status.success(),
-        "must not overwrite an existing CA"
-    );
+    assert!(!tls(&["tls", "ca", "create"]).status.success(), "must not overwrite an existing CA");
 }

@@ -15,17 +15,11 @@ async fn three_servers_form_a_cluster_and_followers_forward_writes() {
     let c = Cluster::start(3).await;
     let leader = c.wait_for_leader().await;
     for s in &c.servers {
-        let peers = c
-            .get_json(&format!("{}/v1/status/peers", s.http()))
-            .await
-            .unwrap();
+        let peers = c.get_json(&format!("{}/v1/status/peers", s.http())).await.unwrap();
         assert_eq!(peers.as_array().unwrap().len(), 3, "{peers}");
     }
     let follower = c.servers.iter().find(|s| s.rpc() != leader).unwrap();
-    let (status, body) = c
-        .put(&format!("{}/v1/kv/greeting", follower.http()), "hello")
-        .await
-        .unwrap();
+    let (status, body) = c.put(&format!("{}/v1/kv/greeting", follower.http()), "hello").await.unwrap();
     assert_eq!((status, body.trim()), (200, "true"));
     for s in &c.servers {
         let url = format!("{}/v1/kv/greeting?raw&stale", s.http());
@@ -36,28 +30,14 @@ async fn three_servers_form_a_cluster_and_followers_forward_writes() {
         .await;
     }
     // A default (leader) read through a follower is forwarded and says who answered.
-    let r = c
-        .http
-        .get(format!("{}/v1/kv/greeting", follower.http()))
-        .send()
-        .await
-        .unwrap();
+    let r = c.http.get(format!("{}/v1/kv/greeting", follower.http())).send().await.unwrap();
     assert_eq!(r.headers()["x-consul-knownleader"], "true");
-    let me: serde_json::Value = c
-        .get_json(&format!("{}/v1/agent/self", follower.http()))
-        .await
-        .unwrap();
+    let me: serde_json::Value = c.get_json(&format!("{}/v1/agent/self", follower.http())).await.unwrap();
     assert_eq!(me["Stats"]["consul"]["leader_addr"], leader.as_str());
     assert_eq!(me["Config"]["Datacenter"], "dc1");
     // The leader registers every server in the catalog with a passing serfHealth.
     eventually("servers in the catalog", SOON, || async {
-        let v = c
-            .get_json(&format!(
-                "{}/v1/health/service/consul?passing",
-                c.servers[0].http()
-            ))
-            .await
-            .ok()?;
+        let v = c.get_json(&format!("{}/v1/health/service/consul?passing", c.servers[0].http())).await.ok()?;
         (v.as_array()?.len() == 3).then_some(())
     })
     .await;
@@ -83,12 +63,7 @@ async fn leader_failover_under_concurrent_writes_loses_no_acknowledged_write() {
                 n += 1;
                 let key = format!("load/w{w}/{n}");
                 let url = format!("{}/v1/kv/{key}", urls[n as usize % urls.len()]);
-                let req = http
-                    .put(url)
-                    .body(format!("v{n}"))
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await;
+                let req = http.put(url).body(format!("v{n}")).timeout(Duration::from_secs(10)).send().await;
                 if let Ok(r) = req
                     && r.status().is_success()
                     && r.text().await.unwrap_or_default().trim() == "true"
@@ -100,10 +75,7 @@ async fn leader_failover_under_concurrent_writes_loses_no_acknowledged_write() {
         }));
     }
     eventually("some writes before the crash", SOON, || async {
-        let v = c
-            .get_json(&format!("{}/v1/kv/load/?keys", urls[0]))
-            .await
-            .ok()?;
+        let v = c.get_json(&format!("{}/v1/kv/load/?keys", urls[0])).await.ok()?;
         (v.as_array()?.len() > 20).then_some(())
     })
     .await;
@@ -115,24 +87,12 @@ async fn leader_failover_under_concurrent_writes_loses_no_acknowledged_write() {
         (l != old_leader).then_some(l)
     })
     .await;
-    eprintln!(
-        "new leader {new_leader} elected {:?} after the crash",
-        crash.elapsed()
-    );
+    eprintln!("new leader {new_leader} elected {:?} after the crash", crash.elapsed());
     // Writes go on through the survivors for a while.
     let survivor = c.servers.iter().find(|s| s.is_running()).unwrap().http();
-    let before = c
-        .get_json(&format!("{survivor}/v1/kv/load/?keys"))
-        .await
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .len();
+    let before = c.get_json(&format!("{survivor}/v1/kv/load/?keys")).await.unwrap().as_array().unwrap().len();
     eventually("writes continuing after failover", SOON, || async {
-        let v = c
-            .get_json(&format!("{survivor}/v1/kv/load/?keys"))
-            .await
-            .ok()?;
+        let v = c.get_json(&format!("{survivor}/v1/kv/load/?keys")).await.ok()?;
         (v.as_array()?.len() > before + 20).then_some(())
     })
     .await;
@@ -141,28 +101,16 @@ async fn leader_failover_under_concurrent_writes_loses_no_acknowledged_write() {
     for w in writers {
         acked.extend(w.await.unwrap());
     }
-    assert!(
-        acked.len() > 40,
-        "too few acknowledged writes: {}",
-        acked.len()
-    );
-    let all = c
-        .get_json(&format!("{survivor}/v1/kv/load/?recurse&consistent"))
-        .await
-        .unwrap();
+    assert!(acked.len() > 40, "too few acknowledged writes: {}", acked.len());
+    let all = c.get_json(&format!("{survivor}/v1/kv/load/?recurse&consistent")).await.unwrap();
     let stored: std::collections::HashMap<String, String> = all
         .as_array()
         .unwrap()
         .iter()
         .map(|e| {
             use base64::Engine;
-            let v = base64::engine::general_purpose::STANDARD
-                .decode(e["Value"].as_str().unwrap_or(""))
-                .unwrap();
-            (
-                e["Key"].as_str().unwrap().to_string(),
-                String::from_utf8(v).unwrap(),
-            )
+            let v = base64::engine::general_purpose::STANDARD.decode(e["Value"].as_str().unwrap_or("")).unwrap();
+            (e["Key"].as_str().unwrap().to_string(), String::from_utf8(v).unwrap())
         })
         .collect();
     for (k, v) in &acked {
@@ -170,11 +118,7 @@ async fn leader_failover_under_concurrent_writes_loses_no_acknowledged_write() {
     }
     // The crashed server comes back and catches up.
     c.spawn(killed);
-    let url = format!(
-        "{}/v1/kv/{}?raw&stale",
-        c.servers[killed].http(),
-        acked.last().unwrap().0
-    );
+    let url = format!("{}/v1/kv/{}?raw&stale", c.servers[killed].http(), acked.last().unwrap().0);
     eventually("the restarted server to catch up", SOON, || async {
         let r = c.http.get(&url).send().await.ok()?;
         r.status().is_success().then_some(())
@@ -191,40 +135,24 @@ async fn full_restart_brings_back_all_state() {
     let mut c = Cluster::start(3).await;
     let base = c.servers[0].http();
     for i in 0..30 {
-        let (s, _) = c
-            .put(&format!("{base}/v1/kv/persist/{i}"), format!("{i}"))
-            .await
-            .unwrap();
+        let (s, _) = c.put(&format!("{base}/v1/kv/persist/{i}"), format!("{i}")).await.unwrap();
         assert_eq!(s, 200);
     }
     let reg = r#"{"Node":"web-1","Address":"10.1.1.1","Service":{"Service":"web","Port":80,"Tags":["v1"]}}"#;
-    assert_eq!(
-        c.put(&format!("{base}/v1/catalog/register"), reg)
-            .await
-            .unwrap()
-            .0,
-        200
-    );
+    assert_eq!(c.put(&format!("{base}/v1/catalog/register"), reg).await.unwrap().0, 200);
     for i in 0..3 {
         c.stop(i);
         for port in [8300, 8500] {
             let addr = format!("{}:{port}", c.servers[i].ip);
-            std::net::TcpListener::bind(&addr)
-                .unwrap_or_else(|e| panic!("{addr} still bound after shutdown: {e}"));
+            std::net::TcpListener::bind(&addr).unwrap_or_else(|e| panic!("{addr} still bound after shutdown: {e}"));
         }
     }
     for i in 0..3 {
         c.spawn(i);
     }
     c.wait_for_leader().await;
-    let keys = c
-        .get_json(&format!("{base}/v1/kv/persist/?keys"))
-        .await
-        .unwrap();
+    let keys = c.get_json(&format!("{base}/v1/kv/persist/?keys")).await.unwrap();
     assert_eq!(keys.as_array().unwrap().len(), 30);
-    let svc = c
-        .get_json(&format!("{base}/v1/catalog/service/web"))
-        .await
-        .unwrap();
+    let svc = c.get_json(&format!("{base}/v1/catalog/service/web")).await.unwrap();
     assert_eq!(svc[0]["ServiceTags"][0], "v1");
 }

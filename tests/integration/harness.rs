@@ -32,16 +32,17 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 pub struct Server {
     pub name: String,
+    /// A server (Raft voter) or a client agent.
+    pub is_server: bool,
+    /// Extra arguments for this agent (e.g. a config file).
+    pub extra: Vec<String>,
     pub ip: String,
     pub data_dir: PathBuf,
     cert: (PathBuf, PathBuf),
@@ -67,55 +68,25 @@ pub struct Cluster {
     pub servers: Vec<Server>,
     pub http: reqwest::Client,
     ca: PathBuf,
+    ca_pem: String,
+    ca_key: String,
     expect: usize,
+    net: u8,
 }
 
 impl Cluster {
     /// Start `n` servers that bootstrap together.
     pub async fn start(n: usize) -> Cluster {
-        let net = subnet();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ca_pem, ca_key) = trellis::tls::create_ca("consul").expect("ca");
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, &ca_pem).unwrap();
-        let mut servers = Vec::new();
-        for i in 1..=n {
-            let (cert, key) = trellis::tls::create_cert(
-                &ca_pem,
-                &ca_key,
-                trellis::tls::CertKind::Server,
-                "dc1",
-                "consul",
-                &[],
-            )
-            .expect("cert");
-            let (cp, kp) = (
-                dir.path().join(format!("s{i}.pem")),
-                dir.path().join(format!("s{i}-key.pem")),
-            );
-            std::fs::write(&cp, cert).unwrap();
-            std::fs::write(&kp, key).unwrap();
-            servers.push(Server {
-                name: format!("s{i}"),
-                ip: format!("127.0.{net}.{i}"),
-                data_dir: dir.path().join(format!("data-s{i}")),
-                cert: (cp, kp),
-                child: None,
-                log: dir.path().join(format!("s{i}.log")),
-            });
+        Cluster::start_with(n, 0, &[]).await
+    }
+
+    /// Start `n` servers and `clients` client agents (127.0.N.21 onwards), all given `extra`.
+    pub async fn start_with(n: usize, clients: usize, extra: &[&str]) -> Cluster {
+        let mut c = Cluster::prepare(n, extra);
+        for _ in 0..clients {
+            c.add_client(extra);
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .unwrap();
-        let mut c = Cluster {
-            _dir: dir,
-            servers,
-            http,
-            ca,
-            expect: n,
-        };
-        for i in 0..n {
+        for i in 0..c.servers.len() {
             c.spawn(i);
         }
         c.wait_for_leader().await;
@@ -123,12 +94,62 @@ impl Cluster {
         c
     }
 
+    fn prepare(n: usize, extra: &[&str]) -> Cluster {
+        let net = subnet();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca_pem, ca_key) = trellis::tls::create_ca("consul").expect("ca");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &ca_pem).unwrap();
+        let mut servers = Vec::new();
+        for i in 1..=n {
+            let (cert, key) = trellis::tls::create_cert(&ca_pem, &ca_key, trellis::tls::CertKind::Server, "dc1", "consul", &[]).expect("cert");
+            let (cp, kp) = (dir.path().join(format!("s{i}.pem")), dir.path().join(format!("s{i}-key.pem")));
+            std::fs::write(&cp, cert).unwrap();
+            std::fs::write(&kp, key).unwrap();
+            servers.push(Server {
+                name: format!("s{i}"),
+                is_server: true,
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                ip: format!("127.0.{net}.{i}"),
+                data_dir: dir.path().join(format!("data-s{i}")),
+                cert: (cp, kp),
+                child: None,
+                log: dir.path().join(format!("s{i}.log")),
+            });
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        Cluster { _dir: dir, servers, http, ca, ca_pem, ca_key, expect: n, net }
+    }
+
+    /// Add a client agent (not started); returns its index.
+    pub fn add_client(&mut self, extra: &[&str]) -> usize {
+        let k = self.servers.iter().filter(|s| !s.is_server).count() + 1;
+        let (cert, key) = trellis::tls::create_cert(&self.ca_pem, &self.ca_key, trellis::tls::CertKind::Client, "dc1", "consul", &[]).expect("cert");
+        let dir = self._dir.path();
+        let (cp, kp) = (dir.join(format!("c{k}.pem")), dir.join(format!("c{k}-key.pem")));
+        std::fs::write(&cp, cert).unwrap();
+        std::fs::write(&kp, key).unwrap();
+        self.servers.push(Server {
+            name: format!("c{k}"),
+            is_server: false,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ip: format!("127.0.{}.{}", self.net, 20 + k),
+            data_dir: dir.join(format!("data-c{k}")),
+            cert: (cp, kp),
+            child: None,
+            log: dir.join(format!("c{k}.log")),
+        });
+        self.servers.len() - 1
+    }
+
     /// The leader records every server in the catalog; most scenarios start once it has.
     pub async fn wait_for_catalog(&self) {
-        let url = format!("{}/v1/catalog/service/consul?stale", self.servers[0].http());
-        eventually("every server registered in the catalog", SOON, || async {
+        let url = format!("{}/v1/health/state/passing?stale", self.servers[0].http());
+        let running: Vec<&str> = self.servers.iter().filter(|s| s.is_running()).map(|s| s.name.as_str()).collect();
+        eventually("every running agent registered with a passing serfHealth", SOON, || async {
             let v = self.get_json(&url).await.ok()?;
-            (v.as_array()?.len() == self.servers.len()).then_some(())
+            let healthy: Vec<&str> = v.as_array()?.iter().filter(|c| c["CheckID"] == "serfHealth").filter_map(|c| c["Node"].as_str()).collect();
+            running.iter().all(|n| healthy.contains(n)).then_some(())
         })
         .await;
     }
@@ -136,28 +157,24 @@ impl Cluster {
     pub fn spawn(&mut self, i: usize) {
         let s = &self.servers[i];
         let mut cmd = Command::new(BIN);
-        cmd.args([
-            "agent", "--server", "--node", &s.name, "--bind", &s.ip, "--client", &s.ip,
-        ])
-        .args(["--bootstrap-expect", &self.expect.to_string()])
-        .arg("--data-dir")
-        .arg(&s.data_dir)
-        .arg("--ca-file")
-        .arg(&self.ca)
-        .arg("--cert-file")
-        .arg(&s.cert.0)
-        .arg("--key-file")
-        .arg(&s.cert.1);
-        for other in &self.servers {
+        cmd.args(["agent", "--node", &s.name, "--bind", &s.ip, "--client", &s.ip]);
+        if s.is_server {
+            cmd.args(["--server", "--bootstrap-expect", &self.expect.to_string()]);
+        }
+        cmd.args(&s.extra)
+            .arg("--data-dir")
+            .arg(&s.data_dir)
+            .arg("--ca-file")
+            .arg(&self.ca)
+            .arg("--cert-file")
+            .arg(&s.cert.0)
+            .arg("--key-file")
+            .arg(&s.cert.1);
+        for other in self.servers.iter().filter(|o| o.is_server) {
             cmd.args(["--retry-join", &other.ip]);
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&s.log)
-            .unwrap();
-        cmd.stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).unwrap();
+        cmd.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log));
         let child = cmd.spawn().expect("spawn trellis");
         self.servers[i].child = Some(child);
     }
@@ -173,25 +190,16 @@ impl Cluster {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.servers[i].child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 if let Ok(Some(status)) = c.try_wait() {
-                    assert!(
-                        status.success(),
-                        "{} exited with {status} on SIGTERM",
-                        self.servers[i].name
-                    );
+                    assert!(status.success(), "{} exited with {status} on SIGTERM", self.servers[i].name);
                     break;
                 }
                 if Instant::now() > deadline {
                     let _ = c.kill();
-                    panic!(
-                        "{} did not stop within 20s of SIGTERM",
-                        self.servers[i].name
-                    );
+                    panic!("{} did not stop within 20s of SIGTERM", self.servers[i].name);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -206,13 +214,8 @@ impl Cluster {
     pub async fn wait_for_leader(&self) -> String {
         eventually("a leader all running servers agree on", SOON, || async {
             let mut seen = None;
-            for s in self.servers.iter().filter(|s| s.is_running()) {
-                let l: String = self
-                    .get_json(&format!("{}/v1/status/leader", s.http()))
-                    .await
-                    .ok()?
-                    .as_str()?
-                    .to_string();
+            for s in self.servers.iter().filter(|s| s.is_running() && s.is_server) {
+                let l: String = self.get_json(&format!("{}/v1/status/leader", s.http())).await.ok()?.as_str()?.to_string();
                 if l.is_empty() || seen.as_ref().is_some_and(|x| *x != l) {
                     return None;
                 }
@@ -224,36 +227,19 @@ impl Cluster {
     }
 
     pub fn index_of_rpc(&self, rpc: &str) -> usize {
-        self.servers
-            .iter()
-            .position(|s| s.rpc() == rpc)
-            .expect("leader is one of ours")
+        self.servers.iter().position(|s| s.rpc() == rpc).expect("leader is one of ours")
     }
 
     pub async fn get_json(&self, url: &str) -> Result<Value, String> {
         let r = self.http.get(url).send().await.map_err(|e| e.to_string())?;
         if !r.status().is_success() {
-            return Err(format!(
-                "{} {}",
-                r.status(),
-                r.text().await.unwrap_or_default()
-            ));
+            return Err(format!("{} {}", r.status(), r.text().await.unwrap_or_default()));
         }
         r.json().await.map_err(|e| e.to_string())
     }
 
-    pub async fn put(
-        &self,
-        url: &str,
-        body: impl Into<reqwest::Body>,
-    ) -> Result<(u16, String), String> {
-        let r = self
-            .http
-            .put(url)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn put(&self, url: &str, body: impl Into<reqwest::Body>) -> Result<(u16, String), String> {
+        let r = self.http.put(url).body(body).send().await.map_err(|e| e.to_string())?;
         Ok((r.status().as_u16(), r.text().await.unwrap_or_default()))
     }
 }
@@ -268,15 +254,7 @@ impl Drop for Cluster {
                 eprintln!(
                     "---- log of {} ----\n{}",
                     s.name,
-                    self.log(i)
-                        .lines()
-                        .rev()
-                        .take(40)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect::<Vec<_>>()
-                        .join("\n")
+                    self.log(i).lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
         }

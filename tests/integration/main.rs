@@ -1,6 +1,7 @@
 //! Scenarios against real `trellis` processes. Each module is one area; each test starts its
 //! own servers on its own loopback subnet and cleans them up.
 
+mod agents;
 mod api;
 mod cli;
 mod cluster;

@@ -135,6 +135,7 @@ def agent(request):
         "--http-port", str(http_port),
         "--dns-port", "0",
         "--server-port", str(server_port),
+        "--serf-lan-port", "0",
         "--data-dir", str(data_dir),
     ]
     log = open(log_path, "wb")

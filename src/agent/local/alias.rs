@@ -1,0 +1,76 @@
+//! What alias checks read: this agent's own checks, and on servers the catalog's checks of
+//! other nodes. Client agents cannot alias other nodes yet (they would need a catalog watch).
+
+use std::sync::Weak;
+
+use tokio::sync::watch;
+
+use super::Inner;
+use super::checks::{AliasSource, AliasedCheck, Status};
+use crate::consensus::node::RaftNode;
+use crate::state::{CheckStatus, HealthCheck, Table};
+
+pub struct AliasView {
+    pub agent: Weak<Inner>,
+    pub catalog: Option<RaftNode>,
+}
+
+fn aliased(c: &HealthCheck) -> AliasedCheck {
+    let status = match c.status {
+        CheckStatus::Passing => Status::Passing,
+        CheckStatus::Warning => Status::Warning,
+        CheckStatus::Critical | CheckStatus::Maintenance => Status::Critical,
+    };
+    AliasedCheck {
+        node: c.node.clone(),
+        check_id: c.check_id.clone(),
+        name: c.name.clone(),
+        service_id: c.service_id.clone(),
+        status,
+        output: c.output.clone(),
+    }
+}
+
+impl AliasView {
+    fn is_local(&self, node: Option<&str>) -> bool {
+        match (node, self.agent.upgrade()) {
+            (None, _) => true,
+            (Some(n), Some(a)) => a.node.name == n,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+impl AliasSource for AliasView {
+    fn checks(&self, node: Option<&str>) -> Result<Vec<AliasedCheck>, String> {
+        if self.is_local(node) {
+            let a = self.agent.upgrade().ok_or("agent stopped")?;
+            let st = a.state.lock().expect("local state lock");
+            return Ok(st.checks.values().map(|c| aliased(&c.check)).chain(st.maintenance.values().map(aliased)).collect());
+        }
+        let (Some(node), Some(raft)) = (node, &self.catalog) else {
+            return Err("aliasing checks of another node needs a server agent".into());
+        };
+        let store = raft.store.read().expect("state lock");
+        Ok(store.data().node_checks(node).0.iter().map(aliased).collect())
+    }
+
+    fn service_exists(&self, node: Option<&str>, service_id: &str) -> bool {
+        if self.is_local(node) {
+            return self.agent.upgrade().is_some_and(|a| a.state.lock().expect("local state lock").services.contains_key(service_id));
+        }
+        match (node, &self.catalog) {
+            (Some(n), Some(raft)) => raft.store.read().expect("state lock").data().services.contains_key(&(n.to_string(), service_id.to_string())),
+            _ => false,
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        match (&self.catalog, self.agent.upgrade()) {
+            // On servers, catalog check changes wake aliases of other nodes.
+            (Some(raft), _) => raft.store.read().expect("state lock").watch(Table::Checks),
+            (None, Some(a)) => a.revision.subscribe(),
+            (None, None) => watch::channel(0).1,
+        }
+    }
+}

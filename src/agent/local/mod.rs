@@ -1,0 +1,534 @@
+//! This agent's own services and checks: registration (API and config), persistence across
+//! restarts, check runners, maintenance mode, and anti-entropy with the catalog.
+//!
+//! The local state is authoritative for this node: `sync` makes the catalog match it, at once
+//! after a change and periodically to repair drift. Servers write through their own Raft node;
+//! client agents send the same commands to a server over RPC (`Upstream`).
+
+mod alias;
+pub mod checks;
+pub mod sync;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::ApiError;
+use crate::api::catalog::ServiceBody;
+use crate::api::error::decode;
+use crate::state::{CheckStatus, HealthCheck, Service};
+use checks::{CheckDefinition, CheckHandle, CheckRunner, CheckUpdate, RunnerOptions};
+
+pub use sync::Upstream;
+
+/// The file under the data dir that keeps API-registered services and checks.
+const PERSIST_FILE: &str = "local-state.json";
+const SERVICE_MAINT_PREFIX: &str = "_service_maintenance:";
+const NODE_MAINT_CHECK: &str = "_node_maintenance";
+
+/// A service as this agent holds it.
+#[derive(Debug, Clone)]
+struct LocalService {
+    service: Service,
+    /// Registered through the API (persisted) rather than from a config file.
+    persist: bool,
+    /// The definition as given, kept to persist it verbatim.
+    definition: Value,
+}
+
+#[derive(Debug, Clone)]
+struct LocalCheck {
+    check: HealthCheck,
+    definition: CheckDefinition,
+    persist: bool,
+    raw: Value,
+    critical_since: Option<Instant>,
+    deregister_after: Option<Duration>,
+}
+
+#[derive(Default)]
+struct LocalState {
+    services: BTreeMap<String, LocalService>,
+    checks: BTreeMap<String, LocalCheck>,
+    /// Maintenance checks are agent-made and never persisted.
+    maintenance: BTreeMap<String, HealthCheck>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Persisted {
+    services: Vec<Value>,
+    checks: Vec<Value>,
+}
+
+/// Facts about this node that registrations carry.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub name: String,
+    pub id: String,
+    pub datacenter: String,
+    pub address: String,
+    pub meta: BTreeMap<String, String>,
+    pub server: bool,
+}
+
+#[derive(Clone)]
+pub struct LocalAgent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: NodeFacts,
+    data_dir: PathBuf,
+    state: Mutex<LocalState>,
+    /// Wakes the syncer after a change that the catalog should see.
+    changed: Notify,
+    /// Bumped on every local change (alias checks watch it).
+    revision: tokio::sync::watch::Sender<u64>,
+    updates: mpsc::Sender<CheckUpdate>,
+    runners: Mutex<BTreeMap<String, CheckHandle>>,
+    options: RunnerOptions,
+    shutdown: CancellationToken,
+}
+
+/// The agent service definition (Consul's `/v1/agent/service/register` body).
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(rename_all = "PascalCase", default)]
+struct AgentServiceBody {
+    #[serde(rename = "ID")]
+    id: String,
+    name: String,
+    kind: String,
+    tags: Option<Vec<String>>,
+    address: String,
+    tagged_addresses: Option<BTreeMap<String, crate::api::catalog::ServiceAddressBody>>,
+    meta: Option<BTreeMap<String, String>>,
+    port: i64,
+    weights: Option<crate::api::catalog::WeightsBody>,
+    enable_tag_override: bool,
+    check: Option<Value>,
+    checks: Option<Vec<Value>>,
+}
+
+fn status_of(s: checks::Status) -> CheckStatus {
+    match s {
+        checks::Status::Passing => CheckStatus::Passing,
+        checks::Status::Warning => CheckStatus::Warning,
+        checks::Status::Critical => CheckStatus::Critical,
+    }
+}
+
+impl LocalAgent {
+    /// Create the local agent and the task that applies check results; call `restore` next.
+    /// `catalog` (servers only) lets alias checks mirror checks of other nodes.
+    pub fn new(
+        node: NodeFacts,
+        data_dir: PathBuf,
+        mut options: RunnerOptions,
+        catalog: Option<crate::consensus::node::RaftNode>,
+        shutdown: CancellationToken,
+    ) -> (LocalAgent, mpsc::Receiver<CheckUpdate>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
+            options.alias_source = Some(Arc::new(alias::AliasView { agent: weak.clone(), catalog }));
+            Inner {
+                node,
+                data_dir,
+                state: Mutex::new(LocalState::default()),
+                changed: Notify::new(),
+                revision: tokio::sync::watch::channel(0).0,
+                updates: tx,
+                runners: Mutex::new(BTreeMap::new()),
+                options,
+                shutdown,
+            }
+        });
+        (LocalAgent { inner }, rx)
+    }
+
+    pub fn node(&self) -> &NodeFacts {
+        &self.inner.node
+    }
+
+    /// Wait until something changed that the catalog should learn about.
+    pub async fn changed(&self) {
+        self.inner.changed.notified().await
+    }
+
+    fn poke(&self) {
+        self.inner.changed.notify_one();
+        self.inner.revision.send_modify(|r| *r += 1);
+    }
+
+    /// Apply check results as they come, until shutdown.
+    pub async fn run_updates(self, mut rx: mpsc::Receiver<CheckUpdate>) {
+        loop {
+            let u = tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                u = rx.recv() => match u { Some(u) => u, None => return },
+            };
+            let status_changed = {
+                let mut st = self.inner.state.lock().expect("local state lock");
+                let Some(c) = st.checks.get_mut(&u.check_id) else { continue };
+                let new = status_of(u.status);
+                let changed = c.check.status != new;
+                c.check.status = new;
+                c.check.output = u.output;
+                c.critical_since = match (new, c.critical_since) {
+                    (CheckStatus::Critical, Some(t)) => Some(t),
+                    (CheckStatus::Critical, None) => Some(Instant::now()),
+                    _ => None,
+                };
+                changed
+            };
+            self.inner.revision.send_modify(|r| *r += 1);
+            // Output-only changes ride along with the next periodic sync, as Consul's do.
+            if status_changed {
+                self.poke();
+            }
+        }
+    }
+
+    /// Services and checks as the catalog should hold them for this node.
+    pub fn desired(&self) -> (Vec<Service>, Vec<HealthCheck>) {
+        let st = self.inner.state.lock().expect("local state lock");
+        let services = st.services.values().map(|s| s.service.clone()).collect();
+        let mut checks: Vec<HealthCheck> = st.checks.values().map(|c| c.check.clone()).collect();
+        checks.extend(st.maintenance.values().cloned());
+        (services, checks)
+    }
+
+    /// Services whose checks have been critical longer than their
+    /// `DeregisterCriticalServiceAfter`, to be removed.
+    pub fn expired_services(&self) -> Vec<String> {
+        let st = self.inner.state.lock().expect("local state lock");
+        st.checks
+            .values()
+            .filter(|c| !c.check.service_id.is_empty())
+            .filter(|c| matches!((c.critical_since, c.deregister_after), (Some(t), Some(after)) if t.elapsed() >= after))
+            .map(|c| c.check.service_id.clone())
+            .collect()
+    }
+
+    fn parse_service(&self, body: &AgentServiceBody) -> Result<Service, ApiError> {
+        let b = body.clone();
+        let name = if b.name.is_empty() { return Err(ApiError::BadRequest("Missing service name".into())) } else { b.name };
+        let svc = ServiceBody {
+            id: if b.id.is_empty() { name.clone() } else { b.id },
+            service: name,
+            kind: b.kind,
+            tags: b.tags,
+            address: b.address,
+            tagged_addresses: b.tagged_addresses,
+            meta: b.meta,
+            port: b.port,
+            weights: b.weights,
+            enable_tag_override: b.enable_tag_override,
+        };
+        svc.into_service()
+    }
+
+    fn build_check(&self, raw: &Value, service: Option<&Service>, n: usize, total: usize) -> Result<LocalCheck, ApiError> {
+        let def: CheckDefinition = serde_json::from_value(raw.clone()).map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))?;
+        let kind = def.kind().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut id = def.check_id.clone();
+        let mut name = def.name.clone();
+        let (service_id, service_name, service_tags) = match service {
+            Some(s) => (s.id.clone(), s.service.clone(), s.tags.clone()),
+            None => (def.service_id.clone(), String::new(), Vec::new()),
+        };
+        if id.is_empty() {
+            id = match service {
+                Some(s) if total > 1 => format!("service:{}:{}", s.id, n + 1),
+                Some(s) => format!("service:{}", s.id),
+                None => name.clone(),
+            };
+        }
+        if name.is_empty() {
+            name = match service {
+                Some(s) => format!("Service '{}' check", s.service),
+                None => id.clone(),
+            };
+        }
+        if id.is_empty() {
+            return Err(ApiError::BadRequest("Missing check name".into()));
+        }
+        let initial = def.status.map(status_of).unwrap_or(CheckStatus::Critical);
+        let check = HealthCheck {
+            node: self.inner.node.name.clone(),
+            check_id: id,
+            name,
+            status: initial,
+            notes: def.notes.clone(),
+            output: String::new(),
+            service_id,
+            service_name,
+            service_tags,
+            check_type: kind.type_name().to_string(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        Ok(LocalCheck {
+            deregister_after: def.deregister_critical_service_after,
+            check,
+            definition: def,
+            persist: true,
+            raw: raw.clone(),
+            critical_since: (initial == CheckStatus::Critical).then(Instant::now),
+        })
+    }
+
+    fn start_runner(&self, c: &LocalCheck) -> Result<(), ApiError> {
+        let kind = c.definition.kind().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let handle = CheckRunner::spawn(
+            c.check.check_id.clone(),
+            c.definition.clone(),
+            kind,
+            self.inner.options.clone(),
+            self.inner.updates.clone(),
+            self.inner.shutdown.child_token(),
+        )
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if let Some(old) = self.inner.runners.lock().expect("runners lock").insert(c.check.check_id.clone(), handle) {
+            old.stop();
+        }
+        Ok(())
+    }
+
+    fn stop_runner(&self, id: &str) {
+        if let Some(h) = self.inner.runners.lock().expect("runners lock").remove(id) {
+            h.stop();
+        }
+    }
+
+    /// Register a service (and its checks) from an agent API body or a config file.
+    pub fn add_service(&self, raw: Value, persist: bool, replace_existing_checks: bool) -> Result<(), ApiError> {
+        let raw = crate::api::error::canonical_keys(raw);
+        let body: AgentServiceBody = serde_json::from_value(raw.clone()).map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))?;
+        let service = self.parse_service(&body)?;
+        let raws: Vec<Value> = body.check.into_iter().chain(body.checks.unwrap_or_default()).filter(|c| !c.is_null()).collect();
+        let mut new_checks = Vec::new();
+        for (i, r) in raws.iter().enumerate() {
+            let mut c = self.build_check(r, Some(&service), i, raws.len())?;
+            c.persist = persist;
+            new_checks.push(c);
+        }
+        // Validated; start runners before publishing so a bad runner refuses the whole request.
+        for c in &new_checks {
+            self.start_runner(c)?;
+        }
+        {
+            let mut st = self.inner.state.lock().expect("local state lock");
+            let stale: Vec<String> = st
+                .checks
+                .values()
+                .filter(|c| {
+                    c.check.service_id == service.id && (replace_existing_checks || new_checks.iter().any(|n| n.check.check_id == c.check.check_id))
+                })
+                .map(|c| c.check.check_id.clone())
+                .filter(|id| !new_checks.iter().any(|n| &n.check.check_id == id))
+                .collect();
+            for id in stale {
+                st.checks.remove(&id);
+                self.stop_runner(&id);
+            }
+            for c in new_checks {
+                st.checks.insert(c.check.check_id.clone(), c);
+            }
+            st.services.insert(service.id.clone(), LocalService { service: service.clone(), persist, definition: raw });
+        }
+        info!(service = %service.id, "service registered");
+        self.persist();
+        self.poke();
+        Ok(())
+    }
+
+    pub fn remove_service(&self, id: &str) -> Result<(), ApiError> {
+        let removed_checks: Vec<String> = {
+            let mut st = self.inner.state.lock().expect("local state lock");
+            if st.services.remove(id).is_none() {
+                return Err(ApiError::NotFound(format!("Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name.")));
+            }
+            st.maintenance.remove(&format!("{SERVICE_MAINT_PREFIX}{id}"));
+            let ids: Vec<String> = st.checks.values().filter(|c| c.check.service_id == id).map(|c| c.check.check_id.clone()).collect();
+            for c in &ids {
+                st.checks.remove(c);
+            }
+            ids
+        };
+        for c in removed_checks {
+            self.stop_runner(&c);
+        }
+        info!(service = %id, "service deregistered");
+        self.persist();
+        self.poke();
+        Ok(())
+    }
+
+    pub fn add_check(&self, raw: Value, persist: bool) -> Result<(), ApiError> {
+        let raw = crate::api::error::canonical_keys(raw);
+        let def_service = raw.get("ServiceID").and_then(Value::as_str).unwrap_or("").to_string();
+        let service = if def_service.is_empty() {
+            None
+        } else {
+            let st = self.inner.state.lock().expect("local state lock");
+            Some(
+                st.services
+                    .get(&def_service)
+                    .map(|s| s.service.clone())
+                    .ok_or_else(|| ApiError::NotFound(format!("ServiceID {def_service:?} does not exist")))?,
+            )
+        };
+        let mut c = self.build_check(&raw, service.as_ref(), 0, 1)?;
+        c.persist = persist;
+        self.start_runner(&c)?;
+        self.inner.state.lock().expect("local state lock").checks.insert(c.check.check_id.clone(), c);
+        self.persist();
+        self.poke();
+        Ok(())
+    }
+
+    pub fn remove_check(&self, id: &str) -> Result<(), ApiError> {
+        if self.inner.state.lock().expect("local state lock").checks.remove(id).is_none() {
+            return Err(ApiError::NotFound(format!("Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name.")));
+        }
+        self.stop_runner(id);
+        self.persist();
+        self.poke();
+        Ok(())
+    }
+
+    pub fn ttl(&self, id: &str, status: checks::Status, output: String) -> Result<(), ApiError> {
+        let runners = self.inner.runners.lock().expect("runners lock");
+        let h = runners
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(format!("Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name.")))?;
+        h.ttl_update(status, &output).map(|_| ()).map_err(|e| ApiError::BadRequest(e.to_string()))
+    }
+
+    pub fn maintenance(&self, service: Option<&str>, enable: bool, reason: String) -> Result<(), ApiError> {
+        let mut st = self.inner.state.lock().expect("local state lock");
+        let (id, svc) = match service {
+            Some(sid) => {
+                let s = st
+                    .services
+                    .get(sid)
+                    .map(|s| s.service.clone())
+                    .ok_or_else(|| ApiError::NotFound(format!("No service registered with ID {sid:?}")))?;
+                (format!("{SERVICE_MAINT_PREFIX}{sid}"), Some(s))
+            }
+            None => (NODE_MAINT_CHECK.to_string(), None),
+        };
+        if !enable {
+            st.maintenance.remove(&id);
+        } else {
+            let notes = if reason.is_empty() {
+                "Maintenance mode is enabled for this service, but no reason was provided. This is a default message.".to_string()
+            } else {
+                reason
+            };
+            st.maintenance.insert(
+                id.clone(),
+                HealthCheck {
+                    node: self.inner.node.name.clone(),
+                    check_id: id,
+                    name: if svc.is_some() { "Service Maintenance Mode".into() } else { "Node Maintenance Mode".into() },
+                    status: CheckStatus::Critical,
+                    notes,
+                    service_id: svc.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+                    service_name: svc.as_ref().map(|s| s.service.clone()).unwrap_or_default(),
+                    service_tags: svc.map(|s| s.tags).unwrap_or_default(),
+                    ..Default::default()
+                },
+            );
+        }
+        drop(st);
+        self.poke();
+        Ok(())
+    }
+
+    pub fn services_json(&self) -> Value {
+        let st = self.inner.state.lock().expect("local state lock");
+        let map: serde_json::Map<String, Value> = st
+            .services
+            .values()
+            .map(|s| {
+                let mut v = serde_json::to_value(&s.service).unwrap_or(Value::Null);
+                v["Datacenter"] = json!(self.inner.node.datacenter);
+                (s.service.id.clone(), v)
+            })
+            .collect();
+        Value::Object(map)
+    }
+
+    pub fn checks_json(&self) -> Value {
+        let (_, checks) = self.desired();
+        Value::Object(checks.into_iter().map(|c| (c.check_id.clone(), serde_json::to_value(&c).unwrap_or(Value::Null))).collect())
+    }
+
+    /// Aggregated status of one local service ("passing", "warning", "critical", or
+    /// "maintenance" counted as critical).
+    pub fn service_status(&self, id: &str) -> Option<(String, Value)> {
+        let (services, checks) = self.desired();
+        let s = services.into_iter().find(|s| s.id == id)?;
+        let worst = checks.iter().filter(|c| c.service_id == id || c.service_id.is_empty()).map(|c| c.status).max().unwrap_or(CheckStatus::Passing);
+        let status = if worst == CheckStatus::Maintenance { CheckStatus::Critical } else { worst };
+        Some((status.as_str().to_string(), serde_json::to_value(&s).unwrap_or(Value::Null)))
+    }
+
+    pub fn service_status_by_name(&self, name: &str) -> Vec<(String, Value)> {
+        let (services, _) = self.desired();
+        services.iter().filter(|s| s.service == name).filter_map(|s| self.service_status(&s.id)).collect()
+    }
+
+    fn persist(&self) {
+        let p = {
+            let st = self.inner.state.lock().expect("local state lock");
+            Persisted {
+                services: st.services.values().filter(|s| s.persist).map(|s| s.definition.clone()).collect(),
+                checks: st.checks.values().filter(|c| c.persist && c.check.service_id.is_empty()).map(|c| c.raw.clone()).collect(),
+            }
+        };
+        let path = self.inner.data_dir.join(PERSIST_FILE);
+        let tmp = path.with_extension("tmp");
+        let res = serde_json::to_vec_pretty(&p)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            warn!(path = %path.display(), error = %e, "could not persist local services and checks");
+        }
+    }
+
+    /// Register what was persisted before the last stop.
+    pub fn restore(&self) {
+        let path = self.inner.data_dir.join(PERSIST_FILE);
+        let Ok(bytes) = std::fs::read(&path) else { return };
+        let p: Persisted = match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => return warn!(path = %path.display(), error = %e, "ignoring unreadable persisted local state"),
+        };
+        for s in p.services {
+            if let Err(e) = self.add_service(s, true, false) {
+                warn!(error = %e, "could not restore a persisted service");
+            }
+        }
+        for c in p.checks {
+            if let Err(e) = self.add_check(c, true) {
+                warn!(error = %e, "could not restore a persisted check");
+            }
+        }
+    }
+
+    /// Bodies from the API: decoded with Consul's case-insensitive field names.
+    pub fn decode_body(body: &Bytes) -> Result<Value, ApiError> {
+        decode::<Value>(body)
+    }
+}

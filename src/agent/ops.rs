@@ -1,0 +1,297 @@
+//! `AgentOps` for this agent: the API's agent endpoints answered from the local state, gossip
+//! and (on servers) Raft.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::local::LocalAgent;
+use super::local::checks::Status;
+use crate::api::ApiError;
+use crate::api::agent::AgentOps;
+use crate::consensus::node::RaftNode;
+use crate::membership::{Gossip, Member, MemberStatus, UserEvent};
+
+/// Serf's member status codes, which Consul's API reports as numbers.
+const MEMBER_ALIVE: u8 = 1;
+const MEMBER_LEFT: u8 = 3;
+const MEMBER_FAILED: u8 = 4;
+
+/// Consul keeps the last 256 user events an agent received.
+const EVENT_BUFFER: usize = 256;
+
+/// User events this agent accepted, newest last.
+pub struct EventLog {
+    buf: Mutex<VecDeque<Value>>,
+    index: watch::Sender<u64>,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        EventLog { buf: Mutex::new(VecDeque::new()), index: watch::channel(0).0 }
+    }
+}
+
+fn event_json(e: &UserEvent) -> Value {
+    use base64::Engine;
+    json!({
+        "ID": e.id, "Name": e.name,
+        "Payload": if e.payload.is_empty() { Value::Null } else { json!(base64::engine::general_purpose::STANDARD.encode(&e.payload)) },
+        "NodeFilter": e.node_filter, "ServiceFilter": e.service_filter, "TagFilter": e.tag_filter,
+        "Version": 1, "LTime": e.ltime,
+    })
+}
+
+/// Whether an event is meant for this agent: its node name and (when given) one of its
+/// services and tags must match the event's regular expressions.
+fn accepts(e: &UserEvent, node: &str, services: &[crate::state::Service]) -> bool {
+    let matches = |re: &str, s: &str| re.is_empty() || regex::Regex::new(&format!("^(?:{re})$")).is_ok_and(|r| r.is_match(s));
+    if !matches(&e.node_filter, node) {
+        return false;
+    }
+    if e.service_filter.is_empty() {
+        return true;
+    }
+    services.iter().any(|s| matches(&e.service_filter, &s.service) && (e.tag_filter.is_empty() || s.tags.iter().any(|t| matches(&e.tag_filter, t))))
+}
+
+impl EventLog {
+    /// Take events from gossip until shutdown, keeping the ones addressed to this agent.
+    pub async fn run(self: Arc<Self>, gossip: Gossip, local: LocalAgent, shutdown: CancellationToken) {
+        let mut rx = gossip.events();
+        loop {
+            let e = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = rx.recv() => match e {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                },
+            };
+            let (services, _) = local.desired();
+            if !accepts(&e, &local.node().name, &services) {
+                continue;
+            }
+            let mut buf = self.buf.lock().expect("events lock");
+            if buf.len() == EVENT_BUFFER {
+                buf.pop_front();
+            }
+            buf.push_back(event_json(&e));
+            self.index.send_modify(|i| *i += 1);
+        }
+    }
+}
+
+pub struct AgentHandle {
+    pub events: Arc<EventLog>,
+    pub local: LocalAgent,
+    pub gossip: Gossip,
+    pub raft: Option<RaftNode>,
+    pub datacenter: String,
+    pub serf_lan_port: u16,
+    /// Cancelled by `/v1/agent/leave`, which stops the agent after it leaves.
+    pub shutdown: CancellationToken,
+    /// Re-read configuration (SIGHUP and `/v1/agent/reload`).
+    pub reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+pub fn member_json(m: &Member) -> Value {
+    let status = match m.status {
+        MemberStatus::Alive => MEMBER_ALIVE,
+        MemberStatus::Left => MEMBER_LEFT,
+        MemberStatus::Failed => MEMBER_FAILED,
+    };
+    json!({
+        "Name": m.name, "Addr": m.addr.ip().to_string(), "Port": m.addr.port(), "Tags": m.tags, "Status": status,
+        "ProtocolMin": 1, "ProtocolMax": 5, "ProtocolCur": 2, "DelegateMin": 2, "DelegateMax": 5, "DelegateCur": 4,
+    })
+}
+
+/// Servers of `dc` that gossip says are alive, by RPC address.
+pub fn alive_servers(gossip: &Gossip, dc: &str) -> Vec<SocketAddr> {
+    gossip
+        .members()
+        .into_iter()
+        .filter(|m| {
+            m.status == MemberStatus::Alive
+                && m.tags.get("role").map(String::as_str) == Some("consul")
+                && m.tags.get("dc").map(String::as_str) == Some(dc)
+        })
+        .filter_map(|m| m.tags.get("port").and_then(|p| p.parse::<u16>().ok()).map(|p| SocketAddr::new(m.addr.ip(), p)))
+        .collect()
+}
+
+fn bad(e: impl std::fmt::Display) -> ApiError {
+    ApiError::BadRequest(e.to_string())
+}
+
+impl AgentOps for AgentHandle {
+    fn members(&self, wan: bool) -> Vec<Value> {
+        let members = self.gossip.members();
+        if wan {
+            // The WAN pool arrives with federation; until then it is this datacenter's servers.
+            return members
+                .iter()
+                .filter(|m| m.tags.get("role").map(String::as_str) == Some("consul"))
+                .map(|m| {
+                    let mut v = member_json(m);
+                    v["Name"] = json!(format!("{}.{}", m.name, self.datacenter));
+                    v
+                })
+                .collect();
+        }
+        members.iter().map(member_json).collect()
+    }
+
+    fn member_self(&self) -> Value {
+        let me = &self.local.node().name;
+        self.gossip.members().iter().find(|m| &m.name == me).map(member_json).unwrap_or(Value::Null)
+    }
+
+    fn servers(&self) -> Vec<SocketAddr> {
+        alive_servers(&self.gossip, &self.datacenter)
+    }
+
+    fn services(&self) -> Value {
+        self.local.services_json()
+    }
+
+    fn checks(&self) -> Value {
+        self.local.checks_json()
+    }
+
+    fn service_health(&self, id: &str) -> Option<(String, Value)> {
+        self.local.service_status(id)
+    }
+
+    fn service_health_by_name(&self, name: &str) -> Vec<(String, Value)> {
+        self.local.service_status_by_name(name)
+    }
+
+    fn register_service(&self, body: Bytes, replace_existing_checks: bool) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move { self.local.add_service(LocalAgent::decode_body(&body)?, true, replace_existing_checks) }.boxed()
+    }
+
+    fn deregister_service(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move { self.local.remove_service(&id) }.boxed()
+    }
+
+    fn register_check(&self, body: Bytes) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move { self.local.add_check(LocalAgent::decode_body(&body)?, true) }.boxed()
+    }
+
+    fn deregister_check(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move { self.local.remove_check(&id) }.boxed()
+    }
+
+    fn update_ttl(&self, id: &str, status: &str, output: String) -> Result<(), ApiError> {
+        let s = match status {
+            "passing" => Status::Passing,
+            "warning" => Status::Warning,
+            _ => Status::Critical,
+        };
+        self.local.ttl(id, s, output)
+    }
+
+    fn service_maintenance(&self, id: &str, enable: bool, reason: String) -> Result<(), ApiError> {
+        self.local.maintenance(Some(id), enable, reason)
+    }
+
+    fn node_maintenance(&self, enable: bool, reason: String) -> Result<(), ApiError> {
+        self.local.maintenance(None, enable, reason)
+    }
+
+    fn join(&self, addr: String, wan: bool) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move {
+            if wan {
+                return Err(ApiError::BadRequest("WAN join is not available until WAN federation exists".into()));
+            }
+            let target = if addr.contains(':') { addr.clone() } else { format!("{addr}:{}", self.serf_lan_port) };
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&target).await.map_err(|e| bad(format!("cannot resolve {addr}: {e}")))?.collect();
+            let n = self.gossip.join(&addrs).await.map_err(bad)?;
+            if n == 0 {
+                return Err(ApiError::Internal(format!("Unable to join {addr}: no answer")));
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn leave(&self) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move {
+            self.gossip.leave(std::time::Duration::from_secs(5)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+            self.shutdown.cancel();
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn force_leave(&self, node: &str) -> Result<(), ApiError> {
+        self.gossip.force_leave(node).map_err(bad)
+    }
+
+    fn reload(&self) -> Result<(), ApiError> {
+        (self.reload)().map_err(ApiError::BadRequest)
+    }
+
+    fn stats(&self) -> Value {
+        let members = self.gossip.members();
+        let (services, checks) = self.local.desired();
+        let mut stats = json!({
+            "agent": { "checks": checks.len().to_string(), "services": services.len().to_string() },
+            "serf_lan": {
+                "members": members.len().to_string(),
+                "failed": members.iter().filter(|m| m.status == MemberStatus::Failed).count().to_string(),
+                "left": members.iter().filter(|m| m.status == MemberStatus::Left).count().to_string(),
+                "encrypted": self.gossip.keyring().is_some().to_string(),
+            },
+            "build": { "version": crate::api::version(), "prerelease": "", "revision": "" },
+        });
+        let consul = match &self.raft {
+            Some(node) => {
+                let m = node.raft.metrics().borrow().clone();
+                let leader = node.leader();
+                stats["raft"] = json!({
+                    "state": format!("{:?}", m.state),
+                    "term": m.current_term.to_string(),
+                    "last_log_index": m.last_log_index.unwrap_or(0).to_string(),
+                    "applied_index": m.last_applied.map(|l| l.index).unwrap_or(0).to_string(),
+                    "last_snapshot_index": m.snapshot.map(|l| l.index).unwrap_or(0).to_string(),
+                    "num_peers": m.membership_config.membership().voter_ids().filter(|id| *id != node.id).count().to_string(),
+                });
+                json!({
+                    "server": "true",
+                    "leader": (leader.as_ref().map(|l| l.0) == Some(node.id)).to_string(),
+                    "leader_addr": leader.map(|l| l.1.rpc_addr).unwrap_or_default(),
+                    "known_datacenters": "1",
+                })
+            }
+            None => json!({ "server": "false", "known_servers": self.servers().len().to_string(), "known_datacenters": "1" }),
+        };
+        stats["consul"] = consul;
+        stats
+    }
+
+    fn fire_event(&self, name: String, payload: Vec<u8>, node: String, service: String, tag: String) -> Result<Value, ApiError> {
+        let ev =
+            UserEvent { id: uuid::Uuid::new_v4().to_string(), name, payload, node_filter: node, service_filter: service, tag_filter: tag, ltime: 0 };
+        self.gossip.fire_event(ev.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(event_json(&ev))
+    }
+
+    fn events(&self) -> (Vec<Value>, u64) {
+        let buf = self.events.buf.lock().expect("events lock");
+        (buf.iter().cloned().collect(), *self.events.index.borrow())
+    }
+
+    fn event_changes(&self) -> watch::Receiver<u64> {
+        self.events.index.subscribe()
+    }
+}

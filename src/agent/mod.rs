@@ -157,6 +157,9 @@ impl Agent {
             tags.insert("expect".into(), cfg.bootstrap_expect.to_string());
         }
         let keyring = cfg.encrypt.as_deref().map(membership::keyring::Keyring::new).transpose().map_err(|e| AgentError::Gossip(e.to_string()))?;
+        if let Some(k) = &keyring {
+            tags.extend(ops::keyring_tags(k));
+        }
         let gossip_addr = gossip_address(&cfg)?;
         let (gossip, gossip_worker) = membership::start(membership::GossipConfig {
             node_name: cfg.node_name.clone(),

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::local::LocalAgent;
 use super::local::checks::Status;
 use crate::api::ApiError;
-use crate::api::agent::AgentOps;
+use crate::api::agent::{AgentOps, KeyringOp};
 use crate::consensus::node::RaftNode;
 use crate::membership::{Gossip, Member, MemberStatus, UserEvent};
 
@@ -23,6 +23,45 @@ use crate::membership::{Gossip, Member, MemberStatus, UserEvent};
 const MEMBER_ALIVE: u8 = 1;
 const MEMBER_LEFT: u8 = 3;
 const MEMBER_FAILED: u8 = 4;
+
+/// The internal event that carries keyring changes to every member (never listed).
+const KEYRING_EVENT: &str = "_trellis-keyring";
+/// Gossip tags advertising which keys a member holds, by fingerprint.
+const KEYS_TAG: &str = "kr";
+const PRIMARY_KEY_TAG: &str = "krp";
+
+/// A short, non-secret fingerprint of a gossip key (the first 4 bytes of its SHA-256).
+pub fn key_fingerprint(key: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, key.trim().as_bytes()).as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The tags that advertise `keyring`'s keys.
+pub fn keyring_tags(keyring: &crate::membership::keyring::Keyring) -> [(String, String); 2] {
+    let all: Vec<String> = keyring.list().iter().map(|k| key_fingerprint(k)).collect();
+    [(KEYS_TAG.into(), all.join(",")), (PRIMARY_KEY_TAG.into(), key_fingerprint(&keyring.primary()))]
+}
+
+fn apply_keyring(gossip: &Gossip, op: &str, key: &str) -> Result<(), String> {
+    let ring = gossip.keyring().ok_or("Gossip encryption is not enabled on this agent")?;
+    match op {
+        "install" => ring.install(key).or_else(|e| if ring.list().iter().any(|k| k == key) { Ok(()) } else { Err(e) }),
+        "use" => ring.use_key(key),
+        "remove" => ring.remove(key).or_else(|e| if ring.list().iter().any(|k| k == key) { Err(e) } else { Ok(()) }),
+        other => return Err(format!("unknown keyring operation {other:?}")),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// Re-advertise this member's keys after a keyring change.
+async fn publish_keys(gossip: &Gossip) {
+    let Some(ring) = gossip.keyring() else { return };
+    let me = gossip.local_name().to_string();
+    let Some(mut tags) = gossip.members().into_iter().find(|m| m.name == me).map(|m| m.tags) else { return };
+    tags.extend(keyring_tags(&ring));
+    if let Err(e) = gossip.set_tags(tags).await {
+        tracing::warn!(error = %e, "could not advertise the new keyring");
+    }
+}
 
 /// Consul keeps the last 256 user events an agent received.
 const EVENT_BUFFER: usize = 256;
@@ -75,6 +114,16 @@ impl EventLog {
                     Err(_) => return,
                 },
             };
+            if e.name == KEYRING_EVENT {
+                let text = String::from_utf8_lossy(&e.payload).into_owned();
+                if let Some((op, key)) = text.split_once(':') {
+                    match apply_keyring(&gossip, op, key) {
+                        Ok(()) => publish_keys(&gossip).await,
+                        Err(err) => tracing::warn!(op, error = %err, "keyring change from the cluster not applied"),
+                    }
+                }
+                continue;
+            }
             let (services, _) = local.desired();
             if !accepts(&e, &local.node().name, &services) {
                 continue;
@@ -293,5 +342,45 @@ impl AgentOps for AgentHandle {
 
     fn event_changes(&self) -> watch::Receiver<u64> {
         self.events.index.subscribe()
+    }
+
+    fn keyring_list(&self) -> Result<Value, ApiError> {
+        let ring = self.gossip.keyring().ok_or_else(|| ApiError::BadRequest("Gossip encryption is not enabled on this agent".into()))?;
+        let alive: Vec<Member> = self.gossip.members().into_iter().filter(|m| m.status == MemberStatus::Alive).collect();
+        let count = |tag: &str, fp: &str| alive.iter().filter(|m| m.tags.get(tag).is_some_and(|t| t.split(',').any(|x| x == fp))).count();
+        let mut keys = serde_json::Map::new();
+        let mut primary = serde_json::Map::new();
+        for k in ring.list() {
+            let fp = key_fingerprint(&k);
+            keys.insert(k.clone(), json!(count(KEYS_TAG, &fp)));
+            let p = count(PRIMARY_KEY_TAG, &fp);
+            if p > 0 {
+                primary.insert(k, json!(p));
+            }
+        }
+        Ok(json!([{ "WAN": false, "Datacenter": self.datacenter, "Segment": "", "Keys": keys, "PrimaryKeys": primary, "NumNodes": alive.len() }]))
+    }
+
+    fn keyring_change(&self, op: KeyringOp, key: String) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move {
+            let op = match op {
+                KeyringOp::Install => "install",
+                KeyringOp::Use => "use",
+                KeyringOp::Remove => "remove",
+            };
+            apply_keyring(&self.gossip, op, &key).map_err(ApiError::BadRequest)?;
+            publish_keys(&self.gossip).await;
+            let ev = UserEvent {
+                id: String::new(),
+                name: KEYRING_EVENT.into(),
+                payload: format!("{op}:{key}").into_bytes(),
+                node_filter: String::new(),
+                service_filter: String::new(),
+                tag_filter: String::new(),
+                ltime: 0,
+            };
+            self.gossip.fire_event(ev).map_err(|e| ApiError::Internal(e.to_string()))
+        }
+        .boxed()
     }
 }

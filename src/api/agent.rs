@@ -51,6 +51,17 @@ pub trait AgentOps: Send + Sync + 'static {
     fn events(&self) -> (Vec<Value>, u64);
     /// Changes whenever an event is accepted (its value is the new index).
     fn event_changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Gossip keys as Consul's `GET /v1/operator/keyring` lists them.
+    fn keyring_list(&self) -> Result<Value, ApiError>;
+    /// "install", "use" or "remove" a gossip key on every member.
+    fn keyring_change(&self, op: KeyringOp, key: String) -> BoxFuture<'_, Result<(), ApiError>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyringOp {
+    Install,
+    Use,
+    Remove,
 }
 
 pub fn routes() -> Router<Ctx> {
@@ -77,6 +88,13 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/agent/leave", put(leave))
         .route("/v1/agent/force-leave/{node}", put(force_leave))
         .route("/v1/agent/reload", put(reload))
+        .route(
+            "/v1/operator/keyring",
+            get(keyring_list)
+                .post(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Install))
+                .put(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Use))
+                .delete(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Remove)),
+        )
 }
 
 async fn agent_self(State(ctx): State<Ctx>) -> Response {
@@ -252,5 +270,24 @@ async fn force_leave(State(ctx): State<Ctx>, Path(node): Path<String>) -> Result
 
 async fn reload(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
     ctx.agent.reload()?;
+    Ok(().into_response())
+}
+
+async fn keyring_list(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    Ok(axum::Json(ctx.agent.keyring_list()?).into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct KeyBody {
+    key: String,
+}
+
+async fn keyring(State(ctx): State<Ctx>, body: Bytes, op: KeyringOp) -> Result<Response, ApiError> {
+    let b: KeyBody = super::error::decode(&body)?;
+    if b.key.is_empty() {
+        return Err(ApiError::BadRequest("Missing Key".into()));
+    }
+    ctx.agent.keyring_change(op, b.key).await?;
     Ok(().into_response())
 }

@@ -454,6 +454,34 @@ pub async fn watch_events(opts: &HttpOpts, name: Option<String>) -> Result<()> {
     }
 }
 
+/// `trellis keyring`: list the gossip keys, or install, switch to, or remove one on every member.
+pub async fn keyring(opts: &HttpOpts, list: bool, install: Option<String>, use_key: Option<String>, remove: Option<String>) -> Result<()> {
+    let api = Api::new(opts)?;
+    let change = [(Method::POST, install, "installed"), (Method::PUT, use_key, "now the primary key"), (Method::DELETE, remove, "removed")]
+        .into_iter()
+        .filter_map(|(m, k, what)| k.map(|k| (m, k, what)))
+        .collect::<Vec<_>>();
+    match (list, change.as_slice()) {
+        (true, []) => {
+            let rings: Vec<serde_json::Value> = api.json(Method::GET, "operator/keyring", &[], None).await.context("Error listing keys")?;
+            for r in rings {
+                print_line(format!("==> {} ({}/{} nodes):", r["Datacenter"].as_str().unwrap_or(""), r["NumNodes"], r["NumNodes"]))?;
+                for (k, n) in r["Keys"].as_object().cloned().unwrap_or_default() {
+                    let primary = if r["PrimaryKeys"].get(&k).is_some() { " (primary)" } else { "" };
+                    print_line(format!("  {k} [{n}/{}]{primary}", r["NumNodes"]))?;
+                }
+            }
+            Ok(())
+        }
+        (false, [(method, key, what)]) => {
+            let body = serde_json::to_vec(&serde_json::json!({ "Key": key }))?;
+            api.send(method.clone(), "operator/keyring", &[], Some(body)).await.context("Error changing the keyring")?;
+            print_line(format!("==> Key {what} on every member"))
+        }
+        _ => bail!("choose exactly one of --list, --install KEY, --use KEY, --remove KEY"),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // HTTP plumbing
 

@@ -88,6 +88,19 @@ pub enum Command {
     },
     /// Print a new gossip encryption key
     Keygen,
+    /// Manage the gossip encryption keys of the cluster
+    Keyring {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[arg(long)]
+        list: bool,
+        #[arg(long)]
+        install: Option<String>,
+        #[arg(long = "use")]
+        use_key: Option<String>,
+        #[arg(long)]
+        remove: Option<String>,
+    },
     /// Fire a user event through gossip
     Event {
         #[command(flatten)]
@@ -308,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "event" => client::watch_events(&http, name).await,
             other => anyhow::bail!("unsupported watch type {other:?}: only \"event\" is available"),
         },
+        Command::Keyring { http, list, install, use_key, remove } => client::keyring(&http, list, install, use_key, remove).await,
         Command::Keygen => {
             println!("{}", crate::membership::keygen());
             Ok(())

@@ -122,6 +122,19 @@ async fn services_and_checks_registered_on_a_client_follow_their_targets() {
         c.put(&format!("{client}/v1/agent/service/register"), r#"{"Name":"bad","Check":{"HTTP":"http://x","Interval":"zz"}}"#).await.unwrap();
     assert_eq!(st, 400, "{msg}");
 
+    // Maintenance mode takes the service out of `?passing` and back.
+    let passing = format!("{server}/v1/health/service/web?passing");
+    c.put(&format!("{client}/v1/agent/check/pass/web-ttl"), "").await.unwrap();
+    let tcp2 = tokio::net::TcpListener::bind(&tcp_addr).await.unwrap();
+    eventually("web passing", SOON, || async { (c.get_json(&passing).await.ok()?.as_array()?.len() == 1).then_some(()) }).await;
+    let (st, _) = c.put(&format!("{client}/v1/agent/service/maintenance/web-1?enable=true&reason=upgrade"), "").await.unwrap();
+    assert_eq!(st, 200);
+    eventually("web out of rotation", SOON, || async { c.get_json(&passing).await.ok()?.as_array()?.is_empty().then_some(()) }).await;
+    c.put(&format!("{client}/v1/agent/service/maintenance/web-1?enable=false"), "").await.unwrap();
+    c.put(&format!("{client}/v1/agent/check/pass/web-ttl"), "").await.unwrap();
+    eventually("web back in rotation", SOON, || async { (c.get_json(&passing).await.ok()?.as_array()?.len() == 1).then_some(()) }).await;
+    drop(tcp2);
+
     c.stop(client_i);
     c.spawn(client_i);
     let url = format!("{client}/v1/agent/services");
@@ -245,4 +258,44 @@ async fn user_events_reach_the_agents_they_address() {
     .await;
     let on_c1 = c.get_json(&format!("{c1}/v1/event/list?name=restart")).await.unwrap();
     assert!(on_c1.as_array().unwrap().is_empty(), "c1 runs no worker: {on_c1}");
+}
+
+/// What this test does: rotates the gossip key of a running encrypted cluster through the
+/// keyring API (install, use, remove) and checks every member follows each step and stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn gossip_key_rotation_reaches_every_member() {
+    let old = trellis::membership::keygen();
+    let c = Cluster::start_with(1, 2, &["--encrypt", &old]).await;
+    let (server, client) = (c.servers[0].http(), c.servers[1].http());
+    let new = trellis::membership::keygen();
+    let keys_on = |want: Vec<(String, u64)>| {
+        let url = format!("{server}/v1/operator/keyring");
+        let http = c.http.clone();
+        async move {
+            eventually(&format!("keyring {want:?}"), SOON, || async {
+                let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                let keys = v[0]["Keys"].as_object()?;
+                (keys.len() == want.len() && want.iter().all(|(k, n)| keys.get(k).and_then(Value::as_u64) == Some(*n))).then_some(v)
+            })
+            .await
+        }
+    };
+    let body = json!({ "Key": new }).to_string();
+    let r = c.http.post(format!("{client}/v1/operator/keyring")).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    keys_on(vec![(old.clone(), 3), (new.clone(), 3)]).await;
+    assert_eq!(c.http.put(format!("{client}/v1/operator/keyring")).body(body).send().await.unwrap().status(), 200);
+    eventually("the new key primary everywhere", SOON, || async {
+        let v: Value = c.http.get(format!("{server}/v1/operator/keyring")).send().await.ok()?.json().await.ok()?;
+        (v[0]["PrimaryKeys"][new.as_str()].as_u64() == Some(3)).then_some(())
+    })
+    .await;
+    let gone = json!({ "Key": old }).to_string();
+    assert_eq!(c.http.delete(format!("{client}/v1/operator/keyring")).body(gone).send().await.unwrap().status(), 200);
+    keys_on(vec![(new.clone(), 3)]).await;
+    let members = c.get_json(&format!("{server}/v1/agent/members")).await.unwrap();
+    assert_eq!(members.as_array().unwrap().iter().filter(|m| m["Status"] == 1).count(), 3, "{members}");
+    // Removing the primary key is refused.
+    let r = c.http.delete(format!("{client}/v1/operator/keyring")).body(json!({ "Key": new }).to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 400);
 }

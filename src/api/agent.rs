@@ -131,17 +131,21 @@ async fn metrics_handler(State(ctx): State<Ctx>, p: Params) -> Response {
     axum::Json(metrics::render_json(&ctx)).into_response()
 }
 
-async fn services(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
-    let all = ctx.agent.services();
+/// Keep the entries of an ID-keyed map that `?filter=` selects.
+fn filter_map(all: Value, p: &Params) -> Result<Response, ApiError> {
     let Some(expr) = p.filter() else { return Ok(axum::Json(all).into_response()) };
     let filter = super::filter::Filter::parse(expr)?;
     let mut kept = serde_json::Map::new();
-    for (id, svc) in all.as_object().cloned().unwrap_or_default() {
-        if filter.matches(&svc)? {
-            kept.insert(id, svc);
+    for (id, item) in all.as_object().cloned().unwrap_or_default() {
+        if filter.matches(&item)? {
+            kept.insert(id, item);
         }
     }
     Ok(axum::Json(Value::Object(kept)).into_response())
+}
+
+async fn services(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    filter_map(ctx.agent.services(), &p)
 }
 
 async fn service(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -151,16 +155,7 @@ async fn service(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Respo
 }
 
 async fn checks(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
-    let all = ctx.agent.checks();
-    let Some(expr) = p.filter() else { return Ok(axum::Json(all).into_response()) };
-    let filter = super::filter::Filter::parse(expr)?;
-    let mut kept = serde_json::Map::new();
-    for (id, c) in all.as_object().cloned().unwrap_or_default() {
-        if filter.matches(&c)? {
-            kept.insert(id, c);
-        }
-    }
-    Ok(axum::Json(Value::Object(kept)).into_response())
+    filter_map(ctx.agent.checks(), &p)
 }
 
 async fn register_service(State(ctx): State<Ctx>, p: Params, body: Bytes) -> Result<Response, ApiError> {

@@ -248,7 +248,12 @@ impl Agent {
             "gossip"
         });
         let token = shutdown.clone();
-        let serve_router = router.clone();
+        // The forwarded-request marker is set only by the RPC handler; a client must not be
+        // able to claim it and skip forwarding to the leader.
+        let serve_router = router.clone().layer(axum::middleware::map_request(|mut req: axum::extract::Request| async move {
+            req.headers_mut().remove(api::forward::FORWARDED_HEADER);
+            req
+        }));
         tasks.spawn(async move {
             let serve = axum::serve(http_listener, serve_router).with_graceful_shutdown(token.cancelled_owned());
             if let Err(e) = serve.await {

@@ -33,8 +33,9 @@ struct Inner {
     server_name: ServerName<'static>,
     conns: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
     next_id: AtomicU64,
-    /// Serialises dialing per address so that concurrent callers share one connection.
-    dialing: tokio::sync::Mutex<()>,
+    /// One lock per address, so that concurrent callers share one connection and a slow dial
+    /// to one peer never holds up dials to the others.
+    dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl RpcClient {
@@ -45,7 +46,7 @@ impl RpcClient {
                 server_name,
                 conns: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
-                dialing: tokio::sync::Mutex::new(()),
+                dialing: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -96,7 +97,8 @@ impl RpcClient {
         if let Some(c) = self.live(addr) {
             return Ok(c);
         }
-        let _guard = self.inner.dialing.lock().await;
+        let lock = self.inner.dialing.lock().expect("dialing lock").entry(addr).or_default().clone();
+        let _guard = lock.lock().await;
         if let Some(c) = self.live(addr) {
             return Ok(c);
         }

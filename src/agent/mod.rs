@@ -399,8 +399,16 @@ fn gossip_address(cfg: &Config) -> Result<std::net::SocketAddr, AgentError> {
     if cfg.serf_lan_port != 0 {
         return Ok(addr);
     }
-    let probe = std::net::UdpSocket::bind(addr).and_then(|s| s.local_addr()).map_err(|error| AgentError::Bind { what: "LAN gossip", addr, error })?;
-    Ok(probe)
+    // Gossip listens on UDP and TCP at the same port: find one free for both.
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = std::net::UdpSocket::bind(addr).and_then(|s| s.local_addr());
+        match udp.and_then(|a| std::net::TcpListener::bind(a).map(|_| a)) {
+            Ok(a) => return Ok(a),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(AgentError::Bind { what: "LAN gossip", addr, error: last.unwrap_or_else(|| std::io::Error::other("no free port")) })
 }
 
 /// What SIGHUP and `/v1/agent/reload` do: re-register the services and checks of the config

@@ -4,8 +4,9 @@
 //!
 //! Owns: the foca instance and its `AccumulatingRuntime`, user-event dedupe
 //! and the Lamport clock, leave intents (what turns foca's "down" into
-//! Left vs Failed), the published member snapshot and change counter, and
-//! resizing foca's config as the cluster grows.
+//! Left vs Failed), the published member snapshot and change counter,
+//! resizing foca's config as the cluster grows, and both halves of a
+//! push-pull as state: the full view we send and merging the one we get.
 //!
 //! Must not depend on: sockets or tokio timers (the worker owns those), so
 //! it can be unit-tested and fuzzed without a network.
@@ -18,12 +19,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use foca::{AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, Member as FocaMember, OwnedNotification, PostcardCodec, State, Timer};
+use foca::{
+    AccumulatingRuntime, BroadcastHandler, Foca, Incarnation, Invalidates, Member as FocaMember, OwnedNotification, PostcardCodec, State, Timer,
+};
 use rand::RngExt as _;
 use rand::rngs::StdRng;
 use tokio::sync::{broadcast, watch};
 
-use crate::membership::codec::{self, BroadcastItem, LeaveIntent, MAX_EVENT_BYTES, MAX_IDENTITY_BYTES, NodeId, NodeKey, OpenError};
+use crate::membership::codec::{self, BroadcastItem, LeaveIntent, MAX_EVENT_BYTES, MAX_IDENTITY_BYTES, NodeId, NodeKey, OpenError, PushPullState};
 use crate::membership::{GossipError, GossipStats, Keyring, Member, MemberStatus, Profile, UserEvent};
 
 /// Event ids remembered for dedupe; far above the event rate times the
@@ -100,6 +103,8 @@ pub(crate) struct Counters {
     pub(crate) dropped_malformed: AtomicU64,
     pub(crate) send_errors: AtomicU64,
     pub(crate) events_received: AtomicU64,
+    pub(crate) push_pulls: AtomicU64,
+    pub(crate) push_pull_failures: AtomicU64,
 }
 
 impl Counters {
@@ -118,6 +123,8 @@ impl Counters {
             dropped_malformed: get(&self.dropped_malformed),
             send_errors: get(&self.send_errors),
             events_received: get(&self.events_received),
+            push_pulls: get(&self.push_pulls),
+            push_pull_failures: get(&self.push_pull_failures),
         }
     }
 }
@@ -136,6 +143,10 @@ impl<T: Eq + Hash + Clone> FifoSet<T> {
 
     fn contains(&self, item: &T) -> bool {
         self.set.contains(item)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.order.iter()
     }
 
     /// Returns false if already present.
@@ -236,6 +247,14 @@ impl BroadcastHandler<NodeId> for Handler {
     }
 }
 
+/// Whether a member identity from a peer's push-pull state is one a
+/// well-behaved member could have sent: named, reachable, and small
+/// enough to fit our packets (an oversized one would make probes fail to
+/// encode).
+fn acceptable_identity(id: &NodeId) -> bool {
+    !id.name.is_empty() && id.addr.port() != 0 && !id.addr.ip().is_unspecified() && id.worst_case_encoded_len() <= MAX_IDENTITY_BYTES
+}
+
 /// Checks a handle can do before queueing an event.
 pub(crate) fn validate_event(ev: &UserEvent) -> Result<(), GossipError> {
     if ev.name.is_empty() {
@@ -263,6 +282,9 @@ pub(crate) struct Engine {
     reap_after: Duration,
     /// (max_transmissions, suspicion) foca is currently configured with.
     sized_for: (u8, Duration),
+    /// Our incarnation as last seen in a header we sent (foca does not
+    /// expose it), keyed by the identity it belongs to.
+    own_incarnation: (NodeKey, Incarnation),
     has_left: bool,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
     timers: Vec<(Duration, Timer<NodeId>)>,
@@ -275,6 +297,7 @@ impl Engine {
         let profile = &shared.profile;
         let config = profile.foca_config(1, Some(reap_after));
         let sized_for = (config.max_transmissions.get(), config.suspect_to_down_after);
+        let own_incarnation = (identity.key(), Incarnation::default());
         let foca = Foca::with_custom_broadcast(identity, config, rand::make_rng::<StdRng>(), PostcardCodec, handler);
         let engine = Self {
             foca,
@@ -283,6 +306,7 @@ impl Engine {
             shared,
             reap_after,
             sized_for,
+            own_incarnation,
             has_left: false,
             outbox: Vec::new(),
             timers: Vec::new(),
@@ -410,6 +434,81 @@ impl Engine {
         Ok(ev)
     }
 
+    /// Members in the cluster (including us), for scaling intervals.
+    pub(crate) fn cluster_size(&self) -> usize {
+        self.foca.num_members() + 1
+    }
+
+    /// A random member that is alive (not suspect or down), to push-pull
+    /// with; memberlist picks among alive nodes only.
+    pub(crate) fn random_alive_peer(&self) -> Option<SocketAddr> {
+        let alive: Vec<SocketAddr> = self.foca.iter_membership_state().filter(|m| m.state() == State::Alive).map(|m| m.id().addr).collect();
+        if alive.is_empty() { None } else { Some(alive[rand::rng().random_range(0..alive.len())]) }
+    }
+
+    /// Our full view for a push-pull: ourselves first (alive, at our
+    /// current incarnation), then alive, suspect and down members, and the
+    /// leave notices of members we still list.
+    pub(crate) fn push_pull_state(&self) -> PushPullState {
+        let me = self.foca.identity();
+        let incarnation = if self.own_incarnation.0 == me.key() { self.own_incarnation.1 } else { Incarnation::default() };
+        let mut members = vec![FocaMember::new(me.clone(), incarnation, State::Alive)];
+        for wanted in [State::Alive, State::Suspect, State::Down] {
+            members.extend(self.foca.iter_membership_state().filter(|m| m.state() == wanted && acceptable_identity(m.id())).cloned());
+        }
+        let st = lock(&self.state);
+        let known: HashSet<NodeKey> = self.foca.iter_membership_state().map(|m| m.id().key()).collect();
+        let left = st.left.iter().filter(|k| known.contains(k)).copied().collect();
+        PushPullState { members, left }
+    }
+
+    /// Merge a peer's push-pull state into foca. Identities that could not
+    /// have come from a well-behaved member are skipped, and so are down
+    /// members we do not know (memberlist ignores dead nodes it never saw:
+    /// re-adding them would resurrect reaped entries). `broadcast` makes
+    /// foca gossip what was new to us; a joiner passes `false`, since the
+    /// seed's cluster already knows its own state. Returns how many
+    /// members were handed to foca.
+    pub(crate) fn apply_push_pull(&mut self, state: PushPullState, broadcast: bool) -> usize {
+        if self.has_left {
+            return 0;
+        }
+        let own = self.foca.identity().key();
+        let known_addrs: HashSet<SocketAddr> = self.foca.iter_membership_state().map(|m| m.id().addr).collect();
+        let updates: Vec<FocaMember<NodeId>> = state
+            .members
+            .into_iter()
+            .filter(|m| acceptable_identity(m.id()) && (m.state() != State::Down || known_addrs.contains(&m.id().addr)))
+            .collect();
+        // Notices only for identities we list (or are about to), so a peer
+        // cannot fill the bounded leave memory with strangers.
+        let listed: HashSet<NodeKey> = updates.iter().map(|m| m.id().key()).chain(self.foca.iter_membership_state().map(|m| m.id().key())).collect();
+        let mut relabelled = false;
+        {
+            // Leave notices first, so a member that arrives down below is
+            // shown Left rather than Failed.
+            let mut st = lock(&self.state);
+            for key in state.left {
+                if key != own && listed.contains(&key) {
+                    relabelled |= st.left.insert(key);
+                }
+            }
+        }
+        let count = updates.len();
+        // One at a time: apply_many stops at the first error, and one
+        // update foca refuses must not cost us the rest of the list.
+        for update in updates {
+            if let Err(err) = self.foca.apply_many(std::iter::once(update), broadcast, &mut self.runtime) {
+                tracing::debug!(error = %err, "applying push-pull state");
+            }
+        }
+        self.drain();
+        if relabelled {
+            self.rebuild_view();
+        }
+        count
+    }
+
     /// Start a graceful leave: leave intent + foca's leave_cluster.
     pub(crate) fn begin_leave(&mut self) -> Result<(), GossipError> {
         if self.has_left {
@@ -501,6 +600,7 @@ impl Engine {
         let mut changed = false;
         loop {
             while let Some((dst, data)) = self.runtime.to_send() {
+                self.note_own_incarnation(&data);
                 match codec::seal(self.shared.keyring.as_ref(), &data) {
                     Ok(datagram) => self.outbox.push((dst.addr, datagram)),
                     Err(err) => {
@@ -525,6 +625,15 @@ impl Engine {
         if changed {
             self.rebuild_view();
             self.resize_config();
+        }
+    }
+
+    /// Remember the incarnation foca put in one of our outgoing headers.
+    fn note_own_incarnation(&mut self, packet: &[u8]) {
+        if let Some(header) = codec::peek_header(packet)
+            && header.src == *self.foca.identity()
+        {
+            self.own_incarnation = (header.src.key(), header.src_incarnation);
         }
     }
 

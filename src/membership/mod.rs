@@ -1,10 +1,11 @@
 //! LAN gossip membership (Consul's Serf LAN pool) on top of `foca` (SWIM).
 //!
-//! Owns: the UDP gossip socket, failure detection (SWIM probes, suspicion,
-//! dissemination via foca), the member list with tags and
-//! alive/failed/left status, graceful and forced leaves, user events
-//! (`consul event`) with a Lamport clock, and gossip encryption with a
-//! rotatable keyring.
+//! Owns: the UDP gossip socket and a TCP listener on the same address and
+//! port, failure detection (SWIM probes, suspicion, dissemination via
+//! foca), memberlist-style push-pull (full member-list exchange over TCP),
+//! the member list with tags and alive/failed/left status, graceful and
+//! forced leaves, user events (`consul event`) with a Lamport clock, and
+//! gossip encryption with a rotatable keyring (datagrams and TCP frames).
 //!
 //! Must not depend on: the rest of the crate (no `crate::` imports outside
 //! this module), the catalog, Raft, or the agent's configuration types.
@@ -24,10 +25,37 @@
 //! ```
 //!
 //! Layout: [`keyring`] (AES-GCM keys), `codec` (identity, envelope,
-//! broadcast items), `profile` (timings -> `foca::Config`), `engine`
-//! (sans-IO node: foca + broadcasts + member view), `worker` (tokio loop:
-//! socket, timer heap, commands), [`sim`] (in-memory many-node simulator
-//! for the convergence benchmark).
+//! broadcast items, push-pull frames), `profile` (timings -> `foca::Config`,
+//! push-pull interval and timeouts), `engine` (sans-IO node: foca +
+//! broadcasts + member view + push-pull state), `pushpull` (one tokio task
+//! per TCP exchange), `worker` (tokio loop: socket, listener, timer heap,
+//! commands), [`sim`] (in-memory many-node simulator for the convergence
+//! benchmark; UDP gossip only, no push-pull).
+//!
+//! Push-pull (memberlist's TCP state sync): two members swap their whole
+//! view over one short TCP connection to the other's gossip address and
+//! port: every member foca knows, with tags, state (alive/suspect/down)
+//! and incarnation, plus the leave notices of listed members; each side
+//! feeds the other's list into foca. It runs
+//! * on [`Gossip::join`], with every seed, alongside the UDP announce: a
+//!   new node has the seed's whole member list when `join` returns,
+//!   instead of waiting for gossip to reach it. A seed counts as answered
+//!   when either the announce reply or the push-pull succeeds;
+//! * every [`Profile::push_pull_interval`] (30 s on a LAN, scaled up past
+//!   32 members like memberlist; 0 disables it), with one random alive
+//!   member, which repairs whatever gossip missed, e.g. two halves of a
+//!   healed partition that only share some members.
+//!
+//! The stream is a sequence of length-prefixed frames (at most 64 KiB,
+//! at most 20 MiB per state), each sealed like a datagram: encrypted with
+//! the primary key and opened with any installed key when a keyring is
+//! set. A frame that fails authentication, is malformed or oversized ends
+//! the exchange and is counted (`dropped_bad_key`, `dropped_malformed`,
+//! `push_pull_failures`). Connect, each frame read and the whole exchange
+//! have timeouts, at most `MAX_INBOUND_PUSH_PULLS` inbound exchanges run
+//! at once, and each runs on its own task: the UDP loop never waits on a
+//! TCP peer. Down members a node never knew are not taken from a peer
+//! (as memberlist), so reaped members are not resurrected.
 //!
 //! Semantics worth knowing:
 //! * Suspect members are reported as `Alive` (SWIM treats them as alive
@@ -39,12 +67,16 @@
 //!   newer one only: "the newer wins".
 //! * Left vs failed: foca only knows "down". A graceful leave first
 //!   broadcasts a leave intent; members that are down and have a leave
-//!   intent are `Left`, the others `Failed`.
+//!   intent are `Left`, the others `Failed`. Push-pull carries the intents
+//!   too, so a member that missed the broadcast still shows `Left`.
+//! * A node whose advertise address differs from its bind address (NAT)
+//!   needs both UDP and TCP forwarded to it on that port.
 
 mod codec;
 mod engine;
 pub mod keyring;
 pub mod profile;
+mod pushpull;
 pub mod sim;
 mod worker;
 
@@ -52,12 +84,13 @@ mod worker;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use codec::{MAX_EVENT_BYTES, MAX_IDENTITY_BYTES};
@@ -82,6 +115,10 @@ pub const EVENTS_CHANNEL_CAPACITY: usize = 256;
 /// force-leave use it, so a small queue suffices and bounds memory.
 pub const COMMAND_QUEUE_CAPACITY: usize = 256;
 
+/// Tries at finding a port free for both UDP and TCP when binding port 0
+/// (the OS picks the UDP port; its TCP twin may be taken).
+pub const BIND_ATTEMPTS: usize = 16;
+
 /// Extra time a handle waits beyond the worker's own deadline, so a stalled
 /// or never-spawned worker surfaces as an error instead of a hang.
 pub const REPLY_GRACE: Duration = Duration::from_secs(1);
@@ -91,7 +128,8 @@ pub const REPLY_GRACE: Duration = Duration::from_secs(1);
 pub struct GossipConfig {
     /// Node name (unique in the datacenter).
     pub node_name: String,
-    /// UDP listen address, e.g. 127.0.0.21:8301 (port 0 picks a free port).
+    /// UDP and TCP listen address, e.g. 127.0.0.21:8301 (port 0 picks a
+    /// port free for both).
     pub bind: SocketAddr,
     /// What others use to reach us (usually == bind; port 0 or an
     /// unspecified IP are filled from the bound socket).
@@ -187,21 +225,27 @@ pub struct GossipStats {
     pub packets_received: u64,
     /// Bytes received.
     pub bytes_received: u64,
-    /// Dropped: no installed key authenticated them, or the encryption
-    /// mode did not match ours.
+    /// Dropped datagrams and push-pull streams: no installed key
+    /// authenticated them, or the encryption mode did not match ours.
     pub dropped_bad_key: u64,
-    /// Dropped: authenticated but undecodable or rejected by foca.
+    /// Dropped datagrams and push-pull streams: authenticated but
+    /// undecodable, oversized, or rejected by foca.
     pub dropped_malformed: u64,
     /// Datagrams the OS refused to send (or that failed to encrypt).
     pub send_errors: u64,
     /// Distinct user events delivered (including our own).
     pub events_received: u64,
+    /// Push-pull exchanges completed, dialled or answered.
+    pub push_pulls: u64,
+    /// Push-pull exchanges that failed, dialled or answered: unreachable
+    /// peer, timeout, wrong key, malformed frames, or the peer hanging up.
+    pub push_pull_failures: u64,
 }
 
 /// Errors of the membership layer.
 #[derive(Debug, thiserror::Error)]
 pub enum GossipError {
-    /// The UDP socket could not be bound.
+    /// The UDP socket or the TCP listener could not be bound.
     #[error("binding gossip socket on {addr}: {source}")]
     Bind {
         /// Requested address.
@@ -351,8 +395,7 @@ pub async fn start(cfg: GossipConfig) -> Result<(Gossip, GossipWorker), GossipEr
             reason: format!("bind {} is a wildcard address; set an advertise address others can reach", cfg.bind),
         });
     }
-    let socket = UdpSocket::bind(cfg.bind).await.map_err(|source| GossipError::Bind { addr: cfg.bind, source })?;
-    let bound = socket.local_addr().map_err(|source| GossipError::Io { addr: cfg.bind, op: "read its local address", source })?;
+    let (socket, listener, bound) = bind_sockets(cfg.bind).await?;
     let mut advertise = cfg.advertise;
     if advertise.port() == 0 {
         advertise.set_port(bound.port());
@@ -372,8 +415,22 @@ pub async fn start(cfg: GossipConfig) -> Result<(Gossip, GossipWorker), GossipEr
     let shared = Arc::new(Shared::new(cfg.node_name, advertise, cfg.profile, cfg.keyring, changes, events));
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_CAPACITY);
     let engine = engine::Engine::new(identity, Arc::clone(&shared), cfg.reap_failed_after);
-    let worker = GossipWorker::new(engine, socket, command_rx);
+    let worker = GossipWorker::new(engine, socket, listener, command_rx, cfg.bind.ip());
     Ok((Gossip { shared, commands }, worker))
+}
+
+/// Bind the UDP socket and the TCP listener on one address and port.
+async fn bind_sockets(bind: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), GossipError> {
+    let mut attempt = 1;
+    loop {
+        let socket = UdpSocket::bind(bind).await.map_err(|source| GossipError::Bind { addr: bind, source })?;
+        let bound = socket.local_addr().map_err(|source| GossipError::Io { addr: bind, op: "read its local address", source })?;
+        match TcpListener::bind(bound).await {
+            Ok(listener) => return Ok((socket, listener, bound)),
+            Err(source) if bind.port() == 0 && attempt < BIND_ATTEMPTS && source.kind() == io::ErrorKind::AddrInUse => attempt += 1,
+            Err(source) => return Err(GossipError::Bind { addr: bound, source }),
+        }
+    }
 }
 
 impl Gossip {
@@ -398,9 +455,14 @@ impl Gossip {
         self.shared.addr
     }
 
-    /// Announce to `addrs` and wait (up to the profile's join timeout) for
-    /// answers. Returns how many answered; an error if none did. Our own
-    /// address is skipped; an empty list joins nobody and returns 0.
+    /// Announce to `addrs` over UDP and push-pull with each over TCP, and
+    /// wait (up to the profile's join timeout) for answers. An address
+    /// counts as answered when either its UDP reply or the push-pull
+    /// succeeds; the call returns once every address answered and every
+    /// push-pull is over (so the member list already holds what the seeds
+    /// knew), or at the timeout. Returns how many answered; an error if
+    /// none did. Our own address is skipped; an empty list joins nobody
+    /// and returns 0.
     pub async fn join(&self, addrs: &[SocketAddr]) -> Result<usize, GossipError> {
         let (reply, answer) = oneshot::channel();
         let command = Command::Join { addrs: addrs.to_vec(), reply };

@@ -2,7 +2,8 @@
 //!
 //! Owns: every timing default of the membership layer (each a named
 //! constant with the reason for its value), the cluster-size scaling of
-//! suspicion timeout and retransmissions (memberlist's formulas), and the
+//! suspicion timeout, retransmissions and the push-pull interval
+//! (memberlist's formulas), the timeouts of a push-pull exchange, and the
 //! conservative failure-detection bound used by tests and the benchmark.
 //!
 //! Must not depend on: sockets, tokio, or the worker; the sans-IO simulator
@@ -29,9 +30,14 @@ pub const LAN_PROBE_RTT: Duration = Duration::from_millis(500);
 pub const LAN_SUSPICION_BASE: Duration = Duration::from_secs(4);
 /// memberlist's GossipInterval: LAN bandwidth makes 5 gossip rounds/s cheap.
 pub const LAN_GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
-/// Periodic announce, our stand-in for memberlist's 30 s push-pull: lets
-/// members that never heard of each other (e.g. after a partition) meet.
+/// Periodic announce (foca's discovery round: the answer is a Feed of
+/// random members); complements the push-pull below, which exchanges the
+/// whole list.
 pub const LAN_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
+/// memberlist's DefaultLANConfig PushPullInterval: full state exchange with
+/// one random member over TCP; repairs whatever gossip missed (e.g. after a
+/// partition) at a cost of one member list per node per interval.
+pub const LAN_PUSH_PULL_INTERVAL: Duration = Duration::from_secs(30);
 /// Serf's ReconnectInterval: how often we knock on failed members' doors
 /// so a healed partition merges back without operator action.
 pub const LAN_ANNOUNCE_DOWN_INTERVAL: Duration = Duration::from_secs(30);
@@ -52,6 +58,9 @@ pub const FAST_SUSPICION_BASE: Duration = Duration::from_millis(800);
 pub const FAST_GOSSIP_INTERVAL: Duration = Duration::from_millis(50);
 /// Test profile periodic announce.
 pub const FAST_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Test profile push-pull: a few per test, so divergence repair is
+/// observable within a test's convergence bound.
+pub const FAST_PUSH_PULL_INTERVAL: Duration = Duration::from_millis(500);
 /// Test profile announce-to-down.
 pub const FAST_ANNOUNCE_DOWN_INTERVAL: Duration = Duration::from_secs(1);
 /// Test profile join wait (also how long a wrong-key join test waits).
@@ -60,6 +69,20 @@ pub const FAST_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FAST_JOIN_RETRY: Duration = Duration::from_millis(200);
 /// Test profile leave re-gossip spacing.
 pub const FAST_LEAVE_REGOSSIP: Duration = Duration::from_millis(50);
+
+/// Connecting to a peer for a push-pull (memberlist uses its 10 s
+/// TCPTimeout for everything; a LAN connect takes well under a second, so
+/// anything slower is a dead or overloaded peer).
+pub const PUSH_PULL_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Waiting for one frame of a peer's state (at most 64 KiB: even a slow
+/// LAN link delivers it in milliseconds).
+pub const PUSH_PULL_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole exchange, connect to close (memberlist's TCPTimeout): bounds
+/// what a slow or hostile peer can hold, whatever it does.
+pub const PUSH_PULL_TIMEOUT: Duration = Duration::from_secs(10);
+/// memberlist's pushPullScaleThreshold: above this many members the
+/// push-pull interval grows, so total push-pull traffic stays flat.
+pub const PUSH_PULL_SCALE_THRESHOLD: usize = 32;
 
 /// memberlist's IndirectChecks: members asked to ping a silent target.
 pub const INDIRECT_PROBES: usize = 3;
@@ -96,6 +119,10 @@ pub struct Profile {
     pub announce_interval: Duration,
     /// How often we knock on failed members (partition healing).
     pub announce_down_interval: Duration,
+    /// How often we exchange full state with one random alive member over
+    /// TCP (memberlist's PushPullInterval; scaled up past 32 members).
+    /// Zero disables the periodic exchange (joins still push-pull).
+    pub push_pull_interval: Duration,
     /// How long `join` waits for answers.
     pub join_timeout: Duration,
     /// How often `join` re-announces to addresses that have not answered.
@@ -123,6 +150,7 @@ impl Profile {
             gossip_fanout: GOSSIP_FANOUT,
             announce_interval: LAN_ANNOUNCE_INTERVAL,
             announce_down_interval: LAN_ANNOUNCE_DOWN_INTERVAL,
+            push_pull_interval: LAN_PUSH_PULL_INTERVAL,
             join_timeout: LAN_JOIN_TIMEOUT,
             join_retry: LAN_JOIN_RETRY,
             leave_regossip: LAN_LEAVE_REGOSSIP,
@@ -140,6 +168,7 @@ impl Profile {
             gossip_fanout: GOSSIP_FANOUT,
             announce_interval: FAST_ANNOUNCE_INTERVAL,
             announce_down_interval: FAST_ANNOUNCE_DOWN_INTERVAL,
+            push_pull_interval: FAST_PUSH_PULL_INTERVAL,
             join_timeout: FAST_JOIN_TIMEOUT,
             join_retry: FAST_JOIN_RETRY,
             leave_regossip: FAST_LEAVE_REGOSSIP,
@@ -158,6 +187,21 @@ impl Profile {
         let wanted = (RETRANSMIT_MULT * ((cluster_size as f64) + 1.0).log10()).ceil();
         let clamped = wanted.clamp(f64::from(MIN_TRANSMISSIONS), f64::from(u8::MAX)) as u8;
         NonZeroU8::new(clamped).unwrap_or(NonZeroU8::MIN)
+    }
+
+    /// Push-pull interval for `cluster_size` members (memberlist's
+    /// pushPullScale): unchanged up to 32 members, then one more interval
+    /// per doubling, so the cluster-wide exchange rate stays bounded.
+    /// `None` when periodic push-pull is disabled.
+    pub fn push_pull_interval_for(&self, cluster_size: usize) -> Option<Duration> {
+        if self.push_pull_interval.is_zero() {
+            return None;
+        }
+        if cluster_size <= PUSH_PULL_SCALE_THRESHOLD {
+            return Some(self.push_pull_interval);
+        }
+        let multiplier = ((cluster_size as f64).log2() - (PUSH_PULL_SCALE_THRESHOLD as f64).log2()).ceil() + 1.0;
+        Some(self.push_pull_interval.mul_f64(multiplier))
     }
 
     /// Conservative upper bound for "a member stopped answering" until
@@ -221,6 +265,19 @@ mod tests {
         assert_eq!(lan.max_transmissions(1000).get(), 13);
         assert_eq!(lan.suspicion_timeout(100), Duration::from_secs(8));
         assert!(lan.suspicion_timeout(1000) > lan.suspicion_timeout(100));
+    }
+
+    #[test]
+    fn push_pull_interval_scales_like_memberlist_and_zero_disables_it() {
+        let lan = Profile::lan();
+        assert_eq!(lan.push_pull_interval_for(3), Some(Duration::from_secs(30)));
+        assert_eq!(lan.push_pull_interval_for(32), Some(Duration::from_secs(30)));
+        assert_eq!(lan.push_pull_interval_for(33), Some(Duration::from_secs(60)));
+        assert_eq!(lan.push_pull_interval_for(64), Some(Duration::from_secs(60)));
+        assert_eq!(lan.push_pull_interval_for(1000), Some(Duration::from_secs(30 * 6)));
+        let off = Profile { push_pull_interval: Duration::ZERO, ..Profile::fast() };
+        assert_eq!(off.push_pull_interval_for(3), None);
+        assert!(Profile::fast().push_pull_interval < lan.push_pull_interval);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! End-to-end tests of the membership layer over real UDP sockets on
-//! 127.0.0.x (one loopback address per test, port 0 unless a restart needs
-//! the same port), plus decode-path fuzzing without sockets.
+//! End-to-end tests of the membership layer over real UDP and TCP sockets
+//! on 127.0.0.x (one loopback address per test, port 0 unless a restart
+//! needs the same port), plus decode-path fuzzing (datagrams and push-pull
+//! streams) without sockets.
 //!
 //! Every wait is on a condition with a deadline (member-list changes via
 //! the watch channel, counters by polling); no sleep is used as
@@ -13,13 +14,15 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{self, BroadcastItem, NodeId};
+use super::codec::{self, BroadcastItem, NodeId, PushPullState};
 use super::engine::{Engine, Shared};
+use super::pushpull;
 use super::*;
 
 /// Upper bound for "the cluster converged" on loopback with the fast
@@ -27,6 +30,9 @@ use super::*;
 const CONVERGE: Duration = Duration::from_secs(5);
 /// How often counter-based waits re-check (counters have no change feed).
 const POLL: Duration = Duration::from_millis(10);
+/// Period of every UDP dissemination path in the `quiet` profile: far
+/// beyond any test, so what a node learns came from a push-pull.
+const QUIET: Duration = Duration::from_secs(600);
 
 struct Node {
     gossip: Gossip,
@@ -54,6 +60,29 @@ fn loopback(host: u8, port: u16) -> SocketAddr {
 
 fn tags(role: &str, build: &str) -> BTreeMap<String, String> {
     BTreeMap::from([("role".to_owned(), role.to_owned()), ("dc".to_owned(), "dc1".to_owned()), ("build".to_owned(), build.to_owned())])
+}
+
+/// Fast timings with probes, gossip rounds and periodic announces pushed
+/// out to `QUIET`: members learn about each other only through push-pull
+/// (plus the one Feed answering a join's announce).
+fn quiet(push_pull_interval: Duration) -> Profile {
+    Profile {
+        probe_period: QUIET,
+        gossip_interval: QUIET,
+        announce_interval: QUIET,
+        announce_down_interval: QUIET,
+        push_pull_interval,
+        ..Profile::fast()
+    }
+}
+
+/// Tags that make an identity ~350 bytes, so the Feed answering an announce
+/// (one datagram, whose header carries two identities) holds at most one
+/// other member: learning more at once takes the push-pull.
+fn fat_tags() -> BTreeMap<String, String> {
+    let mut t = tags("node", "1");
+    t.insert("blob".to_owned(), "x".repeat(300));
+    t
 }
 
 fn config(name: &str, bind: SocketAddr, keyring: Option<Keyring>) -> GossipConfig {
@@ -88,6 +117,14 @@ async fn cluster(host: u8, names: &[&str], key: Option<&str>) -> Vec<Node> {
         wait_members(&node.gossip, CONVERGE, "everyone alive", |m| m.len() == names.len() && m.iter().all(|m| m.status == MemberStatus::Alive)).await;
     }
     nodes
+}
+
+fn names(members: &[Member]) -> Vec<&str> {
+    members.iter().map(|m| m.name.as_str()).collect()
+}
+
+fn all_alive(members: &[Member], expected: &[&str]) -> bool {
+    names(members) == expected && members.iter().all(|m| m.status == MemberStatus::Alive)
 }
 
 fn status_of(members: &[Member], name: &str) -> Option<MemberStatus> {
@@ -430,6 +467,14 @@ async fn join_reports_unanswered_addresses_and_bind_errors_name_the_address() {
     assert!(matches!(&err, GossipError::Bind { addr, .. } if *addr == taken));
     assert!(err.to_string().contains(&taken.to_string()), "{err}");
 
+    // The TCP twin of a free UDP port is taken: named too.
+    let tcp = std::net::TcpListener::bind(loopback(41, 0)).unwrap();
+    let tcp_taken = tcp.local_addr().unwrap();
+    let err = start(config("tcp-dup", tcp_taken, None)).await.unwrap_err();
+    assert!(matches!(&err, GossipError::Bind { addr, .. } if *addr == tcp_taken), "{err}");
+    assert!(err.to_string().contains(&tcp_taken.to_string()), "{err}");
+    drop(tcp);
+
     let wildcard = config("wild", SocketAddr::from(([0, 0, 0, 0], 0)), None);
     assert!(matches!(start(wildcard).await, Err(GossipError::InvalidConfig { .. })));
 
@@ -446,6 +491,178 @@ async fn a_handle_whose_worker_is_gone_reports_not_running() {
     node.stop().await;
     assert!(matches!(gossip.fire_event(event("e", "e")), Err(GossipError::NotRunning)));
     assert!(matches!(gossip.join(&[loopback(42, 9)]).await, Err(GossipError::NotRunning)));
+}
+
+#[tokio::test]
+async fn a_node_joining_through_one_seed_learns_the_whole_cluster_by_push_pull_before_gossip_could_tell_it() {
+    let quiet = quiet(Duration::ZERO);
+    let start_quiet = |name: &str| {
+        let cfg = GossipConfig { tags: fat_tags(), profile: quiet.clone(), ..config(name, loopback(45, 0), None) };
+        spawn(cfg)
+    };
+    let mut nodes = Vec::new();
+    for name in ["p1", "p2", "p3", "p4", "p5"] {
+        nodes.push(start_quiet(name).await);
+    }
+    let seed = nodes[0].gossip.local_addr();
+    for node in &nodes[1..] {
+        assert_eq!(node.gossip.join(&[seed]).await.expect("join"), 1);
+    }
+    let five = ["p1", "p2", "p3", "p4", "p5"];
+    wait_members(&nodes[0].gossip, CONVERGE, "all five on the seed", |m| all_alive(m, &five)).await;
+
+    let joiner = start_quiet("p6").await;
+    let started = Instant::now();
+    assert_eq!(joiner.gossip.join(&[seed]).await.expect("join"), 1);
+    let took = started.elapsed();
+    // Checked the moment join returns: no probe or gossip round has run
+    // (they are QUIET apart) and the Feed holds at most one other member.
+    let members = joiner.gossip.members();
+    assert!(all_alive(&members, &["p1", "p2", "p3", "p4", "p5", "p6"]), "{members:#?}");
+    assert!(members.iter().all(|m| m.tags == fat_tags()));
+    assert!(took < quiet.probe_period.min(quiet.gossip_interval), "{took:?}");
+    assert!(joiner.gossip.stats().push_pulls >= 1, "{:?}", joiner.gossip.stats());
+    // The seed merged the joiner's state too.
+    wait_members(&nodes[0].gossip, CONVERGE, "p6 on the seed", |m| status_of(m, "p6") == Some(MemberStatus::Alive)).await;
+    for node in &nodes {
+        let stats = node.gossip.stats();
+        assert_eq!(stats.push_pull_failures + stats.dropped_bad_key + stats.dropped_malformed, 0, "{stats:?}");
+    }
+    nodes.push(joiner);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn partitioned_halves_that_share_one_member_converge_through_periodic_push_pull() {
+    let interval = Duration::from_millis(100);
+    let start_quiet = |name: &str| spawn(GossipConfig { profile: quiet(interval), ..config(name, loopback(46, 0), None) });
+    let (a1, a2, b1, b2, shared) =
+        (start_quiet("a1").await, start_quiet("a2").await, start_quiet("b1").await, start_quiet("b2").await, start_quiet("s").await);
+    a2.gossip.join(&[a1.gossip.local_addr()]).await.expect("join a");
+    b2.gossip.join(&[b1.gossip.local_addr()]).await.expect("join b");
+    // Two halves that never heard of each other.
+    for (node, half) in [(&a1, ["a1", "a2"]), (&a2, ["a1", "a2"]), (&b1, ["b1", "b2"]), (&b2, ["b1", "b2"])] {
+        wait_members(&node.gossip, CONVERGE, "its half", |m| all_alive(m, &half)).await;
+    }
+    // One member in both: it talks to a1 and b1 only, and the gossip that
+    // would spread what it knows is QUIET.
+    assert_eq!(shared.gossip.join(&[a1.gossip.local_addr(), b1.gossip.local_addr()]).await.expect("join both"), 2);
+
+    let everyone = ["a1", "a2", "b1", "b2", "s"];
+    let before: Vec<u64> = [&a2, &b2].iter().map(|n| n.gossip.stats().push_pulls).collect();
+    for node in [&a1, &a2, &b1, &b2, &shared] {
+        wait_members(&node.gossip, CONVERGE, "the whole cluster", |m| all_alive(m, &everyone)).await;
+    }
+    // a2 and b2 were never dialled by the bridge: their periodic rounds did it.
+    for (node, before) in [&a2, &b2].iter().zip(before) {
+        assert!(node.gossip.stats().push_pulls > before, "{:?}", node.gossip.stats());
+    }
+    for node in [a1, a2, b1, b2, shared] {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_push_pull_with_the_wrong_key_fails_and_is_counted_while_any_installed_key_works() {
+    let (k1, k2) = (keygen(), keygen());
+    // Periodic push-pull off: the counters move only for the joins below.
+    let profile = Profile { push_pull_interval: Duration::ZERO, ..Profile::fast() };
+    let keyed = |name: &str, ring: Keyring| spawn(GossipConfig { profile: profile.clone(), ..config(name, loopback(47, 0), Some(ring)) });
+    let seed = keyed("seed", Keyring::new(&k1).unwrap()).await;
+
+    let intruder = keyed("intruder", Keyring::new(&k2).unwrap()).await;
+    assert!(matches!(intruder.gossip.join(&[seed.gossip.local_addr()]).await, Err(GossipError::JoinFailed { .. })));
+    let seen = intruder.gossip.stats();
+    assert_eq!(seen.push_pulls, 0, "{seen:?}");
+    assert!(seen.push_pull_failures >= 1, "{seen:?}");
+    wait_stats(&seed.gossip, CONVERGE, "the bad-key push-pull counted", |s| s.push_pull_failures >= 1 && s.dropped_bad_key >= 1).await;
+    assert_eq!(seed.gossip.stats().push_pulls, 0);
+    assert_eq!(names(&seed.gossip.members()), ["seed"]);
+    assert_eq!(names(&intruder.gossip.members()), ["intruder"]);
+
+    // Mid-rotation: primary k2 with k1 installed talks to primary k1 with
+    // k2 installed; each opens the other's frames with its secondary key.
+    seed.gossip.keyring().unwrap().install(&k2).unwrap();
+    let rotated = keyed("rotated", Keyring::from_keys(&k2, [k1.as_str()]).unwrap()).await;
+    assert_eq!(rotated.gossip.join(&[seed.gossip.local_addr()]).await.unwrap(), 1);
+    assert!(all_alive(&rotated.gossip.members(), &["rotated", "seed"]));
+    assert_eq!(rotated.gossip.stats().push_pulls, 1, "{:?}", rotated.gossip.stats());
+    for node in [seed, intruder, rotated] {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn garbage_on_the_tcp_port_is_dropped_without_affecting_the_node() {
+    let nodes = cluster(48, &["a", "b"], None).await;
+    let target = nodes[0].gossip.local_addr();
+    let baseline = nodes[0].gossip.stats();
+    // Held open, silent, for the whole test: must not block anything.
+    let silent = tokio::net::TcpStream::connect(target).await.unwrap();
+    let silent_since = Instant::now();
+
+    let mut rng = StdRng::seed_from_u64(11);
+    // A plausible length, then an unknown envelope version and noise.
+    let valid_len_noise: Vec<u8> = 40u32.to_be_bytes().into_iter().chain([7]).chain((1..40).map(|_| rng.random::<u8>())).collect();
+    let encrypted_frame: Vec<u8> = {
+        let ring = Keyring::new(&keygen()).unwrap();
+        codec::encode_push_pull(Some(&ring), &PushPullState::default()).unwrap().0.concat()
+    };
+    let garbage: [&[u8]; 4] = [&u32::MAX.to_be_bytes(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &valid_len_noise, &encrypted_frame];
+    for bytes in garbage {
+        let mut stream = tokio::net::TcpStream::connect(target).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        // The node hangs up (EOF or reset) instead of answering or waiting.
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(CONVERGE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            Ok(Ok(n)) => panic!("node answered garbage with {n} bytes"),
+            Err(_) => panic!("node kept a garbage connection open for {CONVERGE:?}"),
+        }
+    }
+    wait_stats(&nodes[0].gossip, CONVERGE, "garbage counted", |s| {
+        s.dropped_malformed >= baseline.dropped_malformed + 3 && s.dropped_bad_key > baseline.dropped_bad_key
+    })
+    .await;
+    assert!(all_alive(&nodes[0].gossip.members(), &["a", "b"]));
+
+    // Still a working member: a newcomer joins with a push-pull, and the
+    // silent connection is still pending in its task, not in the worker.
+    let pulls = nodes[0].gossip.stats().push_pulls;
+    let late = spawn_on(48, "c", None).await;
+    assert_eq!(late.gossip.join(&[target]).await.unwrap(), 1);
+    assert!(all_alive(&late.gossip.members(), &["a", "b", "c"]), "{:#?}", late.gossip.members());
+    assert!(nodes[0].gossip.stats().push_pulls > pulls);
+    // Unless the test ran past the read timeout, the silent peer's task is
+    // still waiting on it (it would have been cut at the timeout).
+    let mut probe = [0u8; 1];
+    if silent_since.elapsed() < profile::PUSH_PULL_READ_TIMEOUT {
+        let pending = silent.try_read(&mut probe);
+        assert!(matches!(&pending, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "{pending:?}");
+    }
+    for node in nodes.into_iter().chain([late]) {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_silent_or_trickling_peer_times_out_instead_of_hanging_the_reader() {
+    let short = Duration::from_millis(50);
+    // Nothing at all.
+    let (mut near, _far) = tokio::io::duplex(64);
+    assert!(matches!(pushpull::read_state(&mut near, None, short).await, Err(pushpull::StreamError::Timeout(_))));
+    // A length prefix promising a frame that never comes.
+    let (mut near, mut far) = tokio::io::duplex(64);
+    far.write_all(&1000u32.to_be_bytes()).await.unwrap();
+    far.write_all(&[0; 10]).await.unwrap();
+    assert!(matches!(pushpull::read_state(&mut near, None, short).await, Err(pushpull::StreamError::Timeout(_))));
+    // Hanging up half way is a clean error too.
+    let (mut near, mut far) = tokio::io::duplex(64);
+    far.write_all(&1000u32.to_be_bytes()).await.unwrap();
+    drop(far);
+    assert!(matches!(pushpull::read_state(&mut near, None, short).await, Err(pushpull::StreamError::Closed)));
 }
 
 // ---- decode-path fuzzing (no sockets) ----
@@ -548,4 +765,110 @@ fn random_and_mutated_packets_never_panic_the_decode_path() {
     assert!(sealed.dropped_bad_key > 1000, "{sealed:?}");
     // The engine that took the fuzz still knows its real peer.
     assert!(a.shared().snapshot().iter().any(|m| m.name == "b"));
+}
+
+/// Mutate a captured push-pull stream the ways a broken or hostile peer
+/// could: noise, flipped bytes, cut or padded streams, bogus lengths.
+fn mutated_stream(rng: &mut StdRng, corpus: &[Vec<u8>]) -> Vec<u8> {
+    let mut d = corpus[rng.random_range(0..corpus.len())].clone();
+    match rng.random_range(0..5) {
+        0 => (0..rng.random_range(0..2000)).map(|_| rng.random::<u8>()).collect(),
+        1 => {
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..d.len());
+                d[i] = rng.random();
+            }
+            d
+        }
+        2 => {
+            d.truncate(rng.random_range(0..d.len()));
+            d
+        }
+        3 => {
+            d.extend((0..rng.random_range(1..64)).map(|_| rng.random::<u8>()));
+            d
+        }
+        // A length prefix (of the first frame) rewritten.
+        _ => {
+            let len: u32 = if rng.random::<bool>() { rng.random() } else { rng.random_range(0..2000) };
+            d[..4].copy_from_slice(&len.to_be_bytes());
+            d
+        }
+    }
+}
+
+#[test]
+fn random_and_mutated_push_pull_streams_never_panic_the_decode_path() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let mut a = offline_engine("a", 1, None);
+    let mut b = offline_engine("b", 2, None);
+    let _ = captured_traffic(&mut a, &mut b);
+    let state = a.push_pull_state();
+    assert!(state.members.len() >= 2, "{state:?}");
+    let ring = Keyring::new(&keygen()).unwrap();
+    let plain = codec::encode_push_pull(None, &state).unwrap().0.concat();
+    let sealed = codec::encode_push_pull(Some(&ring), &state).unwrap().0.concat();
+    let corpus = [plain, sealed];
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+
+    let mut victim = offline_engine("victim", 3, None);
+    let mut decoded = 0;
+    for round in 0..5_000 {
+        let bytes = mutated_stream(&mut rng, &corpus);
+        let keyring = if round % 2 == 0 { None } else { Some(&ring) };
+        let whole = codec::decode_push_pull(keyring, &bytes);
+        let streamed = runtime.block_on(pushpull::read_state(&mut bytes.as_slice(), keyring, Duration::from_secs(1)));
+        // The socket reader stops at `End` (trailing bytes are the next
+        // read's problem); otherwise both paths agree.
+        if let Ok(state) = &whole {
+            assert_eq!(streamed.as_ref().ok(), Some(state));
+        }
+        if let Ok(state) = streamed {
+            decoded += 1;
+            victim.apply_push_pull(state, true);
+            for (_, timer) in victim.take_timers().into_iter().take(2) {
+                victim.handle_timer(timer);
+            }
+            let _ = victim.take_outbox();
+        }
+    }
+    // Flipped bytes inside names and tags still decode: the merge path got
+    // exercised with hostile members, not just the framing.
+    assert!(decoded > 200, "{decoded}");
+    // Still merges a genuine state.
+    victim.apply_push_pull(state, true);
+    assert!(victim.shared().snapshot().iter().any(|m| m.name == "a"));
+}
+
+#[test]
+fn offline_engines_carry_members_and_leaves_through_push_pull_states() {
+    let mut a = offline_engine("a", 11, None);
+    let mut b = offline_engine("b", 12, None);
+    let _ = captured_traffic(&mut a, &mut b);
+    let mut c = offline_engine("c", 13, None);
+    // c learns a and b from a's view alone, ourselves included.
+    assert_eq!(c.apply_push_pull(a.push_pull_state(), true), 2);
+    assert!(all_alive(&c.shared().snapshot(), &["a", "b", "c"]));
+    // Our own entry in a peer's state is about us: ignored, no duplicate.
+    assert!(all_alive(&a.shared().snapshot(), &["a", "b"]));
+    a.apply_push_pull(c.push_pull_state(), true);
+    assert!(all_alive(&a.shared().snapshot(), &["a", "b", "c"]));
+
+    // b leaves; a hears it over UDP, c only through a's next state.
+    b.begin_leave().unwrap();
+    for (_, datagram) in b.take_outbox() {
+        a.handle_datagram(&datagram);
+    }
+    assert_eq!(status_of(&a.shared().snapshot(), "b"), Some(MemberStatus::Left));
+    c.apply_push_pull(a.push_pull_state(), true);
+    assert_eq!(status_of(&c.shared().snapshot(), "b"), Some(MemberStatus::Left));
+
+    // A down member nobody told us about is not resurrected as a record,
+    // and junk identities are skipped.
+    let mut d = offline_engine("d", 14, None);
+    let mut state = a.push_pull_state();
+    state.members.push(foca::Member::new(NodeId::placeholder(loopback(43, 15)), 0, foca::State::Alive));
+    assert_eq!(d.apply_push_pull(state, true), 2);
+    let names_d: Vec<String> = d.shared().snapshot().into_iter().map(|m| m.name).collect();
+    assert_eq!(names_d, ["a", "c", "d"]);
 }

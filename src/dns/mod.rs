@@ -1,0 +1,258 @@
+//! The DNS interface: Consul's DNS semantics served over UDP and TCP with hickory-server.
+//!
+//! The module is self-contained: it answers from a narrow [`DnsCatalog`] trait that the agent
+//! implements (servers from their local state, clients over RPC), so nothing here knows about
+//! Raft, RPC or the state store.
+//!
+//! # Names answered (Consul's forms, all case-insensitive, `<domain>` or `<alt_domain>`)
+//!
+//! | name | answer |
+//! | --- | --- |
+//! | `[<tag>.]<svc>.service[.<dc>[.dc]].<domain>` | A/AAAA (or CNAME) of the healthy instances; SRV with the address in the additional section |
+//! | `_<svc>._<tag or tcp>[.service][.<dc>[.dc]].<domain>` | RFC 2782 form of the same (`_tcp` means "no tag filter") |
+//! | `<node>.node[.<dc>[.dc]].<domain>` | A/AAAA (or CNAME) of the node, TXT from its metadata |
+//! | `<hex>.addr[.<dc>].<domain>` | A for 8 hex digits, AAAA for 32 |
+//! | `<name or id>.query[.<dc>].<domain>` | a prepared query, answered like a service |
+//! | `<domain>` | SOA and NS |
+//! | `*.in-addr.arpa`, `*.ip6.arpa` | PTR to the node (or service) name of a catalog address |
+//! | anything else | forwarded to the recursors, or REFUSED when there are none |
+//!
+//! # On the wire
+//!
+//! Every local answer is authoritative. A name under the domain that does not exist gets
+//! NXDOMAIN, a name that exists without records of the asked type gets NOERROR with no answers
+//! (NODATA); both carry the domain's SOA in the authority section (RFC 2308). Answers are
+//! shuffled for load spreading. A UDP answer is cut to the client's buffer (512 bytes, or its
+//! EDNS0 size) and a TCP answer to 64 KiB; when answer records are dropped to fit, the TC bit is
+//! set, so the client can retry over TCP (Consul drops them silently unless `enable_truncate`).
+//! Two Consul policies still trim on purpose, and set TC only with `enable_truncate`, as in
+//! Consul: `udp_answer_limit` (non-EDNS UDP answers only) and `a_record_limit`.
+//!
+//! Where this deliberately differs from Consul 1.x: SOA and NS are answered at the domain apex
+//! only (Consul answers them for every name in the domain, with the apex as owner); the apex and
+//! known names with an unsupported type answer NODATA with SOA instead of NXDOMAIN or a bare
+//! NOERROR; unparseable questions (no question, several questions) answer FORMERR; zone
+//! transfers answer NOTIMP everywhere.
+//!
+//! hickory-server logs every request at `info`; the agent's log filter should carry
+//! `hickory_server=warn` (see [`LOG_FILTER_DIRECTIVES`]).
+
+mod handler;
+mod names;
+mod records;
+mod recursor;
+
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use tokio_util::sync::CancellationToken;
+
+use handler::Handler;
+
+/// Log filter directives the agent should add so hickory's per-request `info` lines stay out of
+/// the log (they cost more than answering a cached query).
+pub const LOG_FILTER_DIRECTIVES: &str = "hickory_server=warn,hickory_net=warn,hickory_proto=warn";
+
+/// How long a TCP connection may stay idle between queries before the server closes it.
+/// RFC 7766 §6.2.3 asks for "on the order of seconds"; this keeps idle clients from pinning
+/// connection tasks while allowing a resolver to reuse its connection for a burst.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Outgoing messages buffered per TCP connection before the writer applies back-pressure.
+const TCP_RESPONSE_BUFFER: usize = 32;
+
+/// What DNS needs from the catalog; the agent implements it (servers from local state, clients
+/// over RPC).
+///
+/// Names arrive lowercased (DNS is case-insensitive), so implementations must match service,
+/// tag, node, datacenter and query names case-insensitively, as Consul's catalog does.
+#[async_trait::async_trait]
+pub trait DnsCatalog: Send + Sync + 'static {
+    /// Instances of `service` in `dc` (None = the agent's own dc) with their worst check status,
+    /// optionally only with `tag`.
+    async fn service_instances(&self, dc: Option<&str>, service: &str, tag: Option<&str>) -> Result<Vec<Instance>, LookupError>;
+    /// The node `name` in `dc` (None = the agent's own dc), `Ok(None)` when there is no such node.
+    async fn node(&self, dc: Option<&str>, name: &str) -> Result<Option<NodeInfo>, LookupError>;
+    /// Nodes and service instances whose address is `ip` (for PTR), in the agent's own dc.
+    async fn by_address(&self, ip: IpAddr) -> Result<Vec<PtrTarget>, LookupError>;
+    /// Execute a prepared query by name or ID (`Ok(None)` if there is no such query).
+    async fn prepared_query(&self, dc: Option<&str>, name: &str) -> Result<Option<QueryResult>, LookupError>;
+    /// The agent's own datacenter.
+    fn datacenter(&self) -> String;
+}
+
+/// The aggregated health of one service instance: the worst of its node's and its own checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Passing,
+    Warning,
+    /// Also what maintenance mode maps to: never answered.
+    Critical,
+}
+
+/// One instance of a service, as DNS needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub node: String,
+    /// The node's address: an IP, or a hostname (answered as a CNAME).
+    pub node_address: String,
+    /// The service's own address; empty means "use the node address".
+    pub service_address: String,
+    pub port: u16,
+    pub status: Health,
+    pub node_meta: BTreeMap<String, String>,
+    /// Datacenter of the instance (used in SRV target names); empty means the agent's own.
+    pub datacenter: String,
+}
+
+/// A node, as DNS needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// An IP, or a hostname (answered as a CNAME).
+    pub address: String,
+    pub meta: BTreeMap<String, String>,
+    /// Empty means the agent's own datacenter.
+    pub datacenter: String,
+}
+
+/// Something whose address matched a PTR question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtrTarget {
+    /// Answered as `<name>.node.<dc>.<domain>`.
+    Node { name: String, dc: String },
+    /// Answered as `<service>.service.<dc>.<domain>` (only when no node matched, as in Consul).
+    Service { service: String, node: String, dc: String },
+}
+
+/// The outcome of executing a prepared query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryResult {
+    /// The instances the query selected (critical ones are dropped here anyway).
+    pub instances: Vec<Instance>,
+    /// The query's own `DNS.TTL`; when `None` the agent's `service_ttl` for `service` applies.
+    pub ttl: Option<Duration>,
+    /// The query's `OnlyPassing`: drop instances whose status is warning.
+    pub only_passing: bool,
+    /// The service the query resolved (for the `service_ttl` fallback, as in Consul).
+    pub service: String,
+}
+
+/// Why the catalog could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The datacenter in the name is not known: NXDOMAIN, as Consul answers "no path to dc".
+    #[error("unknown datacenter")]
+    UnknownDatacenter,
+    /// The catalog could not be reached or failed: SERVFAIL.
+    #[error("catalog unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// SOA timers of the domain, in seconds on the wire (Consul's `dns_config.soa`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SoaConfig {
+    /// Consul default 86400 s.
+    pub expire: Duration,
+    /// Also the SOA record's own TTL and the negative-caching TTL (RFC 2308). Consul default 0.
+    pub min_ttl: Duration,
+    /// Consul default 3600 s.
+    pub refresh: Duration,
+    /// Consul default 600 s.
+    pub retry: Duration,
+}
+
+impl Default for SoaConfig {
+    fn default() -> Self {
+        Self { expire: Duration::from_secs(86_400), min_ttl: Duration::ZERO, refresh: Duration::from_secs(3_600), retry: Duration::from_secs(600) }
+    }
+}
+
+/// DNS configuration; field names follow Consul's `domain`, `alt_domain`, `recursors`,
+/// `recursor_timeout` and `dns_config { ... }` keys. Defaults are Consul's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// The domain answered authoritatively, e.g. `"consul."` (a trailing dot is optional).
+    pub domain: String,
+    /// A second domain answered like `domain`; answers use the name that was asked.
+    pub alt_domain: Option<String>,
+    /// TTL of node, addr and NS answers. Consul default 0.
+    pub node_ttl: Duration,
+    /// TTL of service answers by service name; `"*"` is the default and `"prefix*"` matches by
+    /// prefix (longest prefix wins, an exact name beats any prefix). Unlisted services get 0.
+    pub service_ttl: BTreeMap<String, Duration>,
+    /// Answer only instances whose checks all pass (warning ones are dropped too).
+    pub only_passing: bool,
+    /// At most this many A/AAAA answers per service lookup; 0 = unlimited.
+    pub a_record_limit: usize,
+    /// Upstream resolvers for names outside the domain, tried in order.
+    pub recursors: Vec<SocketAddr>,
+    /// How long one recursor gets to answer (UDP plus the TCP retry). Consul default 2 s.
+    pub recursor_timeout: Duration,
+    pub soa: SoaConfig,
+    /// At most this many answers in a UDP response to a client without EDNS0 (capped at 8, as
+    /// in Consul); 0 = only the 512-byte size limit applies. Consul default 3.
+    pub udp_answer_limit: usize,
+    /// Set TC also when `udp_answer_limit` or `a_record_limit` trimmed the answer (Consul's
+    /// meaning). Answers cut to fit the message size always set TC.
+    pub enable_truncate: bool,
+    /// Add a node's metadata as TXT records to the additional section of A/AAAA/SRV answers
+    /// (Consul's `enable_additional_node_meta_txt`, default true).
+    pub node_meta_txt: bool,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            domain: "consul.".to_string(),
+            alt_domain: None,
+            node_ttl: Duration::ZERO,
+            service_ttl: BTreeMap::new(),
+            only_passing: false,
+            a_record_limit: 0,
+            recursors: Vec::new(),
+            recursor_timeout: Duration::from_secs(2),
+            soa: SoaConfig::default(),
+            udp_answer_limit: 3,
+            enable_truncate: false,
+            node_meta_txt: true,
+        }
+    }
+}
+
+/// The DNS server: owns the config and the catalog, serves one UDP socket and one TCP listener.
+pub struct DnsServer {
+    handler: Handler,
+}
+
+impl DnsServer {
+    /// `node_name` is the agent's own node, used for the NS record when no server instances
+    /// of the `consul` service are registered.
+    pub fn new(cfg: DnsConfig, catalog: Arc<dyn DnsCatalog>, node_name: String) -> Self {
+        Self { handler: Handler::new(cfg, catalog, node_name) }
+    }
+
+    /// Serve queries on the bound `udp` socket and `tcp` listener until `shutdown` is
+    /// cancelled. Returns an error only if a socket fails for good.
+    pub async fn run(self, udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+        let mut server = Server::new(self.handler);
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+        let server_token = server.shutdown_token().clone();
+        let relay = tokio::spawn(async move {
+            shutdown.cancelled().await;
+            server_token.cancel();
+        });
+        let result = server.block_until_done().await;
+        relay.abort();
+        result.map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}

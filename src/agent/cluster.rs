@@ -64,6 +64,7 @@ impl Handler for ClusterHandler {
                     })?;
                     ClusterReply::Applied { outcome, index }
                 }
+                ClusterRpc::Read(q) => ClusterReply::Read(Box::new(node.store.read().expect("state lock").data().answer(&q))),
                 ClusterRpc::NodeState { node: name } => ClusterReply::NodeState(Box::new(node.node_state(&name))),
                 ClusterRpc::Join { id, node: server } => {
                     if !peer.is_server {

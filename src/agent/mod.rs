@@ -5,6 +5,7 @@
 //! deadline, hand leadership to another voter, stop the workers, stop Raft, flush storage.
 
 pub mod cluster;
+pub mod dns;
 pub mod join;
 pub mod leader;
 pub mod local;
@@ -264,6 +265,19 @@ impl Agent {
         tasks.spawn(local_agent.clone().run_updates(updates).map_name("check-updates"));
         tasks.spawn(events.run(gossip.clone(), local_agent.clone(), shutdown.clone()).map_name("events"));
         let size_gossip = gossip.clone();
+        if let Some(port) = cfg.dns_port {
+            let (udp, tcp) = dns_sockets(std::net::SocketAddr::new(cfg.client_addr, port)).await?;
+            let dns_cfg = crate::dns::DnsConfig { domain: format!("{}.", cfg.domain), ..Default::default() };
+            let catalog = Arc::new(dns::CatalogDns { upstream: upstream.clone(), datacenter: cfg.datacenter.clone() });
+            let server = crate::dns::DnsServer::new(dns_cfg, catalog, cfg.node_name.clone());
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = server.run(udp, tcp, token).await {
+                    error!(error = %e, "dns server failed");
+                }
+                "dns"
+            });
+        }
         let syncer = local::sync::SyncWorker {
             local: local_agent,
             upstream,
@@ -409,6 +423,24 @@ fn gossip_address(cfg: &Config) -> Result<std::net::SocketAddr, AgentError> {
         }
     }
     Err(AgentError::Bind { what: "LAN gossip", addr, error: last.unwrap_or_else(|| std::io::Error::other("no free port")) })
+}
+
+/// DNS listens on UDP and TCP at the same port; port 0 picks one free for both.
+async fn dns_sockets(addr: std::net::SocketAddr) -> Result<(tokio::net::UdpSocket, TcpListener), AgentError> {
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = match tokio::net::UdpSocket::bind(addr).await {
+            Ok(u) => u,
+            Err(error) => return Err(AgentError::Bind { what: "DNS (udp)", addr, error }),
+        };
+        let port = udp.local_addr().map(|a| a.port()).unwrap_or(addr.port());
+        match TcpListener::bind(std::net::SocketAddr::new(addr.ip(), port)).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(error) => return Err(AgentError::Bind { what: "DNS (tcp)", addr, error }),
+        }
+    }
+    Err(AgentError::Bind { what: "DNS", addr, error: last.unwrap_or_else(|| std::io::Error::other("no free port")) })
 }
 
 /// What SIGHUP and `/v1/agent/reload` do: re-register the services and checks of the config

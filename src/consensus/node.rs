@@ -27,6 +27,8 @@ pub enum ClusterRpc {
     Join { id: NodeId, node: ServerNode },
     /// Apply a write: the leader applies it, a follower passes it on (at most `MAX_HOPS` times).
     Apply { req: Box<Request>, hops: u8 },
+    /// A catalog read for a client agent (DNS).
+    Read(crate::state::catalog::CatalogQuery),
     /// A node's catalog entries, for a client agent's anti-entropy (read from the receiving
     /// server's state).
     NodeState { node: String },
@@ -50,6 +52,7 @@ pub enum ClusterReply {
     Joined,
     Applied { outcome: Outcome, index: u64 },
     NodeState(Box<NodeState>),
+    Read(Box<crate::state::catalog::CatalogAnswer>),
     Elected,
 }
 

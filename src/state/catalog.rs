@@ -388,3 +388,61 @@ pub(crate) mod tests {
         assert_eq!(s.data().service_view_index("web"), 2);
     }
 }
+
+/// Catalog reads that client agents send to a server (DNS answers them on every agent).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum CatalogQuery {
+    /// Instances of a service (names compared case-insensitively, as DNS names are).
+    ServiceInstances {
+        service: String,
+        tag: Option<String>,
+    },
+    Node {
+        name: String,
+    },
+    /// Nodes, and service instances with their own address, at this IP.
+    ByAddress {
+        ip: String,
+    },
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum CatalogAnswer {
+    /// (node, service, the node's and the service's checks)
+    Instances(Vec<(Node, Service, Vec<HealthCheck>)>),
+    Node(Option<Node>),
+    ByAddress {
+        nodes: Vec<String>,
+        services: Vec<(String, String)>,
+    },
+}
+
+impl StateData {
+    pub fn answer(&self, q: &CatalogQuery) -> CatalogAnswer {
+        match q {
+            CatalogQuery::ServiceInstances { service, tag } => {
+                let mut out = Vec::new();
+                for ((node_name, _), s) in &self.services {
+                    if !s.service.eq_ignore_ascii_case(service) || tag.as_ref().is_some_and(|t| !s.tags.iter().any(|x| x.eq_ignore_ascii_case(t))) {
+                        continue;
+                    }
+                    let Some(node) = self.nodes.get(node_name) else { continue };
+                    let checks = self
+                        .checks
+                        .range(node_range(node_name))
+                        .map(|(_, c)| c)
+                        .filter(|c| c.service_id.is_empty() || c.service_id == s.id)
+                        .cloned()
+                        .collect();
+                    out.push((node.clone(), s.clone(), checks));
+                }
+                CatalogAnswer::Instances(out)
+            }
+            CatalogQuery::Node { name } => CatalogAnswer::Node(self.nodes.values().find(|n| n.node.eq_ignore_ascii_case(name)).cloned()),
+            CatalogQuery::ByAddress { ip } => CatalogAnswer::ByAddress {
+                nodes: self.nodes.values().filter(|n| &n.address == ip).map(|n| n.node.clone()).collect(),
+                services: self.services.iter().filter(|(_, s)| &s.address == ip).map(|((node, _), s)| (s.service.clone(), node.clone())).collect(),
+            },
+        }
+    }
+}

@@ -5,5 +5,6 @@ mod agents;
 mod api;
 mod cli;
 mod cluster;
+mod dns;
 mod harness;
 mod snapshot;

@@ -59,6 +59,17 @@ impl Upstream {
         }
     }
 
+    /// A catalog read, from the local state on servers or from a server for clients.
+    pub async fn read(&self, q: crate::state::catalog::CatalogQuery) -> Result<crate::state::catalog::CatalogAnswer, String> {
+        match self {
+            Upstream::Raft(n) => Ok(n.store.read().expect("state lock").data().answer(&q)),
+            Upstream::Rpc { .. } => match self.call(ClusterRpc::Read(q)).await? {
+                ClusterReply::Read(a) => Ok(*a),
+                _ => Err("unexpected reply".into()),
+            },
+        }
+    }
+
     pub async fn write(&self, command: Command) -> Result<Outcome, String> {
         match self {
             Upstream::Raft(n) => n.write(command).await.map(|(o, _)| o).map_err(|e| e.to_string()),

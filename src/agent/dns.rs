@@ -1,0 +1,90 @@
+//! The catalog as DNS sees it: `DnsCatalog` over the local state (servers) or a server's
+//! (client agents), through the same `Upstream` anti-entropy uses.
+
+use std::net::IpAddr;
+
+use crate::dns::{DnsCatalog, Health, Instance, LookupError, NodeInfo, PtrTarget, QueryResult};
+use crate::state::CheckStatus;
+use crate::state::catalog::{CatalogAnswer, CatalogQuery};
+
+use super::local::Upstream;
+
+pub struct CatalogDns {
+    pub upstream: Upstream,
+    pub datacenter: String,
+}
+
+impl CatalogDns {
+    /// Only this datacenter is reachable until federation exists.
+    fn check_dc(&self, dc: Option<&str>) -> Result<(), LookupError> {
+        match dc {
+            Some(d) if !d.eq_ignore_ascii_case(&self.datacenter) => Err(LookupError::UnknownDatacenter),
+            _ => Ok(()),
+        }
+    }
+
+    async fn read(&self, q: CatalogQuery) -> Result<CatalogAnswer, LookupError> {
+        self.upstream.read(q).await.map_err(LookupError::Unavailable)
+    }
+}
+
+fn health(checks: &[crate::state::HealthCheck]) -> Health {
+    match checks.iter().map(|c| c.status).max() {
+        None | Some(CheckStatus::Passing) => Health::Passing,
+        Some(CheckStatus::Warning) => Health::Warning,
+        Some(CheckStatus::Critical | CheckStatus::Maintenance) => Health::Critical,
+    }
+}
+
+#[async_trait::async_trait]
+impl DnsCatalog for CatalogDns {
+    async fn service_instances(&self, dc: Option<&str>, service: &str, tag: Option<&str>) -> Result<Vec<Instance>, LookupError> {
+        self.check_dc(dc)?;
+        let CatalogAnswer::Instances(list) = self.read(CatalogQuery::ServiceInstances { service: service.into(), tag: tag.map(Into::into) }).await?
+        else {
+            return Err(LookupError::Unavailable("unexpected catalog answer".into()));
+        };
+        Ok(list
+            .into_iter()
+            .map(|(n, s, checks)| Instance {
+                node: n.node,
+                node_address: n.address,
+                service_address: s.address,
+                port: s.port,
+                status: health(&checks),
+                node_meta: n.meta,
+                datacenter: self.datacenter.clone(),
+            })
+            .collect())
+    }
+
+    async fn node(&self, dc: Option<&str>, name: &str) -> Result<Option<NodeInfo>, LookupError> {
+        self.check_dc(dc)?;
+        let CatalogAnswer::Node(n) = self.read(CatalogQuery::Node { name: name.into() }).await? else {
+            return Err(LookupError::Unavailable("unexpected catalog answer".into()));
+        };
+        Ok(n.map(|n| NodeInfo { name: n.node, address: n.address, meta: n.meta, datacenter: self.datacenter.clone() }))
+    }
+
+    async fn by_address(&self, ip: IpAddr) -> Result<Vec<PtrTarget>, LookupError> {
+        let CatalogAnswer::ByAddress { nodes, services } = self.read(CatalogQuery::ByAddress { ip: ip.to_string() }).await? else {
+            return Err(LookupError::Unavailable("unexpected catalog answer".into()));
+        };
+        let dc = self.datacenter.clone();
+        Ok(nodes
+            .into_iter()
+            .map(|name| PtrTarget::Node { name, dc: dc.clone() })
+            .chain(services.into_iter().map(|(service, node)| PtrTarget::Service { service, node, dc: dc.clone() }))
+            .collect())
+    }
+
+    async fn prepared_query(&self, dc: Option<&str>, _name: &str) -> Result<Option<QueryResult>, LookupError> {
+        // Prepared queries (`/v1/query`) are not implemented yet: every name is unknown.
+        self.check_dc(dc)?;
+        Ok(None)
+    }
+
+    fn datacenter(&self) -> String {
+        self.datacenter.clone()
+    }
+}

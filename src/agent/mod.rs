@@ -108,7 +108,7 @@ struct ServerParts {
     rpc_listener: TcpListener,
 }
 
-async fn start_server(cfg: &Config, material: &TlsMaterial, node_uuid: &str, raft_id: u64, client: &RpcClient) -> Result<ServerParts, AgentError> {
+async fn start_server(cfg: &Config, node_uuid: &str, raft_id: u64, client: &RpcClient) -> Result<ServerParts, AgentError> {
     let dd = &cfg.data_dir;
     let rpc_listener =
         TcpListener::bind(cfg.rpc_addr()).await.map_err(|error| AgentError::Bind { what: "server RPC", addr: cfg.rpc_addr(), error })?;
@@ -122,7 +122,6 @@ async fn start_server(cfg: &Config, material: &TlsMaterial, node_uuid: &str, raf
     let rcfg = raft_config(&cfg.raft).map_err(|e| AgentError::Raft(e.to_string()))?;
     let raft = Raft::new(raft_id, Arc::new(rcfg), network, log, sm).await.map_err(|e| AgentError::Raft(e.to_string()))?;
     let me = ServerNode { id: node_uuid.to_string(), name: cfg.node_name.clone(), rpc_addr: rpc_addr.to_string() };
-    let _ = material;
     Ok(ServerParts { node: RaftNode { id: raft_id, me, raft, store, rpc: client.clone(), contacts }, storage, rpc_listener })
 }
 
@@ -140,7 +139,7 @@ impl Agent {
         let http_listener =
             TcpListener::bind(cfg.http_addr()).await.map_err(|error| AgentError::Bind { what: "HTTP", addr: cfg.http_addr(), error })?;
         let http_addr = http_listener.local_addr().map_err(|error| AgentError::Bind { what: "HTTP", addr: cfg.http_addr(), error })?;
-        let server = if cfg.server { Some(start_server(&cfg, &material, &node_uuid, raft_id, &client).await?) } else { None };
+        let server = if cfg.server { Some(start_server(&cfg, &node_uuid, raft_id, &client).await?) } else { None };
         let rpc_addr = match &server {
             Some(s) => s.rpc_listener.local_addr().map_err(|error| AgentError::Bind { what: "server RPC", addr: cfg.rpc_addr(), error })?,
             None => cfg.rpc_addr(),

@@ -23,6 +23,9 @@ const TICK: Duration = Duration::from_secs(1);
 pub const SERVER_FAILED_AFTER: Duration = Duration::from_secs(10);
 /// The service every server registers, as Consul's servers do.
 const SERVER_SERVICE: &str = "consul";
+/// How long a new leader waits before removing catalog nodes its gossip view does not know,
+/// so that a restart does not deregister (and invalidate the sessions of) live nodes.
+const REAP_GRACE: Duration = Duration::from_secs(30);
 const SERF_CHECK: &str = "serfHealth";
 
 pub struct LeaderWorker {
@@ -71,7 +74,10 @@ impl LeaderWorker {
             });
             self.seed_autopilot().await;
             let alive = self.liveness(t.since);
-            self.reconcile_members(&alive).await;
+            // A new leader's gossip view may still be filling in (a restart, a join in
+            // progress): only reap nodes gossip does not know once it has had time to learn.
+            let reap = t.since.elapsed() >= REAP_GRACE && self.gossip.members().len() > 1;
+            self.reconcile_members(&alive, reap).await;
             self.expire_sessions().await;
             self.autopilot(&alive, t).await;
         }
@@ -101,7 +107,7 @@ impl LeaderWorker {
 
     /// Make the catalog's nodes and `serfHealth` checks follow membership: servers from the
     /// Raft configuration, every other node from LAN gossip.
-    async fn reconcile_members(&self, alive: &HashMap<NodeId, bool>) {
+    async fn reconcile_members(&self, alive: &HashMap<NodeId, bool>, reap: bool) {
         let servers = self.node.members();
         let members = self.gossip.members();
         let mut writes = Vec::new();
@@ -139,7 +145,7 @@ impl LeaderWorker {
             // Nodes gossip no longer knows (reaped, or forced out) leave the catalog.
             let known: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).chain(server_names.iter().copied()).collect();
             for ((node, cid), _) in d.checks.iter().filter(|((_, cid), _)| cid == SERF_CHECK) {
-                if cid == SERF_CHECK && !known.contains(node.as_str()) {
+                if reap && cid == SERF_CHECK && !known.contains(node.as_str()) {
                     writes.push(Command::Deregister { node: node.clone(), service_id: None, check_id: None });
                 }
             }

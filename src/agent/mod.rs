@@ -266,7 +266,7 @@ impl Agent {
         let size_gossip = gossip.clone();
         if let Some(port) = cfg.dns_port {
             let (udp, tcp) = dns_sockets(std::net::SocketAddr::new(cfg.client_addr, port)).await?;
-            let dns_cfg = crate::dns::DnsConfig { domain: format!("{}.", cfg.domain), ..Default::default() };
+            let dns_cfg = cfg.dns.clone();
             let catalog = Arc::new(dns::CatalogDns { upstream: upstream.clone(), datacenter: cfg.datacenter.clone() });
             let server = crate::dns::DnsServer::new(dns_cfg, catalog, cfg.node_name.clone());
             let token = shutdown.clone();

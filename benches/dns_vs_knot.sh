@@ -103,28 +103,10 @@ ensure_tools() {
     command -v curl >/dev/null || pkgs+=(curl)
   fi
   (( ${#pkgs[@]} )) || return 0
-  local sudo=()
-  (( EUID == 0 )) || sudo=(sudo)
-  log "installing ${pkgs[*]} with apt-get"
-  timeout 600 "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q \
-    --no-install-recommends -o DPkg::Lock::Timeout=300 "${pkgs[@]}" >&2
+  apt_install "${pkgs[@]}"
   command -v knotd >/dev/null || PATH=$PATH:/usr/sbin
 }
 
-ensure_trellis() {
-  if [[ -n ${TRELLIS_BIN:-} ]]; then
-    [[ -x $TRELLIS_BIN ]] || die "TRELLIS_BIN=$TRELLIS_BIN is not an executable file"
-  else
-    TRELLIS_BIN=$REPO_DIR/target/release/trellis
-    if [[ ! -x $TRELLIS_BIN ]]; then
-      log "$TRELLIS_BIN missing; running cargo build --release"
-      run_fg timeout 3600 cargo build --release --bin trellis --manifest-path "$REPO_DIR/Cargo.toml" >&2 \
-        || die "cargo build --release failed"
-    fi
-  fi
-  TRELLIS_BIN=$(realpath "$TRELLIS_BIN")
-}
 
 # free_port VAR: set VAR to a port that no TCP or UDP socket uses and that this script has not
 # handed out yet (a race with other programs shows up as the server failing to start).

@@ -1,6 +1,6 @@
-# Process handling shared by the whole-system benchmark scripts (sourced, not run).
-# Expects the caller to define log(), WORK (temp dir), PIDS (servers being measured) and
-# FG_PID (the long foreground command) before sourcing.
+# Process handling and set-up shared by the whole-system benchmark scripts (sourced, not run).
+# Expects the caller to define log(), die(), REPO_DIR, WORK (temp dir), PIDS (servers being
+# measured) and FG_PID (the long foreground command) before sourcing.
 
 run_fg() {
   local rc=0
@@ -53,3 +53,28 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# apt_install PKG...: install Debian packages (as root, or through sudo).
+apt_install() {
+  local sudo=()
+  (( EUID == 0 )) || sudo=(sudo)
+  log "installing $* with apt-get"
+  timeout 600 "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q \
+    --no-install-recommends -o DPkg::Lock::Timeout=300 "$@" >&2
+}
+
+# Use $TRELLIS_BIN, or target/release/trellis, building it when missing.
+ensure_trellis() {
+  if [[ -n ${TRELLIS_BIN:-} ]]; then
+    [[ -x $TRELLIS_BIN ]] || die "TRELLIS_BIN=$TRELLIS_BIN is not an executable file"
+  else
+    TRELLIS_BIN=$REPO_DIR/target/release/trellis
+    if [[ ! -x $TRELLIS_BIN ]]; then
+      log "$TRELLIS_BIN missing; running cargo build --release"
+      run_fg timeout 3600 cargo build --release --bin trellis --manifest-path "$REPO_DIR/Cargo.toml" >&2 \
+        || die "cargo build --release failed"
+    fi
+  fi
+  TRELLIS_BIN=$(realpath "$TRELLIS_BIN")
+}

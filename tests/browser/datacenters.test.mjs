@@ -1,30 +1,18 @@
 // Datacenter picker: hidden with one DC; failures in a DC are shown clearly.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startAgent, launchBrowser, openPage, seed } from './lib/harness.mjs';
+import { seededSuite, openPage } from './lib/harness.mjs';
 
-let agent;
-let browser;
-
-before(async () => {
-  agent = await startAgent('datacenters');
-  await seed(agent);
-  browser = await launchBrowser();
-}, { timeout: 60_000 });
-
-after(async () => {
-  await browser?.close();
-  await agent?.stop();
-}, { timeout: 20_000 });
+const env = seededSuite('datacenters');
 
 test('single datacenter: the drop-down is hidden and no dc parameter is sent', { timeout: 30_000 }, async () => {
-  const dcs = await agent.call('GET', '/v1/catalog/datacenters');
+  const dcs = await env.agent.call('GET', '/v1/catalog/datacenters');
   assert.equal(dcs.json.length, 1, `expected one datacenter, got ${dcs.text}`);
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   const apiCalls = [];
   page.on('request', (r) => { if (r.url().includes('/v1/')) apiCalls.push(r.url()); });
   try {
-    await page.goto(`${agent.baseUrl}/ui/`);
+    await page.goto(`${env.agent.baseUrl}/ui/`);
     // Wait until the header knows the datacenters, then check it stays hidden.
     await page.waitForFunction(() => document.querySelectorAll('#dc-select option').length === 1);
     await page.locator('li[data-service="web"]').waitFor();
@@ -38,10 +26,10 @@ test('single datacenter: the drop-down is hidden and no dc parameter is sent', {
 });
 
 test('an unreachable datacenter shows an error and a way back', { timeout: 30_000 }, async () => {
-  const local = (await agent.call('GET', '/v1/agent/self')).json.Config.Datacenter;
-  const { context, page, problems } = await openPage(browser);
+  const local = (await env.agent.call('GET', '/v1/agent/self')).json.Config.Datacenter;
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/#/nodes?dc=nowhere`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/nodes?dc=nowhere`);
     const alert = page.getByRole('alert').filter({ hasText: 'Could not load this page from datacenter “nowhere”' });
     await alert.waitFor();
     // The chosen (unknown) DC is shown, so the picker is visible to switch back.
@@ -54,7 +42,7 @@ test('an unreachable datacenter shows an error and a way back', { timeout: 30_00
     await page.getByRole('alert').waitFor({ state: 'detached' });
 
     // And via the drop-down.
-    await page.goto(`${agent.baseUrl}/ui/#/services?dc=nowhere`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/services?dc=nowhere`);
     await page.getByRole('alert').waitFor();
     await page.getByLabel('Datacenter').selectOption(local);
     await page.waitForURL(/#\/services$/);
@@ -67,11 +55,11 @@ test('an unreachable datacenter shows an error and a way back', { timeout: 30_00
 
 test('a shared /ui/?dc= link opens in that datacenter', { timeout: 30_000 }, async () => {
   // The server must serve the UI whatever the query string says: ?dc= is for the UI here.
-  const res = await agent.call('GET', '/ui/?dc=nowhere');
+  const res = await env.agent.call('GET', '/ui/?dc=nowhere');
   assert.equal(res.status, 200, `GET /ui/?dc=nowhere answered ${res.status} ${res.text.slice(0, 100)}`);
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/?dc=nowhere#/nodes`);
+    await page.goto(`${env.agent.baseUrl}/ui/?dc=nowhere#/nodes`);
     // The ?dc= query is moved into the hash route, and used.
     await page.waitForURL(/\/ui\/#\/nodes\?dc=nowhere$/);
     await page.getByRole('alert').filter({ hasText: 'datacenter “nowhere”' }).waitFor();

@@ -1,26 +1,14 @@
 // Key/Value: browse, create, edit and delete through the UI.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startAgent, launchBrowser, openPage, seed } from './lib/harness.mjs';
+import { seededSuite, openPage } from './lib/harness.mjs';
 
-let agent;
-let browser;
-
-before(async () => {
-  agent = await startAgent('kv');
-  await seed(agent);
-  browser = await launchBrowser();
-}, { timeout: 60_000 });
-
-after(async () => {
-  await browser?.close();
-  await agent?.stop();
-}, { timeout: 20_000 });
+const env = seededSuite('kv');
 
 test('browses folders and shows values as text and formatted JSON', { timeout: 45_000 }, async () => {
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/#/kv/`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/kv/`);
     await page.getByRole('link', { name: 'config/ (folder)' }).click();
     await page.waitForURL(/#\/kv\/config\/$/);
     await page.getByRole('link', { name: 'app/ (folder)' }).click();
@@ -43,9 +31,9 @@ test('browses folders and shows values as text and formatted JSON', { timeout: 4
 });
 
 test('creates, edits and deletes a key, with confirmation', { timeout: 60_000 }, async () => {
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/#/kv/config/`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/kv/config/`);
     await page.getByRole('link', { name: 'app/ (folder)' }).waitFor();
 
     // Create config/ui-test/greeting (a new sub-folder on the way).
@@ -55,17 +43,17 @@ test('creates, edits and deletes a key, with confirmation', { timeout: 60_000 },
     await page.getByRole('button', { name: 'Save' }).click();
     await page.waitForURL(/#\/kv\/config\/ui-test\/greeting$/);
     await page.locator('.kv-value').getByText('hello from the browser', { exact: true }).waitFor();
-    assert.equal(await agent.kvGet('config/ui-test/greeting'), 'hello from the browser');
+    assert.equal(await env.agent.kvGet('config/ui-test/greeting'), 'hello from the browser');
 
     // Creating the same key again is refused rather than overwriting it.
-    await page.goto(`${agent.baseUrl}/ui/#/kv/config/ui-test/`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/kv/config/ui-test/`);
     await page.getByRole('link', { name: 'greeting (key)' }).waitFor();
     await page.getByRole('button', { name: 'Create' }).click();
     await page.getByLabel('Key', { exact: true }).fill('greeting');
     await page.getByLabel('Value', { exact: true }).fill('overwrite?');
     await page.getByRole('button', { name: 'Save' }).click();
     await page.getByRole('alert').getByText('already exists').waitFor();
-    assert.equal(await agent.kvGet('config/ui-test/greeting'), 'hello from the browser');
+    assert.equal(await env.agent.kvGet('config/ui-test/greeting'), 'hello from the browser');
     await page.getByRole('button', { name: 'Cancel' }).click();
 
     // Edit.
@@ -77,7 +65,7 @@ test('creates, edits and deletes a key, with confirmation', { timeout: 60_000 },
     await page.getByRole('button', { name: 'Save' }).click();
     await page.getByRole('heading', { name: 'JSON (formatted)' }).waitFor();
     await page.locator('.kv-value').getByText('"greeting": "hi"').waitFor();
-    assert.equal(await agent.kvGet('config/ui-test/greeting'), '{"greeting": "hi", "n": 2}');
+    assert.equal(await env.agent.kvGet('config/ui-test/greeting'), '{"greeting": "hi", "n": 2}');
 
     // Delete: cancelling the dialog keeps the key.
     await page.getByRole('button', { name: 'Delete' }).click();
@@ -85,13 +73,13 @@ test('creates, edits and deletes a key, with confirmation', { timeout: 60_000 },
     await dialog.waitFor();
     await dialog.getByRole('button', { name: 'Cancel' }).click();
     await dialog.waitFor({ state: 'detached' });
-    assert.equal(await agent.kvGet('config/ui-test/greeting'), '{"greeting": "hi", "n": 2}');
+    assert.equal(await env.agent.kvGet('config/ui-test/greeting'), '{"greeting": "hi", "n": 2}');
 
     await page.getByRole('button', { name: 'Delete' }).click();
     await dialog.getByRole('button', { name: 'Delete key' }).click();
     await page.waitForURL(/#\/kv\/config\/ui-test\/$/);
     await page.getByText('This folder is empty.').waitFor();
-    assert.equal(await agent.kvGet('config/ui-test/greeting'), null);
+    assert.equal(await env.agent.kvGet('config/ui-test/greeting'), null);
     assert.deepEqual(problems.pageErrors, []);
   } finally {
     await context.close();
@@ -99,14 +87,14 @@ test('creates, edits and deletes a key, with confirmation', { timeout: 60_000 },
 });
 
 test('deletes a folder recursively and follows changes made elsewhere', { timeout: 45_000 }, async () => {
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await agent.kvPut('tmp/a', '1');
-    await agent.kvPut('tmp/sub/b', '2');
-    await page.goto(`${agent.baseUrl}/ui/#/kv/tmp/`);
+    await env.agent.kvPut('tmp/a', '1');
+    await env.agent.kvPut('tmp/sub/b', '2');
+    await page.goto(`${env.agent.baseUrl}/ui/#/kv/tmp/`);
     await page.getByRole('link', { name: 'a (key)' }).waitFor();
     // A key written by someone else appears without a reload.
-    await agent.kvPut('tmp/c', '3');
+    await env.agent.kvPut('tmp/c', '3');
     await page.getByRole('link', { name: 'c (key)' }).waitFor();
 
     await page.getByRole('button', { name: 'Delete folder' }).click();
@@ -116,8 +104,8 @@ test('deletes a folder recursively and follows changes made elsewhere', { timeou
     await page.waitForURL(/#\/kv\/$/);
     await page.getByRole('link', { name: 'config/ (folder)' }).waitFor();
     assert.equal(await page.getByRole('link', { name: 'tmp/ (folder)' }).count(), 0);
-    assert.equal(await agent.kvGet('tmp/a'), null);
-    assert.equal(await agent.kvGet('tmp/sub/b'), null);
+    assert.equal(await env.agent.kvGet('tmp/a'), null);
+    assert.equal(await env.agent.kvGet('tmp/sub/b'), null);
     assert.deepEqual(problems.pageErrors, []);
   } finally {
     await context.close();

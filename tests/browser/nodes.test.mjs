@@ -1,26 +1,14 @@
 // Nodes list with server/leader markers, and the node page.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startAgent, launchBrowser, openPage, seed } from './lib/harness.mjs';
+import { seededSuite, openPage } from './lib/harness.mjs';
 
-let agent;
-let browser;
-
-before(async () => {
-  agent = await startAgent('nodes');
-  await seed(agent);
-  browser = await launchBrowser();
-}, { timeout: 60_000 });
-
-after(async () => {
-  await browser?.close();
-  await agent?.stop();
-}, { timeout: 20_000 });
+const env = seededSuite('nodes');
 
 test('nodes page marks the server and the Raft leader', { timeout: 45_000 }, async () => {
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/#/nodes`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/nodes`);
     // The dev agent registers itself; its address is the leader's host.
     const self = page.locator('li[data-node="ui-test"]');
     await self.locator('.badge-leader', { hasText: 'Leader' }).waitFor();
@@ -49,7 +37,7 @@ test('nodes page marks the server and the Raft leader', { timeout: 45_000 }, asy
     await page.waitForURL(/#\/services\/postgres$/);
 
     // The leader's own node page carries the markers too.
-    await page.goto(`${agent.baseUrl}/ui/#/nodes/ui-test`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/nodes/ui-test`);
     await page.locator('.node-info .badge-leader').waitFor();
     assert.deepEqual(problems.pageErrors, []);
   } finally {
@@ -58,9 +46,9 @@ test('nodes page marks the server and the Raft leader', { timeout: 45_000 }, asy
 });
 
 test('an unknown node says so', { timeout: 30_000 }, async () => {
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/#/nodes/no-such-node`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/nodes/no-such-node`);
     await page.getByText('There is no node called “no-such-node”').waitFor();
     assert.deepEqual(problems.pageErrors, []);
   } finally {

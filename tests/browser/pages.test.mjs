@@ -1,22 +1,10 @@
 // Every main page renders without console or page errors; screenshots
 // at laptop and phone width go to tests/browser/artifacts/.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startAgent, launchBrowser, openPage, seed, screenshotPath, LAPTOP, PHONE } from './lib/harness.mjs';
+import { seededSuite, openPage, screenshotPath, LAPTOP, PHONE } from './lib/harness.mjs';
 
-let agent;
-let browser;
-
-before(async () => {
-  agent = await startAgent('pages');
-  await seed(agent);
-  browser = await launchBrowser();
-}, { timeout: 60_000 });
-
-after(async () => {
-  await browser?.close();
-  await agent?.stop();
-}, { timeout: 20_000 });
+const env = seededSuite('pages');
 
 // [name, route, a locator that shows the page has its data]
 const PAGES = [
@@ -29,7 +17,7 @@ const PAGES = [
 ];
 
 async function visitAll(page, onPage) {
-  await page.goto(`${agent.baseUrl}/ui/`);
+  await page.goto(`${env.agent.baseUrl}/ui/`);
   for (const [name, route, ready] of PAGES) {
     // In-app navigation (hash change), as a user clicking links would.
     await page.evaluate((r) => { location.hash = r; }, route);
@@ -39,16 +27,16 @@ async function visitAll(page, onPage) {
 }
 
 test('no console errors or page errors on any main page', { timeout: 60_000 }, async () => {
-  const { context, page, problems } = await openPage(browser, LAPTOP);
+  const { context, page, problems } = await openPage(env.browser, LAPTOP);
   try {
     await visitAll(page, async () => {});
     // Fresh loads of deep links too.
     for (const [, route, ready] of PAGES) {
-      await page.goto(`${agent.baseUrl}/ui/${route}`);
+      await page.goto(`${env.agent.baseUrl}/ui/${route}`);
       await page.locator(ready).first().waitFor();
     }
     // Keyboard: skip link, then the page heading, then the filter box.
-    await page.goto(`${agent.baseUrl}/ui/#/services`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/services`);
     await page.reload();
     await page.locator(PAGES[0][2]).first().waitFor();
     const focused = () => page.evaluate(() => {
@@ -77,7 +65,7 @@ test('no console errors or page errors on any main page', { timeout: 60_000 }, a
 
 for (const [label, viewport] of [['laptop', LAPTOP], ['phone', PHONE]]) {
   test(`screenshots at ${label} width (${viewport.width}x${viewport.height})`, { timeout: 60_000 }, async () => {
-    const { context, page, problems } = await openPage(browser, viewport);
+    const { context, page, problems } = await openPage(env.browser, viewport);
     try {
       await visitAll(page, async (name) => {
         // Nothing may stick out sideways at phone width.

@@ -1,26 +1,14 @@
 // Services list, service page, and live health updates.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startAgent, launchBrowser, openPage, seed, entity } from './lib/harness.mjs';
+import { seededSuite, openPage, entity } from './lib/harness.mjs';
 
-let agent;
-let browser;
-
-before(async () => {
-  agent = await startAgent('services');
-  await seed(agent);
-  browser = await launchBrowser();
-}, { timeout: 60_000 });
-
-after(async () => {
-  await browser?.close();
-  await agent?.stop();
-}, { timeout: 20_000 });
+const env = seededSuite('services');
 
 test('lists services with health and tags, filters, and opens one', { timeout: 45_000 }, async () => {
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/`);
+    await page.goto(`${env.agent.baseUrl}/ui/`);
     await page.waitForURL(/\/ui\/#\/services$/);
 
     const web = page.locator('li[data-service="web"]');
@@ -68,15 +56,15 @@ test('lists services with health and tags, filters, and opens one', { timeout: 4
 });
 
 test('a check turning critical shows up live, without a reload', { timeout: 45_000 }, async () => {
-  const { context, page, problems } = await openPage(browser);
+  const { context, page, problems } = await openPage(env.browser);
   try {
-    await page.goto(`${agent.baseUrl}/ui/#/services/web`);
+    await page.goto(`${env.agent.baseUrl}/ui/#/services/web`);
     const check = page.locator('li[data-instance="web-1"] [data-check="web-1-http"]');
     await check.locator('.status-text', { hasText: 'passing' }).waitFor();
     // Mark this document: a full reload would lose the marker.
     await page.evaluate(() => { window.__noReload = true; });
 
-    await agent.register(entity({
+    await env.agent.register(entity({
       node: 'web-1', address: '192.0.2.11', nodeMeta: { rack: 'r1' },
       service: { ID: 'web-1', Service: 'web', Tags: ['http', 'v1'], Address: '', Port: 8080 },
       check: { CheckID: 'web-1-http', Name: 'HTTP on 8080', Status: 'critical', ServiceID: 'web-1', Output: 'HTTP GET /health: 503 Service Unavailable' },
@@ -92,7 +80,7 @@ test('a check turning critical shows up live, without a reload', { timeout: 45_0
     await web.getByText('1 critical').waitFor();
     // Keyboard focus survives live re-renders.
     await web.getByRole('link', { name: 'web', exact: true }).focus();
-    await agent.register(entity({
+    await env.agent.register(entity({
       node: 'web-1', address: '192.0.2.11', nodeMeta: { rack: 'r1' },
       service: { ID: 'web-1', Service: 'web', Tags: ['http', 'v1'], Address: '', Port: 8080 },
       check: { CheckID: 'web-1-http', Name: 'HTTP on 8080', Status: 'passing', ServiceID: 'web-1', Output: 'HTTP GET /health: 200 OK' },
@@ -101,7 +89,7 @@ test('a check turning critical shows up live, without a reload', { timeout: 45_0
     await web.getByText('1 critical').waitFor({ state: 'detached' });
     assert.equal(await page.evaluate(() => document.activeElement?.getAttribute('href')), '#/services/web');
     // A brand-new service appears as well.
-    await agent.register(entity({
+    await env.agent.register(entity({
       node: 'web-2', address: '192.0.2.12',
       service: { ID: 'cache', Service: 'cache', Tags: ['redis'], Port: 6379 },
       check: { CheckID: 'cache-tcp', Name: 'TCP 6379', Status: 'critical', ServiceID: 'cache', Output: 'connection refused' },

@@ -1,6 +1,7 @@
 // Shared fixtures for the browser tests: a real `trellis agent --dev`
 // on free loopback ports, a headless Chromium, and small API helpers.
 import { spawn } from 'node:child_process';
+import { before, after } from 'node:test';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -202,4 +203,22 @@ export async function seed(agent) {
   await agent.kvPut('config/app/name', 'trellis <b>demo</b>');
   await agent.kvPut('config/app/settings', '{"replicas":3,"regions":["eu","us"],"debug":false}');
   await agent.kvPut('readme', 'Plain text value\nsecond line');
+}
+
+/**
+ * The set-up every UI test file shares: before its tests, a seeded agent and a browser; after
+ * them, both stopped. Returns an object whose `agent` and `browser` are filled in by then.
+ */
+export function seededSuite(label) {
+  const env = { agent: null, browser: null };
+  before(async () => {
+    env.agent = await startAgent(label);
+    await seed(env.agent);
+    env.browser = await launchBrowser();
+  }, { timeout: 60_000 });
+  after(async () => {
+    await env.browser?.close();
+    await env.agent?.stop();
+  }, { timeout: 20_000 });
+  return env;
 }

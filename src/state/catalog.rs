@@ -265,13 +265,7 @@ impl StateData {
             if !meta_matches(&node.meta, &q.node_meta) {
                 continue;
             }
-            let checks: Vec<HealthCheck> = self
-                .checks
-                .range(node_range(node_name))
-                .map(|(_, c)| c)
-                .filter(|c| c.service_id.is_empty() || c.service_id == s.id)
-                .cloned()
-                .collect();
+            let checks = self.instance_checks(node_name, &s.id);
             let inst = ServiceInstance { node: node.clone(), service: s.clone(), checks };
             if q.passing_only && inst.status() != CheckStatus::Passing {
                 continue;
@@ -279,6 +273,11 @@ impl StateData {
             out.push(inst);
         }
         (out, self.service_view_index(name))
+    }
+
+    /// The checks that decide an instance's health: the node's own and the service's.
+    fn instance_checks(&self, node: &str, service_id: &str) -> Vec<HealthCheck> {
+        self.checks.range(node_range(node)).map(|(_, c)| c).filter(|c| c.service_id.is_empty() || c.service_id == service_id).cloned().collect()
     }
 
     pub fn node_services(&self, node: &str) -> (Option<(Node, Vec<Service>)>, RaftIndex) {
@@ -427,13 +426,7 @@ impl StateData {
                         continue;
                     }
                     let Some(node) = self.nodes.get(node_name) else { continue };
-                    let checks = self
-                        .checks
-                        .range(node_range(node_name))
-                        .map(|(_, c)| c)
-                        .filter(|c| c.service_id.is_empty() || c.service_id == s.id)
-                        .cloned()
-                        .collect();
+                    let checks = self.instance_checks(node_name, &s.id);
                     out.push((node.clone(), s.clone(), checks));
                 }
                 CatalogAnswer::Instances(out)

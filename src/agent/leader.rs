@@ -36,6 +36,7 @@ pub struct LeaderWorker {
     pub health: Arc<Mutex<AutopilotHealth>>,
     /// The configured autopilot settings, stored once if the cluster has none yet.
     pub autopilot: crate::state::AutopilotConfig,
+    pub domain: String,
 }
 
 struct Tenure {
@@ -73,6 +74,7 @@ impl LeaderWorker {
                 Tenure { since: Instant::now(), stable_since: HashMap::new() }
             });
             self.seed_autopilot().await;
+            self.seed_agent_ca().await;
             let alive = self.liveness(t.since);
             // A new leader's gossip view may still be filling in (a restart, a join in
             // progress): only reap nodes gossip does not know once it has had time to learn.
@@ -164,6 +166,21 @@ impl LeaderWorker {
         let cmd = Command::AutopilotSetConfig { config: self.autopilot.clone(), cas: Some(0) };
         if let Err(e) = self.node.write(cmd).await {
             warn!(error = %e, "storing the configured autopilot settings failed");
+        }
+    }
+
+    /// Create the auto-encrypt CA the first time a leader takes office.
+    async fn seed_agent_ca(&self) {
+        if self.node.store.read().expect("state lock").data().agent_ca.is_some() {
+            return;
+        }
+        let (cert_pem, key_pem) = match crate::tls::create_agent_ca(&self.datacenter, &self.domain) {
+            Ok(ca) => ca,
+            Err(e) => return warn!(error = %e, "creating the auto-encrypt CA failed"),
+        };
+        match self.node.write(Command::AgentCaInit(crate::state::AgentCa { cert_pem, key_pem })).await {
+            Ok(_) => info!("auto-encrypt CA created"),
+            Err(e) => warn!(error = %e, "storing the auto-encrypt CA failed"),
         }
     }
 

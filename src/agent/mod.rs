@@ -4,6 +4,7 @@
 //! Shutdown, written out once in `Agent::shutdown`: stop accepting HTTP and drain it with a
 //! deadline, hand leadership to another voter, stop the workers, stop Raft, flush storage.
 
+pub mod auto_encrypt;
 pub mod cluster;
 pub mod dns;
 pub mod join;
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, AgentInfo, ApiContext};
-use crate::config::Config;
+use crate::config::{Config, RpcTls};
 use crate::consensus::log_store::LogStore;
 use crate::consensus::network::{ContactLog, Network, RaftHandler};
 use crate::consensus::node::{ClusterReply, ClusterRpc, RaftNode};
@@ -130,12 +131,19 @@ impl Agent {
     pub async fn start(cfg: Config) -> Result<Agent, AgentError> {
         let dd = &cfg.data_dir;
         std::fs::create_dir_all(dd).map_err(|error| AgentError::DataDir { path: dd.display().to_string(), error })?;
-        let material = match &cfg.tls {
-            Some(f) => TlsMaterial::load(&f.ca_file, &f.cert_file, &f.key_file)?,
-            None => dev_tls(&cfg)?,
+        // A client agent with auto-encrypt has only the CA until the servers sign its certificate.
+        let (material, auto_encrypt_ca) = match &cfg.tls {
+            RpcTls::Files(f) => (Some(TlsMaterial::load(&f.ca_file, &f.cert_file, &f.key_file)?), None),
+            RpcTls::Dev => (Some(dev_tls(&cfg)?), None),
+            RpcTls::AutoEncrypt { ca_file } => (None, Some(tls::read(ca_file)?)),
+        };
+        let client_tls = match (&material, &auto_encrypt_ca) {
+            (Some(m), _) => m.client_config()?,
+            (None, Some(ca)) => tls::anonymous_client_config(ca)?,
+            (None, None) => unreachable!("every RpcTls variant yields material or a CA"),
         };
         let (node_uuid, raft_id) = node_identity(dd)?;
-        let client = RpcClient::new(material.client_config()?, tls::rpc_server_name(&cfg.datacenter, &cfg.domain));
+        let client = RpcClient::new(client_tls, tls::rpc_server_name(&cfg.datacenter, &cfg.domain));
         let http_listener =
             TcpListener::bind(cfg.http_addr()).await.map_err(|error| AgentError::Bind { what: "HTTP", addr: cfg.http_addr(), error })?;
         let http_addr = http_listener.local_addr().map_err(|error| AgentError::Bind { what: "HTTP", addr: cfg.http_addr(), error })?;
@@ -284,6 +292,18 @@ impl Agent {
             cluster_size: Arc::new(move || size_gossip.members().len()),
         };
         tasks.spawn(syncer.run(shutdown.clone()).map_name("anti-entropy"));
+        if let Some(ca_pem) = auto_encrypt_ca {
+            let worker = auto_encrypt::CertWorker {
+                rpc: client.clone(),
+                ca_pem,
+                gossip: gossip.clone(),
+                datacenter: cfg.datacenter.clone(),
+                node_name: cfg.node_name.clone(),
+                dir: dd.join("auto-encrypt"),
+            };
+            let current = worker.restore();
+            tasks.spawn(worker.run(current, shutdown.clone()).map_name("auto-encrypt"));
+        }
         let lan_join = join::GossipJoinWorker { gossip: gossip.clone(), retry_join: cfg.retry_join.clone(), default_port: cfg.serf_lan_port };
         tasks.spawn(lan_join.run(shutdown.clone()).map_name("lan-join"));
 
@@ -291,7 +311,20 @@ impl Agent {
             None => None,
             Some(ServerParts { node, storage, rpc_listener }) => {
                 let server_name = tls::server_name(&cfg.datacenter, &cfg.domain);
-                let mut rpc_server = RpcServer::new(rpc_listener, material.server_config()?, server_name);
+                let material = material.as_ref().expect("servers always have a certificate (config validation)");
+                let verifier = material.client_verifier(cfg.auto_encrypt_allow_tls)?;
+                let mut rpc_server = RpcServer::new(rpc_listener, material.server_config(verifier.clone())?, server_name);
+                rpc_server.register(
+                    Service::AutoEncrypt,
+                    Arc::new(auto_encrypt::SignHandler {
+                        node: node.clone(),
+                        gossip: gossip.clone(),
+                        datacenter: cfg.datacenter.clone(),
+                        domain: cfg.domain.clone(),
+                        allow: cfg.auto_encrypt_allow_tls,
+                    }),
+                );
+                tasks.spawn(auto_encrypt::trust_agent_ca(node.clone(), verifier, shutdown.clone()).map_name("agent-ca"));
                 rpc_server.register(Service::Raft, Arc::new(RaftHandler { raft: node.raft.clone(), contacts: node.contacts.clone() }));
                 rpc_server.register(Service::Cluster, Arc::new(cluster::ClusterHandler { node: node.clone(), datacenter: cfg.datacenter.clone() }));
                 rpc_server.register(Service::Http, Arc::new(api::forward::HttpHandler { router: router.clone() }));
@@ -318,6 +351,7 @@ impl Agent {
                     sessions,
                     health,
                     autopilot: cfg.autopilot.clone(),
+                    domain: cfg.domain.clone(),
                 };
                 tasks.spawn(leader.run(shutdown.clone()).map_name("leader"));
                 tasks.spawn(watch_fatal(node.raft.clone(), shutdown.clone()).map_name("raft-watch"));

@@ -86,6 +86,17 @@ pub struct RawConfig {
     /// Autopilot settings the first leader stores, unless the cluster already has some (after
     /// that, `PUT /v1/operator/autopilot/configuration` changes them).
     pub autopilot: Option<RawAutopilot>,
+    /// Client agents getting their RPC certificate from the servers (Consul's `auto_encrypt`).
+    pub auto_encrypt: Option<RawAutoEncrypt>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutoEncrypt {
+    /// On a client: ask the servers for a certificate instead of reading `cert_file`/`key_file`.
+    pub tls: Option<bool>,
+    /// On a server: sign certificates for clients that ask.
+    pub allow_tls: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -197,6 +208,18 @@ pub struct RawAutopilot {
     pub server_stabilization_time: Option<String>,
 }
 
+/// Where an agent's RPC certificate comes from.
+#[derive(Debug, Clone)]
+pub enum RpcTls {
+    /// Dev mode makes its own CA and certificate.
+    Dev,
+    Files(TlsFiles),
+    /// A client agent with only the CA: it asks the servers for a certificate (auto-encrypt).
+    AutoEncrypt {
+        ca_file: PathBuf,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub ca_file: PathBuf,
@@ -234,8 +257,9 @@ pub struct Config {
     pub ae_interval: std::time::Duration,
     pub reconnect_timeout: std::time::Duration,
     pub log_level: String,
-    /// `None` only in dev mode, which makes its own CA and certificate.
-    pub tls: Option<TlsFiles>,
+    pub tls: RpcTls,
+    /// A server signs client agents' certificates (`auto_encrypt.allow_tls`).
+    pub auto_encrypt_allow_tls: bool,
     pub raft: RaftTimings,
     pub autopilot: crate::state::AutopilotConfig,
 }
@@ -307,7 +331,7 @@ impl RawConfig {
             bind_addr,
             client_addr
         );
-        take!(self, other, domain, log_level, ca_file, cert_file, key_file, performance, autopilot);
+        take!(self, other, domain, log_level, ca_file, cert_file, key_file, performance, autopilot, auto_encrypt);
         take!(self, other, encrypt, enable_script_checks, ae_interval, reconnect_timeout, alt_domain, recursors, recursor_timeout, dns_config);
         // Definitions accumulate across files, as Consul's do.
         for (mine, theirs) in [
@@ -497,12 +521,29 @@ impl RawConfig {
         let ca = rpc.ca_file.or(defaults.ca_file).or(self.ca_file);
         let cert = rpc.cert_file.or(defaults.cert_file).or(self.cert_file);
         let key = rpc.key_file.or(defaults.key_file).or(self.key_file);
+        let auto_encrypt = self.auto_encrypt.unwrap_or_default();
+        let (auto_tls, allow_tls) = (auto_encrypt.tls.unwrap_or(false), auto_encrypt.allow_tls.unwrap_or(false));
+        if auto_tls && server {
+            errs.push("auto_encrypt.tls: only client agents get their certificate from the servers (servers set auto_encrypt.allow_tls)".into());
+        }
+        if allow_tls && !server {
+            errs.push("auto_encrypt.allow_tls: only servers sign client certificates (clients set auto_encrypt.tls)".into());
+        }
         let tls = match (ca, cert, key) {
-            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca_file: ca.into(), cert_file: cert.into(), key_file: key.into() }),
-            (None, None, None) if dev => None,
+            (Some(ca), None, None) if auto_tls => RpcTls::AutoEncrypt { ca_file: ca.into() },
+            (_, Some(_), _) | (_, _, Some(_)) if auto_tls => {
+                errs.push("auto_encrypt.tls: the certificate comes from the servers; remove cert_file and key_file".into());
+                RpcTls::Dev
+            }
+            (None, None, None) if auto_tls => {
+                errs.push("auto_encrypt.tls: ca_file is required, to verify the servers".into());
+                RpcTls::Dev
+            }
+            (Some(ca), Some(cert), Some(key)) => RpcTls::Files(TlsFiles { ca_file: ca.into(), cert_file: cert.into(), key_file: key.into() }),
+            (None, None, None) if dev => RpcTls::Dev,
             _ => {
-                errs.push("tls: ca_file, cert_file and key_file are all required: RPC is mTLS only (create them with `trellis tls ca create` and `trellis tls cert create --server`)".into());
-                None
+                errs.push("tls: ca_file, cert_file and key_file are all required: RPC is mTLS only (create them with `trellis tls ca create` and `trellis tls cert create --server`, or give a client agent only ca_file and set auto_encrypt.tls)".into());
+                RpcTls::Dev
             }
         };
         let multiplier = self.performance.and_then(|p| p.raft_multiplier).unwrap_or(1);
@@ -558,6 +599,7 @@ impl RawConfig {
             domain: self.domain.unwrap_or_else(|| DEFAULT_DOMAIN.into()).trim_end_matches('.').to_string(),
             log_level,
             tls,
+            auto_encrypt_allow_tls: allow_tls,
             raft,
             autopilot,
         })
@@ -642,8 +684,22 @@ mod tests {
             ..Default::default()
         };
         raw.merge(flags);
-        let tls = raw.validate(false).unwrap().tls.unwrap();
+        let RpcTls::Files(tls) = raw.validate(false).unwrap().tls else { panic!("files expected") };
         assert_eq!((tls.ca_file.to_str(), tls.cert_file.to_str(), tls.key_file.to_str()), (Some("legacy-ca"), Some("flag-cert"), Some("rpc-key")));
+    }
+
+    #[test]
+    fn auto_encrypt_needs_a_client_with_only_the_ca() {
+        let parse = |extra: &str| {
+            let raw: RawConfig = serde_json::from_str(&format!(r#"{{"data_dir":"/d","bind_addr":"127.0.0.1",{extra}}}"#)).unwrap();
+            raw.validate(false).map(|c| c.tls).map_err(|e| e.to_string())
+        };
+        assert!(matches!(parse(r#""ca_file":"ca","auto_encrypt":{"tls":true}"#), Ok(RpcTls::AutoEncrypt { .. })));
+        assert!(parse(r#""ca_file":"ca","cert_file":"c","key_file":"k","auto_encrypt":{"tls":true}"#).unwrap_err().contains("remove cert_file"));
+        assert!(parse(r#""auto_encrypt":{"tls":true}"#).unwrap_err().contains("ca_file is required"));
+        assert!(parse(r#""ca_file":"ca","auto_encrypt":{"allow_tls":true}"#).unwrap_err().contains("auto_encrypt.allow_tls"));
+        assert!(parse(r#""server":true,"ca_file":"ca","auto_encrypt":{"tls":true}"#).unwrap_err().contains("only client agents"));
+        assert!(parse(r#""ca_file":"ca""#).unwrap_err().contains("auto_encrypt.tls"));
     }
 
     #[test]

@@ -19,6 +19,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, RpcError>>>>>;
 
 struct Conn {
+    /// Tells this connection from a later one to the same address.
+    id: u64,
     tx: mpsc::Sender<Vec<u8>>,
     pending: Pending,
 }
@@ -29,7 +31,8 @@ pub struct RpcClient {
 }
 
 struct Inner {
-    connector: TlsConnector,
+    /// Replaced when a client agent gets (or renews) its auto-encrypt certificate.
+    connector: Mutex<TlsConnector>,
     server_name: ServerName<'static>,
     conns: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
     next_id: AtomicU64,
@@ -42,13 +45,20 @@ impl RpcClient {
     pub fn new(tls: Arc<rustls::ClientConfig>, server_name: ServerName<'static>) -> RpcClient {
         RpcClient {
             inner: Arc::new(Inner {
-                connector: TlsConnector::from(tls),
+                connector: Mutex::new(TlsConnector::from(tls)),
                 server_name,
                 conns: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 dialing: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Use `tls` for every connection from now on, closing the ones made with the old
+    /// configuration (calls in flight on them fail as unreachable and may be retried).
+    pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
+        *self.inner.connector.lock().expect("connector lock") = TlsConnector::from(tls);
+        self.inner.conns.lock().expect("conns lock").clear();
     }
 
     /// Send one request and wait for its answer, at most `timeout`.
@@ -117,7 +127,8 @@ impl RpcClient {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let tcp = TcpStream::connect(addr).await.map_err(|e| fail(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
-            self.inner.connector.connect(self.inner.server_name.clone(), tcp).await.map_err(|e| fail(e.to_string()))
+            let connector = self.inner.connector.lock().expect("connector lock").clone();
+            connector.connect(self.inner.server_name.clone(), tcp).await.map_err(|e| fail(e.to_string()))
         })
         .await
         .map_err(|_| fail("timed out".into()))??;
@@ -129,11 +140,14 @@ impl RpcClient {
         tokio::spawn(async move {
             while let Some(frame) = rx.recv().await {
                 if write_frame(&mut wr, &frame).await.is_err() {
-                    break;
+                    return;
                 }
             }
+            // Nobody holds this connection any more (e.g. `set_tls` replaced it): close it, so
+            // that the peer's side and our reader end too.
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
         });
-        let writer_tx = tx.clone();
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             while let Ok(bytes) = read_frame(&mut rd).await {
                 let Ok(resp) = postcard::from_bytes::<ResponseFrame>(&bytes) else {
@@ -146,10 +160,10 @@ impl RpcClient {
             // The connection is gone: fail everything still waiting and let the next call redial.
             reader_pending.lock().expect("pending lock").clear();
             let mut conns = inner.conns.lock().expect("conns lock");
-            if conns.get(&addr).is_some_and(|c| c.tx.same_channel(&writer_tx)) {
+            if conns.get(&addr).is_some_and(|c| c.id == id) {
                 conns.remove(&addr);
             }
         });
-        Ok(Conn { tx, pending })
+        Ok(Conn { id, tx, pending })
     }
 }

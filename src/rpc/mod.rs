@@ -25,6 +25,9 @@ pub enum Service {
     Raft,
     Cluster,
     Http,
+    /// Certificate signing for client agents (auto-encrypt): the one service a peer without a
+    /// certificate may call.
+    AutoEncrypt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +61,9 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The certificate names `server.<dc>.<domain>` of our datacenter.
     pub is_server: bool,
+    /// The peer presented a certificate our roots trust (always, unless the listener lets
+    /// anonymous peers in for auto-encrypt).
+    pub authenticated: bool,
 }
 
 /// Serves one `Service`: takes the request body, returns the response body.
@@ -103,4 +109,59 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Resu
     let mut buf = vec![0; len];
     r.read_exact(&mut buf).await?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::tls::{self, CertKind, TlsMaterial};
+
+    struct Echo;
+
+    impl Handler for Echo {
+        fn handle(&self, peer: Peer, body: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
+            let mut out = vec![u8::from(peer.authenticated), u8::from(peer.is_server)];
+            out.extend(body);
+            async move { Ok(out) }.boxed()
+        }
+    }
+
+    /// A listener that lets anonymous peers in for auto-encrypt serves them that service only,
+    /// and a client that installs a certificate later is a full peer on its next connection.
+    #[tokio::test]
+    async fn anonymous_peers_reach_only_auto_encrypt() {
+        let (ca, ca_key) = tls::create_ca("consul").unwrap();
+        let (cert, key) = tls::create_cert(&ca, &ca_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
+        let server_tls = TlsMaterial { ca_pem: ca.clone(), cert_pem: cert, key_pem: key };
+        let (agent_ca, agent_ca_key) = tls::create_agent_ca("dc1", "consul").unwrap();
+        let verifier = server_tls.client_verifier(true).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut server = RpcServer::new(listener, server_tls.server_config(verifier.clone()).unwrap(), tls::server_name("dc1", "consul"));
+        server.register(Service::Http, Arc::new(Echo));
+        server.register(Service::AutoEncrypt, Arc::new(Echo));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(server.run(stop.clone()));
+
+        let client = RpcClient::new(tls::anonymous_client_config(&ca).unwrap(), tls::rpc_server_name("dc1", "consul"));
+        let t = Duration::from_secs(5);
+        let err = client.call(addr, Service::Http, b"x".to_vec(), t).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Forbidden);
+        assert_eq!(client.call(addr, Service::AutoEncrypt, b"x".to_vec(), t).await.unwrap(), vec![0, 0, b'x']);
+
+        // A certificate from the auto-encrypt CA is refused until the server trusts that CA.
+        let (csr, key) = tls::client_csr("c1").unwrap();
+        let cert = tls::sign_client_csr(&agent_ca, &agent_ca_key, &csr, "c1", "dc1", "consul", Duration::from_secs(3600)).unwrap();
+        let client_tls = TlsMaterial { ca_pem: ca.clone(), cert_pem: cert, key_pem: key };
+        client.set_tls(client_tls.client_config().unwrap());
+        assert_eq!(client.call(addr, Service::Http, b"y".to_vec(), t).await.unwrap_err().code, ErrorCode::Unreachable);
+        verifier.set_extra_roots(&agent_ca).unwrap();
+        assert_eq!(client.call(addr, Service::Http, b"y".to_vec(), t).await.unwrap(), vec![1, 0, b'y']);
+        stop.cancel();
+    }
 }

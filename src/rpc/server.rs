@@ -49,9 +49,9 @@ impl RpcServer {
                     Ok(Err(e)) => return debug!(%addr, error = %e, "rpc handshake failed"),
                     Err(_) => return debug!(%addr, "rpc handshake timed out"),
                 };
-                let is_server =
-                    tls.get_ref().1.peer_certificates().and_then(|c| c.first()).is_some_and(|c| crate::tls::dns_names(c).contains(&server_name));
-                serve_connection(tls, Peer { addr, is_server }, handlers, shutdown).await;
+                let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                let (is_server, authenticated) = (cert.is_some_and(|c| crate::tls::dns_names(c).contains(&server_name)), cert.is_some());
+                serve_connection(tls, Peer { addr, is_server, authenticated }, handlers, shutdown).await;
             });
         }
     }
@@ -84,6 +84,10 @@ where
         let peer = peer.clone();
         tokio::spawn(async move {
             let result = match handler {
+                Some(_) if !peer.authenticated && req.service != Service::AutoEncrypt => Err(RpcError::new(
+                    ErrorCode::Forbidden,
+                    "this connection presented no certificate; only auto-encrypt certificate requests are allowed",
+                )),
                 Some(h) => h.handle(peer, req.body).await,
                 None => Err(RpcError::new(ErrorCode::BadRequest, format!("no handler for {:?}", req.service))),
             };

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::StateData;
-use super::types::{AutopilotConfig, HealthCheck, KvEntry, Node, Service, Session};
+use super::types::{AgentCa, AutopilotConfig, HealthCheck, KvEntry, Node, Service, Session};
 
 /// One replicated write: the command plus the proposer's wall clock, so that everything
 /// time-dependent (lock delays) is decided once, by the leader, and replayed identically.
@@ -33,6 +33,8 @@ pub enum Command {
         config: AutopilotConfig,
         cas: Option<u64>,
     },
+    /// Create the auto-encrypt CA unless one exists.
+    AgentCaInit(AgentCa),
     /// Replace the whole state with a restored snapshot.
     Restore(Box<StateData>),
 }

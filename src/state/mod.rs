@@ -29,9 +29,11 @@ pub enum Table {
     Kv = 3,
     Sessions = 4,
     Autopilot = 5,
+    /// The auto-encrypt CA that signs client agents' RPC certificates.
+    AgentCa = 6,
 }
 
-const TABLE_COUNT: usize = 6;
+const TABLE_COUNT: usize = 7;
 
 /// Everything replicated, in a form that snapshots serialize as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -48,6 +50,9 @@ pub struct StateData {
     /// Key -> wall-clock millisecond until which it cannot be acquired (session lock-delay).
     pub lock_delays: BTreeMap<String, u64>,
     pub autopilot: AutopilotConfig,
+    /// The CA servers sign client agents' RPC certificates with (auto-encrypt); created once by
+    /// the first leader. Its key never leaves the servers except inside snapshots.
+    pub agent_ca: Option<AgentCa>,
     /// Highest index that changed each table.
     pub table_index: [RaftIndex; TABLE_COUNT],
     /// Highest index that changed anything a service's catalog/health view shows.
@@ -112,6 +117,16 @@ impl Store {
                 Outcome::Done
             }
             Command::AutopilotSetConfig { config, cas } => self.autopilot_set(index, config, *cas),
+            Command::AgentCaInit(ca) => {
+                // First writer wins, so two leaders racing (one deposed) cannot swap the CA
+                // under clients that already hold certificates from it.
+                if self.data.agent_ca.is_some() {
+                    return Outcome::Applied(false);
+                }
+                self.data.agent_ca = Some(ca.clone());
+                self.touch(Table::AgentCa);
+                Outcome::Applied(true)
+            }
             Command::Restore(data) => {
                 let mut data = (**data).clone();
                 // A restored state is newer than anything a blocked reader saw before it.
@@ -166,6 +181,16 @@ pub(crate) mod tests {
         assert_eq!(s.apply(6, &req(Command::AutopilotSetConfig { config: c.clone(), cas: Some(4) })), Outcome::Applied(false));
         assert_eq!(s.apply(7, &req(Command::AutopilotSetConfig { config: c, cas: Some(5) })), Outcome::Applied(true));
         assert_eq!(s.data().autopilot.modify_index, 7);
+    }
+
+    #[test]
+    fn agent_ca_is_set_once() {
+        let mut s = Store::new();
+        let ca = |n: &str| AgentCa { cert_pem: n.into(), key_pem: n.into() };
+        assert_eq!(s.apply(2, &req(Command::AgentCaInit(ca("a")))), Outcome::Applied(true));
+        assert_eq!(s.apply(3, &req(Command::AgentCaInit(ca("b")))), Outcome::Applied(false));
+        assert_eq!(s.data().agent_ca.as_ref().unwrap().cert_pem, "a");
+        assert_eq!(s.data().index_of(&[Table::AgentCa]), 2);
     }
 
     #[test]

@@ -190,6 +190,19 @@ pub struct ServiceCheckRef {
     pub namespace: String,
 }
 
+/// The auto-encrypt CA: PEM certificate and private key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentCa {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for AgentCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCa").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
+    }
+}
+
 /// Autopilot settings (Consul's `AutopilotConfiguration`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]

@@ -73,14 +73,68 @@ fn set_validity(params: &mut CertificateParams, years: i32) {
 
 /// Create a self-signed CA: (certificate PEM, key PEM).
 pub fn create_ca(domain: &str) -> Result<(String, String), TlsError> {
+    self_signed_ca(format!("Trellis Agent CA {domain}"))
+}
+
+/// Create the auto-encrypt CA that servers of `dc` sign client agents' certificates with.
+pub fn create_agent_ca(dc: &str, domain: &str) -> Result<(String, String), TlsError> {
+    self_signed_ca(format!("Trellis Auto-Encrypt CA {dc}.{domain}"))
+}
+
+fn self_signed_ca(common_name: String) -> Result<(String, String), TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, format!("Trellis Agent CA {domain}"));
+    params.distinguished_name.push(DnType::CommonName, common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     set_validity(&mut params, CA_VALID_YEARS);
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A client agent's key and certificate signing request for auto-encrypt: (CSR DER, key PEM).
+pub fn client_csr(node: &str) -> Result<(Vec<u8>, String), TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, node);
+    let key = KeyPair::generate()?;
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.der().to_vec(), key.serialize_pem()))
+}
+
+/// Sign a client agent's CSR with the auto-encrypt CA. Only the CSR's public key is used: the
+/// certificate always names `client.<dc>.<domain>` (never a server name, whatever the CSR asks
+/// for), carries the node name as its common name, and is valid for `lifetime` from an hour ago.
+pub fn sign_client_csr(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    csr_der: &[u8],
+    node: &str,
+    dc: &str,
+    domain: &str,
+    lifetime: std::time::Duration,
+) -> Result<String, TlsError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, KeyPair::from_pem(ca_key_pem)?)?;
+    let mut params = CertificateParams::new(vec![format!("client.{dc}.{domain}")])?;
+    params.distinguished_name.push(DnType::CommonName, node);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::try_from(lifetime).map_err(|e| TlsError::Verifier(e.to_string()))?;
+    Ok(params.signed_by(&csr.public_key, &issuer)?.pem())
+}
+
+/// The validity window of the first certificate in `pem`.
+pub fn validity(pem: &str) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let der = TlsMaterial::certs(pem, "certificate").ok()?.into_iter().next()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        (secs >= 0).then(|| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
+    };
+    Some((at(parsed.validity().not_before)?, at(parsed.validity().not_after)?))
 }
 
 /// Create a certificate signed by the CA: (certificate PEM, key PEM). Server certificates name
@@ -171,11 +225,10 @@ impl TlsMaterial {
         Ok((Self::certs(&self.cert_pem, "cert_file")?, key))
     }
 
-    /// RPC server side: only peers with a certificate from our CA get in.
-    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    /// RPC server side: peers present a certificate from our CA, or from the auto-encrypt CA
+    /// once it is added to `verifier`. With `verifier` allowing anonymous peers, a peer may
+    /// also come in without one; the RPC layer then lets it ask only for a certificate.
+    pub fn server_config(&self, verifier: Arc<RpcClientVerifier>) -> Result<Arc<ServerConfig>, TlsError> {
         let (certs, key) = self.identity()?;
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
@@ -183,6 +236,11 @@ impl TlsMaterial {
             .with_single_cert(certs, key)?;
         cfg.alpn_protocols = vec![RPC_ALPN.to_vec()];
         Ok(Arc::new(cfg))
+    }
+
+    /// The client-certificate verifier for `server_config`, trusting our CA.
+    pub fn client_verifier(&self, allow_anonymous: bool) -> Result<Arc<RpcClientVerifier>, TlsError> {
+        RpcClientVerifier::new(Self::certs(&self.ca_pem, "ca_file")?, allow_anonymous)
     }
 
     /// RPC client side: verifies the server's `server.<dc>.<domain>` name and presents our own.
@@ -194,6 +252,108 @@ impl TlsMaterial {
             .with_client_auth_cert(certs, key)?;
         cfg.alpn_protocols = vec![RPC_ALPN.to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+/// RPC client side with no certificate of our own: what a client agent uses to ask the servers
+/// for one (auto-encrypt). It still verifies the server against `ca_pem`.
+pub fn anonymous_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in TlsMaterial::certs(ca_pem, "ca_file")? {
+        roots.add(c)?;
+    }
+    let mut cfg =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
+    cfg.alpn_protocols = vec![RPC_ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Verifies RPC peers' certificates against a set of roots that can grow at runtime (the
+/// auto-encrypt CA appears when the first leader creates it), optionally letting peers with
+/// no certificate complete the handshake.
+#[derive(Debug)]
+pub struct RpcClientVerifier {
+    base: Vec<CertificateDer<'static>>,
+    allow_anonymous: bool,
+    inner: std::sync::RwLock<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl RpcClientVerifier {
+    fn new(base: Vec<CertificateDer<'static>>, allow_anonymous: bool) -> Result<Arc<RpcClientVerifier>, TlsError> {
+        let inner = Self::build(&base, &[], allow_anonymous)?;
+        Ok(Arc::new(RpcClientVerifier { base, allow_anonymous, inner: std::sync::RwLock::new(inner) }))
+    }
+
+    fn build(
+        base: &[CertificateDer<'static>],
+        extra: &[CertificateDer<'static>],
+        allow_anonymous: bool,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in base.iter().chain(extra) {
+            roots.add(c.clone())?;
+        }
+        let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        let builder = if allow_anonymous { builder.allow_unauthenticated() } else { builder };
+        builder.build().map_err(|e| TlsError::Verifier(e.to_string()))
+    }
+
+    /// Trust the base CA plus the CA certificates in `extra_pem`.
+    pub fn set_extra_roots(&self, extra_pem: &str) -> Result<(), TlsError> {
+        let extra = TlsMaterial::certs(extra_pem, "auto-encrypt CA")?;
+        let inner = Self::build(&self.base, &extra, self.allow_anonymous)?;
+        *self.inner.write().expect("verifier lock") = inner;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+        self.inner.read().expect("verifier lock").clone()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for RpcClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.allow_anonymous
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // Hints are optional; our clients carry exactly one certificate.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.current().verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current().supported_verify_schemes()
     }
 }
 
@@ -233,7 +393,7 @@ mod tests {
         let (ca, ca_key) = create_ca("consul").unwrap();
         let (cert, key) = create_cert(&ca, &ca_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
         let m = TlsMaterial { ca_pem: ca, cert_pem: cert.clone(), key_pem: key };
-        m.server_config().unwrap();
+        m.server_config(m.client_verifier(false).unwrap()).unwrap();
         m.client_config().unwrap();
         let der = TlsMaterial::certs(&cert, "cert").unwrap();
         assert!(dns_names(&der[0]).contains(&"server.dc1.consul".to_string()));

@@ -299,3 +299,47 @@ async fn gossip_key_rotation_reaches_every_member() {
     let r = c.http.delete(format!("{client}/v1/operator/keyring")).body(json!({ "Key": new }).to_string()).send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// Register a service on an agent that may still be starting.
+async fn register_when_up(c: &Cluster, agent: &str, body: &'static str) {
+    let url = format!("{agent}/v1/agent/service/register");
+    eventually("the agent to take a registration", SOON, || async { (c.put(&url, body).await.ok()?.0 == 200).then_some(()) }).await
+}
+
+/// What this test does: an encrypted cluster whose servers allow auto-encrypt; a client given
+/// only the CA gets a `client.dc1.consul` certificate from them, syncs a service through RPC
+/// with it, and after a restart reuses the stored certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_with_only_the_ca_gets_its_certificate_from_the_servers() {
+    let conf = tempfile::tempdir().unwrap();
+    let (server_hcl, client_hcl) = (conf.path().join("server.hcl"), conf.path().join("client.hcl"));
+    std::fs::write(&server_hcl, "auto_encrypt {\n  allow_tls = true\n}\n").unwrap();
+    std::fs::write(&client_hcl, "auto_encrypt {\n  tls = true\n}\n").unwrap();
+    let key = trellis::membership::keygen();
+    let mut c = Cluster::start_with(1, 0, &["--encrypt", &key, "--config-file", server_hcl.to_str().unwrap()]).await;
+    let server = c.servers[0].http();
+    let i = c.add_auto_encrypt_client(&["--encrypt", &key, "--config-file", client_hcl.to_str().unwrap()]);
+    c.spawn(i);
+    let client = c.servers[i].http();
+    register_when_up(&c, &client, r#"{"Name":"api","Port":9000}"#).await;
+    // Anti-entropy reaches the catalog only over mTLS RPC, so the service showing up on the
+    // server proves the client holds a certificate the server trusts.
+    let url = format!("{server}/v1/catalog/service/api");
+    eventually("the client's service in the catalog", SOON, || async { (c.get_json(&url).await.ok()?.as_array()?.len() == 1).then_some(()) }).await;
+    let cert_path = c.servers[i].data_dir.join("auto-encrypt/cert.pem");
+    let cert = std::fs::read_to_string(&cert_path).unwrap();
+    let der = rustls_pemfile::certs(&mut cert.as_bytes()).next().unwrap().unwrap();
+    assert_eq!(trellis::tls::dns_names(&der), vec!["client.dc1.consul".to_string()]);
+
+    // Restart: the stored certificate is used again, and the agent still reaches the servers.
+    c.stop(i);
+    c.spawn(i);
+    register_when_up(&c, &client, r#"{"Name":"api2","Port":9001}"#).await;
+    let url = format!("{server}/v1/catalog/service/api2");
+    eventually("the restarted client's new service in the catalog", SOON, || async {
+        (c.get_json(&url).await.ok()?.as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&cert_path).unwrap(), cert, "a valid stored certificate is reused, not replaced");
+    assert!(c.log(i).contains("using the stored auto-encrypt certificate"), "{}", c.log(i));
+}

@@ -45,7 +45,8 @@ pub struct Server {
     pub extra: Vec<String>,
     pub ip: String,
     pub data_dir: PathBuf,
-    cert: (PathBuf, PathBuf),
+    /// `None` for a client that gets its certificate from the servers (auto-encrypt).
+    cert: Option<(PathBuf, PathBuf)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -112,7 +113,7 @@ impl Cluster {
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 ip: format!("127.0.{net}.{i}"),
                 data_dir: dir.path().join(format!("data-s{i}")),
-                cert: (cp, kp),
+                cert: Some((cp, kp)),
                 child: None,
                 log: dir.path().join(format!("s{i}.log")),
             });
@@ -129,13 +130,24 @@ impl Cluster {
         let (cp, kp) = (dir.join(format!("c{k}.pem")), dir.join(format!("c{k}-key.pem")));
         std::fs::write(&cp, cert).unwrap();
         std::fs::write(&kp, key).unwrap();
+        self.push_client(k, Some((cp, kp)), extra)
+    }
+
+    /// Add a client agent given only the CA (not started); `extra` must turn on auto-encrypt.
+    pub fn add_auto_encrypt_client(&mut self, extra: &[&str]) -> usize {
+        let k = self.servers.iter().filter(|s| !s.is_server).count() + 1;
+        self.push_client(k, None, extra)
+    }
+
+    fn push_client(&mut self, k: usize, cert: Option<(PathBuf, PathBuf)>, extra: &[&str]) -> usize {
+        let dir = self._dir.path();
         self.servers.push(Server {
             name: format!("c{k}"),
             is_server: false,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ip: format!("127.0.{}.{}", self.net, 20 + k),
             data_dir: dir.join(format!("data-c{k}")),
-            cert: (cp, kp),
+            cert,
             child: None,
             log: dir.join(format!("c{k}.log")),
         });
@@ -161,15 +173,10 @@ impl Cluster {
         if s.is_server {
             cmd.args(["--server", "--bootstrap-expect", &self.expect.to_string()]);
         }
-        cmd.args(&s.extra)
-            .arg("--data-dir")
-            .arg(&s.data_dir)
-            .arg("--ca-file")
-            .arg(&self.ca)
-            .arg("--cert-file")
-            .arg(&s.cert.0)
-            .arg("--key-file")
-            .arg(&s.cert.1);
+        cmd.args(&s.extra).arg("--data-dir").arg(&s.data_dir).arg("--ca-file").arg(&self.ca);
+        if let Some((cert, key)) = &s.cert {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+        }
         for other in self.servers.iter().filter(|o| o.is_server) {
             cmd.args(["--retry-join", &other.ip]);
         }

@@ -5,13 +5,16 @@ use std::net::IpAddr;
 
 use crate::dns::{DnsCatalog, Health, Instance, LookupError, NodeInfo, PtrTarget, QueryResult};
 use crate::state::CheckStatus;
-use crate::state::catalog::{CatalogAnswer, CatalogQuery};
+use crate::state::catalog::{CatalogAnswer, CatalogQuery, ServiceInstance};
+use crate::state::query::order_near;
 
 use super::local::Upstream;
 
 pub struct CatalogDns {
     pub upstream: Upstream,
     pub datacenter: String,
+    /// This agent's node, what a prepared query's `Near = "_agent"` means.
+    pub node_name: String,
 }
 
 impl CatalogDns {
@@ -20,6 +23,18 @@ impl CatalogDns {
         match dc {
             Some(d) if !d.eq_ignore_ascii_case(&self.datacenter) => Err(LookupError::UnknownDatacenter),
             _ => Ok(()),
+        }
+    }
+
+    fn instance(&self, n: crate::state::Node, s: crate::state::Service, checks: &[crate::state::HealthCheck]) -> Instance {
+        Instance {
+            node: n.node,
+            node_address: n.address,
+            service_address: s.address,
+            port: s.port,
+            status: health(checks),
+            node_meta: n.meta,
+            datacenter: self.datacenter.clone(),
         }
     }
 
@@ -44,18 +59,7 @@ impl DnsCatalog for CatalogDns {
         else {
             return Err(LookupError::Unavailable("unexpected catalog answer".into()));
         };
-        Ok(list
-            .into_iter()
-            .map(|(n, s, checks)| Instance {
-                node: n.node,
-                node_address: n.address,
-                service_address: s.address,
-                port: s.port,
-                status: health(&checks),
-                node_meta: n.meta,
-                datacenter: self.datacenter.clone(),
-            })
-            .collect())
+        Ok(list.into_iter().map(|(n, s, checks)| self.instance(n, s, &checks)).collect())
     }
 
     async fn node(&self, dc: Option<&str>, name: &str) -> Result<Option<NodeInfo>, LookupError> {
@@ -78,10 +82,32 @@ impl DnsCatalog for CatalogDns {
             .collect())
     }
 
-    async fn prepared_query(&self, dc: Option<&str>, _name: &str) -> Result<Option<QueryResult>, LookupError> {
-        // Prepared queries (`/v1/query`) are not implemented yet: every name is unknown.
+    async fn prepared_query(&self, dc: Option<&str>, name: &str, source: Option<IpAddr>) -> Result<Option<QueryResult>, LookupError> {
         self.check_dc(dc)?;
-        Ok(None)
+        let q = CatalogQuery::PreparedQuery { name: name.into(), agent: self.node_name.clone(), source: source.map(|ip| ip.to_string()) };
+        let CatalogAnswer::Query(answer) = self.read(q).await? else {
+            return Err(LookupError::Unavailable("unexpected catalog answer".into()));
+        };
+        // A template that cannot render for this name answers like an unknown name.
+        let Some(answer) = answer.ok().flatten() else { return Ok(None) };
+        // Checks the query ignores do not count towards an instance's health here either.
+        let ignored = &answer.query.service.ignore_check_ids;
+        let mut instances: Vec<ServiceInstance> = answer
+            .instances
+            .into_iter()
+            .map(|(node, service, mut checks)| {
+                checks.retain(|c| !ignored.contains(&c.check_id));
+                ServiceInstance { node, service, checks }
+            })
+            .collect();
+        order_near(&mut instances, answer.near.as_deref());
+        Ok(Some(QueryResult {
+            instances: instances.into_iter().map(|i| self.instance(i.node, i.service, &i.checks)).collect(),
+            ttl: crate::duration::parse(&answer.query.dns.ttl),
+            only_passing: answer.query.service.only_passing,
+            service: answer.query.service.service,
+            ordered: true,
+        }))
     }
 
     fn datacenter(&self) -> String {

@@ -258,12 +258,29 @@ impl Agent {
         let token = shutdown.clone();
         // The forwarded-request marker is set only by the RPC handler; a client must not be
         // able to claim it and skip forwarding to the leader.
-        let serve_router = router.clone().layer(axum::middleware::map_request(|mut req: axum::extract::Request| async move {
-            req.headers_mut().remove(api::forward::FORWARDED_HEADER);
-            req
+        // The origin headers are likewise ours: they say which agent and client a request came
+        // in through, for `near=_agent` and `near=_ip` after relaying.
+        let origin_node = axum::http::HeaderValue::from_str(&cfg.node_name).ok();
+        let serve_router = router.clone().layer(axum::middleware::map_request(move |mut req: axum::extract::Request| {
+            let origin_node = origin_node.clone();
+            async move {
+                let ip = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+                let h = req.headers_mut();
+                h.remove(api::forward::FORWARDED_HEADER);
+                h.remove(api::prepared_query::ORIGIN_IP_HEADER);
+                h.remove(api::prepared_query::ORIGIN_NODE_HEADER);
+                if let Some(v) = origin_node {
+                    h.insert(api::prepared_query::ORIGIN_NODE_HEADER, v);
+                }
+                if let Some(v) = ip.and_then(|ip| axum::http::HeaderValue::from_str(&ip.to_string()).ok()) {
+                    h.insert(api::prepared_query::ORIGIN_IP_HEADER, v);
+                }
+                req
+            }
         }));
         tasks.spawn(async move {
-            let serve = axum::serve(http_listener, serve_router).with_graceful_shutdown(token.cancelled_owned());
+            let app = serve_router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let serve = axum::serve(http_listener, app).with_graceful_shutdown(token.cancelled_owned());
             if let Err(e) = serve.await {
                 error!(error = %e, "http server failed");
             }
@@ -275,7 +292,8 @@ impl Agent {
         if let Some(port) = cfg.dns_port {
             let (udp, tcp) = dns_sockets(std::net::SocketAddr::new(cfg.client_addr, port)).await?;
             let dns_cfg = cfg.dns.clone();
-            let catalog = Arc::new(dns::CatalogDns { upstream: upstream.clone(), datacenter: cfg.datacenter.clone() });
+            let catalog =
+                Arc::new(dns::CatalogDns { upstream: upstream.clone(), datacenter: cfg.datacenter.clone(), node_name: cfg.node_name.clone() });
             let server = crate::dns::DnsServer::new(dns_cfg, catalog, cfg.node_name.clone());
             let token = shutdown.clone();
             tasks.spawn(async move {

@@ -16,6 +16,7 @@ pub mod health;
 pub mod kv;
 pub mod metrics;
 pub mod operator;
+pub mod prepared_query;
 pub mod query;
 pub mod session;
 pub mod snapshot;
@@ -87,6 +88,7 @@ pub fn router(ctx: Ctx) -> Router {
         .merge(health::routes())
         .merge(kv::routes())
         .merge(session::routes())
+        .merge(prepared_query::routes())
         .merge(txn::routes())
         .merge(agent::routes())
         .merge(event::routes())

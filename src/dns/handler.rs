@@ -124,6 +124,8 @@ struct Ctx<'a> {
     edns: bool,
     /// Hostname resolutions left for this question, shared by nested lookups.
     resolutions: &'a AtomicUsize,
+    /// The asking client's address.
+    source: Option<IpAddr>,
 }
 
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -260,7 +262,8 @@ impl Inner {
         let resolutions = AtomicUsize::new(MAX_HOST_RESOLUTIONS);
 
         if let Some((apex, rest)) = self.split_domain(&labels) {
-            let ctx = Ctx { qname: original.name().clone(), qtype, apex, edns: request.edns.is_some(), resolutions: &resolutions };
+            let source = Some(request.src().ip());
+            let ctx = Ctx { qname: original.name().clone(), qtype, apex, edns: request.edns.is_some(), resolutions: &resolutions, source };
             let outcome = tokio::time::timeout(LOOKUP_TIMEOUT, self.lookup(&ctx, rest, MAX_CNAME_DEPTH)).await;
             return match outcome {
                 Ok(Ok(local)) => Reply::Answer(self.with_soa(local, &ctx.apex)),
@@ -325,14 +328,14 @@ impl Inner {
                 Lookup::Service { dc, service, tag } => {
                     let instances = cat.service_instances(dc.as_deref(), &service, tag.as_deref()).await?;
                     let ttl = self.service_ttl(&service);
-                    Ok(self.service_answer(ctx, instances, ttl, self.cfg.only_passing, depth).await)
+                    Ok(self.service_answer(ctx, instances, ttl, self.cfg.only_passing, true, depth).await)
                 }
                 Lookup::PreparedQuery { dc, name } => {
-                    let Some(result) = cat.prepared_query(dc.as_deref(), &name).await? else {
+                    let Some(result) = cat.prepared_query(dc.as_deref(), &name, ctx.source).await? else {
                         return Ok(Local::new(ResponseCode::NXDomain));
                     };
                     let ttl = result.ttl.map_or_else(|| self.service_ttl(&result.service), ttl_secs);
-                    Ok(self.service_answer(ctx, result.instances, ttl, result.only_passing, depth).await)
+                    Ok(self.service_answer(ctx, result.instances, ttl, result.only_passing, !result.ordered, depth).await)
                 }
                 Lookup::Node { dc, node } => {
                     let Some(info) = cat.node(dc.as_deref(), &node).await? else {
@@ -410,12 +413,14 @@ impl Inner {
         (ns, glue)
     }
 
-    async fn service_answer(&self, ctx: &Ctx<'_>, instances: Vec<Instance>, ttl: u32, only_passing: bool, depth: u8) -> Local {
+    async fn service_answer(&self, ctx: &Ctx<'_>, instances: Vec<Instance>, ttl: u32, only_passing: bool, shuffle: bool, depth: u8) -> Local {
         let mut instances: Vec<Instance> = instances.into_iter().filter(|i| healthy(i.status, only_passing)).collect();
         if instances.is_empty() {
             return Local::new(ResponseCode::NXDomain);
         }
-        instances.shuffle(&mut rand::rng());
+        if shuffle {
+            instances.shuffle(&mut rand::rng());
+        }
         let mut local = match ctx.qtype {
             RecordType::SRV => self.srv_groups(ctx, &instances, ttl, depth).await,
             RecordType::A | RecordType::AAAA | RecordType::ANY | RecordType::CNAME => self.addr_groups(ctx, &instances, ttl, depth).await,
@@ -592,7 +597,7 @@ impl Inner {
         }
         let labels = labels_of(host);
         let mut found: Vec<Record> = if let Some((apex, rest)) = self.split_domain(&labels) {
-            let sub = Ctx { qname: host.clone(), qtype: RecordType::ANY, apex, edns: ctx.edns, resolutions: ctx.resolutions };
+            let sub = Ctx { qname: host.clone(), qtype: RecordType::ANY, apex, edns: ctx.edns, resolutions: ctx.resolutions, source: ctx.source };
             match self.lookup(&sub, rest, depth - 1).await {
                 Ok(local) => local.groups.into_iter().flat_map(|g| g.answers).collect(),
                 Err(_) => Vec::new(),

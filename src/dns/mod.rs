@@ -83,8 +83,9 @@ pub trait DnsCatalog: Send + Sync + 'static {
     async fn node(&self, dc: Option<&str>, name: &str) -> Result<Option<NodeInfo>, LookupError>;
     /// Nodes and service instances whose address is `ip` (for PTR), in the agent's own dc.
     async fn by_address(&self, ip: IpAddr) -> Result<Vec<PtrTarget>, LookupError>;
-    /// Execute a prepared query by name or ID (`Ok(None)` if there is no such query).
-    async fn prepared_query(&self, dc: Option<&str>, name: &str) -> Result<Option<QueryResult>, LookupError>;
+    /// Execute a prepared query by name or ID (`Ok(None)` if there is no such query); `source`
+    /// is the asking client's address, for `Near = "_ip"`.
+    async fn prepared_query(&self, dc: Option<&str>, name: &str, source: Option<IpAddr>) -> Result<Option<QueryResult>, LookupError>;
     /// The agent's own datacenter.
     fn datacenter(&self) -> String;
 }
@@ -144,6 +145,9 @@ pub struct QueryResult {
     pub only_passing: bool,
     /// The service the query resolved (for the `service_ttl` fallback, as in Consul).
     pub service: String,
+    /// The instances are already in answer order (the query sorts `Near` a node): keep it
+    /// instead of shuffling.
+    pub ordered: bool,
 }
 
 /// Why the catalog could not answer.

@@ -84,7 +84,7 @@ impl DnsCatalog for TestCatalog {
         Ok(nodes.chain(services).collect())
     }
 
-    async fn prepared_query(&self, dc: Option<&str>, name: &str) -> Result<Option<QueryResult>, LookupError> {
+    async fn prepared_query(&self, dc: Option<&str>, name: &str, _source: Option<IpAddr>) -> Result<Option<QueryResult>, LookupError> {
         self.check_dc(dc)?;
         Ok(self.queries.get(name).cloned())
     }
@@ -157,11 +157,18 @@ pub(super) fn catalog() -> TestCatalog {
             ttl: Some(Duration::from_secs(30)),
             only_passing: true,
             service: "web".into(),
+            ordered: false,
         },
     );
     c.queries.insert(
         "plain".into(),
-        QueryResult { instances: vec![inst("n2", "10.0.0.2", "", 8080, Warning, "dc1")], ttl: None, only_passing: false, service: "web".into() },
+        QueryResult {
+            instances: vec![inst("n2", "10.0.0.2", "", 8080, Warning, "dc1")],
+            ttl: None,
+            only_passing: false,
+            service: "web".into(),
+            ordered: false,
+        },
     );
     c
 }

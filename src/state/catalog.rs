@@ -276,7 +276,7 @@ impl StateData {
     }
 
     /// The checks that decide an instance's health: the node's own and the service's.
-    fn instance_checks(&self, node: &str, service_id: &str) -> Vec<HealthCheck> {
+    pub(super) fn instance_checks(&self, node: &str, service_id: &str) -> Vec<HealthCheck> {
         self.checks.range(node_range(node)).map(|(_, c)| c).filter(|c| c.service_id.is_empty() || c.service_id == service_id).cloned().collect()
     }
 
@@ -302,7 +302,7 @@ impl StateData {
     }
 }
 
-fn meta_matches(meta: &BTreeMap<String, String>, want: &BTreeMap<String, String>) -> bool {
+pub(super) fn meta_matches(meta: &BTreeMap<String, String>, want: &BTreeMap<String, String>) -> bool {
     want.iter().all(|(k, v)| meta.get(k) == Some(v))
 }
 
@@ -403,6 +403,12 @@ pub enum CatalogQuery {
     ByAddress {
         ip: String,
     },
+    /// Execute a prepared query; `agent` and `source` resolve `Near` values `_agent` and `_ip`.
+    PreparedQuery {
+        name: String,
+        agent: String,
+        source: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -414,6 +420,16 @@ pub enum CatalogAnswer {
         nodes: Vec<String>,
         services: Vec<(String, String)>,
     },
+    /// The rendered query, its instances, and the node `Near` resolved to. `Err` is a query
+    /// that cannot render.
+    Query(Result<Option<Box<QueryAnswer>>, String>),
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QueryAnswer {
+    pub query: super::query::PreparedQuery,
+    pub instances: Vec<(Node, Service, Vec<HealthCheck>)>,
+    pub near: Option<String>,
 }
 
 impl StateData {
@@ -436,6 +452,18 @@ impl StateData {
                 nodes: self.nodes.values().filter(|n| &n.address == ip).map(|n| n.node.clone()).collect(),
                 services: self.services.iter().filter(|(_, s)| &s.address == ip).map(|((node, _), s)| (s.service.clone(), node.clone())).collect(),
             },
+            CatalogQuery::PreparedQuery { name, agent, source } => CatalogAnswer::Query(self.resolve_query(name).map(|q| {
+                q.map(|q| {
+                    let near = match q.service.near.as_str() {
+                        "" => None,
+                        "_agent" => Some(agent.clone()),
+                        "_ip" => source.as_ref().and_then(|ip| self.nodes.values().find(|n| &n.address == ip)).map(|n| n.node.clone()),
+                        other => Some(other.to_string()),
+                    };
+                    let instances = self.execute_query(&q).into_iter().map(|i| (i.node, i.service, i.checks)).collect();
+                    Box::new(QueryAnswer { query: q, instances, near })
+                })
+            })),
         }
     }
 }

@@ -33,6 +33,11 @@ pub enum Command {
         config: AutopilotConfig,
         cas: Option<u64>,
     },
+    /// Create or replace a prepared query (by its ID).
+    QuerySet(super::query::PreparedQuery),
+    QueryDelete {
+        id: String,
+    },
     /// Create the auto-encrypt CA unless one exists.
     AgentCaInit(AgentCa),
     /// Replace the whole state with a restored snapshot.

@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod command;
 pub mod kv;
+pub mod query;
 pub mod session;
 pub mod types;
 
@@ -31,9 +32,10 @@ pub enum Table {
     Autopilot = 5,
     /// The auto-encrypt CA that signs client agents' RPC certificates.
     AgentCa = 6,
+    PreparedQueries = 7,
 }
 
-const TABLE_COUNT: usize = 7;
+const TABLE_COUNT: usize = 8;
 
 /// Everything replicated, in a form that snapshots serialize as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -53,6 +55,8 @@ pub struct StateData {
     /// The CA servers sign client agents' RPC certificates with (auto-encrypt); created once by
     /// the first leader. Its key never leaves the servers except inside snapshots.
     pub agent_ca: Option<AgentCa>,
+    /// Prepared queries by ID.
+    pub prepared_queries: BTreeMap<String, query::PreparedQuery>,
     /// Highest index that changed each table.
     pub table_index: [RaftIndex; TABLE_COUNT],
     /// Highest index that changed anything a service's catalog/health view shows.
@@ -117,6 +121,8 @@ impl Store {
                 Outcome::Done
             }
             Command::AutopilotSetConfig { config, cas } => self.autopilot_set(index, config, *cas),
+            Command::QuerySet(q) => self.query_set(index, q),
+            Command::QueryDelete { id } => self.query_delete(id),
             Command::AgentCaInit(ca) => {
                 // First writer wins, so two leaders racing (one deposed) cannot swap the CA
                 // under clients that already hold certificates from it.

@@ -39,6 +39,7 @@ impl Store {
             return;
         };
         self.touch(Table::Sessions);
+        self.queries_of_session_gone(id);
         let held: Vec<String> = self.data.kv.values().filter(|e| e.session == id).map(|e| e.key.clone()).collect();
         if held.is_empty() {
             return;

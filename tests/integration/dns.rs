@@ -29,7 +29,9 @@ fn a_records(m: &Message) -> Vec<String> {
 /// - registers three `web` instances, one of them critical, on a 1-server/1-client cluster,
 /// - asks the client agent's and the server's DNS (port 8600) for `web.service.consul`:
 ///   A records of the two healthy instances only; SRV with ports and node targets,
-/// - checks node lookups with TXT meta and NXDOMAIN for an unknown service.
+/// - checks node lookups with TXT meta and NXDOMAIN for an unknown service,
+/// - creates a prepared query and a template through the HTTP API and resolves both as
+///   `<name>.query.consul` on each agent, with the query's TTL.
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_answer_service_and_node_lookups_from_the_catalog() {
     let c = Cluster::start_with(1, 1, &[]).await;
@@ -59,6 +61,26 @@ async fn agents_answer_service_and_node_lookups_from_the_catalog() {
         let node = ask(dns, "web-1.node.consul.", RecordType::A).await.unwrap();
         assert_eq!(a_records(&node), vec!["10.9.0.2"]);
         let missing = ask(dns, "nope.service.consul.", RecordType::A).await.unwrap();
+        assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
+    }
+    // Prepared queries: a static one (excluding tag v2, which only the critical instance
+    // would have) and a template whose Regexp picks the service out of the name.
+    let web2 = json!({"Node": "web-3", "Address": "10.9.0.4", "Service": {"Service": "web", "Port": 9000, "Tags": ["v2"]}});
+    assert_eq!(c.put(&format!("{server}/v1/catalog/register"), web2.to_string()).await.unwrap().0, 200);
+    let q = json!({"Name": "web-stable", "Service": {"Service": "web", "Tags": ["!v2"]}, "DNS": {"TTL": "42s"}});
+    let resp = c.http.post(format!("{server}/v1/query")).body(q.to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let t = json!({"Name": "svc-", "Template": {"Type": "name_prefix_match", "Regexp": "^svc-(.+)$"}, "Service": {"Service": "${match(1)}"}});
+    let resp = c.http.post(format!("{server}/v1/query")).body(t.to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    for agent in &c.servers {
+        let dns: SocketAddr = format!("{}:8600", agent.ip).parse().unwrap();
+        let m = ask(dns, "web-stable.query.consul.", RecordType::A).await.unwrap();
+        assert_eq!(a_records(&m), vec!["10.9.0.1", "10.9.0.2"], "{}: {m:?}", agent.name);
+        assert!(m.answers.iter().all(|r| r.ttl == 42), "{m:?}");
+        let m = ask(dns, "svc-web.query.consul.", RecordType::A).await.unwrap();
+        assert_eq!(a_records(&m), vec!["10.9.0.1", "10.9.0.2", "10.9.0.4"], "{}: {m:?}", agent.name);
+        let missing = ask(dns, "nope.query.consul.", RecordType::A).await.unwrap();
         assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
     }
 }

@@ -814,3 +814,72 @@ def test_agent_self_reports_config_and_member(c):
     assert member["Addr"] == "127.0.0.1"
     assert member["Tags"]["dc"] == DATACENTER
     assert member["Tags"]["role"] == "consul"
+
+
+# --------------------------------------------------------------------------
+# prepared queries
+
+
+def test_prepared_query_lifecycle_through_py_consul(c, web):
+    # py-consul always sends Template.Type, so its queries are name_prefix_match templates.
+    name = unique("pq")
+    created = c.query.create(web["service"], name=name, onlypassing=True, tags=["primary"])
+    qid = created["ID"]
+    try:
+        assert re.fullmatch(r"[0-9a-f-]{36}", qid), created
+        [stored] = c.query.get(qid)
+        assert stored["Name"] == name
+        assert stored["Service"]["Service"] == web["service"]
+        assert stored["Service"]["OnlyPassing"] is True
+        assert stored["Template"]["Type"] == "name_prefix_match"
+        assert stored["CreateIndex"] > 0
+        assert qid in [q["ID"] for q in c.query.list()]
+
+        # Executed by ID and by name: only the passing, tagged instance.
+        for key in (qid, name):
+            result = c.query.execute(key)
+            assert result["Service"] == web["service"]
+            assert [n["Node"]["Node"] for n in result["Nodes"]] == [web["healthy"]]
+            assert result["Datacenter"] == DATACENTER
+            assert result["Failovers"] == 0
+
+        assert c.query.explain(name)["Query"]["ID"] == qid
+
+        # A second query may not take the same name.
+        with pytest.raises(consul.exceptions.ConsulException):
+            c.query.create(web["service"], name=name)
+
+        assert c.query.update(qid, web["service"], name=name, tags=["v2"]) is True
+        assert c.query.get(qid)[0]["Service"]["Tags"] == ["v2"]
+        # The v2 instance is critical: nothing healthy is left.
+        assert c.query.execute(qid)["Nodes"] == []
+    finally:
+        assert c.query.delete(qid) is True
+    # A 404 (Consul's "Query not found"), which py-consul turns into None.
+    assert c.query.get(qid) is None
+
+
+def test_prepared_query_template_interpolates_the_name(agent, c, web):
+    prefix = unique("geo") + "-"
+    body = {
+        "Name": prefix,
+        "Template": {"Type": "name_prefix_match", "Regexp": f"^{prefix}(.*)$"},
+        "Service": {"Service": "${match(1)}", "Tags": ["!v2"]},
+    }
+    r = requests.post(f"{agent.base}/v1/query", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    qid = r.json()["ID"]
+    try:
+        result = c.query.execute(prefix + web["service"])
+        assert result["Service"] == web["service"]
+        assert [n["Node"]["Node"] for n in result["Nodes"]] == [web["healthy"]]
+        explained = c.query.explain(prefix + web["service"])["Query"]
+        assert explained["Service"]["Service"] == web["service"]
+
+        bad = dict(body, Name=unique("bad"), Service={"Service": "${nope}"})
+        r = requests.post(f"{agent.base}/v1/query", json=bad, timeout=10)
+        assert r.status_code == 400 and "unknown variable" in r.text, r.text
+        r = requests.get(f"{agent.base}/v1/query/{uuid.uuid4()}/execute", timeout=10)
+        assert r.status_code == 404, r.text
+    finally:
+        requests.delete(f"{agent.base}/v1/query/{qid}", timeout=10)

@@ -4,9 +4,9 @@
 use std::net::IpAddr;
 
 use crate::dns::{DnsCatalog, Health, Instance, LookupError, NodeInfo, PtrTarget, QueryResult};
-use crate::state::CheckStatus;
 use crate::state::catalog::{CatalogAnswer, CatalogQuery, ServiceInstance};
 use crate::state::query::order_near;
+use crate::state::{CheckStatus, Table};
 
 use super::local::Upstream;
 
@@ -112,5 +112,17 @@ impl DnsCatalog for CatalogDns {
 
     fn datacenter(&self) -> String {
         self.datacenter.clone()
+    }
+
+    /// Servers answer from their own state, whose catalog index is a lock away. Client agents
+    /// ask a server each time and keep nothing (their answers are as fresh as the server's).
+    fn generation(&self) -> Option<u64> {
+        match &self.upstream {
+            Upstream::Raft(node) => {
+                let store = node.store.read().expect("state lock");
+                Some(store.data().index_of(&[Table::Nodes, Table::Services, Table::Checks, Table::PreparedQueries]))
+            }
+            Upstream::Rpc { .. } => None,
+        }
     }
 }

@@ -5,21 +5,22 @@
 //! well-formed response carrying the query's ID and fitting the transport's limit.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query};
-use hickory_proto::rr::{Name, Record, RecordType};
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
-use hickory_server::net::NetError;
-use hickory_server::net::runtime::TokioTime;
+use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
+use hickory_server::server::Request;
 use proptest::prelude::*;
 
 use super::handler::Handler;
 use super::tests::catalog;
 use super::{DnsConfig, Health};
+
+fn src() -> SocketAddr {
+    "127.0.0.1:5353".parse().unwrap()
+}
 
 /// One runtime for all cases: building one per case would dominate the run time.
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap());
@@ -36,63 +37,32 @@ static HANDLER: LazyLock<Handler> = LazyLock::new(|| {
     Handler::new(cfg, Arc::new(c), "agent-node".into())
 });
 
-/// Captures what the handler sends, encoded as hickory's server would encode it.
-#[derive(Clone)]
-struct Capture {
-    protocol: Protocol,
-    sent: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for Capture {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let max = match self.protocol {
-            Protocol::Udp => response.edns().map_or(512, |e| e.max_payload()),
-            _ => u16::MAX,
-        };
-        let mut buf = Vec::new();
-        let mut encoder = BinEncoder::new(&mut buf);
-        encoder.set_max_size(max);
-        let info = response.destructive_emit(&mut encoder)?;
-        self.sent.lock().unwrap().push(buf);
-        Ok(info)
-    }
-}
-
 #[derive(Debug, PartialEq)]
 enum Outcome {
     Dropped,
-    /// hickory answers FORMERR itself when the body does not decode.
-    HickoryFormErr,
+    /// FORMERR when the body does not decode.
+    FormErr,
     Answered(Message),
 }
 
 async fn drive(bytes: &[u8], protocol: Protocol) -> Outcome {
     let mut decoder = BinDecoder::new(bytes);
     let Ok(header) = Header::read(&mut decoder) else {
+        assert!(super::udp::respond(&HANDLER, bytes.to_vec(), src(), protocol).await.is_none());
         return Outcome::Dropped;
     };
-    let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
-    let Ok(request) = Request::from_bytes(bytes.to_vec(), src, protocol) else {
-        return Outcome::HickoryFormErr;
-    };
-    if request.metadata.message_type == MessageType::Response {
+    let decodes = Request::from_bytes(bytes.to_vec(), src(), protocol).ok();
+    let Some(answer) = super::udp::respond(&HANDLER, bytes.to_vec(), src(), protocol).await else {
+        assert_eq!(header.metadata.message_type, MessageType::Response, "only responses are dropped");
         return Outcome::Dropped;
-    }
-    let capture = Capture { protocol, sent: Arc::default() };
-    HANDLER.handle_request::<_, TokioTime>(&request, capture.clone()).await;
-    let sent = capture.sent.lock().unwrap().clone();
-    assert_eq!(sent.len(), 1, "exactly one response per request");
+    };
+    let Some(request) = decodes else {
+        let reply = Message::from_vec(&answer).expect("the FORMERR decodes");
+        assert_eq!(reply.metadata.response_code, hickory_proto::op::ResponseCode::FormErr);
+        assert_eq!(reply.metadata.id, header.metadata.id);
+        return Outcome::FormErr;
+    };
+    let sent = [answer];
     let limit = match (protocol, &request.edns) {
         (Protocol::Udp, Some(e)) => e.max_payload().max(512) as usize,
         (Protocol::Udp, None) => 512,

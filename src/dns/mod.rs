@@ -41,6 +41,7 @@ mod handler;
 mod names;
 mod records;
 mod recursor;
+mod udp;
 
 #[cfg(test)]
 mod fuzz;
@@ -88,6 +89,12 @@ pub trait DnsCatalog: Send + Sync + 'static {
     async fn prepared_query(&self, dc: Option<&str>, name: &str, source: Option<IpAddr>) -> Result<Option<QueryResult>, LookupError>;
     /// The agent's own datacenter.
     fn datacenter(&self) -> String;
+    /// A number that changes whenever any answer could (the catalog's Raft index), when this
+    /// catalog has one that is cheap to read: encoded answers are cached per generation. `None`
+    /// turns the answer cache off.
+    fn generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The aggregated health of one service instance: the worst of its node's and its own checks.
@@ -235,20 +242,22 @@ impl Default for DnsConfig {
 /// The DNS server: owns the config and the catalog, serves one UDP socket and one TCP listener.
 pub struct DnsServer {
     handler: Handler,
+    catalog: Arc<dyn DnsCatalog>,
 }
 
 impl DnsServer {
     /// `node_name` is the agent's own node, used for the NS record when no server instances
     /// of the `consul` service are registered.
     pub fn new(cfg: DnsConfig, catalog: Arc<dyn DnsCatalog>, node_name: String) -> Self {
-        Self { handler: Handler::new(cfg, catalog, node_name) }
+        Self { handler: Handler::new(cfg, catalog.clone(), node_name), catalog }
     }
 
     /// Serve queries on the bound `udp` socket and `tcp` listener until `shutdown` is
     /// cancelled. Returns an error only if a socket fails for good.
     pub async fn run(self, udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+        // UDP runs our own loop with the answer cache; TCP is hickory's server.
+        let udp_task = tokio::spawn(udp::serve(udp, self.handler.clone(), self.catalog, shutdown.clone()));
         let mut server = Server::new(self.handler);
-        server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
         let server_token = server.shutdown_token().clone();
         let relay = tokio::spawn(async move {
@@ -257,6 +266,7 @@ impl DnsServer {
         });
         let result = server.block_until_done().await;
         relay.abort();
+        let _ = udp_task.await;
         result.map_err(|e| std::io::Error::other(e.to_string()))
     }
 }

@@ -36,6 +36,8 @@ pub(super) struct TestCatalog {
     pub queries: HashMap<String, QueryResult>,
     pub unavailable: AtomicBool,
     pub calls: AtomicUsize,
+    /// What `generation` reports: `Some` turns the UDP answer cache on.
+    pub generation: Option<u64>,
 }
 
 impl TestCatalog {
@@ -91,6 +93,10 @@ impl DnsCatalog for TestCatalog {
 
     fn datacenter(&self) -> String {
         self.dc.clone()
+    }
+
+    fn generation(&self) -> Option<u64> {
+        self.generation
     }
 }
 
@@ -483,6 +489,28 @@ async fn answers_are_shuffled_across_queries() {
         orders.insert(m.answers.iter().map(|r| r.data.ip_addr().unwrap()).collect::<Vec<_>>());
     }
     assert!(orders.len() > 1, "20 answers of 10 records all came in the same order");
+}
+
+/// With the answer cache on (the catalog reports a generation), repeated UDP questions are
+/// answered from cached bytes: the catalog stops being asked once every variant exists, the
+/// answers keep the asker's ID and spelling, and they still come in more than one order.
+#[tokio::test]
+async fn cached_udp_answers_stay_shuffled_and_stop_asking_the_catalog() {
+    let catalog = Arc::new(TestCatalog { generation: Some(1), ..big_catalog(10) });
+    let s = serve_arc(cfg(), catalog.clone()).await;
+    let mut c = udp_client(s.udp).await;
+    let mut orders = std::collections::HashSet::new();
+    for i in 0..60 {
+        let name = if i % 2 == 0 { "big.service.consul." } else { "BIG.service.Consul." };
+        let m = ask(&mut c, name, RecordType::A).await;
+        assert_eq!(m.answers.len(), 10);
+        assert_eq!(m.queries[0].name().to_ascii(), name);
+        assert!(m.answers.iter().all(|r| r.name.to_ascii() == name), "answers use the name as asked");
+        orders.insert(m.answers.iter().map(|r| r.data.ip_addr().unwrap()).collect::<Vec<_>>());
+    }
+    assert!(orders.len() > 1, "60 cached answers all came in the same order");
+    let calls = catalog.calls.load(Ordering::Relaxed);
+    assert!(calls <= 2 * super::udp::VARIANTS, "{calls} catalog reads for 60 questions");
 }
 
 // ------------------------------------------------------------------ nodes, addr, PTR, prepared queries

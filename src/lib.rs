@@ -8,6 +8,7 @@ pub mod config;
 pub mod consensus;
 pub mod dns;
 pub mod duration;
+pub mod federation;
 pub mod membership;
 pub mod rpc;
 pub mod state;

@@ -18,6 +18,7 @@ const ELECT_RETRY: Duration = Duration::from_millis(50);
 pub struct ClusterHandler {
     pub node: RaftNode,
     pub datacenter: String,
+    pub federation: crate::federation::Router,
 }
 
 pub fn hello(node: &RaftNode, datacenter: &str) -> HelloInfo {
@@ -53,6 +54,7 @@ impl Handler for ClusterHandler {
     fn handle(&self, peer: Peer, body: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
         let node = self.node.clone();
         let dc = self.datacenter.clone();
+        let federation = self.federation.clone();
         async move {
             let req: ClusterRpc = rpc::decode(&body)?;
             let reply = match req {
@@ -64,7 +66,11 @@ impl Handler for ClusterHandler {
                     })?;
                     ClusterReply::Applied { outcome, index }
                 }
-                ClusterRpc::Read(q) => ClusterReply::Read(Box::new(node.store.read().expect("state lock").data().answer(&q))),
+                ClusterRpc::Read { dc: Some(remote), query } if !federation.is_local(&remote) => {
+                    ClusterReply::Read(Box::new(federation.read(&remote, query).await?))
+                }
+                ClusterRpc::Read { query, .. } => ClusterReply::Read(Box::new(node.store.read().expect("state lock").data().answer(&query))),
+                ClusterRpc::Datacenters => ClusterReply::Datacenters(federation.datacenters()),
                 ClusterRpc::NodeState { node: name } => ClusterReply::NodeState(Box::new(node.node_state(&name))),
                 ClusterRpc::Join { id, node: server } => {
                     if !peer.is_server {

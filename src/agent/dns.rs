@@ -4,7 +4,8 @@
 use std::net::IpAddr;
 
 use crate::dns::{DnsCatalog, Health, Instance, LookupError, NodeInfo, PtrTarget, QueryResult};
-use crate::state::catalog::{CatalogAnswer, CatalogQuery, ServiceInstance};
+use crate::federation::{Router, failover_targets};
+use crate::state::catalog::{CatalogAnswer, CatalogQuery, QueryAnswer, ServiceInstance};
 use crate::state::query::order_near;
 use crate::state::{CheckStatus, Table};
 
@@ -15,18 +16,13 @@ pub struct CatalogDns {
     pub datacenter: String,
     /// This agent's node, what a prepared query's `Near = "_agent"` means.
     pub node_name: String,
+    /// Servers route other datacenters' lookups themselves; client agents (`None`) ask a
+    /// server to.
+    pub federation: Option<Router>,
 }
 
 impl CatalogDns {
-    /// Only this datacenter is reachable until federation exists.
-    fn check_dc(&self, dc: Option<&str>) -> Result<(), LookupError> {
-        match dc {
-            Some(d) if !d.eq_ignore_ascii_case(&self.datacenter) => Err(LookupError::UnknownDatacenter),
-            _ => Ok(()),
-        }
-    }
-
-    fn instance(&self, n: crate::state::Node, s: crate::state::Service, checks: &[crate::state::HealthCheck]) -> Instance {
+    fn instance(&self, dc: &str, n: crate::state::Node, s: crate::state::Service, checks: &[crate::state::HealthCheck]) -> Instance {
         Instance {
             node: n.node,
             node_address: n.address,
@@ -34,12 +30,41 @@ impl CatalogDns {
             port: s.port,
             status: health(checks),
             node_meta: n.meta,
-            datacenter: self.datacenter.clone(),
+            datacenter: dc.to_string(),
         }
     }
 
-    async fn read(&self, q: CatalogQuery) -> Result<CatalogAnswer, LookupError> {
-        self.upstream.read(q).await.map_err(LookupError::Unavailable)
+    /// The datacenter `dc` names: this one when `None` or our own.
+    fn dc_of<'a>(&'a self, dc: Option<&'a str>) -> &'a str {
+        dc.filter(|d| !d.eq_ignore_ascii_case(&self.datacenter)).unwrap_or(&self.datacenter)
+    }
+
+    /// A catalog read in `dc`: this datacenter's state, or another datacenter's servers.
+    async fn read(&self, dc: &str, q: CatalogQuery) -> Result<CatalogAnswer, LookupError> {
+        let result = if dc == self.datacenter {
+            self.upstream.read(None, q).await
+        } else if let Some(router) = &self.federation {
+            router.read(dc, q).await.map_err(|e| e.message)
+        } else {
+            self.upstream.read(Some(dc), q).await
+        };
+        result.map_err(|e| if e.contains("No path to datacenter") { LookupError::UnknownDatacenter } else { LookupError::Unavailable(e) })
+    }
+
+    async fn datacenters(&self) -> Vec<String> {
+        match &self.federation {
+            Some(r) => r.datacenters(),
+            None => self.upstream.datacenters().await.unwrap_or_default(),
+        }
+    }
+
+    /// Run a query in `dc` (`name` there, or the given definition on failover).
+    async fn query_in(&self, dc: &str, q: CatalogQuery) -> Result<Option<Box<QueryAnswer>>, LookupError> {
+        let CatalogAnswer::Query(answer) = self.read(dc, q).await? else {
+            return Err(LookupError::Unavailable("unexpected catalog answer".into()));
+        };
+        // A template that cannot render for this name answers like an unknown name.
+        Ok(answer.ok().flatten())
     }
 }
 
@@ -54,24 +79,24 @@ fn health(checks: &[crate::state::HealthCheck]) -> Health {
 #[async_trait::async_trait]
 impl DnsCatalog for CatalogDns {
     async fn service_instances(&self, dc: Option<&str>, service: &str, tag: Option<&str>) -> Result<Vec<Instance>, LookupError> {
-        self.check_dc(dc)?;
-        let CatalogAnswer::Instances(list) = self.read(CatalogQuery::ServiceInstances { service: service.into(), tag: tag.map(Into::into) }).await?
-        else {
+        let dc = self.dc_of(dc);
+        let q = CatalogQuery::ServiceInstances { service: service.into(), tag: tag.map(Into::into) };
+        let CatalogAnswer::Instances(list) = self.read(dc, q).await? else {
             return Err(LookupError::Unavailable("unexpected catalog answer".into()));
         };
-        Ok(list.into_iter().map(|(n, s, checks)| self.instance(n, s, &checks)).collect())
+        Ok(list.into_iter().map(|(n, s, checks)| self.instance(dc, n, s, &checks)).collect())
     }
 
     async fn node(&self, dc: Option<&str>, name: &str) -> Result<Option<NodeInfo>, LookupError> {
-        self.check_dc(dc)?;
-        let CatalogAnswer::Node(n) = self.read(CatalogQuery::Node { name: name.into() }).await? else {
+        let dc = self.dc_of(dc);
+        let CatalogAnswer::Node(n) = self.read(dc, CatalogQuery::Node { name: name.into() }).await? else {
             return Err(LookupError::Unavailable("unexpected catalog answer".into()));
         };
-        Ok(n.map(|n| NodeInfo { name: n.node, address: n.address, meta: n.meta, datacenter: self.datacenter.clone() }))
+        Ok(n.map(|n| NodeInfo { name: n.node, address: n.address, meta: n.meta, datacenter: dc.to_string() }))
     }
 
     async fn by_address(&self, ip: IpAddr) -> Result<Vec<PtrTarget>, LookupError> {
-        let CatalogAnswer::ByAddress { nodes, services } = self.read(CatalogQuery::ByAddress { ip: ip.to_string() }).await? else {
+        let CatalogAnswer::ByAddress { nodes, services } = self.read(&self.datacenter, CatalogQuery::ByAddress { ip: ip.to_string() }).await? else {
             return Err(LookupError::Unavailable("unexpected catalog answer".into()));
         };
         let dc = self.datacenter.clone();
@@ -83,13 +108,25 @@ impl DnsCatalog for CatalogDns {
     }
 
     async fn prepared_query(&self, dc: Option<&str>, name: &str, source: Option<IpAddr>) -> Result<Option<QueryResult>, LookupError> {
-        self.check_dc(dc)?;
+        let mut dc = self.dc_of(dc).to_string();
         let q = CatalogQuery::PreparedQuery { name: name.into(), agent: self.node_name.clone(), source: source.map(|ip| ip.to_string()) };
-        let CatalogAnswer::Query(answer) = self.read(q).await? else {
-            return Err(LookupError::Unavailable("unexpected catalog answer".into()));
-        };
-        // A template that cannot render for this name answers like an unknown name.
-        let Some(answer) = answer.ok().flatten() else { return Ok(None) };
+        let Some(mut answer) = self.query_in(&dc, q).await? else { return Ok(None) };
+        // Nothing healthy here: the query's failover datacenters, nearest first.
+        if answer.instances.is_empty() && dc == self.datacenter {
+            let targets = failover_targets(&answer.query.service.failover, &self.datacenters().await, &self.datacenter);
+            for target in targets {
+                let q = CatalogQuery::ExecuteQuery(Box::new(answer.query.clone()));
+                match self.query_in(&target, q).await {
+                    Ok(Some(remote)) if !remote.instances.is_empty() => {
+                        answer = remote;
+                        dc = target;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(dc = %target, error = ?e, "prepared query failover target failed"),
+                }
+            }
+        }
         // Checks the query ignores do not count towards an instance's health here either.
         let ignored = &answer.query.service.ignore_check_ids;
         let mut instances: Vec<ServiceInstance> = answer
@@ -102,7 +139,7 @@ impl DnsCatalog for CatalogDns {
             .collect();
         order_near(&mut instances, answer.near.as_deref());
         Ok(Some(QueryResult {
-            instances: instances.into_iter().map(|i| self.instance(i.node, i.service, &i.checks)).collect(),
+            instances: instances.into_iter().map(|i| self.instance(&dc, i.node, i.service, &i.checks)).collect(),
             ttl: crate::duration::parse(&answer.query.dns.ttl),
             only_passing: answer.query.service.only_passing,
             service: answer.query.service.service,

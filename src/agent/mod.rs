@@ -97,6 +97,7 @@ pub struct Agent {
     reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     storage: Option<Storage>,
     gossip: Gossip,
+    wan: Option<Gossip>,
     tasks: JoinSet<&'static str>,
     shutdown: CancellationToken,
     http_addr: std::net::SocketAddr,
@@ -181,6 +182,46 @@ impl Agent {
         .await
         .map_err(|e| AgentError::Gossip(e.to_string()))?;
 
+        // Servers also join the WAN pool of every datacenter's servers, as `<node>.<dc>`.
+        let wan = match (cfg.server, cfg.serf_wan_port) {
+            (true, Some(port)) => {
+                let bind = wan_address(&cfg, port)?;
+                let mut tags = std::collections::BTreeMap::from([
+                    ("role".to_string(), "consul".to_string()),
+                    ("dc".to_string(), cfg.datacenter.clone()),
+                    ("id".to_string(), node_uuid.clone()),
+                    ("build".to_string(), api::version().to_string()),
+                    ("vsn".to_string(), "2".to_string()),
+                    ("port".to_string(), rpc_addr.port().to_string()),
+                ]);
+                let keyring =
+                    cfg.encrypt.as_deref().map(membership::keyring::Keyring::new).transpose().map_err(|e| AgentError::Gossip(e.to_string()))?;
+                if let Some(k) = &keyring {
+                    tags.extend(ops::keyring_tags(k));
+                }
+                let (g, worker) = membership::start(membership::GossipConfig {
+                    node_name: format!("{}.{}", cfg.node_name, cfg.datacenter),
+                    bind,
+                    advertise: bind,
+                    tags,
+                    keyring,
+                    profile: membership::Profile::wan(),
+                    reap_failed_after: cfg.reconnect_timeout,
+                })
+                .await
+                .map_err(|e| AgentError::Gossip(format!("WAN pool: {e}")))?;
+                Some((g, worker))
+            }
+            _ => None,
+        };
+        let wan_gossip = wan.as_ref().map(|(g, _)| g.clone());
+        let federation = match &material {
+            Some(m) if cfg.server => {
+                Some(crate::federation::Router::new(cfg.datacenter.clone(), cfg.domain.clone(), wan_gossip.clone(), m.client_config()?))
+            }
+            _ => None,
+        };
+
         let shutdown = CancellationToken::new();
         let facts = local::NodeFacts {
             name: cfg.node_name.clone(),
@@ -217,6 +258,8 @@ impl Agent {
             raft: node.clone(),
             datacenter: cfg.datacenter.clone(),
             serf_lan_port: cfg.serf_lan_port,
+            wan: wan_gossip.clone(),
+            serf_wan_port: cfg.serf_wan_port.unwrap_or(crate::config::DEFAULT_SERF_WAN_PORT),
             shutdown: shutdown.clone(),
             reload: reload.clone(),
         };
@@ -239,6 +282,7 @@ impl Agent {
             },
             node: node.clone(),
             rpc: client.clone(),
+            federation: federation.clone(),
             agent: Arc::new(handle),
             sessions: sessions.clone(),
             autopilot: health.clone(),
@@ -292,8 +336,12 @@ impl Agent {
         if let Some(port) = cfg.dns_port {
             let (udp, tcp) = dns_sockets(std::net::SocketAddr::new(cfg.client_addr, port)).await?;
             let dns_cfg = cfg.dns.clone();
-            let catalog =
-                Arc::new(dns::CatalogDns { upstream: upstream.clone(), datacenter: cfg.datacenter.clone(), node_name: cfg.node_name.clone() });
+            let catalog = Arc::new(dns::CatalogDns {
+                upstream: upstream.clone(),
+                datacenter: cfg.datacenter.clone(),
+                node_name: cfg.node_name.clone(),
+                federation: federation.clone(),
+            });
             let server = crate::dns::DnsServer::new(dns_cfg, catalog, cfg.node_name.clone());
             let token = shutdown.clone();
             tasks.spawn(async move {
@@ -322,6 +370,24 @@ impl Agent {
             let current = worker.restore();
             tasks.spawn(worker.run(current, shutdown.clone()).map_name("auto-encrypt"));
         }
+        if let Some((g, worker)) = wan {
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = worker.run(token).await {
+                    error!(error = %e, "WAN gossip failed");
+                }
+                "wan-gossip"
+            });
+            let wan_join = join::GossipJoinWorker {
+                gossip: g,
+                retry_join: cfg.retry_join_wan.clone(),
+                default_port: cfg.serf_wan_port.unwrap_or(crate::config::DEFAULT_SERF_WAN_PORT),
+            };
+            tasks.spawn(wan_join.run(shutdown.clone()).map_name("wan-join"));
+        }
+        if let Some(router) = &federation {
+            tasks.spawn(router.clone().run_probes(shutdown.clone()).map_name("wan-probes"));
+        }
         let lan_join = join::GossipJoinWorker { gossip: gossip.clone(), retry_join: cfg.retry_join.clone(), default_port: cfg.serf_lan_port };
         tasks.spawn(lan_join.run(shutdown.clone()).map_name("lan-join"));
 
@@ -344,7 +410,11 @@ impl Agent {
                 );
                 tasks.spawn(auto_encrypt::trust_agent_ca(node.clone(), verifier, shutdown.clone()).map_name("agent-ca"));
                 rpc_server.register(Service::Raft, Arc::new(RaftHandler { raft: node.raft.clone(), contacts: node.contacts.clone() }));
-                rpc_server.register(Service::Cluster, Arc::new(cluster::ClusterHandler { node: node.clone(), datacenter: cfg.datacenter.clone() }));
+                let dc_router = federation.clone().expect("servers have a federation router");
+                rpc_server.register(
+                    Service::Cluster,
+                    Arc::new(cluster::ClusterHandler { node: node.clone(), datacenter: cfg.datacenter.clone(), federation: dc_router }),
+                );
                 rpc_server.register(Service::Http, Arc::new(api::forward::HttpHandler { router: router.clone() }));
                 let token = shutdown.clone();
                 tasks.spawn(async move {
@@ -378,7 +448,7 @@ impl Agent {
         };
 
         info!(node = %cfg.node_name, dc = %cfg.datacenter, mode = if cfg.server { "server" } else { "client" }, http = %http_addr, rpc = %rpc_addr, gossip = %gossip_addr, data_dir = %dd.display(), "trellis agent running");
-        Ok(Agent { node, reload, storage, gossip, tasks, shutdown, http_addr })
+        Ok(Agent { node, reload, storage, gossip, wan: wan_gossip, tasks, shutdown, http_addr })
     }
 
     pub fn http_addr(&self) -> std::net::SocketAddr {
@@ -421,6 +491,11 @@ impl Agent {
         if let Err(e) = self.gossip.leave(LEAVE_DEADLINE).await {
             warn!(error = %e, "leaving the gossip pool failed");
         }
+        if let Some(wan) = &self.wan
+            && let Err(e) = wan.leave(LEAVE_DEADLINE).await
+        {
+            warn!(error = %e, "leaving the WAN pool failed");
+        }
         self.shutdown.cancel();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(DRAIN_DEADLINE, drain).await.is_err() {
@@ -460,8 +535,16 @@ impl Agent {
 /// The LAN gossip address; port 0 picks a free port (for tests and several dev agents on one
 /// host), found by binding a throwaway socket, since other members need the real number.
 fn gossip_address(cfg: &Config) -> Result<std::net::SocketAddr, AgentError> {
-    let addr = std::net::SocketAddr::new(cfg.bind_addr, cfg.serf_lan_port);
-    if cfg.serf_lan_port != 0 {
+    pool_address(cfg.bind_addr, cfg.serf_lan_port, "LAN gossip")
+}
+
+fn wan_address(cfg: &Config, port: u16) -> Result<std::net::SocketAddr, AgentError> {
+    pool_address(cfg.bind_addr, port, "WAN gossip")
+}
+
+fn pool_address(ip: std::net::IpAddr, port: u16, what: &'static str) -> Result<std::net::SocketAddr, AgentError> {
+    let addr = std::net::SocketAddr::new(ip, port);
+    if port != 0 {
         return Ok(addr);
     }
     // Gossip listens on UDP and TCP at the same port: find one free for both.
@@ -473,7 +556,7 @@ fn gossip_address(cfg: &Config) -> Result<std::net::SocketAddr, AgentError> {
             Err(e) => last = Some(e),
         }
     }
-    Err(AgentError::Bind { what: "LAN gossip", addr, error: last.unwrap_or_else(|| std::io::Error::other("no free port")) })
+    Err(AgentError::Bind { what, addr, error: last.unwrap_or_else(|| std::io::Error::other("no free port")) })
 }
 
 /// DNS listens on UDP and TCP at the same port; port 0 picks one free for both.

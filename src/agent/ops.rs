@@ -145,6 +145,9 @@ pub struct AgentHandle {
     pub raft: Option<RaftNode>,
     pub datacenter: String,
     pub serf_lan_port: u16,
+    /// The WAN pool (servers only).
+    pub wan: Option<Gossip>,
+    pub serf_wan_port: u16,
     /// Cancelled by `/v1/agent/leave`, which stops the agent after it leaves.
     pub shutdown: CancellationToken,
     /// Re-read configuration (SIGHUP and `/v1/agent/reload`).
@@ -183,20 +186,11 @@ fn bad(e: impl std::fmt::Display) -> ApiError {
 
 impl AgentOps for AgentHandle {
     fn members(&self, wan: bool) -> Vec<Value> {
-        let members = self.gossip.members();
         if wan {
-            // The WAN pool arrives with federation; until then it is this datacenter's servers.
-            return members
-                .iter()
-                .filter(|m| m.tags.get("role").map(String::as_str) == Some("consul"))
-                .map(|m| {
-                    let mut v = member_json(m);
-                    v["Name"] = json!(format!("{}.{}", m.name, self.datacenter));
-                    v
-                })
-                .collect();
+            // Only servers are in the WAN pool (as `<node>.<dc>`); a client agent has none.
+            return self.wan.as_ref().map(|w| w.members().iter().map(member_json).collect()).unwrap_or_default();
         }
-        members.iter().map(member_json).collect()
+        self.gossip.members().iter().map(member_json).collect()
     }
 
     fn member_self(&self) -> Value {
@@ -259,12 +253,14 @@ impl AgentOps for AgentHandle {
 
     fn join(&self, addr: String, wan: bool) -> BoxFuture<'_, Result<(), ApiError>> {
         async move {
-            if wan {
-                return Err(ApiError::BadRequest("WAN join is not available until WAN federation exists".into()));
-            }
-            let target = if addr.contains(':') { addr.clone() } else { format!("{addr}:{}", self.serf_lan_port) };
+            let (pool, port) = match (wan, &self.wan) {
+                (false, _) => (&self.gossip, self.serf_lan_port),
+                (true, Some(w)) => (w, self.serf_wan_port),
+                (true, None) => return Err(bad("this agent is not in a WAN pool: only servers with a WAN gossip port join one")),
+            };
+            let target = if addr.contains(':') { addr.clone() } else { format!("{addr}:{port}") };
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&target).await.map_err(|e| bad(format!("cannot resolve {addr}: {e}")))?.collect();
-            let n = self.gossip.join(&addrs).await.map_err(bad)?;
+            let n = pool.join(&addrs).await.map_err(bad)?;
             if n == 0 {
                 return Err(ApiError::Internal(format!("Unable to join {addr}: no answer")));
             }

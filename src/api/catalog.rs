@@ -219,8 +219,10 @@ pub fn write_reply(ctx: &Ctx, index: u64, value: bool) -> Response {
     reply(&Meta::of(ctx, index, &Params::default()), &value)
 }
 
+/// Every known datacenter, this one first, then nearest first (measured round trips).
 async fn datacenters(State(ctx): State<Ctx>) -> Response {
-    axum::response::IntoResponse::into_response(axum::Json(vec![ctx.info.datacenter.clone()]))
+    let list = ctx.federation.as_ref().map(|f| f.datacenters()).unwrap_or_else(|| vec![ctx.info.datacenter.clone()]);
+    axum::response::IntoResponse::into_response(axum::Json(list))
 }
 
 pub fn node_json(n: &Node, dc: &str) -> Value {

@@ -38,26 +38,35 @@ pub struct ForwardedResponse {
 }
 
 /// Paths answered by whichever agent receives them. Servers also answer `/v1/status/*` from
-/// their own Raft view; client agents forward those.
+/// their own Raft view and list the datacenters from their WAN pool; client agents forward
+/// those.
 fn is_local(path: &str, server: bool) -> bool {
     !path.starts_with("/v1/")
         || path.starts_with("/v1/agent/")
         || path.starts_with("/v1/event/")
         || (server && path.starts_with("/v1/status/"))
-        || path == "/v1/catalog/datacenters"
+        || (server && path == "/v1/catalog/datacenters")
 }
 
 pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let params = Params::parse(req.uri().query());
-    // The agent's own endpoints and the UI ignore `?dc=` (the UI reads it in the browser).
+    // `?dc=` naming another datacenter: a server sends the request to a server there, which
+    // answers it as its own (forwarding to its leader as needed); a client agent relays it to
+    // one of its servers. The agent's own endpoints and the UI ignore it (the UI reads it in
+    // the browser).
     if let Some(dc) = params.get("dc")
         && path.starts_with("/v1/")
         && !path.starts_with("/v1/agent/")
         && !dc.is_empty()
-        && dc != ctx.info.datacenter
+        && !dc.eq_ignore_ascii_case(&ctx.info.datacenter)
     {
-        return ApiError::NoPathToDatacenter.into_response();
+        let dc = dc.to_string();
+        let result = match &ctx.federation {
+            Some(router) => relay_to_dc(router, &dc, req, &params).await,
+            None => relay_any(&ctx, req, &params).await,
+        };
+        return result.unwrap_or_else(IntoResponse::into_response);
     }
     let Some(node) = &ctx.node else {
         // A client agent: everything but its own endpoints goes to a server, which forwards
@@ -103,6 +112,22 @@ async fn relay_any(ctx: &Ctx, req: Request, params: &Params) -> Result<Response,
     Err(last)
 }
 
+/// Send a request to a server of another datacenter (the federation router picks one and
+/// moves on while servers are unreachable).
+async fn relay_to_dc(router: &crate::federation::Router, dc: &str, req: Request, params: &Params) -> Result<Response, ApiError> {
+    let fwd = forwarded(req).await?;
+    let body = rpc::encode(&fwd).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let bytes = match router.call(dc, Service::Http, body, relay_timeout(params)).await {
+        Ok(b) => b,
+        Err(e) if e.code == ErrorCode::Unreachable => {
+            tracing::debug!(%dc, error = %e, "no path to datacenter");
+            return Err(ApiError::NoPathToDatacenter);
+        }
+        Err(e) => return Err(ApiError::Internal(format!("rpc error forwarding to datacenter {dc}: {e}"))),
+    };
+    response(rpc::decode(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?)
+}
+
 async fn relay(ctx: &Ctx, leader: std::net::SocketAddr, req: Request, params: &Params) -> Result<Response, ApiError> {
     let fwd = forwarded(req).await?;
     match send(ctx, leader, &fwd, params).await {
@@ -122,14 +147,22 @@ async fn forwarded(req: Request) -> Result<ForwardedRequest, ApiError> {
     })
 }
 
-async fn send(ctx: &Ctx, to: std::net::SocketAddr, fwd: &ForwardedRequest, params: &Params) -> Result<Response, ApiError> {
+/// How long a relayed request may take: its own blocking wait plus slack.
+fn relay_timeout(params: &Params) -> Duration {
     let wait = params.get("wait").and_then(crate::duration::parse).unwrap_or(super::query::DEFAULT_WAIT).min(MAX_WAIT);
-    let timeout = if params.has("index") { wait + wait / 16 + FORWARD_SLACK } else { FORWARD_SLACK };
-    let resp: ForwardedResponse = match ctx.rpc.call_typed(to, Service::Http, fwd, timeout).await {
+    if params.has("index") { wait + wait / 16 + FORWARD_SLACK } else { FORWARD_SLACK }
+}
+
+async fn send(ctx: &Ctx, to: std::net::SocketAddr, fwd: &ForwardedRequest, params: &Params) -> Result<Response, ApiError> {
+    let resp: ForwardedResponse = match ctx.rpc.call_typed(to, Service::Http, fwd, relay_timeout(params)).await {
         Ok(r) => r,
         Err(e) if e.code == ErrorCode::Unreachable => return Err(ApiError::Unreachable(e.message)),
         Err(e) => return Err(ApiError::Internal(format!("rpc error forwarding to {to}: {e}"))),
     };
+    response(resp)
+}
+
+fn response(resp: ForwardedResponse) -> Result<Response, ApiError> {
     let mut out = Response::builder().status(StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
     for (k, v) in resp.headers {
         if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::from_bytes(&v)) {

@@ -60,6 +60,8 @@ pub struct ApiContext {
     pub node: Option<RaftNode>,
     /// RPC to other agents (forwarding).
     pub rpc: crate::rpc::RpcClient,
+    /// Routes to other datacenters (servers only; client agents relay `?dc=` to a server).
+    pub federation: Option<crate::federation::Router>,
     pub agent: Arc<dyn agent::AgentOps>,
     pub sessions: session::SessionTimers,
     pub autopilot: Arc<Mutex<operator::AutopilotHealth>>,

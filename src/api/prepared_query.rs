@@ -12,6 +12,8 @@ use super::catalog::{accepted, node_json, service_json};
 use super::error::decode;
 use super::query::{Meta, Params, blocking, reply};
 use super::{ApiError, Ctx};
+use crate::federation::failover_targets;
+use crate::state::catalog::{CatalogAnswer, CatalogQuery, ServiceInstance};
 use crate::state::query::{PreparedQuery, order_near};
 use crate::state::{Command, Outcome, StateData, Table};
 
@@ -122,6 +124,25 @@ async fn execute(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params, head
     })
     .await?;
     order_near(&mut instances, near.as_deref());
+    // Nothing healthy here: try the failover datacenters in order, with the same definition.
+    let (mut dc, mut failovers) = (dc, 0);
+    if instances.is_empty()
+        && let Some(router) = &ctx.federation
+    {
+        for target in failover_targets(&q.service.failover, &router.datacenters(), &dc) {
+            failovers += 1;
+            match router.read(&target, CatalogQuery::ExecuteQuery(Box::new(q.clone()))).await {
+                Ok(CatalogAnswer::Query(Ok(Some(answer)))) if !answer.instances.is_empty() => {
+                    instances = answer.instances.into_iter().map(|(node, service, checks)| ServiceInstance { node, service, checks }).collect();
+                    order_near(&mut instances, None);
+                    dc = target;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(dc = %target, error = %e, "prepared query failover target failed"),
+            }
+        }
+    }
     if limit > 0 {
         instances.truncate(limit);
     }
@@ -132,7 +153,7 @@ async fn execute(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params, head
         "Nodes": nodes,
         "DNS": { "TTL": q.dns.ttl },
         "Datacenter": dc,
-        "Failovers": 0,
+        "Failovers": failovers,
     });
     Ok(reply(&meta, &body))
 }

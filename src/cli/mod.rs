@@ -172,6 +172,9 @@ pub struct AgentArgs {
     /// Server to join at start (repeatable; retried until one answers)
     #[arg(long = "retry-join")]
     pub retry_join: Vec<String>,
+    /// Server of another datacenter to join in the WAN pool (repeatable; servers only)
+    #[arg(long = "retry-join-wan")]
+    pub retry_join_wan: Vec<String>,
     /// HTTP API port
     #[arg(long = "http-port")]
     pub http_port: Option<i64>,
@@ -199,6 +202,9 @@ pub struct AgentArgs {
     /// LAN gossip port
     #[arg(long = "serf-lan-port")]
     pub serf_lan_port: Option<i64>,
+    /// WAN gossip port of a server (-1 disables)
+    #[arg(long = "serf-wan-port", allow_negative_numbers = true)]
+    pub serf_wan_port: Option<i64>,
     /// Allow script checks
     #[arg(long = "enable-script-checks")]
     pub enable_script_checks: bool,
@@ -239,6 +245,7 @@ impl AgentArgs {
             bootstrap_expect: self.bootstrap_expect,
             bootstrap: some_true(self.bootstrap),
             retry_join: if self.retry_join.is_empty() { None } else { Some(self.retry_join.clone()) },
+            retry_join_wan: if self.retry_join_wan.is_empty() { None } else { Some(self.retry_join_wan.clone()) },
             bind_addr: self.bind.map(|a| a.to_string()),
             client_addr: self.client.map(|a| a.to_string()),
             ports: Some(RawPorts {
@@ -246,6 +253,7 @@ impl AgentArgs {
                 dns: self.dns_port,
                 server: self.server_port,
                 serf_lan: self.serf_lan_port,
+                serf_wan: self.serf_wan_port,
                 ..Default::default()
             }),
             encrypt: self.encrypt.clone(),

@@ -14,6 +14,7 @@ pub const DEFAULT_HTTP_PORT: u16 = 8500;
 pub const DEFAULT_DNS_PORT: u16 = 8600;
 pub const DEFAULT_SERVER_PORT: u16 = 8300;
 pub const DEFAULT_SERF_LAN_PORT: u16 = 8301;
+pub const DEFAULT_SERF_WAN_PORT: u16 = 8302;
 /// Consul's anti-entropy period for clusters up to 128 nodes.
 pub const DEFAULT_AE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 /// Consul's default for how long failed members are kept before they are reaped.
@@ -43,6 +44,8 @@ pub struct RawConfig {
     pub bootstrap: Option<bool>,
     /// Servers to join at start, retried until one answers (address or address:port).
     pub retry_join: Option<Vec<String>>,
+    /// Servers of other datacenters to join in the WAN pool (servers only).
+    pub retry_join_wan: Option<Vec<String>>,
     /// Address for cluster communication (RPC).
     pub bind_addr: Option<String>,
     /// Address the HTTP API and DNS listen on.
@@ -238,6 +241,7 @@ pub struct Config {
     pub dev: bool,
     pub bootstrap_expect: usize,
     pub retry_join: Vec<String>,
+    pub retry_join_wan: Vec<String>,
     pub bind_addr: IpAddr,
     pub client_addr: IpAddr,
     pub http_port: u16,
@@ -245,6 +249,8 @@ pub struct Config {
     pub dns_port: Option<u16>,
     pub server_port: u16,
     pub serf_lan_port: u16,
+    /// WAN gossip port of a server; `None` on client agents, or disabled with -1.
+    pub serf_wan_port: Option<u16>,
     pub domain: String,
     /// Gossip encryption key, validated base64.
     pub encrypt: Option<String>,
@@ -328,6 +334,7 @@ impl RawConfig {
             bootstrap_expect,
             bootstrap,
             retry_join,
+            retry_join_wan,
             bind_addr,
             client_addr
         );
@@ -403,7 +410,12 @@ impl RawConfig {
             errs.push("ports.serf_lan: LAN gossip cannot be disabled".into());
             DEFAULT_SERF_LAN_PORT
         });
-        for (key, v) in [("serf_wan", ports.serf_wan), ("https", ports.https), ("grpc", ports.grpc)] {
+        let serf_wan_port = port("serf_wan", ports.serf_wan, DEFAULT_SERF_WAN_PORT, &mut errs).filter(|_| dev || self.server.unwrap_or(false));
+        let retry_join_wan = self.retry_join_wan.unwrap_or_default();
+        if !retry_join_wan.is_empty() && serf_wan_port.is_none() {
+            errs.push("retry_join_wan: only servers with a WAN gossip port (ports.serf_wan) join the WAN pool".into());
+        }
+        for (key, v) in [("https", ports.https), ("grpc", ports.grpc)] {
             port(key, v, 0, &mut errs);
         }
         let encrypt = self.encrypt.filter(|k| !k.is_empty());
@@ -583,12 +595,14 @@ impl RawConfig {
             dev,
             bootstrap_expect,
             retry_join: self.retry_join.unwrap_or_default(),
+            retry_join_wan,
             bind_addr: if dev && bind_addr.is_unspecified() { loopback } else { bind_addr },
             client_addr,
             http_port,
             dns_port,
             server_port,
             serf_lan_port,
+            serf_wan_port,
             encrypt,
             dns,
             enable_script_checks: self.enable_script_checks.unwrap_or(false),

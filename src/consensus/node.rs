@@ -27,8 +27,11 @@ pub enum ClusterRpc {
     Join { id: NodeId, node: ServerNode },
     /// Apply a write: the leader applies it, a follower passes it on (at most `MAX_HOPS` times).
     Apply { req: Box<Request>, hops: u8 },
-    /// A catalog read for a client agent (DNS).
-    Read(crate::state::catalog::CatalogQuery),
+    /// A catalog read for a client agent (DNS), or from another datacenter's server. With
+    /// `dc` naming another datacenter, the receiving server passes it on there.
+    Read { dc: Option<String>, query: crate::state::catalog::CatalogQuery },
+    /// The datacenters this server knows, nearest first (for client agents' DNS failover).
+    Datacenters,
     /// A node's catalog entries, for a client agent's anti-entropy (read from the receiving
     /// server's state).
     NodeState { node: String },
@@ -53,6 +56,7 @@ pub enum ClusterReply {
     Applied { outcome: Outcome, index: u64 },
     NodeState(Box<NodeState>),
     Read(Box<crate::state::catalog::CatalogAnswer>),
+    Datacenters(Vec<String>),
     Elected,
 }
 

@@ -186,6 +186,23 @@ impl Handler {
     }
 }
 
+impl Handler {
+    /// Whether the answer to `name` depends only on this datacenter's catalog, so that it may
+    /// be cached per catalog generation: not other datacenters' names, not prepared queries
+    /// (their `Near` may depend on the client), not names outside the domain.
+    pub(crate) fn cacheable(&self, name: &Name, qtype: RecordType) -> bool {
+        let inner = &*self.inner;
+        let labels = labels_of(name);
+        let Some((_, rest)) = inner.split_domain(&labels) else { return false };
+        let own = inner.catalog.datacenter();
+        match names::parse(rest, qtype) {
+            Lookup::Service { dc, .. } | Lookup::Node { dc, .. } => dc.is_none_or(|d| d.eq_ignore_ascii_case(&own)),
+            Lookup::PreparedQuery { .. } => false,
+            Lookup::Apex | Lookup::Addr(_) | Lookup::Invalid => true,
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {

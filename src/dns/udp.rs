@@ -9,9 +9,10 @@
 //! and the question name as the client spelled it.
 //!
 //! Answers stay shuffled: each key keeps [`VARIANTS`] answers built independently (each one
-//! shuffled), and a hit returns one of them at random. Only authoritative answers from the
-//! catalog are kept (not recursor answers or errors), and not prepared queries, whose `Near`
-//! may depend on the client's address. TCP goes through hickory's server uncached.
+//! shuffled), and a hit returns one of them at random. Only authoritative answers from this
+//! datacenter's catalog are kept (not recursor answers, errors, other datacenters' names, or
+//! prepared queries, whose `Near` may depend on the client's address). TCP goes through
+//! hickory's server uncached.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -132,22 +133,20 @@ fn question_end(pkt: &[u8]) -> Option<usize> {
 }
 
 /// The cache key of a request: its bytes with the ID zeroed and the question name lowercased.
-/// `None` when the request is not cacheable (see [`question_end`]), or asks a prepared query.
+/// `None` when the request is not cacheable (see [`question_end`]).
 fn cache_key(pkt: &[u8]) -> Option<(Vec<u8>, usize)> {
     let qend = question_end(pkt)?;
     let mut key = pkt.to_vec();
     key[0] = 0;
     key[1] = 0;
     key[HEADER_LEN..qend].make_ascii_lowercase();
-    let mut at = HEADER_LEN;
-    while key[at] != 0 {
-        let len = key[at] as usize;
-        if &key[at + 1..at + 1 + len] == b"query" {
-            return None;
-        }
-        at += 1 + len;
-    }
     Some((key, qend))
+}
+
+/// Whether the question of `pkt` is one whose answer may be cached (the handler decides).
+fn cacheable(handler: &Handler, pkt: &[u8]) -> bool {
+    let Ok(m) = Message::from_vec(pkt) else { return false };
+    m.queries.first().is_some_and(|q| handler.cacheable(q.name(), q.query_type()))
 }
 
 struct Entry {
@@ -249,7 +248,9 @@ pub(crate) async fn serve(socket: UdpSocket, handler: Handler, catalog: Arc<dyn 
         tokio::spawn(async move {
             let _permit = permit;
             let Some(answer) = respond(&handler, pkt.clone(), src, Protocol::Udp).await else { return };
-            if let Some(g) = generation {
+            if let Some(g) = generation
+                && cacheable(&handler, &pkt)
+            {
                 cache.store(&pkt, g, &answer);
             }
             let _ = socket.send_to(&answer, src).await;
@@ -300,8 +301,6 @@ mod tests {
             cache.store(&q, 1, &answer_to(&q, false));
         }
         assert!(cache.answer(&q, 1).is_none());
-        let pq = query(1, "fast.query.consul.");
-        assert!(cache_key(&pq).is_none(), "prepared queries may depend on the client's address");
         assert!(question_end(&[0; 11]).is_none());
     }
 }

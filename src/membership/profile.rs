@@ -157,6 +157,21 @@ impl Profile {
         }
     }
 
+    /// WAN timings for the pool of servers across datacenters (memberlist's
+    /// DefaultWANConfig: probe every 5 s with a 3 s timeout, gossip every 500 ms, suspicion
+    /// six probe periods, push-pull every 60 s).
+    pub fn wan() -> Self {
+        Self {
+            probe_period: Duration::from_secs(5),
+            probe_rtt: Duration::from_secs(3),
+            suspicion_base: Duration::from_secs(30),
+            gossip_interval: Duration::from_millis(500),
+            push_pull_interval: Duration::from_secs(60),
+            join_timeout: Duration::from_secs(10),
+            ..Self::lan()
+        }
+    }
+
     /// Loopback test timings: same ratios as `lan()`, 5x faster.
     pub fn fast() -> Self {
         Self {

@@ -403,6 +403,8 @@ pub enum CatalogQuery {
     ByAddress {
         ip: String,
     },
+    /// Run a query given by its definition (another datacenter failing over to this one).
+    ExecuteQuery(Box<super::query::PreparedQuery>),
     /// Execute a prepared query; `agent` and `source` resolve `Near` values `_agent` and `_ip`.
     PreparedQuery {
         name: String,
@@ -452,6 +454,10 @@ impl StateData {
                 nodes: self.nodes.values().filter(|n| &n.address == ip).map(|n| n.node.clone()).collect(),
                 services: self.services.iter().filter(|(_, s)| &s.address == ip).map(|((node, _), s)| (s.service.clone(), node.clone())).collect(),
             },
+            CatalogQuery::ExecuteQuery(q) => {
+                let instances = self.execute_query(q).into_iter().map(|i| (i.node, i.service, i.checks)).collect();
+                CatalogAnswer::Query(Ok(Some(Box::new(QueryAnswer { query: (**q).clone(), instances, near: None }))))
+            }
             CatalogQuery::PreparedQuery { name, agent, source } => CatalogAnswer::Query(self.resolve_query(name).map(|q| {
                 q.map(|q| {
                     let near = match q.service.near.as_str() {

@@ -73,6 +73,9 @@ pub struct Cluster {
     ca_key: String,
     expect: usize,
     net: u8,
+    pub dc: String,
+    /// WAN pool addresses every server joins (other datacenters' servers).
+    pub wan_join: Vec<String>,
 }
 
 impl Cluster {
@@ -96,14 +99,52 @@ impl Cluster {
     }
 
     fn prepare(n: usize, extra: &[&str]) -> Cluster {
+        let ca = trellis::tls::create_ca("consul").expect("ca");
+        Cluster::prepare_in("dc1", ca, n, extra)
+    }
+
+    /// Start datacenters that federate over the WAN pool: `(name, servers, clients)` each, all
+    /// with certificates from one CA, every server joining the first server of each other
+    /// datacenter. Returns once every datacenter has a leader and lists all the others.
+    pub async fn start_federation(dcs: &[(&str, usize, usize)], extra: &[&str]) -> Vec<Cluster> {
+        let ca = trellis::tls::create_ca("consul").expect("ca");
+        let mut clusters: Vec<Cluster> = dcs.iter().map(|(dc, n, _)| Cluster::prepare_in(dc, ca.clone(), *n, extra)).collect();
+        let firsts: Vec<String> = clusters.iter().map(|c| c.servers[0].ip.clone()).collect();
+        for (i, (c, (_, _, clients))) in clusters.iter_mut().zip(dcs).enumerate() {
+            c.wan_join = firsts.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, ip)| ip.clone()).collect();
+            for _ in 0..*clients {
+                c.add_client(extra);
+            }
+            for k in 0..c.servers.len() {
+                c.spawn(k);
+            }
+        }
+        for c in &clusters {
+            c.wait_for_leader().await;
+            c.wait_for_catalog().await;
+        }
+        let mut all: Vec<String> = dcs.iter().map(|(dc, _, _)| dc.to_string()).collect();
+        all.sort();
+        for c in &clusters {
+            let url = format!("{}/v1/catalog/datacenters", c.servers[0].http());
+            eventually(&format!("{} to know every datacenter", c.dc), SOON, || async {
+                let mut got: Vec<String> = serde_json::from_value(c.get_json(&url).await.ok()?).ok()?;
+                got.sort();
+                (got == all).then_some(())
+            })
+            .await;
+        }
+        clusters
+    }
+
+    fn prepare_in(dc: &str, (ca_pem, ca_key): (String, String), n: usize, extra: &[&str]) -> Cluster {
         let net = subnet();
         let dir = tempfile::tempdir().expect("tempdir");
-        let (ca_pem, ca_key) = trellis::tls::create_ca("consul").expect("ca");
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, &ca_pem).unwrap();
         let mut servers = Vec::new();
         for i in 1..=n {
-            let (cert, key) = trellis::tls::create_cert(&ca_pem, &ca_key, trellis::tls::CertKind::Server, "dc1", "consul", &[]).expect("cert");
+            let (cert, key) = trellis::tls::create_cert(&ca_pem, &ca_key, trellis::tls::CertKind::Server, dc, "consul", &[]).expect("cert");
             let (cp, kp) = (dir.path().join(format!("s{i}.pem")), dir.path().join(format!("s{i}-key.pem")));
             std::fs::write(&cp, cert).unwrap();
             std::fs::write(&kp, key).unwrap();
@@ -119,13 +160,14 @@ impl Cluster {
             });
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-        Cluster { _dir: dir, servers, http, ca, ca_pem, ca_key, expect: n, net }
+        Cluster { _dir: dir, servers, http, ca, ca_pem, ca_key, expect: n, net, dc: dc.to_string(), wan_join: Vec::new() }
     }
 
     /// Add a client agent (not started); returns its index.
     pub fn add_client(&mut self, extra: &[&str]) -> usize {
         let k = self.servers.iter().filter(|s| !s.is_server).count() + 1;
-        let (cert, key) = trellis::tls::create_cert(&self.ca_pem, &self.ca_key, trellis::tls::CertKind::Client, "dc1", "consul", &[]).expect("cert");
+        let (cert, key) =
+            trellis::tls::create_cert(&self.ca_pem, &self.ca_key, trellis::tls::CertKind::Client, &self.dc, "consul", &[]).expect("cert");
         let dir = self._dir.path();
         let (cp, kp) = (dir.join(format!("c{k}.pem")), dir.join(format!("c{k}-key.pem")));
         std::fs::write(&cp, cert).unwrap();
@@ -169,9 +211,12 @@ impl Cluster {
     pub fn spawn(&mut self, i: usize) {
         let s = &self.servers[i];
         let mut cmd = Command::new(BIN);
-        cmd.args(["agent", "--node", &s.name, "--bind", &s.ip, "--client", &s.ip]);
+        cmd.args(["agent", "--node", &s.name, "--bind", &s.ip, "--client", &s.ip, "--datacenter", &self.dc]);
         if s.is_server {
             cmd.args(["--server", "--bootstrap-expect", &self.expect.to_string()]);
+            for ip in &self.wan_join {
+                cmd.args(["--retry-join-wan", ip]);
+            }
         }
         cmd.args(&s.extra).arg("--data-dir").arg(&s.data_dir).arg("--ca-file").arg(&self.ca);
         if let Some((cert, key)) = &s.cert {

@@ -6,5 +6,6 @@ mod api;
 mod cli;
 mod cluster;
 mod dns;
+mod federation;
 mod harness;
 mod snapshot;

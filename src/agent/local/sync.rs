@@ -60,13 +60,23 @@ impl Upstream {
     }
 
     /// A catalog read, from the local state on servers or from a server for clients.
-    pub async fn read(&self, q: crate::state::catalog::CatalogQuery) -> Result<crate::state::catalog::CatalogAnswer, String> {
+    /// A catalog read from this datacenter's state, or (`dc` set, client agents only) one a
+    /// server passes on to another datacenter.
+    pub async fn read(&self, dc: Option<&str>, q: crate::state::catalog::CatalogQuery) -> Result<crate::state::catalog::CatalogAnswer, String> {
         match self {
             Upstream::Raft(n) => Ok(n.store.read().expect("state lock").data().answer(&q)),
-            Upstream::Rpc { .. } => match self.call(ClusterRpc::Read(q)).await? {
+            Upstream::Rpc { .. } => match self.call(ClusterRpc::Read { dc: dc.map(str::to_string), query: q }).await? {
                 ClusterReply::Read(a) => Ok(*a),
                 _ => Err("unexpected reply".into()),
             },
+        }
+    }
+
+    /// The datacenters a server knows, nearest first.
+    pub async fn datacenters(&self) -> Result<Vec<String>, String> {
+        match self.call(ClusterRpc::Datacenters).await? {
+            ClusterReply::Datacenters(d) => Ok(d),
+            _ => Err("unexpected reply".into()),
         }
     }
 

@@ -1,0 +1,186 @@
+//! Cross-datacenter routing for WAN ("traditional") federation: which servers each datacenter
+//! has, as the WAN gossip pool of servers tells; how far each datacenter is; and the one call
+//! every cross-datacenter request goes through ([`Router::call`]: "any healthy server of dc2").
+//! Federation through mesh gateways will replace what that call dials, nothing else.
+//!
+//! Distances are measured, not estimated from network coordinates: every
+//! [`PROBE_INTERVAL`] each remote datacenter's servers (up to [`PROBE_SERVERS`]) are asked a
+//! `Hello` and the median round trip is kept.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::consensus::node::{ClusterReply, ClusterRpc};
+use crate::membership::{Gossip, MemberStatus};
+use crate::rpc::{self, ErrorCode, RpcClient, RpcError, Service};
+use crate::state::catalog::{CatalogAnswer, CatalogQuery};
+
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+pub const PROBE_SERVERS: usize = 3;
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shared, cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local_dc: String,
+    domain: String,
+    /// The WAN pool; `None` on a server with WAN gossip disabled (it knows only itself).
+    wan: Option<Gossip>,
+    tls: Arc<rustls::ClientConfig>,
+    /// One RPC client per remote datacenter: each verifies `server.<dc>.<domain>`.
+    clients: Mutex<HashMap<String, RpcClient>>,
+    rtt: Mutex<HashMap<String, Duration>>,
+}
+
+impl Router {
+    pub fn new(local_dc: String, domain: String, wan: Option<Gossip>, tls: Arc<rustls::ClientConfig>) -> Router {
+        Router { inner: Arc::new(Inner { local_dc, domain, wan, tls, clients: Mutex::default(), rtt: Mutex::default() }) }
+    }
+
+    pub fn local_dc(&self) -> &str {
+        &self.inner.local_dc
+    }
+
+    pub fn is_local(&self, dc: &str) -> bool {
+        dc.is_empty() || dc.eq_ignore_ascii_case(&self.inner.local_dc)
+    }
+
+    /// RPC addresses of the alive servers of `dc`, as the WAN pool sees them.
+    pub fn servers(&self, dc: &str) -> Vec<SocketAddr> {
+        let Some(wan) = &self.inner.wan else { return Vec::new() };
+        wan.members()
+            .into_iter()
+            .filter(|m| m.status == MemberStatus::Alive && m.tags.get("dc").is_some_and(|d| d.eq_ignore_ascii_case(dc)))
+            .filter_map(|m| m.tags.get("port").and_then(|p| p.parse::<u16>().ok()).map(|p| SocketAddr::new(m.addr.ip(), p)))
+            .collect()
+    }
+
+    /// Every datacenter the WAN pool has heard of (whatever its servers' state), this one
+    /// first, then by measured round trip, unmeasured ones last, ties by name.
+    pub fn datacenters(&self) -> Vec<String> {
+        let mut dcs: BTreeSet<String> = BTreeSet::from([self.inner.local_dc.clone()]);
+        if let Some(wan) = &self.inner.wan {
+            dcs.extend(wan.members().into_iter().filter_map(|m| m.tags.get("dc").cloned()));
+        }
+        let rtt = self.inner.rtt.lock().expect("rtt lock").clone();
+        let mut list: Vec<String> = dcs.into_iter().collect();
+        list.sort_by_key(|dc| (!self.is_local(dc), rtt.get(dc).copied().unwrap_or(Duration::MAX), dc.clone()));
+        list
+    }
+
+    /// The measured median round trip to `dc` (zero for this datacenter).
+    pub fn rtt(&self, dc: &str) -> Option<Duration> {
+        if self.is_local(dc) {
+            return Some(Duration::ZERO);
+        }
+        self.inner.rtt.lock().expect("rtt lock").get(dc).copied()
+    }
+
+    fn client(&self, dc: &str) -> RpcClient {
+        let mut clients = self.inner.clients.lock().expect("clients lock");
+        clients
+            .entry(dc.to_string())
+            .or_insert_with(|| RpcClient::new(self.inner.tls.clone(), crate::tls::rpc_server_name(dc, &self.inner.domain)))
+            .clone()
+    }
+
+    /// Send one request to a server of `dc`: the alive ones in random order, moving on while a
+    /// server cannot be reached. With none left, the error says "No path to datacenter".
+    pub async fn call(&self, dc: &str, service: Service, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, RpcError> {
+        let mut servers = self.servers(dc);
+        servers.shuffle(&mut rand::rng());
+        let client = self.client(dc);
+        let mut last = String::from("no known server");
+        for addr in servers {
+            match client.call(addr, service, body.clone(), timeout).await {
+                Err(e) if e.code == ErrorCode::Unreachable => {
+                    debug!(%dc, %addr, error = %e, "remote server unreachable; trying another");
+                    last = e.message;
+                }
+                other => return other,
+            }
+        }
+        Err(RpcError::new(ErrorCode::Unreachable, format!("No path to datacenter {dc} ({last})")))
+    }
+
+    /// A catalog read answered by a server of `dc`.
+    pub async fn read(&self, dc: &str, query: CatalogQuery) -> Result<CatalogAnswer, RpcError> {
+        let body = rpc::encode(&ClusterRpc::Read { dc: None, query })?;
+        match rpc::decode::<ClusterReply>(&self.call(dc, Service::Cluster, body, READ_TIMEOUT).await?)? {
+            ClusterReply::Read(a) => Ok(*a),
+            other => Err(RpcError::new(ErrorCode::Internal, format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Measure the remote datacenters until `shutdown`.
+    pub async fn run_probes(self, shutdown: CancellationToken) {
+        loop {
+            let remote: Vec<String> = self.datacenters().into_iter().filter(|dc| !self.is_local(dc)).collect();
+            for dc in remote {
+                if let Some(rtt) = self.probe(&dc).await {
+                    self.inner.rtt.lock().expect("rtt lock").insert(dc, rtt);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            }
+        }
+    }
+
+    async fn probe(&self, dc: &str) -> Option<Duration> {
+        let mut servers = self.servers(dc);
+        servers.shuffle(&mut rand::rng());
+        let client = self.client(dc);
+        let body = rpc::encode(&ClusterRpc::Hello).ok()?;
+        let mut samples = Vec::new();
+        for addr in servers.into_iter().take(PROBE_SERVERS) {
+            let started = Instant::now();
+            if client.call(addr, Service::Cluster, body.clone(), PROBE_TIMEOUT).await.is_ok() {
+                samples.push(started.elapsed());
+            }
+        }
+        samples.sort();
+        samples.get(samples.len() / 2).copied()
+    }
+}
+
+/// Where a prepared query fails over to, in order: the `NearestN` nearest other datacenters of
+/// `by_distance` (nearest first), then `Datacenters` as listed (or the `Targets` datacenters),
+/// each at most once and never `local`.
+pub fn failover_targets(f: &crate::state::query::QueryFailover, by_distance: &[String], local: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let nearest = by_distance.iter().filter(|d| !d.eq_ignore_ascii_case(local)).take(f.nearest_n.max(0) as usize);
+    let listed = f.datacenters.iter().chain(f.targets.iter().map(|t| &t.datacenter)).filter(|d| !d.is_empty());
+    for dc in nearest.chain(listed) {
+        if !dc.eq_ignore_ascii_case(local) && !out.iter().any(|o| o.eq_ignore_ascii_case(dc)) {
+            out.push(dc.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::query::QueryFailover;
+
+    #[test]
+    fn failover_goes_to_the_nearest_then_the_listed_datacenters_once_each() {
+        let by_distance: Vec<String> = ["dc1", "dc3", "dc2", "dc4"].iter().map(|s| s.to_string()).collect();
+        let f = QueryFailover { nearest_n: 2, datacenters: vec!["dc4".into(), "dc3".into(), "dc1".into()], targets: vec![] };
+        assert_eq!(failover_targets(&f, &by_distance, "dc1"), vec!["dc3", "dc2", "dc4"]);
+        assert!(failover_targets(&QueryFailover::default(), &by_distance, "dc1").is_empty());
+    }
+}

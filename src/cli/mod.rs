@@ -2,6 +2,7 @@
 //! beyond turning flags into configuration and errors into exit codes.
 
 pub mod client;
+mod dev_cluster;
 pub mod tls;
 
 use std::net::IpAddr;
@@ -230,6 +231,20 @@ pub struct DevArgs {
     /// Keep data here instead of a temporary directory
     #[arg(long = "data-dir")]
     pub data_dir: Option<String>,
+    /// Start a federated cluster of this many datacenters (dc1, dc2, ...), each agent its own
+    /// process on its own loopback address with the default ports
+    #[arg(long)]
+    pub datacenters: Option<usize>,
+    /// Servers per datacenter in a multi-agent dev cluster (default 1)
+    #[arg(long)]
+    pub servers: Option<usize>,
+    /// Client agents per datacenter in a multi-agent dev cluster (default 0)
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// First three octets of the multi-agent dev cluster's addresses (datacenter d uses .20d+1
+    /// onwards)
+    #[arg(long = "address-prefix", default_value = "127.0.0")]
+    pub address_prefix: String,
 }
 
 impl AgentArgs {
@@ -304,6 +319,17 @@ pub fn main() -> i32 {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => run_agent(a).await,
+        Command::Dev(d) if d.datacenters.is_some() || d.servers.is_some() || d.clients.is_some() => {
+            init_logging("warn");
+            dev_cluster::run(dev_cluster::Plan {
+                datacenters: d.datacenters.unwrap_or(1),
+                servers: d.servers.unwrap_or(1),
+                clients: d.clients.unwrap_or(0),
+                prefix: d.address_prefix,
+                data_dir: d.data_dir.map(std::path::PathBuf::from),
+            })
+            .await
+        }
         Command::Dev(d) => {
             let a = AgentArgs {
                 dev: true,

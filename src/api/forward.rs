@@ -2,7 +2,7 @@
 //! this server is not it. Forwarded requests carry a marker header and are never forwarded
 //! again, so a leadership change mid-flight costs an error, never a loop.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,6 +21,10 @@ use crate::rpc::{self, ErrorCode, Handler, Peer, RpcError, Service};
 pub const FORWARDED_HEADER: &str = "x-trellis-forwarded";
 /// Time a forwarded request may take on top of its own blocking wait.
 const FORWARD_SLACK: Duration = Duration::from_secs(30);
+/// How long a server holds a request that needs the leader while none can be reached.
+const LEADER_HOLD: Duration = Duration::from_secs(7);
+/// How soon an unreachable leader is tried again while holding.
+const LEADER_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ForwardedRequest {
@@ -83,13 +87,46 @@ pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next)
     if is_local(&path, true) || (read && params.flag("stale")) || req.headers().contains_key(FORWARDED_HEADER) || node.is_leader() {
         return next.run(req).await;
     }
-    let Some(leader) = node.leader_addr() else {
-        return ApiError::NoLeader.into_response();
+    let fwd = match forwarded(req).await {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
     };
-    match relay(&ctx, leader, req, &params).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    // While there is no reachable leader (an election in progress, the leader just died), hold
+    // the request for up to LEADER_HOLD and send it to the new leader, as Consul's
+    // rpc_hold_timeout does, instead of failing at once.
+    let deadline = Instant::now() + LEADER_HOLD;
+    let mut metrics = node.raft.metrics();
+    let mut last_try: Option<(std::net::SocketAddr, Instant)> = None;
+    loop {
+        if node.is_leader() {
+            return match to_request(&fwd) {
+                Ok(req) => next.run(req).await,
+                Err(e) => e.into_response(),
+            };
+        }
+        if let Some(leader) = node.leader_addr()
+            && last_try.is_none_or(|(addr, at)| addr != leader || at.elapsed() >= LEADER_RETRY)
+        {
+            match send(&ctx, leader, &fwd, &params).await {
+                Err(ApiError::Unreachable(_)) => last_try = Some((leader, Instant::now())),
+                other => return other.unwrap_or_else(IntoResponse::into_response),
+            }
+        }
+        if Instant::now() >= deadline {
+            return ApiError::NoLeader.into_response();
+        }
+        let wake = deadline.min(Instant::now() + LEADER_RETRY);
+        let _ = tokio::time::timeout_at(wake.into(), metrics.changed()).await;
     }
+}
+
+/// An HTTP request rebuilt from its forwarded form.
+fn to_request(fwd: &ForwardedRequest) -> Result<Request, ApiError> {
+    let mut builder = axum::http::Request::builder().method(fwd.method.as_str()).uri(fwd.uri.as_str());
+    for (k, v) in &fwd.headers {
+        builder = builder.header(k.as_str(), v.as_slice());
+    }
+    builder.body(Body::from(fwd.body.clone())).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 /// Relay to the first server that answers, starting at a random one.
@@ -126,14 +163,6 @@ async fn relay_to_dc(router: &crate::federation::Router, dc: &str, req: Request,
         Err(e) => return Err(ApiError::Internal(format!("rpc error forwarding to datacenter {dc}: {e}"))),
     };
     response(rpc::decode(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?)
-}
-
-async fn relay(ctx: &Ctx, leader: std::net::SocketAddr, req: Request, params: &Params) -> Result<Response, ApiError> {
-    let fwd = forwarded(req).await?;
-    match send(ctx, leader, &fwd, params).await {
-        Err(ApiError::Unreachable(_)) => Err(ApiError::NoLeader),
-        other => other,
-    }
 }
 
 async fn forwarded(req: Request) -> Result<ForwardedRequest, ApiError> {
@@ -182,15 +211,10 @@ impl Handler for HttpHandler {
         let router = self.router.clone();
         async move {
             let fwd: ForwardedRequest = rpc::decode(&body)?;
-            let bad = |e: String| RpcError::new(ErrorCode::BadRequest, e);
-            let mut builder = axum::http::Request::builder().method(fwd.method.as_str()).uri(fwd.uri.as_str());
-            for (k, v) in &fwd.headers {
-                builder = builder.header(k.as_str(), v.as_slice());
-            }
+            let mut req = to_request(&fwd).map_err(|e| RpcError::new(ErrorCode::BadRequest, e.to_string()))?;
             if peer.is_server {
-                builder = builder.header(FORWARDED_HEADER, "1");
+                req.headers_mut().insert(FORWARDED_HEADER, HeaderValue::from_static("1"));
             }
-            let req = builder.body(Body::from(fwd.body)).map_err(|e| bad(e.to_string()))?;
             let resp = router.oneshot(req).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
             let (parts, body) = resp.into_parts();
             let body = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;

@@ -71,6 +71,7 @@ impl Handler for ClusterHandler {
                 }
                 ClusterRpc::Read { query, .. } => ClusterReply::Read(Box::new(node.store.read().expect("state lock").data().answer(&query))),
                 ClusterRpc::Datacenters => ClusterReply::Datacenters(federation.datacenters()),
+                ClusterRpc::Ping => federation.pong(),
                 ClusterRpc::NodeState { node: name } => ClusterReply::NodeState(Box::new(node.node_state(&name))),
                 ClusterRpc::Join { id, node: server } => {
                     if !peer.is_server {

@@ -216,9 +216,13 @@ impl Agent {
         };
         let wan_gossip = wan.as_ref().map(|(g, _)| g.clone());
         let federation = match &material {
-            Some(m) if cfg.server => {
-                Some(crate::federation::Router::new(cfg.datacenter.clone(), cfg.domain.clone(), wan_gossip.clone(), m.client_config()?))
-            }
+            Some(m) if cfg.server => Some(crate::federation::Router::new(
+                cfg.datacenter.clone(),
+                cfg.domain.clone(),
+                &cfg.node_name,
+                wan_gossip.clone(),
+                m.client_config()?,
+            )),
             _ => None,
         };
 

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod catalog;
+pub mod coordinate;
 pub mod error;
 pub mod event;
 pub mod filter;
@@ -91,6 +92,7 @@ pub fn router(ctx: Ctx) -> Router {
         .merge(kv::routes())
         .merge(session::routes())
         .merge(prepared_query::routes())
+        .merge(coordinate::routes())
         .merge(txn::routes())
         .merge(agent::routes())
         .merge(event::routes())

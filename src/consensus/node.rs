@@ -32,6 +32,8 @@ pub enum ClusterRpc {
     Read { dc: Option<String>, query: crate::state::catalog::CatalogQuery },
     /// The datacenters this server knows, nearest first (for client agents' DNS failover).
     Datacenters,
+    /// A WAN probe: the answer carries the server's network coordinate.
+    Ping,
     /// A node's catalog entries, for a client agent's anti-entropy (read from the receiving
     /// server's state).
     NodeState { node: String },
@@ -57,6 +59,7 @@ pub enum ClusterReply {
     NodeState(Box<NodeState>),
     Read(Box<crate::state::catalog::CatalogAnswer>),
     Datacenters(Vec<String>),
+    Pong { node: String, datacenter: String, coord: crate::federation::Coordinate },
     Elected,
 }
 

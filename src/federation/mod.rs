@@ -3,9 +3,13 @@
 //! every cross-datacenter request goes through ([`Router::call`]: "any healthy server of dc2").
 //! Federation through mesh gateways will replace what that call dials, nothing else.
 //!
-//! Distances are measured, not estimated from network coordinates: every
-//! [`PROBE_INTERVAL`] each remote datacenter's servers (up to [`PROBE_SERVERS`]) are asked a
-//! `Hello` and the median round trip is kept.
+//! Distances: every [`PROBE_INTERVAL`] this server pings every other server of the WAN pool
+//! (`ClusterRpc::Ping`, whose answer carries the other's network coordinate) and feeds the
+//! round trips into its own Vivaldi coordinate ([`coordinate`]). Datacenters are ordered by the
+//! median estimated round trip to their servers' coordinates, as Consul orders them; until a
+//! datacenter's coordinates are known, by the median measured round trip.
+
+pub mod coordinate;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -20,9 +24,9 @@ use crate::consensus::node::{ClusterReply, ClusterRpc};
 use crate::membership::{Gossip, MemberStatus};
 use crate::rpc::{self, ErrorCode, RpcClient, RpcError, Service};
 use crate::state::catalog::{CatalogAnswer, CatalogQuery};
+pub use coordinate::Coordinate;
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
-pub const PROBE_SERVERS: usize = 3;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,11 +45,62 @@ struct Inner {
     /// One RPC client per remote datacenter: each verifies `server.<dc>.<domain>`.
     clients: Mutex<HashMap<String, RpcClient>>,
     rtt: Mutex<HashMap<String, Duration>>,
+    /// Our name in the WAN pool (`<node>.<dc>`).
+    wan_name: String,
+    coord: Mutex<coordinate::Client>,
+    /// The last coordinate each other server reported: WAN name -> (datacenter, coordinate).
+    known: Mutex<HashMap<String, (String, Coordinate)>>,
 }
 
 impl Router {
-    pub fn new(local_dc: String, domain: String, wan: Option<Gossip>, tls: Arc<rustls::ClientConfig>) -> Router {
-        Router { inner: Arc::new(Inner { local_dc, domain, wan, tls, clients: Mutex::default(), rtt: Mutex::default() }) }
+    pub fn new(local_dc: String, domain: String, node_name: &str, wan: Option<Gossip>, tls: Arc<rustls::ClientConfig>) -> Router {
+        Router {
+            inner: Arc::new(Inner {
+                wan_name: format!("{node_name}.{local_dc}"),
+                local_dc,
+                domain,
+                wan,
+                tls,
+                clients: Mutex::default(),
+                rtt: Mutex::default(),
+                coord: Mutex::default(),
+                known: Mutex::default(),
+            }),
+        }
+    }
+
+    /// What this server answers a `Ping` with.
+    pub fn pong(&self) -> ClusterReply {
+        ClusterReply::Pong { node: self.inner.wan_name.clone(), datacenter: self.inner.local_dc.clone(), coord: self.coordinate() }
+    }
+
+    pub fn coordinate(&self) -> Coordinate {
+        self.inner.coord.lock().expect("coord lock").coordinate()
+    }
+
+    /// Every datacenter with the coordinates of its servers that this server knows (its own
+    /// included), in `datacenters()` order.
+    pub fn coordinates(&self) -> Vec<(String, Vec<(String, Coordinate)>)> {
+        let known = self.inner.known.lock().expect("known lock").clone();
+        self.datacenters()
+            .into_iter()
+            .map(|dc| {
+                let mut nodes: Vec<(String, Coordinate)> =
+                    known.iter().filter(|(_, (d, _))| d.eq_ignore_ascii_case(&dc)).map(|(n, (_, c))| (n.clone(), c.clone())).collect();
+                if self.is_local(&dc) {
+                    nodes.push((self.inner.wan_name.clone(), self.coordinate()));
+                }
+                nodes.sort_by(|a, b| a.0.cmp(&b.0));
+                (dc, nodes)
+            })
+            .collect()
+    }
+
+    /// The median estimated round trip from us to `dc`'s servers, from coordinates.
+    fn estimated_rtt(&self, dc: &str, known: &HashMap<String, (String, Coordinate)>, me: &Coordinate) -> Option<Duration> {
+        let mut d: Vec<Duration> = known.values().filter(|(d, _)| d.eq_ignore_ascii_case(dc)).map(|(_, c)| me.distance_to(c)).collect();
+        d.sort();
+        d.get(d.len() / 2).copied()
     }
 
     pub fn local_dc(&self) -> &str {
@@ -74,8 +129,13 @@ impl Router {
             dcs.extend(wan.members().into_iter().filter_map(|m| m.tags.get("dc").cloned()));
         }
         let rtt = self.inner.rtt.lock().expect("rtt lock").clone();
+        let known = self.inner.known.lock().expect("known lock").clone();
+        let me = self.coordinate();
         let mut list: Vec<String> = dcs.into_iter().collect();
-        list.sort_by_key(|dc| (!self.is_local(dc), rtt.get(dc).copied().unwrap_or(Duration::MAX), dc.clone()));
+        list.sort_by_key(|dc| {
+            let distance = self.estimated_rtt(dc, &known, &me).or_else(|| rtt.get(dc).copied()).unwrap_or(Duration::MAX);
+            (!self.is_local(dc), distance, dc.clone())
+        });
         list
     }
 
@@ -123,15 +183,10 @@ impl Router {
         }
     }
 
-    /// Measure the remote datacenters until `shutdown`.
+    /// Measure the other servers of the WAN pool until `shutdown`.
     pub async fn run_probes(self, shutdown: CancellationToken) {
         loop {
-            let remote: Vec<String> = self.datacenters().into_iter().filter(|dc| !self.is_local(dc)).collect();
-            for dc in remote {
-                if let Some(rtt) = self.probe(&dc).await {
-                    self.inner.rtt.lock().expect("rtt lock").insert(dc, rtt);
-                }
-            }
+            self.probe_all().await;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}
@@ -139,20 +194,38 @@ impl Router {
         }
     }
 
-    async fn probe(&self, dc: &str) -> Option<Duration> {
-        let mut servers = self.servers(dc);
-        servers.shuffle(&mut rand::rng());
-        let client = self.client(dc);
-        let body = rpc::encode(&ClusterRpc::Hello).ok()?;
-        let mut samples = Vec::new();
-        for addr in servers.into_iter().take(PROBE_SERVERS) {
+    /// Ping every other alive server of the pool once: update our coordinate and theirs as we
+    /// know it, and keep each remote datacenter's median measured round trip.
+    async fn probe_all(&self) {
+        let Some(wan) = &self.inner.wan else { return };
+        let body = match rpc::encode(&ClusterRpc::Ping) {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        let mut samples: HashMap<String, Vec<Duration>> = HashMap::new();
+        let others: Vec<_> = wan.members().into_iter().filter(|m| m.status == MemberStatus::Alive && m.name != self.inner.wan_name).collect();
+        let alive: BTreeSet<String> = others.iter().map(|m| m.name.clone()).collect();
+        self.inner.known.lock().expect("known lock").retain(|name, _| alive.contains(name));
+        for m in others {
+            let (Some(dc), Some(port)) = (m.tags.get("dc"), m.tags.get("port").and_then(|p| p.parse::<u16>().ok())) else { continue };
+            let addr = SocketAddr::new(m.addr.ip(), port);
+            let client = self.client(dc);
             let started = Instant::now();
-            if client.call(addr, Service::Cluster, body.clone(), PROBE_TIMEOUT).await.is_ok() {
-                samples.push(started.elapsed());
-            }
+            let reply = client.call(addr, Service::Cluster, body.clone(), PROBE_TIMEOUT).await.and_then(|b| rpc::decode::<ClusterReply>(&b));
+            let rtt = started.elapsed();
+            let Ok(ClusterReply::Pong { node, datacenter, coord }) = reply else {
+                debug!(server = %m.name, "WAN probe failed");
+                continue;
+            };
+            self.inner.coord.lock().expect("coord lock").update(&node, &coord, rtt);
+            self.inner.known.lock().expect("known lock").insert(node, (datacenter.clone(), coord));
+            samples.entry(datacenter).or_default().push(rtt);
         }
-        samples.sort();
-        samples.get(samples.len() / 2).copied()
+        let mut measured = self.inner.rtt.lock().expect("rtt lock");
+        for (dc, mut s) in samples {
+            s.sort();
+            measured.insert(dc, s[s.len() / 2]);
+        }
     }
 }
 

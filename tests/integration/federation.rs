@@ -36,7 +36,7 @@ async fn register_web(c: &Cluster, node: &str, addr: &str) {
 
 /// What this test does:
 /// - federates dc1 (a server and a client agent) with dc2 (a server) over the WAN pool,
-/// - lists the WAN members and the datacenters from dc1,
+/// - lists the WAN members, the datacenters and their network coordinates from dc1,
 /// - reads dc2's catalog, health and KV with `?dc=dc2` through dc1's server and client,
 ///   including a blocking KV read that wakes on a write made in dc2,
 /// - resolves `web.service.dc2.consul` (and the `.dc.` form) through dc1's DNS,
@@ -55,6 +55,18 @@ async fn two_datacenters_serve_each_others_requests() {
     assert_eq!(names, vec!["s1.dc1", "s1.dc2"]);
     let dcs_seen = dc1.get_json(&format!("{c1}/v1/catalog/datacenters")).await.unwrap();
     assert_eq!(dcs_seen, json!(["dc1", "dc2"]), "this datacenter first");
+
+    // Network coordinates from the WAN probes: both datacenters, each with its server.
+    let url = format!("{s1}/v1/coordinate/datacenters");
+    let coords = eventually("WAN coordinates of both datacenters", SOON, || async {
+        let v = dc1.get_json(&url).await.ok()?;
+        let known = v.as_array()?.iter().filter(|d| d["Coordinates"].as_array().is_some_and(|c| !c.is_empty())).count();
+        (known == 2).then_some(v)
+    })
+    .await;
+    assert_eq!((coords[0]["Datacenter"].as_str(), coords[0]["AreaID"].as_str()), (Some("dc1"), Some("WAN")), "{coords}");
+    assert_eq!(coords[1]["Coordinates"][0]["Node"], "s1.dc2");
+    assert_eq!(coords[1]["Coordinates"][0]["Coord"]["Vec"].as_array().unwrap().len(), 8);
 
     register_web(dc2, "web-dc2", "10.20.0.1").await;
     for base in [&s1, &c1] {

@@ -149,7 +149,7 @@ impl Client {
 
     fn update_gravity(&mut self) {
         let dist = self.origin.raw_distance(&self.coord);
-        let force = -1.0 * (dist / GRAVITY_RHO).powi(2);
+        let force = -(dist / GRAVITY_RHO).powi(2);
         let origin = self.origin.clone();
         self.coord.apply_force(force, &origin);
     }

@@ -169,13 +169,16 @@ impl Agent {
         if let Some(k) = &keyring {
             tags.extend(ops::keyring_tags(k));
         }
+        // A server's WAN identity carries the same tags, less the bootstrap expectation.
+        let mut wan_tags = tags.clone();
+        wan_tags.remove("expect");
         let gossip_addr = gossip_address(&cfg)?;
         let (gossip, gossip_worker) = membership::start(membership::GossipConfig {
             node_name: cfg.node_name.clone(),
             bind: gossip_addr,
             advertise: gossip_addr,
             tags,
-            keyring,
+            keyring: keyring.clone(),
             profile: membership::Profile::lan(),
             reap_failed_after: cfg.reconnect_timeout,
         })
@@ -186,24 +189,14 @@ impl Agent {
         let wan = match (cfg.server, cfg.serf_wan_port) {
             (true, Some(port)) => {
                 let bind = wan_address(&cfg, port)?;
-                let mut tags = std::collections::BTreeMap::from([
-                    ("role".to_string(), "consul".to_string()),
-                    ("dc".to_string(), cfg.datacenter.clone()),
-                    ("id".to_string(), node_uuid.clone()),
-                    ("build".to_string(), api::version().to_string()),
-                    ("vsn".to_string(), "2".to_string()),
-                    ("port".to_string(), rpc_addr.port().to_string()),
-                ]);
-                let keyring =
-                    cfg.encrypt.as_deref().map(membership::keyring::Keyring::new).transpose().map_err(|e| AgentError::Gossip(e.to_string()))?;
-                if let Some(k) = &keyring {
-                    tags.extend(ops::keyring_tags(k));
-                }
+                // The same keyring as the LAN pool: a key installed, used or removed through
+                // the keyring API applies to both pools of this server.
+                let keyring = keyring.clone();
                 let (g, worker) = membership::start(membership::GossipConfig {
                     node_name: format!("{}.{}", cfg.node_name, cfg.datacenter),
                     bind,
                     advertise: bind,
-                    tags,
+                    tags: wan_tags,
                     keyring,
                     profile: membership::Profile::wan(),
                     reap_failed_after: cfg.reconnect_timeout,

@@ -89,8 +89,9 @@ async fn run_in(plan: &Plan, root: &Path, started: Instant) -> anyhow::Result<()
     tls::write(&ca_file, &ca_pem)?;
     let key = crate::membership::keygen();
 
+    let shared = Shared { exe, ca_file, ca_pem, ca_key, gossip_key: key };
     let mut agents: Vec<Agent> = Vec::new();
-    let spawned = spawn_all(plan, root, &exe, &ca_file, &ca_pem, &ca_key, &key, &mut agents).await;
+    let spawned = spawn_all(plan, root, &shared, &mut agents).await;
     let outcome = match spawned {
         Ok(()) => serve(plan, root, &agents, started).await,
         Err(e) => Err(e),
@@ -99,17 +100,17 @@ async fn run_in(plan: &Plan, root: &Path, started: Instant) -> anyhow::Result<()
     outcome
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn spawn_all(
-    plan: &Plan,
-    root: &Path,
-    exe: &Path,
-    ca_file: &Path,
-    ca_pem: &str,
-    ca_key: &str,
-    gossip_key: &str,
-    agents: &mut Vec<Agent>,
-) -> anyhow::Result<()> {
+/// What every agent of the run shares: the binary, the CA and the gossip key.
+struct Shared {
+    exe: PathBuf,
+    ca_file: PathBuf,
+    ca_pem: String,
+    ca_key: String,
+    gossip_key: String,
+}
+
+async fn spawn_all(plan: &Plan, root: &Path, shared: &Shared, agents: &mut Vec<Agent>) -> anyhow::Result<()> {
+    let Shared { exe, ca_file, ca_pem, ca_key, gossip_key } = shared;
     let domain = crate::config::DEFAULT_DOMAIN;
     for d in 1..=plan.datacenters {
         let dc = dc_name(d);

@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod consensus;
+pub mod coordinate;
 pub mod dns;
 pub mod duration;
 pub mod federation;

@@ -19,6 +19,7 @@ pub struct ClusterHandler {
     pub node: RaftNode,
     pub datacenter: String,
     pub federation: crate::federation::Router,
+    pub lan: super::coordinates::LanCoordinate,
 }
 
 pub fn hello(node: &RaftNode, datacenter: &str) -> HelloInfo {
@@ -55,6 +56,7 @@ impl Handler for ClusterHandler {
         let node = self.node.clone();
         let dc = self.datacenter.clone();
         let federation = self.federation.clone();
+        let lan = self.lan.clone();
         async move {
             let req: ClusterRpc = rpc::decode(&body)?;
             let reply = match req {
@@ -72,6 +74,7 @@ impl Handler for ClusterHandler {
                 ClusterRpc::Read { query, .. } => ClusterReply::Read(Box::new(node.store.read().expect("state lock").data().answer(&query))),
                 ClusterRpc::Datacenters => ClusterReply::Datacenters(federation.datacenters()),
                 ClusterRpc::Ping => federation.pong(),
+                ClusterRpc::LanPing => ClusterReply::Pong { node: node.me.name.clone(), datacenter: dc.clone(), coord: lan.get() },
                 ClusterRpc::NodeState { node: name } => ClusterReply::NodeState(Box::new(node.node_state(&name))),
                 ClusterRpc::Join { id, node: server } => {
                     if !peer.is_server {

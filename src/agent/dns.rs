@@ -6,7 +6,6 @@ use std::net::IpAddr;
 use crate::dns::{DnsCatalog, Health, Instance, LookupError, NodeInfo, PtrTarget, QueryResult};
 use crate::federation::{Router, failover_targets};
 use crate::state::catalog::{CatalogAnswer, CatalogQuery, QueryAnswer, ServiceInstance};
-use crate::state::query::order_near;
 use crate::state::{CheckStatus, Table};
 
 use super::local::Upstream;
@@ -137,7 +136,11 @@ impl DnsCatalog for CatalogDns {
                 ServiceInstance { node, service, checks }
             })
             .collect();
-        order_near(&mut instances, answer.near.as_deref());
+        // Sorted near a node by the state already; otherwise shuffled for load spreading.
+        if answer.near.is_none() {
+            use rand::seq::SliceRandom;
+            instances.shuffle(&mut rand::rng());
+        }
         Ok(Some(QueryResult {
             instances: instances.into_iter().map(|i| self.instance(&dc, i.node, i.service, &i.checks)).collect(),
             ttl: crate::duration::parse(&answer.query.dns.ttl),

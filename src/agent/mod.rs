@@ -6,6 +6,7 @@
 
 pub mod auto_encrypt;
 pub mod cluster;
+pub mod coordinates;
 pub mod dns;
 pub mod join;
 pub mod leader;
@@ -350,7 +351,7 @@ impl Agent {
         }
         let syncer = local::sync::SyncWorker {
             local: local_agent,
-            upstream,
+            upstream: upstream.clone(),
             interval: cfg.ae_interval,
             cluster_size: Arc::new(move || size_gossip.members().len()),
         };
@@ -385,6 +386,17 @@ impl Agent {
         if let Some(router) = &federation {
             tasks.spawn(router.clone().run_probes(shutdown.clone()).map_name("wan-probes"));
         }
+        let lan_coord = coordinates::LanCoordinate::default();
+        let coordinate_worker = coordinates::CoordinateWorker {
+            coord: lan_coord.clone(),
+            rpc: client.clone(),
+            gossip: gossip.clone(),
+            upstream: upstream.clone(),
+            datacenter: cfg.datacenter.clone(),
+            node_name: cfg.node_name.clone(),
+            own_rpc: server.as_ref().map(|_| rpc_addr),
+        };
+        tasks.spawn(coordinate_worker.run(shutdown.clone()).map_name("coordinates"));
         let lan_join = join::GossipJoinWorker { gossip: gossip.clone(), retry_join: cfg.retry_join.clone(), default_port: cfg.serf_lan_port };
         tasks.spawn(lan_join.run(shutdown.clone()).map_name("lan-join"));
 
@@ -410,7 +422,12 @@ impl Agent {
                 let dc_router = federation.clone().expect("servers have a federation router");
                 rpc_server.register(
                     Service::Cluster,
-                    Arc::new(cluster::ClusterHandler { node: node.clone(), datacenter: cfg.datacenter.clone(), federation: dc_router }),
+                    Arc::new(cluster::ClusterHandler {
+                        node: node.clone(),
+                        datacenter: cfg.datacenter.clone(),
+                        federation: dc_router,
+                        lan: lan_coord.clone(),
+                    }),
                 );
                 rpc_server.register(Service::Http, Arc::new(api::forward::HttpHandler { router: router.clone() }));
                 let token = shutdown.clone();

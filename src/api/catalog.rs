@@ -11,10 +11,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::decode;
+use super::prepared_query::near_node;
 use super::query::{Meta, Params, blocking, filtered, reply};
 use super::{ApiError, Ctx};
 use crate::state::catalog::{ServiceInstance, ServiceQuery};
 use crate::state::{CheckStatus, Command, HealthCheck, Node, Outcome, Registration, Service, ServiceAddress, Table, Weights};
+use axum::http::HeaderMap;
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
@@ -233,11 +235,14 @@ pub fn node_json(n: &Node, dc: &str) -> Value {
     })
 }
 
-async fn nodes(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+async fn nodes(State(ctx): State<Ctx>, p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
     let meta_filter = p.node_meta()?;
     let dc = ctx.info.datacenter.clone();
     let (list, meta) = blocking(&ctx, &p, &[Table::Nodes], |d| {
-        let (nodes, idx) = d.node_list(&meta_filter);
+        let (mut nodes, idx) = d.node_list(&meta_filter);
+        if let Some(near) = p.get("near").and_then(|n| near_node(d, n, &ctx, &headers)) {
+            d.sort_near(&mut nodes, |n| n.node.as_str(), &near);
+        }
         Ok((nodes.iter().map(|n| node_json(n, &dc)).collect::<Vec<_>>(), idx))
     })
     .await?;
@@ -266,11 +271,14 @@ fn catalog_service_json(i: &ServiceInstance, dc: &str) -> Value {
     })
 }
 
-async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
     let q = service_query(&p)?;
     let dc = ctx.info.datacenter.clone();
     let (list, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
-        let (inst, idx) = d.service_instances(&name, &q);
+        let (mut inst, idx) = d.service_instances(&name, &q);
+        if let Some(near) = p.get("near").and_then(|n| near_node(d, n, &ctx, &headers)) {
+            d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
+        }
         Ok((inst.iter().map(|i| catalog_service_json(i, &dc)).collect::<Vec<_>>(), idx))
     })
     .await?;

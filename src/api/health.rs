@@ -2,11 +2,13 @@
 
 use axum::Router;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use serde_json::{Value, json};
 
 use super::catalog::{node_json, service_json, service_query};
+use super::prepared_query::near_node;
 use super::query::{Params, blocking, filtered, reply};
 use super::{ApiError, Ctx};
 use crate::state::{CheckStatus, Table};
@@ -29,12 +31,15 @@ async fn checks(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> 
     Ok(reply(&meta, &filtered(&p, &checks)?))
 }
 
-async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
     let mut q = service_query(&p)?;
     q.passing_only = p.flag("passing");
     let dc = ctx.info.datacenter.clone();
     let (entries, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
-        let (inst, idx) = d.service_instances(&name, &q);
+        let (mut inst, idx) = d.service_instances(&name, &q);
+        if let Some(near) = p.get("near").and_then(|n| near_node(d, n, &ctx, &headers)) {
+            d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
+        }
         let entries: Vec<Value> =
             inst.iter().map(|i| json!({ "Node": node_json(&i.node, &dc), "Service": service_json(&i.service), "Checks": i.checks })).collect();
         Ok((entries, idx))

@@ -14,8 +14,9 @@ use super::query::{Meta, Params, blocking, reply};
 use super::{ApiError, Ctx};
 use crate::federation::failover_targets;
 use crate::state::catalog::{CatalogAnswer, CatalogQuery, ServiceInstance};
-use crate::state::query::{PreparedQuery, order_near};
+use crate::state::query::PreparedQuery;
 use crate::state::{Command, Outcome, StateData, Table};
+use rand::seq::SliceRandom;
 
 /// Set on every request by the agent that first receives it (and stripped from what users
 /// send), so that `near=_agent` and `near=_ip` mean that agent and that client even after the
@@ -98,7 +99,7 @@ async fn explain(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params) -> R
 
 /// The node `near` names: `_agent` is the agent the request came in through, `_ip` the node
 /// at the client's address (X-Forwarded-For first).
-fn near_node(d: &StateData, near: &str, ctx: &Ctx, headers: &HeaderMap) -> Option<String> {
+pub(crate) fn near_node(d: &StateData, near: &str, ctx: &Ctx, headers: &HeaderMap) -> Option<String> {
     let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
     match near {
         "" => None,
@@ -116,14 +117,17 @@ async fn execute(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params, head
     let limit = p.u64("limit")?.unwrap_or(0) as usize;
     let dc = ctx.info.datacenter.clone();
     let tables = [Table::PreparedQueries, Table::Services, Table::Nodes, Table::Checks];
-    let ((q, mut instances, near), meta) = blocking(&ctx, &p, &tables, |d| {
+    let ((q, mut instances), meta) = blocking(&ctx, &p, &tables, |d| {
         let q = resolve(d, &id)?;
         let near = p.get("near").filter(|n| !n.is_empty()).unwrap_or(&q.service.near).to_string();
-        let near = near_node(d, &near, &ctx, &headers);
-        Ok(((q.clone(), d.execute_query(&q), near), d.index_of(&tables)))
+        let mut found = d.execute_query(&q);
+        match near_node(d, &near, &ctx, &headers) {
+            Some(near) => d.sort_near(&mut found, |i| i.node.node.as_str(), &near),
+            None => found.shuffle(&mut rand::rng()),
+        }
+        Ok(((q.clone(), found), d.index_of(&tables)))
     })
     .await?;
-    order_near(&mut instances, near.as_deref());
     // Nothing healthy here: try the failover datacenters in order, with the same definition.
     let (mut dc, mut failovers) = (dc, 0);
     if instances.is_empty()
@@ -134,7 +138,7 @@ async fn execute(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params, head
             match router.read(&target, CatalogQuery::ExecuteQuery(Box::new(q.clone()))).await {
                 Ok(CatalogAnswer::Query(Ok(Some(answer)))) if !answer.instances.is_empty() => {
                     instances = answer.instances.into_iter().map(|(node, service, checks)| ServiceInstance { node, service, checks }).collect();
-                    order_near(&mut instances, None);
+                    instances.shuffle(&mut rand::rng());
                     dc = target;
                     break;
                 }

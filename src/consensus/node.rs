@@ -32,8 +32,10 @@ pub enum ClusterRpc {
     Read { dc: Option<String>, query: crate::state::catalog::CatalogQuery },
     /// The datacenters this server knows, nearest first (for client agents' DNS failover).
     Datacenters,
-    /// A WAN probe: the answer carries the server's network coordinate.
+    /// A WAN probe: the answer carries the server's network coordinate in the WAN pool.
     Ping,
+    /// A probe within the datacenter: the answer carries the server's coordinate there.
+    LanPing,
     /// A node's catalog entries, for a client agent's anti-entropy (read from the receiving
     /// server's state).
     NodeState { node: String },

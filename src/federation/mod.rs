@@ -5,11 +5,11 @@
 //!
 //! Distances: every [`PROBE_INTERVAL`] this server pings every other server of the WAN pool
 //! (`ClusterRpc::Ping`, whose answer carries the other's network coordinate) and feeds the
-//! round trips into its own Vivaldi coordinate ([`coordinate`]). Datacenters are ordered by the
+//! round trips into its own Vivaldi coordinate ([`crate::coordinate`]). Datacenters are ordered by the
 //! median estimated round trip to their servers' coordinates, as Consul orders them; until a
 //! datacenter's coordinates are known, by the median measured round trip.
 
-pub mod coordinate;
+use crate::coordinate;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::consensus::node::{ClusterReply, ClusterRpc};
+pub use crate::coordinate::Coordinate;
 use crate::membership::{Gossip, MemberStatus};
 use crate::rpc::{self, ErrorCode, RpcClient, RpcError, Service};
 use crate::state::catalog::{CatalogAnswer, CatalogQuery};
-pub use coordinate::Coordinate;
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -141,6 +141,9 @@ impl Store {
                     return Outcome::Done;
                 }
                 self.touch(Table::Nodes);
+                if self.data.coordinates.remove(node).is_some() {
+                    self.touch(Table::Coordinates);
+                }
                 let svc_keys: Vec<_> = self.data.services.range(node_range(node)).map(|(k, _)| k.clone()).collect();
                 for k in svc_keys {
                     if let Some(s) = self.data.services.remove(&k) {
@@ -302,6 +305,28 @@ impl StateData {
     }
 }
 
+impl StateData {
+    /// Order `items` for `?near=` / `Near`: by estimated round trip from `near`'s network
+    /// coordinate to each item's node, the near node itself first, nodes without a coordinate
+    /// last; ties (and everything, when `near` has no coordinate but for itself first) in
+    /// random order.
+    pub fn sort_near<T>(&self, items: &mut [T], node_of: impl Fn(&T) -> &str, near: &str) {
+        use rand::seq::SliceRandom;
+        items.shuffle(&mut rand::rng());
+        let origin = self.coordinates.get(near).map(|e| &e.coord);
+        items.sort_by_key(|item| {
+            let node = node_of(item);
+            if node.eq_ignore_ascii_case(near) {
+                return std::time::Duration::ZERO;
+            }
+            match (origin, self.coordinates.get(node)) {
+                (Some(a), Some(b)) => a.distance_to(&b.coord).max(std::time::Duration::from_nanos(1)),
+                _ => std::time::Duration::MAX,
+            }
+        });
+    }
+}
+
 pub(super) fn meta_matches(meta: &BTreeMap<String, String>, want: &BTreeMap<String, String>) -> bool {
     want.iter().all(|(k, v)| meta.get(k) == Some(v))
 }
@@ -422,8 +447,8 @@ pub enum CatalogAnswer {
         nodes: Vec<String>,
         services: Vec<(String, String)>,
     },
-    /// The rendered query, its instances, and the node `Near` resolved to. `Err` is a query
-    /// that cannot render.
+    /// The rendered query, its instances (nearest first when `Near` resolved to a node, which
+    /// `near` names), and the node `Near` resolved to. `Err` is a query that cannot render.
     Query(Result<Option<Box<QueryAnswer>>, String>),
 }
 
@@ -466,7 +491,11 @@ impl StateData {
                         "_ip" => source.as_ref().and_then(|ip| self.nodes.values().find(|n| &n.address == ip)).map(|n| n.node.clone()),
                         other => Some(other.to_string()),
                     };
-                    let instances = self.execute_query(&q).into_iter().map(|i| (i.node, i.service, i.checks)).collect();
+                    let mut found = self.execute_query(&q);
+                    if let Some(near) = &near {
+                        self.sort_near(&mut found, |i| i.node.node.as_str(), near);
+                    }
+                    let instances = found.into_iter().map(|i| (i.node, i.service, i.checks)).collect();
                     Box::new(QueryAnswer { query: q, instances, near })
                 })
             })),

@@ -33,6 +33,8 @@ pub enum Command {
         config: AutopilotConfig,
         cas: Option<u64>,
     },
+    /// Network coordinates reported by agents: (node, coordinate).
+    CoordinateBatch(Vec<(String, crate::coordinate::Coordinate)>),
     /// Create or replace a prepared query (by its ID).
     QuerySet(super::query::PreparedQuery),
     QueryDelete {

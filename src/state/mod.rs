@@ -33,9 +33,10 @@ pub enum Table {
     /// The auto-encrypt CA that signs client agents' RPC certificates.
     AgentCa = 6,
     PreparedQueries = 7,
+    Coordinates = 8,
 }
 
-const TABLE_COUNT: usize = 8;
+const TABLE_COUNT: usize = 9;
 
 /// Everything replicated, in a form that snapshots serialize as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -57,6 +58,8 @@ pub struct StateData {
     pub agent_ca: Option<AgentCa>,
     /// Prepared queries by ID.
     pub prepared_queries: BTreeMap<String, query::PreparedQuery>,
+    /// Each node's network coordinate in this datacenter, as its agent last reported it.
+    pub coordinates: BTreeMap<String, CoordinateEntry>,
     /// Highest index that changed each table.
     pub table_index: [RaftIndex; TABLE_COUNT],
     /// Highest index that changed anything a service's catalog/health view shows.
@@ -121,6 +124,18 @@ impl Store {
                 Outcome::Done
             }
             Command::AutopilotSetConfig { config, cas } => self.autopilot_set(index, config, *cas),
+            Command::CoordinateBatch(updates) => {
+                for (node, coord) in updates {
+                    // Only registered nodes have a coordinate (Consul drops the others too).
+                    if !self.data.nodes.contains_key(node) || !coord.is_valid() {
+                        continue;
+                    }
+                    let create_index = self.data.coordinates.get(node).map_or(index, |e| e.create_index);
+                    self.data.coordinates.insert(node.clone(), CoordinateEntry { coord: coord.clone(), create_index, modify_index: index });
+                    self.touch(Table::Coordinates);
+                }
+                Outcome::Done
+            }
             Command::QuerySet(q) => self.query_set(index, q),
             Command::QueryDelete { id } => self.query_delete(id),
             Command::AgentCaInit(ca) => {
@@ -187,6 +202,40 @@ pub(crate) mod tests {
         assert_eq!(s.apply(6, &req(Command::AutopilotSetConfig { config: c.clone(), cas: Some(4) })), Outcome::Applied(false));
         assert_eq!(s.apply(7, &req(Command::AutopilotSetConfig { config: c, cas: Some(5) })), Outcome::Applied(true));
         assert_eq!(s.data().autopilot.modify_index, 7);
+    }
+
+    #[test]
+    fn coordinates_are_kept_for_registered_nodes_and_go_with_them() {
+        let mut s = Store::new();
+        s.apply(1, &req(Command::Register(catalog::tests::web_registration("n1", "10.0.0.1"))));
+        let c = crate::coordinate::Coordinate::default();
+        s.apply(2, &req(Command::CoordinateBatch(vec![("n1".into(), c.clone()), ("ghost".into(), c.clone())])));
+        assert_eq!(s.data().coordinates.keys().collect::<Vec<_>>(), vec!["n1"]);
+        s.apply(3, &req(Command::CoordinateBatch(vec![("n1".into(), c)])));
+        assert_eq!((s.data().coordinates["n1"].create_index, s.data().coordinates["n1"].modify_index), (2, 3));
+        s.apply(4, &req(Command::Deregister { node: "n1".into(), service_id: None, check_id: None }));
+        assert!(s.data().coordinates.is_empty());
+        assert_eq!(s.data().index_of(&[Table::Coordinates]), 4);
+    }
+
+    #[test]
+    fn near_sorting_goes_by_estimated_round_trip_with_the_node_itself_first() {
+        let mut s = Store::new();
+        for (i, n) in ["a", "b", "c", "d"].iter().enumerate() {
+            s.apply(i as u64 + 1, &req(Command::Register(catalog::tests::web_registration(n, &format!("10.0.0.{i}")))));
+        }
+        let at = |x: f64| {
+            let mut c = crate::coordinate::Coordinate::default();
+            c.vec[0] = x;
+            c
+        };
+        // a at 0, b at 0.050 s, c at 0.010 s; d has no coordinate.
+        s.apply(9, &req(Command::CoordinateBatch(vec![("a".into(), at(0.0)), ("b".into(), at(0.05)), ("c".into(), at(0.01))])));
+        for _ in 0..5 {
+            let mut nodes = vec!["d", "b", "c", "a"];
+            s.data().sort_near(&mut nodes, |n| n, "a");
+            assert_eq!(nodes, vec!["a", "c", "b", "d"]);
+        }
     }
 
     #[test]

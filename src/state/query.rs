@@ -282,16 +282,6 @@ impl StateData {
     }
 }
 
-/// Order executed results: shuffled for load spreading, with the instances on the `near` node
-/// first. Without network coordinates this is as near as we can sort.
-pub fn order_near(instances: &mut [ServiceInstance], near: Option<&str>) {
-    use rand::seq::SliceRandom;
-    instances.shuffle(&mut rand::rng());
-    if let Some(near) = near {
-        instances.sort_by_key(|i| !i.node.node.eq_ignore_ascii_case(near));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -190,6 +190,14 @@ pub struct ServiceCheckRef {
     pub namespace: String,
 }
 
+/// A node's network coordinate with the indexes of its row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoordinateEntry {
+    pub coord: crate::coordinate::Coordinate,
+    pub create_index: RaftIndex,
+    pub modify_index: RaftIndex,
+}
+
 /// The auto-encrypt CA: PEM certificate and private key.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentCa {

@@ -36,7 +36,8 @@ async fn register_web(c: &Cluster, node: &str, addr: &str) {
 
 /// What this test does:
 /// - federates dc1 (a server and a client agent) with dc2 (a server) over the WAN pool,
-/// - lists the WAN members, the datacenters and their network coordinates from dc1,
+/// - lists the WAN members, the datacenters and their network coordinates from dc1, and the
+///   coordinates of dc1's agents, with `?near=` sorting by them,
 /// - reads dc2's catalog, health and KV with `?dc=dc2` through dc1's server and client,
 ///   including a blocking KV read that wakes on a write made in dc2,
 /// - resolves `web.service.dc2.consul` (and the `.dc.` form) through dc1's DNS,
@@ -67,6 +68,23 @@ async fn two_datacenters_serve_each_others_requests() {
     assert_eq!((coords[0]["Datacenter"].as_str(), coords[0]["AreaID"].as_str()), (Some("dc1"), Some("WAN")), "{coords}");
     assert_eq!(coords[1]["Coordinates"][0]["Node"], "s1.dc2");
     assert_eq!(coords[1]["Coordinates"][0]["Coord"]["Vec"].as_array().unwrap().len(), 8);
+
+    // LAN coordinates: every agent of dc1 stores its own; `?near=` sorts by them, the node
+    // itself first.
+    let url = format!("{s1}/v1/coordinate/nodes");
+    eventually("coordinates of dc1's server and client", SOON, || async {
+        let v = dc1.get_json(&url).await.ok()?;
+        let mut nodes: Vec<&str> = v.as_array()?.iter().filter_map(|c| c["Node"].as_str()).collect();
+        nodes.sort();
+        (nodes == ["c1", "s1"]).then_some(())
+    })
+    .await;
+    let one = dc1.get_json(&format!("{c1}/v1/coordinate/node/c1")).await.unwrap();
+    assert_eq!(one[0]["Coord"]["Vec"].as_array().unwrap().len(), 8, "{one}");
+    let near = dc1.get_json(&format!("{s1}/v1/catalog/nodes?near=c1")).await.unwrap();
+    assert_eq!(near[0]["Node"], "c1", "{near}");
+    let bad = json!({"Node": "nobody", "Coord": one[0]["Coord"]});
+    assert_eq!(dc1.put(&format!("{s1}/v1/coordinate/update"), bad.to_string()).await.unwrap().0, 400);
 
     register_web(dc2, "web-dc2", "10.20.0.1").await;
     for base in [&s1, &c1] {

@@ -1,7 +1,9 @@
 //! Network coordinates: Vivaldi, as Serf computes them (Dabek et al., "Vivaldi: A Decentralized
 //! Network Coordinate System", with Serf's height vector, adjustment term and gravity), so the
 //! JSON matches Consul's `/v1/coordinate/*` and distances can be estimated between any two
-//! servers that never talked to each other.
+//! nodes that never talked to each other. Servers keep one coordinate in the WAN pool
+//! (`federation`) and every agent one in its datacenter (`agent::coordinates`, stored in the
+//! replicated state for `/v1/coordinate/nodes` and `?near=` sorting).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -38,7 +40,8 @@ impl Default for Coordinate {
 }
 
 impl Coordinate {
-    fn valid(&self) -> bool {
+    /// The right number of dimensions and nothing infinite or NaN.
+    pub fn is_valid(&self) -> bool {
         self.vec.len() == DIMENSIONALITY && self.vec.iter().chain([&self.error, &self.adjustment, &self.height]).all(|v| v.is_finite())
     }
 
@@ -106,7 +109,7 @@ impl Client {
 
     /// Take one round-trip sample to `node` at `other`. Invalid input changes nothing.
     pub fn update(&mut self, node: &str, other: &Coordinate, rtt: Duration) {
-        if !other.valid() || rtt.is_zero() || rtt > MAX_RTT {
+        if !other.is_valid() || rtt.is_zero() || rtt > MAX_RTT {
             return;
         }
         // The median of the last few samples per node filters out spikes.
@@ -123,7 +126,7 @@ impl Client {
         self.update_vivaldi(other, rtt);
         self.update_adjustment(other, rtt);
         self.update_gravity();
-        if !self.coord.valid() {
+        if !self.coord.is_valid() {
             self.coord = before;
         }
     }

@@ -32,7 +32,7 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/query/{id}/explain", get(explain))
 }
 
-const NOT_FOUND: &str = "Query not found";
+use crate::state::query::NOT_FOUND;
 
 fn body_query(body: &[u8]) -> Result<PreparedQuery, ApiError> {
     let q: PreparedQuery = decode(body)?;
@@ -55,11 +55,11 @@ async fn create(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiErro
 
 async fn update(State(ctx): State<Ctx>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let mut q = body_query(&body)?;
-    if !ctx.raft()?.store.read().expect("state lock").data().prepared_queries.contains_key(&id) {
+    q.id = id;
+    let (outcome, index) = ctx.raft()?.write(Command::QueryUpdate(q)).await?;
+    if outcome == Outcome::Rejected(NOT_FOUND.into()) {
         return Err(ApiError::NotFound(NOT_FOUND.into()));
     }
-    q.id = id;
-    let (outcome, index) = ctx.raft()?.write(Command::QuerySet(q)).await?;
     accepted(outcome)?;
     Ok(reply(&Meta::of(&ctx, index, &Params::default()), &Value::Null))
 }

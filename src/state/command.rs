@@ -35,8 +35,10 @@ pub enum Command {
     },
     /// Network coordinates reported by agents: (node, coordinate).
     CoordinateBatch(Vec<(String, crate::coordinate::Coordinate)>),
-    /// Create or replace a prepared query (by its ID).
+    /// Create a prepared query (or replace one with the same ID).
     QuerySet(super::query::PreparedQuery),
+    /// Replace an existing prepared query; rejected when it no longer exists.
+    QueryUpdate(super::query::PreparedQuery),
     QueryDelete {
         id: String,
     },

@@ -137,6 +137,8 @@ impl Store {
                 Outcome::Done
             }
             Command::QuerySet(q) => self.query_set(index, q),
+            Command::QueryUpdate(q) if !self.data.prepared_queries.contains_key(&q.id) => Outcome::Rejected(query::NOT_FOUND.into()),
+            Command::QueryUpdate(q) => self.query_set(index, q),
             Command::QueryDelete { id } => self.query_delete(id),
             Command::AgentCaInit(ca) => {
                 // First writer wins, so two leaders racing (one deposed) cannot swap the CA

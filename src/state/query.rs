@@ -13,6 +13,8 @@ use super::catalog::{ServiceInstance, meta_matches};
 use super::{CheckStatus, Outcome, RaftIndex, StateData, Store, Table};
 
 pub const TEMPLATE_TYPE: &str = "name_prefix_match";
+/// Consul's message for an ID or name that names no query.
+pub const NOT_FOUND: &str = "Query not found";
 
 /// A prepared query in Consul's JSON shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -325,6 +327,9 @@ mod tests {
         assert_eq!((q.create_index, q.modify_index, q.service.service.as_str()), (2, 8, "web2"));
         assert_eq!(s.apply(9, &req(Command::QueryDelete { id: "q1".into() })), Outcome::Applied(true));
         assert_eq!(s.apply(10, &req(Command::QueryDelete { id: "q1".into() })), Outcome::Applied(false));
+        // An update of a query deleted meanwhile does not bring it back.
+        assert_eq!(s.apply(11, &req(Command::QueryUpdate(query("q1", "web-fast", "web")))), Outcome::Rejected(NOT_FOUND.into()));
+        assert!(!s.data().prepared_queries.contains_key("q1"));
     }
 
     #[test]

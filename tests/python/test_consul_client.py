@@ -883,3 +883,29 @@ def test_prepared_query_template_interpolates_the_name(agent, c, web):
         assert r.status_code == 404, r.text
     finally:
         requests.delete(f"{agent.base}/v1/query/{qid}", timeout=10)
+
+
+# --------------------------------------------------------------------------
+# coordinates
+
+
+def test_coordinates_of_the_datacenter_and_of_this_node(c):
+    [dc] = c.coordinate.datacenters()
+    assert dc["Datacenter"] == DATACENTER
+    assert dc["AreaID"] == "WAN"
+    [server] = dc["Coordinates"]
+    assert server["Node"] == f"{NODE}.{DATACENTER}"
+    assert len(server["Coord"]["Vec"]) == 8
+
+    # The agent stores its own coordinate after its first probe round (every 5 s).
+    deadline = time.monotonic() + 20
+    while True:
+        index, nodes = c.coordinate.nodes()
+        if any(n["Node"] == NODE for n in nodes):
+            break
+        assert time.monotonic() < deadline, f"no coordinate for {NODE}: {nodes}"
+        # Block on the coordinates table instead of polling blindly.
+        c.coordinate.nodes(index=index, wait="2s")
+    mine = next(n for n in nodes if n["Node"] == NODE)
+    assert set(mine["Coord"]) >= {"Vec", "Error", "Adjustment", "Height"}
+    assert int(index) > 0

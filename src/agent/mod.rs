@@ -309,6 +309,7 @@ impl Agent {
                 let ip = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
                 let h = req.headers_mut();
                 h.remove(api::forward::FORWARDED_HEADER);
+                h.remove(api::agent::KEYRING_FANOUT_HEADER);
                 h.remove(api::prepared_query::ORIGIN_IP_HEADER);
                 h.remove(api::prepared_query::ORIGIN_NODE_HEADER);
                 if let Some(v) = origin_node {

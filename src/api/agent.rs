@@ -6,7 +6,7 @@
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use futures::future::BoxFuture;
@@ -91,9 +91,9 @@ pub fn routes() -> Router<Ctx> {
         .route(
             "/v1/operator/keyring",
             get(keyring_list)
-                .post(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Install))
-                .put(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Use))
-                .delete(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Remove)),
+                .post(|c: State<Ctx>, h: HeaderMap, b: Bytes| keyring(c, h, b, KeyringOp::Install))
+                .put(|c: State<Ctx>, h: HeaderMap, b: Bytes| keyring(c, h, b, KeyringOp::Use))
+                .delete(|c: State<Ctx>, h: HeaderMap, b: Bytes| keyring(c, h, b, KeyringOp::Remove)),
         )
 }
 
@@ -278,11 +278,45 @@ struct KeyBody {
     key: String,
 }
 
-async fn keyring(State(ctx): State<Ctx>, body: Bytes, op: KeyringOp) -> Result<Response, ApiError> {
+/// Marks a keyring change sent on to another datacenter, so that it goes no further.
+pub const KEYRING_FANOUT_HEADER: &str = "x-trellis-keyring-fanout";
+const KEYRING_FANOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A keyring change applies to every member of this datacenter (a gossip broadcast) and, when
+/// a server receives it, to every other datacenter too: their servers share the WAN pool's
+/// key, so each one is asked to make the same change in its own datacenter.
+async fn keyring(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes, op: KeyringOp) -> Result<Response, ApiError> {
     let b: KeyBody = super::error::decode(&body)?;
     if b.key.is_empty() {
         return Err(ApiError::BadRequest("Missing Key".into()));
     }
     ctx.agent.keyring_change(op, b.key).await?;
+    let Some(router) = ctx.federation.as_ref().filter(|_| !headers.contains_key(KEYRING_FANOUT_HEADER)) else {
+        return Ok(().into_response());
+    };
+    let method = match op {
+        KeyringOp::Install => "POST",
+        KeyringOp::Use => "PUT",
+        KeyringOp::Remove => "DELETE",
+    };
+    let fwd = super::forward::ForwardedRequest {
+        method: method.into(),
+        uri: "/v1/operator/keyring".into(),
+        headers: vec![(KEYRING_FANOUT_HEADER.into(), b"1".to_vec())],
+        body: body.to_vec(),
+    };
+    let encoded = crate::rpc::encode(&fwd).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut failed = Vec::new();
+    for dc in router.datacenters().into_iter().filter(|dc| !router.is_local(dc)) {
+        let outcome = router.call(&dc, crate::rpc::Service::Http, encoded.clone(), KEYRING_FANOUT_TIMEOUT).await;
+        match outcome.and_then(|b| crate::rpc::decode::<super::forward::ForwardedResponse>(&b)) {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => failed.push(format!("{dc}: {} {}", r.status, String::from_utf8_lossy(&r.body))),
+            Err(e) => failed.push(format!("{dc}: {e}")),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(ApiError::Internal(format!("the keyring change was applied in {} but failed in {}", ctx.info.datacenter, failed.join("; "))));
+    }
     Ok(().into_response())
 }

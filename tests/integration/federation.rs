@@ -171,3 +171,39 @@ async fn cross_dc_requests_survive_a_remote_server_dying() {
     let v = dcs[1].get_json(&format!("{alive}/v1/kv/after-kill")).await.unwrap();
     assert_eq!(v[0]["Value"], "b2s=");
 }
+
+/// What this test does: two encrypted datacenters; a key installed, made primary and the old
+/// one removed through dc1's server reaches dc2's server too (the WAN pool shares that key),
+/// and the datacenters still answer each other.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyring_rotation_in_one_datacenter_reaches_the_others() {
+    let old = trellis::membership::keygen();
+    let dcs = Cluster::start_federation(&[("dc1", 1, 0), ("dc2", 1, 0)], &["--encrypt", &old]).await;
+    let (s1, s2) = (dcs[0].servers[0].http(), dcs[1].servers[0].http());
+    let new = trellis::membership::keygen();
+    let keys_in_dc2 = |want: Vec<String>, primary: String| {
+        let (http, url) = (dcs[1].http.clone(), format!("{s2}/v1/operator/keyring"));
+        async move {
+            eventually(&format!("dc2 keys {want:?}, primary {primary}"), SOON, || async {
+                let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                let mut keys: Vec<String> = v[0]["Keys"].as_object()?.keys().cloned().collect();
+                keys.sort();
+                let primary_ok = v[0]["PrimaryKeys"][primary.as_str()].as_u64() == Some(1);
+                (keys == want && primary_ok).then_some(())
+            })
+            .await
+        }
+    };
+    let send = |method: reqwest::Method, key: &str| {
+        dcs[0].http.request(method, format!("{s1}/v1/operator/keyring")).body(json!({ "Key": key }).to_string()).send()
+    };
+    assert_eq!(send(reqwest::Method::POST, &new).await.unwrap().status(), 200);
+    let mut both = vec![old.clone(), new.clone()];
+    both.sort();
+    keys_in_dc2(both, old.clone()).await;
+    assert_eq!(send(reqwest::Method::PUT, &new).await.unwrap().status(), 200);
+    assert_eq!(send(reqwest::Method::DELETE, &old).await.unwrap().status(), 200);
+    keys_in_dc2(vec![new.clone()], new.clone()).await;
+    let nodes = dcs[0].get_json(&format!("{s1}/v1/catalog/nodes?dc=dc2")).await.unwrap();
+    assert_eq!(nodes[0]["Datacenter"], "dc2", "{nodes}");
+}

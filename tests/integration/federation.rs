@@ -146,8 +146,9 @@ async fn two_datacenters_serve_each_others_requests() {
 }
 
 /// What this test does: three datacenters, dc2 with three servers; every datacenter lists all
-/// three. dc2's leader is killed: reads and writes sent to dc2 through dc1 keep working (held
-/// through dc2's election, then answered by its new leader).
+/// three. A prepared query with `NearestN: 2` in dc1 fails over past dc2 (nothing healthy) to
+/// dc3. Then dc2's leader is killed: reads and writes sent to dc2 through dc1 keep working
+/// (held through dc2's election, then answered by its new leader).
 #[tokio::test(flavor = "multi_thread")]
 async fn cross_dc_requests_survive_a_remote_server_dying() {
     let mut dcs = Cluster::start_federation(&[("dc1", 1, 0), ("dc2", 3, 0), ("dc3", 1, 0)], &[]).await;
@@ -157,6 +158,16 @@ async fn cross_dc_requests_survive_a_remote_server_dying() {
         assert_eq!(list.as_array().unwrap().len(), 3);
     }
     let s1 = dcs[0].servers[0].http();
+    register_web(&dcs[2], "web-dc3", "10.30.0.1").await;
+    let q = json!({"Name": "web-nearest", "Service": {"Service": "web", "Failover": {"NearestN": 2}}});
+    let r = dcs[0].http.post(format!("{s1}/v1/query")).body(q.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let result = dcs[0].get_json(&format!("{s1}/v1/query/web-nearest/execute")).await.unwrap();
+    assert_eq!(result["Datacenter"], "dc3", "{result}");
+    assert_eq!(result["Nodes"][0]["Node"]["Node"], "web-dc3");
+    let failovers = result["Failovers"].as_u64().unwrap();
+    assert!((1..=2).contains(&failovers), "{result}");
+
     let leader = dcs[1].wait_for_leader().await;
     let i = dcs[1].index_of_rpc(&leader);
     dcs[1].kill(i);

@@ -116,7 +116,10 @@ pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next)
             return ApiError::NoLeader.into_response();
         }
         let wake = deadline.min(Instant::now() + LEADER_RETRY);
-        let _ = tokio::time::timeout_at(wake.into(), metrics.changed()).await;
+        if let Ok(Err(_)) = tokio::time::timeout_at(wake.into(), metrics.changed()).await {
+            // Raft is shutting down: no leader is coming.
+            return ApiError::NoLeader.into_response();
+        }
     }
 }
 

@@ -93,7 +93,7 @@ async fn run_in(plan: &Plan, root: &Path, started: Instant) -> anyhow::Result<()
     let mut agents: Vec<Agent> = Vec::new();
     let spawned = spawn_all(plan, root, &shared, &mut agents).await;
     let outcome = match spawned {
-        Ok(()) => serve(plan, root, &agents, started).await,
+        Ok(()) => serve(plan, root, &mut agents, started).await,
         Err(e) => Err(e),
     };
     stop_all(&mut agents).await;
@@ -169,7 +169,7 @@ async fn spawn_all(plan: &Plan, root: &Path, shared: &Shared, agents: &mut Vec<A
 
 /// Wait until every datacenter has a leader, knows every other datacenter and has all its
 /// agents in the catalog; print where things are; then wait for Ctrl-C.
-async fn serve(plan: &Plan, root: &Path, agents: &[Agent], started: Instant) -> anyhow::Result<()> {
+async fn serve(plan: &Plan, root: &Path, agents: &mut [Agent], started: Instant) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
     let deadline = Instant::now() + READY_DEADLINE;
     for d in 1..=plan.datacenters {
@@ -179,6 +179,9 @@ async fn serve(plan: &Plan, root: &Path, agents: &[Agent], started: Instant) -> 
         loop {
             if ready(&http, &base, plan.datacenters, members).await {
                 break;
+            }
+            if let Some(dead) = agents.iter_mut().find_map(|a| matches!(a.child.try_wait(), Ok(Some(_))).then_some(a.name.clone())) {
+                bail!("{dead} exited during start-up; see {}", root.join(format!("{dead}.log")).display());
             }
             if Instant::now() > deadline {
                 bail!("{dc} was not ready after {READY_DEADLINE:?}; see the logs in {}", root.display());

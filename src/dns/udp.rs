@@ -36,9 +36,10 @@ use super::handler::Handler;
 
 /// Differently shuffled answers kept per question.
 pub const VARIANTS: usize = 8;
-/// Questions kept; past this the cache starts over (a crude bound that a flood of distinct
-/// names cannot grow past).
+/// Questions kept, and bytes of answers kept; past either the cache starts over (a crude bound
+/// that a flood of distinct names cannot grow past).
 const MAX_ENTRIES: usize = 4096;
+const MAX_BYTES: usize = 32 << 20;
 /// Requests answered at once on the slow path; beyond this new misses are dropped, so a flood
 /// cannot queue unbounded work (clients retry).
 const MAX_IN_FLIGHT: usize = 1024;
@@ -165,7 +166,14 @@ struct Variant {
 
 #[derive(Default)]
 pub(crate) struct AnswerCache {
-    entries: Mutex<HashMap<Vec<u8>, Entry>>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<Vec<u8>, Entry>,
+    /// Bytes of answers held (variants of stale generations included until replaced).
+    bytes: usize,
 }
 
 impl AnswerCache {
@@ -175,7 +183,7 @@ impl AnswerCache {
         let (key, qend) = cache_key(pkt)?;
         let chosen = {
             let entries = self.entries.lock().expect("cache lock");
-            let e = entries.get(&key).filter(|e| e.generation == generation && e.variants.len() >= VARIANTS)?;
+            let e = entries.map.get(&key).filter(|e| e.generation == generation && e.variants.len() >= VARIANTS)?;
             use rand::RngExt;
             e.variants[rand::rng().random_range(0..e.variants.len())].clone()
         };
@@ -199,21 +207,25 @@ impl AnswerCache {
         if !reusable {
             return;
         }
-        let mut entries = self.entries.lock().expect("cache lock");
-        if entries.len() >= MAX_ENTRIES && !entries.contains_key(&key) {
-            entries.clear();
+        let mut guard = self.entries.lock().expect("cache lock");
+        let entries = &mut *guard;
+        if (entries.map.len() >= MAX_ENTRIES && !entries.map.contains_key(&key)) || entries.bytes + answer.len() > MAX_BYTES {
+            entries.map.clear();
+            entries.bytes = 0;
         }
-        let e = entries.entry(key).or_insert_with(|| Entry { generation, variants: Vec::new() });
+        let e = entries.map.entry(key).or_insert_with(|| Entry { generation, variants: Vec::new() });
         if e.generation != generation {
             if e.generation > generation {
                 return;
             }
+            entries.bytes -= e.variants.iter().map(|v| v.bytes.len()).sum::<usize>();
             *e = Entry { generation, variants: Vec::new() };
         }
         if e.variants.len() < VARIANTS {
             let name = &pkt[HEADER_LEN..qend];
             let name_at = (HEADER_LEN..=answer.len() - name.len()).filter(|&at| answer[at..at + name.len()].eq_ignore_ascii_case(name)).collect();
             e.variants.push(Variant { bytes: Arc::new(answer.to_vec()), name_at: Arc::new(name_at) });
+            entries.bytes += answer.len();
         }
     }
 }

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
-use crate::config::{DEFAULT_DNS_PORT, DEFAULT_HTTP_PORT};
 use crate::tls::{self, CertKind};
 
 pub const MAX_DATACENTERS: usize = 9;
@@ -27,6 +26,9 @@ pub struct Plan {
     pub prefix: String,
     /// Kept after exit when given; otherwise a temporary directory removed at exit.
     pub data_dir: Option<PathBuf>,
+    /// Every agent's HTTP API and DNS ports (each agent has its own address).
+    pub http_port: u16,
+    pub dns_port: u16,
 }
 
 struct Agent {
@@ -48,6 +50,9 @@ impl Plan {
         }
         if self.servers == 0 {
             bail!("--servers: every datacenter needs at least one server");
+        }
+        if self.http_port == 0 || self.dns_port == 0 {
+            bail!("--http-port and --dns-port: a multi-agent dev cluster needs fixed ports (each agent has its own address)");
         }
         if self.servers + self.clients > MAX_AGENTS_PER_DC {
             bail!("--servers plus --clients: at most {MAX_AGENTS_PER_DC} agents per datacenter");
@@ -132,6 +137,7 @@ async fn spawn_all(plan: &Plan, root: &Path, shared: &Shared, agents: &mut Vec<A
             cmd.arg("agent")
                 .args(["--node", &name, "--datacenter", &dc, "--primary-datacenter", "dc1"])
                 .args(["--bind", &ip.to_string(), "--client", &ip.to_string(), "--encrypt", gossip_key])
+                .args(["--http-port", &plan.http_port.to_string(), "--dns-port", &plan.dns_port.to_string()])
                 .arg("--data-dir")
                 .arg(dir.join("data"))
                 .arg("--ca-file")
@@ -174,7 +180,7 @@ async fn serve(plan: &Plan, root: &Path, agents: &mut [Agent], started: Instant)
     let deadline = Instant::now() + READY_DEADLINE;
     for d in 1..=plan.datacenters {
         let dc = dc_name(d);
-        let base = format!("http://{}:{DEFAULT_HTTP_PORT}", plan.ip(d, 1));
+        let base = format!("http://{}:{}", plan.ip(d, 1), plan.http_port);
         let members = plan.servers + plan.clients;
         loop {
             if ready(&http, &base, plan.datacenters, members).await {
@@ -193,7 +199,8 @@ async fn serve(plan: &Plan, root: &Path, agents: &mut [Agent], started: Instant)
     for d in 1..=plan.datacenters {
         let dc = dc_name(d);
         let first = plan.ip(d, 1);
-        println!("    {dc}: HTTP API http://{first}:{DEFAULT_HTTP_PORT}  UI http://{first}:{DEFAULT_HTTP_PORT}/ui/  DNS {first}:{DEFAULT_DNS_PORT}");
+        let (http, dns) = (plan.http_port, plan.dns_port);
+        println!("    {dc}: HTTP API http://{first}:{http}  UI http://{first}:{http}/ui/  DNS {first}:{dns}");
         for a in agents.iter().filter(|a| a.dc == dc) {
             println!("      {:<18} {:<7} {}  (pid {})", a.name, if a.server { "server" } else { "client" }, a.ip, a.child.id().unwrap_or(0));
         }

@@ -245,6 +245,9 @@ pub struct DevArgs {
     /// onwards)
     #[arg(long = "address-prefix", default_value = "127.0.0")]
     pub address_prefix: String,
+    /// DNS port (of every agent, in a multi-agent dev cluster)
+    #[arg(long = "dns-port", default_value_t = config::DEFAULT_DNS_PORT)]
+    pub dns_port: u16,
 }
 
 impl AgentArgs {
@@ -327,6 +330,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 clients: d.clients.unwrap_or(0),
                 prefix: d.address_prefix,
                 data_dir: d.data_dir.map(std::path::PathBuf::from),
+                http_port: d.http_port,
+                dns_port: d.dns_port,
             })
             .await
         }
@@ -336,6 +341,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 node: Some("dev".into()),
                 client: Some(d.client),
                 http_port: Some(i64::from(d.http_port)),
+                dns_port: Some(i64::from(d.dns_port)),
                 data_dir: d.data_dir,
                 ..Default::default()
             };

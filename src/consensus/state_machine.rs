@@ -139,14 +139,23 @@ pub struct StateMachineSnapshotter {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let p = self.payload.take().ok_or_else(|| StorageIOError::write_snapshot(None, io_err(&std::io::Error::other("snapshot already built"))))?;
-        let bytes = postcard::to_allocvec(&p).map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
         let snapshot_id = match p.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.seq),
             None => format!("--{}", self.seq),
         };
-        let meta = SnapshotMeta { last_log_id: p.last_applied, last_membership: p.membership, snapshot_id };
-        let stored = postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes: bytes.clone() })
-            .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        let meta = SnapshotMeta { last_log_id: p.last_applied, last_membership: p.membership.clone(), snapshot_id };
+        // Encoding (and dropping) a copy of every table is CPU work of many milliseconds: keep it
+        // off the async workers that serve requests and apply the log.
+        let stored_meta = meta.clone();
+        let (bytes, stored) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Vec<u8>), postcard::Error> {
+            let bytes = postcard::to_allocvec(&p)?;
+            drop(p);
+            let stored = postcard::to_allocvec(&StoredSnapshot { meta: stored_meta, bytes: bytes.clone() })?;
+            Ok((bytes, stored))
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, io_err(&std::io::Error::other(e))))?
+        .map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
         self.storage.snapshot_put(stored).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }

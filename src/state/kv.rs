@@ -6,7 +6,7 @@ use super::{KvEntry, KvVerb, Outcome, RaftIndex, StateData, Store, Table, TxnErr
 
 /// Pending changes of a transaction over the committed table: reads see the changes first.
 struct Overlay<'a> {
-    base: &'a BTreeMap<String, KvEntry>,
+    base: &'a imbl::OrdMap<String, KvEntry>,
     changes: BTreeMap<String, Option<KvEntry>>,
 }
 

@@ -46,9 +46,11 @@ pub struct StateData {
     pub services: BTreeMap<(String, String), Service>,
     /// Keyed by (node, check id).
     pub checks: BTreeMap<(String, String), HealthCheck>,
-    pub kv: BTreeMap<String, KvEntry>,
+    /// Persistent (structurally shared) maps: a snapshot copies them in O(1) while apply is
+    /// paused, instead of copying every entry (which stalled writes for tens of milliseconds).
+    pub kv: imbl::OrdMap<String, KvEntry>,
     /// Index at which a key was deleted, so that prefix reads report deletions in their index.
-    pub kv_tombstones: BTreeMap<String, RaftIndex>,
+    pub kv_tombstones: imbl::OrdMap<String, RaftIndex>,
     pub sessions: BTreeMap<String, Session>,
     /// Key -> wall-clock millisecond until which it cannot be acquired (session lock-delay).
     pub lock_delays: BTreeMap<String, u64>,

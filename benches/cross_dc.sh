@@ -78,5 +78,5 @@ printf '%-8s %12s %10s %10s\n' request req/s "p50 ms" "p99 ms"
 for kind in local remote; do
   printf '%-8s %12s %10s %10s\n' "$kind" "${RPS[$kind]}" "${P50[$kind]}" "${P99[$kind]}"
 done
-awk -v a="${RPS[remote]}" -v b="${RPS[local]}" -v c="${P50[remote]}" -v d="${P50[local]}" -v e="${P99[remote]}" -v f="${P99[local]}" \
-  'BEGIN { printf "%-8s %11.2fx %9.2fx %9.2fx\n", "rem/loc", a / b, c / d, e / f }'
+printf '%-8s %12s %10s %10s\n' rem/loc "$(ratio "${RPS[remote]}" "${RPS[local]}")" \
+  "$(ratio "${P50[remote]}" "${P50[local]}")" "$(ratio "${P99[remote]}" "${P99[local]}")"

@@ -310,10 +310,6 @@ for s in $SYSTEMS; do
   "bench_$s"
 done
 
-ratio() { # a b
-  awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2fx", a / b }'
-}
-
 echo
 echo "DNS benchmark: dnsperf ${DNSPERF_FLAGS[*]} -l $DURATION, question web.service.consul, one system at a time"
 printf '%-9s %5s %-5s %12s %10s %10s %10s %11s %7s  %s\n' system inst qtype "queries/s" "avg ms" "sd ms" "max ms" completed lost "response codes"

@@ -298,10 +298,6 @@ for s in $SYSTEMS; do
   "bench_$s"
 done
 
-ratio() { # a b
-  awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2fx", a / b }'
-}
-
 echo
 echo "KV write benchmark: wrk -t$THREADS -c$CONNS -d$DURATION, ${VALUE_SIZE}-byte values, distinct keys, load on the leader"
 printf '%-12s %10s %10s %10s %10s %10s %12s %12s\n' system "req/s" "p50 ms" "p99 ms" requests non-2xx "sock errors" "keys stored"

@@ -78,3 +78,8 @@ ensure_trellis() {
   fi
   TRELLIS_BIN=$(realpath "$TRELLIS_BIN")
 }
+
+# ratio a b: "a/b" as "1.23x", or n/a when b is zero.
+ratio() {
+  awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2fx", a / b }'
+}

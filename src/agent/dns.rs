@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::dns::{DnsCatalog, Health, Instance, LookupError, NodeInfo, PtrTarget, QueryResult};
-use crate::federation::{Router, failover_targets};
+use crate::federation::{Router, fail_over};
 use crate::state::catalog::{CatalogAnswer, CatalogQuery, QueryAnswer, ServiceInstance};
 use crate::state::{CheckStatus, Table};
 
@@ -112,18 +112,11 @@ impl DnsCatalog for CatalogDns {
         let Some(mut answer) = self.query_in(&dc, q).await? else { return Ok(None) };
         // Nothing healthy here: the query's failover datacenters, nearest first.
         if answer.instances.is_empty() && dc == self.datacenter {
-            let targets = failover_targets(&answer.query.service.failover, &self.datacenters().await, &self.datacenter);
-            for target in targets {
-                let q = CatalogQuery::ExecuteQuery(Box::new(answer.query.clone()));
-                match self.query_in(&target, q).await {
-                    Ok(Some(remote)) if !remote.instances.is_empty() => {
-                        answer = remote;
-                        dc = target;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(dc = %target, error = ?e, "prepared query failover target failed"),
-                }
+            let by_distance = self.datacenters().await;
+            let read = |dc: String, q| async move { self.read(&dc, q).await.map_err(|e| format!("{e:?}")) };
+            if let (Some((remote_dc, remote)), _) = fail_over(&answer.query, &by_distance, &self.datacenter, read).await {
+                answer = remote;
+                dc = remote_dc;
             }
         }
         // Checks the query ignores do not count towards an instance's health here either.

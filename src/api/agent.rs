@@ -305,11 +305,9 @@ async fn keyring(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes, op: Ke
         headers: vec![(KEYRING_FANOUT_HEADER.into(), b"1".to_vec())],
         body: body.to_vec(),
     };
-    let encoded = crate::rpc::encode(&fwd).map_err(|e| ApiError::Internal(e.to_string()))?;
     let mut failed = Vec::new();
     for dc in router.datacenters().into_iter().filter(|dc| !router.is_local(dc)) {
-        let outcome = router.call(&dc, crate::rpc::Service::Http, encoded.clone(), KEYRING_FANOUT_TIMEOUT).await;
-        match outcome.and_then(|b| crate::rpc::decode::<super::forward::ForwardedResponse>(&b)) {
+        match super::forward::call_dc(router, &dc, &fwd, KEYRING_FANOUT_TIMEOUT).await {
             Ok(r) if r.status == 200 => {}
             Ok(r) => failed.push(format!("{dc}: {} {}", r.status, String::from_utf8_lossy(&r.body))),
             Err(e) => failed.push(format!("{dc}: {e}")),

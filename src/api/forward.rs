@@ -156,16 +156,20 @@ async fn relay_any(ctx: &Ctx, req: Request, params: &Params) -> Result<Response,
 /// moves on while servers are unreachable).
 async fn relay_to_dc(router: &crate::federation::Router, dc: &str, req: Request, params: &Params) -> Result<Response, ApiError> {
     let fwd = forwarded(req).await?;
-    let body = rpc::encode(&fwd).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let bytes = match router.call(dc, Service::Http, body, relay_timeout(params)).await {
-        Ok(b) => b,
+    match call_dc(router, dc, &fwd, relay_timeout(params)).await {
+        Ok(r) => response(r),
         Err(e) if e.code == ErrorCode::Unreachable => {
             tracing::debug!(%dc, error = %e, "no path to datacenter");
-            return Err(ApiError::NoPathToDatacenter);
+            Err(ApiError::NoPathToDatacenter)
         }
-        Err(e) => return Err(ApiError::Internal(format!("rpc error forwarding to datacenter {dc}: {e}"))),
-    };
-    response(rpc::decode(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?)
+        Err(e) => Err(ApiError::Internal(format!("rpc error forwarding to datacenter {dc}: {e}"))),
+    }
+}
+
+/// Have a server of `dc` answer an HTTP request as its own.
+pub async fn call_dc(router: &crate::federation::Router, dc: &str, fwd: &ForwardedRequest, timeout: Duration) -> Result<ForwardedResponse, RpcError> {
+    let bytes = router.call(dc, Service::Http, rpc::encode(fwd)?, timeout).await?;
+    rpc::decode(&bytes)
 }
 
 async fn forwarded(req: Request) -> Result<ForwardedRequest, ApiError> {

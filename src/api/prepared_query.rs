@@ -12,8 +12,8 @@ use super::catalog::{accepted, node_json, service_json};
 use super::error::decode;
 use super::query::{Meta, Params, blocking, reply};
 use super::{ApiError, Ctx};
-use crate::federation::failover_targets;
-use crate::state::catalog::{CatalogAnswer, CatalogQuery, ServiceInstance};
+use crate::federation::fail_over;
+use crate::state::catalog::ServiceInstance;
 use crate::state::query::PreparedQuery;
 use crate::state::{Command, Outcome, StateData, Table};
 use rand::seq::SliceRandom;
@@ -101,16 +101,9 @@ async fn explain(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params) -> R
 /// at the client's address (X-Forwarded-For first).
 pub(crate) fn near_node(d: &StateData, near: &str, ctx: &Ctx, headers: &HeaderMap) -> Option<String> {
     let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
-    match near {
-        "" => None,
-        "_agent" => Some(header(ORIGIN_NODE_HEADER).unwrap_or_else(|| ctx.info.node_name.clone())),
-        "_ip" => {
-            let ip =
-                header("x-forwarded-for").and_then(|v| v.split(',').next().map(|s| s.trim().to_string())).or_else(|| header(ORIGIN_IP_HEADER))?;
-            d.nodes.values().find(|n| n.address == ip).map(|n| n.node.clone())
-        }
-        name => Some(name.to_string()),
-    }
+    let agent = header(ORIGIN_NODE_HEADER).unwrap_or_else(|| ctx.info.node_name.clone());
+    let client_ip = header("x-forwarded-for").and_then(|v| v.split(',').next().map(|s| s.trim().to_string())).or_else(|| header(ORIGIN_IP_HEADER));
+    d.near_node(near, &agent, client_ip.as_deref())
 }
 
 async fn execute(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -133,18 +126,13 @@ async fn execute(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params, head
     if instances.is_empty()
         && let Some(router) = &ctx.federation
     {
-        for target in failover_targets(&q.service.failover, &router.datacenters(), &dc) {
-            failovers += 1;
-            match router.read(&target, CatalogQuery::ExecuteQuery(Box::new(q.clone()))).await {
-                Ok(CatalogAnswer::Query(Ok(Some(answer)))) if !answer.instances.is_empty() => {
-                    instances = answer.instances.into_iter().map(|(node, service, checks)| ServiceInstance { node, service, checks }).collect();
-                    instances.shuffle(&mut rand::rng());
-                    dc = target;
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(dc = %target, error = %e, "prepared query failover target failed"),
-            }
+        let read = |dc: String, query| async move { router.read(&dc, query).await.map_err(|e| e.to_string()) };
+        let (found, asked) = fail_over(&q, &router.datacenters(), &dc, read).await;
+        failovers = asked;
+        if let Some((remote_dc, answer)) = found {
+            instances = answer.instances.into_iter().map(|(node, service, checks)| ServiceInstance { node, service, checks }).collect();
+            instances.shuffle(&mut rand::rng());
+            dc = remote_dc;
         }
     }
     if limit > 0 {

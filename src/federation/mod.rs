@@ -6,10 +6,8 @@
 //! Distances: every [`PROBE_INTERVAL`] this server pings every other server of the WAN pool
 //! (`ClusterRpc::Ping`, whose answer carries the other's network coordinate) and feeds the
 //! round trips into its own Vivaldi coordinate ([`crate::coordinate`]). Datacenters are ordered by the
-//! median estimated round trip to their servers' coordinates, as Consul orders them; until a
-//! datacenter's coordinates are known, by the median measured round trip.
-
-use crate::coordinate;
+//! median estimated round trip to their servers' coordinates, as Consul orders them (a
+//! datacenter not probed yet comes last).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -44,10 +42,9 @@ struct Inner {
     tls: Arc<rustls::ClientConfig>,
     /// One RPC client per remote datacenter: each verifies `server.<dc>.<domain>`.
     clients: Mutex<HashMap<String, RpcClient>>,
-    rtt: Mutex<HashMap<String, Duration>>,
     /// Our name in the WAN pool (`<node>.<dc>`).
     wan_name: String,
-    coord: Mutex<coordinate::Client>,
+    coord: Mutex<crate::coordinate::Client>,
     /// The last coordinate each other server reported: WAN name -> (datacenter, coordinate).
     known: Mutex<HashMap<String, (String, Coordinate)>>,
 }
@@ -62,7 +59,6 @@ impl Router {
                 wan,
                 tls,
                 clients: Mutex::default(),
-                rtt: Mutex::default(),
                 coord: Mutex::default(),
                 known: Mutex::default(),
             }),
@@ -128,23 +124,14 @@ impl Router {
         if let Some(wan) = &self.inner.wan {
             dcs.extend(wan.members().into_iter().filter_map(|m| m.tags.get("dc").cloned()));
         }
-        let rtt = self.inner.rtt.lock().expect("rtt lock").clone();
         let known = self.inner.known.lock().expect("known lock").clone();
         let me = self.coordinate();
         let mut list: Vec<String> = dcs.into_iter().collect();
         list.sort_by_key(|dc| {
-            let distance = self.estimated_rtt(dc, &known, &me).or_else(|| rtt.get(dc).copied()).unwrap_or(Duration::MAX);
+            let distance = self.estimated_rtt(dc, &known, &me).unwrap_or(Duration::MAX);
             (!self.is_local(dc), distance, dc.clone())
         });
         list
-    }
-
-    /// The measured median round trip to `dc` (zero for this datacenter).
-    pub fn rtt(&self, dc: &str) -> Option<Duration> {
-        if self.is_local(dc) {
-            return Some(Duration::ZERO);
-        }
-        self.inner.rtt.lock().expect("rtt lock").get(dc).copied()
     }
 
     fn client(&self, dc: &str) -> RpcClient {
@@ -194,15 +181,14 @@ impl Router {
         }
     }
 
-    /// Ping every other alive server of the pool once: update our coordinate and theirs as we
-    /// know it, and keep each remote datacenter's median measured round trip.
+    /// Ping every other alive server of the pool once: update our coordinate, and theirs as we
+    /// know it.
     async fn probe_all(&self) {
         let Some(wan) = &self.inner.wan else { return };
         let body = match rpc::encode(&ClusterRpc::Ping) {
             Ok(b) => b,
             Err(_) => return,
         };
-        let mut samples: HashMap<String, Vec<Duration>> = HashMap::new();
         let others: Vec<_> = wan.members().into_iter().filter(|m| m.status == MemberStatus::Alive && m.name != self.inner.wan_name).collect();
         let alive: BTreeSet<String> = others.iter().map(|m| m.name.clone()).collect();
         self.inner.known.lock().expect("known lock").retain(|name, _| alive.contains(name));
@@ -218,13 +204,7 @@ impl Router {
                 continue;
             };
             self.inner.coord.lock().expect("coord lock").update(&node, &coord, rtt);
-            self.inner.known.lock().expect("known lock").insert(node, (datacenter.clone(), coord));
-            samples.entry(datacenter).or_default().push(rtt);
-        }
-        let mut measured = self.inner.rtt.lock().expect("rtt lock");
-        for (dc, mut s) in samples {
-            s.sort();
-            measured.insert(dc, s[s.len() / 2]);
+            self.inner.known.lock().expect("known lock").insert(node, (datacenter, coord));
         }
     }
 }
@@ -242,6 +222,31 @@ pub fn failover_targets(f: &crate::state::query::QueryFailover, by_distance: &[S
         }
     }
     out
+}
+
+/// Run `query` in its failover datacenters ([`failover_targets`]) one after another, through
+/// `read` (a catalog read in a datacenter), until one has instances. Returns that datacenter
+/// and its answer, if any, and how many datacenters were asked.
+pub async fn fail_over<F, Fut>(
+    query: &crate::state::query::PreparedQuery,
+    by_distance: &[String],
+    local: &str,
+    read: F,
+) -> (Option<(String, Box<crate::state::catalog::QueryAnswer>)>, u64)
+where
+    F: Fn(String, CatalogQuery) -> Fut,
+    Fut: std::future::Future<Output = Result<CatalogAnswer, String>>,
+{
+    let mut asked = 0;
+    for target in failover_targets(&query.service.failover, by_distance, local) {
+        asked += 1;
+        match read(target.clone(), CatalogQuery::ExecuteQuery(Box::new(query.clone()))).await {
+            Ok(CatalogAnswer::Query(Ok(Some(answer)))) if !answer.instances.is_empty() => return (Some((target, answer)), asked),
+            Ok(_) => {}
+            Err(e) => debug!(dc = %target, error = %e, "prepared query failover target failed"),
+        }
+    }
+    (None, asked)
 }
 
 #[cfg(test)]

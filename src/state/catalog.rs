@@ -306,6 +306,17 @@ impl StateData {
 }
 
 impl StateData {
+    /// The node a `near` value names: `_agent` is `agent`, `_ip` the node at `client_ip`,
+    /// empty is none, anything else a node name.
+    pub fn near_node(&self, near: &str, agent: &str, client_ip: Option<&str>) -> Option<String> {
+        match near {
+            "" => None,
+            "_agent" => Some(agent.to_string()),
+            "_ip" => client_ip.and_then(|ip| self.nodes.values().find(|n| n.address == ip)).map(|n| n.node.clone()),
+            name => Some(name.to_string()),
+        }
+    }
+
     /// Order `items` for `?near=` / `Near`: by estimated round trip from `near`'s network
     /// coordinate to each item's node, the near node itself first, nodes without a coordinate
     /// last; ties (and everything, when `near` has no coordinate but for itself first) in
@@ -485,12 +496,7 @@ impl StateData {
             }
             CatalogQuery::PreparedQuery { name, agent, source } => CatalogAnswer::Query(self.resolve_query(name).map(|q| {
                 q.map(|q| {
-                    let near = match q.service.near.as_str() {
-                        "" => None,
-                        "_agent" => Some(agent.clone()),
-                        "_ip" => source.as_ref().and_then(|ip| self.nodes.values().find(|n| &n.address == ip)).map(|n| n.node.clone()),
-                        other => Some(other.to_string()),
-                    };
+                    let near = self.near_node(&q.service.near, agent, source.as_deref());
                     let mut found = self.execute_query(&q);
                     if let Some(near) = &near {
                         self.sort_near(&mut found, |i| i.node.node.as_str(), near);

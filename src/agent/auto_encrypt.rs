@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::consensus::node::RaftNode;
+use crate::cluster::RaftNode;
 use crate::membership::Gossip;
 use crate::rpc::{self, ErrorCode, Handler, Peer, RpcClient, RpcError, Service};
 use crate::state::Table;
@@ -67,6 +67,11 @@ impl Handler for SignHandler {
 impl SignHandler {
     fn sign(&self, peer: &Peer, body: &[u8]) -> Result<Vec<u8>, RpcError> {
         let forbidden = |m: String| RpcError::new(ErrorCode::Forbidden, m);
+        // A client agent asks without a certificate, or renews with the one it has; servers
+        // and other datacenters have no business here.
+        if !matches!(peer.role, crate::rpc::Role::Anonymous | crate::rpc::Role::Client) {
+            return Err(crate::rpc::forbidden("an auto-encrypt certificate request", peer));
+        }
         if !self.allow {
             return Err(forbidden("auto-encrypt is off on this server (set auto_encrypt.allow_tls = true on the servers)".into()));
         }

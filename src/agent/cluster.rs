@@ -1,5 +1,7 @@
-//! Cluster calls between servers (`Service::Cluster`): introductions for bootstrap and join,
-//! adding a server to Raft, applying forwarded writes, and taking over leadership.
+//! Answers the cluster protocol (`Service::Cluster`, defined with its sender rules in
+//! `crate::cluster`): introductions for bootstrap and join, adding a server to Raft, applying
+//! forwarded writes, reads for client agents and other datacenters, probes, keyring changes,
+//! and taking over leadership. Every request is checked against its sender rule first.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +10,8 @@ use futures::future::BoxFuture;
 use openraft::ChangeMembers;
 use tracing::info;
 
-use crate::consensus::node::{ClusterReply, ClusterRpc, HelloInfo, RaftNode, WriteError};
+use crate::cluster::{ClusterReply, ClusterRpc, HelloInfo, RaftNode, WriteError};
+use crate::rpc::Role;
 use crate::rpc::{self, ErrorCode, Handler, Peer, RpcError};
 
 /// How long a server asked to take over leadership keeps calling elections.
@@ -20,6 +23,8 @@ pub struct ClusterHandler {
     pub datacenter: String,
     pub federation: crate::federation::Router,
     pub lan: super::coordinates::LanCoordinate,
+    /// Keyring changes go through the agent's gossip pools.
+    pub agent: std::sync::Arc<super::ops::AgentHandle>,
 }
 
 pub fn hello(node: &RaftNode, datacenter: &str) -> HelloInfo {
@@ -57,8 +62,10 @@ impl Handler for ClusterHandler {
         let dc = self.datacenter.clone();
         let federation = self.federation.clone();
         let lan = self.lan.clone();
+        let agent = self.agent.clone();
         async move {
             let req: ClusterRpc = rpc::decode(&body)?;
+            req.authorize(&peer)?;
             let reply = match req {
                 ClusterRpc::Hello => ClusterReply::Hello(hello(&node, &dc)),
                 ClusterRpc::Apply { req, hops } => {
@@ -76,17 +83,17 @@ impl Handler for ClusterHandler {
                 ClusterRpc::Ping => federation.pong(),
                 ClusterRpc::LanPing => ClusterReply::Pong { node: node.me.name.clone(), datacenter: dc.clone(), coord: lan.get() },
                 ClusterRpc::NodeState { node: name } => ClusterReply::NodeState(Box::new(node.node_state(&name))),
+                ClusterRpc::Keyring { op, key } => {
+                    // A change another datacenter's server passes on stays in this datacenter.
+                    let fan_out = !matches!(peer.role, Role::RemoteServer(_));
+                    let failed = agent.keyring_in_cluster(op, key, fan_out).await.map_err(|e| RpcError::new(ErrorCode::BadRequest, e))?;
+                    ClusterReply::Keyring { failed }
+                }
                 ClusterRpc::Join { id, node: server } => {
-                    if !peer.is_server {
-                        return Err(RpcError::new(ErrorCode::Forbidden, "only servers may join the raft configuration"));
-                    }
                     add_voter(&node, id, server).await?;
                     ClusterReply::Joined
                 }
                 ClusterRpc::Elect => {
-                    if !peer.is_server {
-                        return Err(RpcError::new(ErrorCode::Forbidden, "only servers may hand over leadership"));
-                    }
                     let start = Instant::now();
                     while !node.is_leader() {
                         if start.elapsed() > ELECT_DEADLINE {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::local::Upstream;
-use crate::consensus::node::{ClusterReply, ClusterRpc};
+use crate::cluster::{ClusterReply, ClusterRpc};
 use crate::coordinate::{Client, Coordinate};
 use crate::membership::Gossip;
 use crate::rpc::{self, RpcClient, Service};

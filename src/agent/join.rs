@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::cluster::hello;
+use crate::cluster::{ClusterReply, ClusterRpc, HelloInfo, RaftNode};
 use crate::consensus::ServerNode;
-use crate::consensus::node::{ClusterReply, ClusterRpc, HelloInfo, RaftNode};
 use crate::rpc::Service;
 
 /// Pace of introductions while forming or joining a cluster, and once a member.

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::operator::{AutopilotHealth, ServerHealth};
-use crate::api::session::{SessionTimers, parse_ttl};
-use crate::consensus::node::RaftNode;
+use crate::api::session::parse_ttl;
+use crate::cluster::RaftNode;
+use crate::cluster::sessions::SessionTimers;
 use crate::consensus::{NodeId, ServerNode};
 use crate::membership::{Gossip, Member, MemberStatus};
 use crate::state::{CheckStatus, Command, HealthCheck, Node, Registration, Service};

@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, AgentInfo, ApiContext};
+use crate::cluster::{ClusterReply, ClusterRpc, RaftNode};
 use crate::config::{Config, RpcTls};
 use crate::consensus::log_store::LogStore;
 use crate::consensus::network::{ContactLog, Network, RaftHandler};
-use crate::consensus::node::{ClusterReply, ClusterRpc, RaftNode};
 use crate::consensus::state_machine::StateMachine;
 use crate::consensus::storage::Storage;
 use crate::consensus::{Raft, ServerNode, raft_config};
@@ -229,14 +229,24 @@ impl Agent {
             meta: Default::default(),
             server: cfg.server,
         };
-        let options = local::checks::RunnerOptions { enable_script_checks: cfg.enable_script_checks, ..Default::default() };
+        let options = local::checks::RunnerOptions {
+            enable_script_checks: cfg.enable_script_checks,
+            enable_local_script_checks: cfg.enable_local_script_checks,
+            ..Default::default()
+        };
+        if cfg.enable_script_checks {
+            warn!(
+                "enable_script_checks lets anyone who can reach this agent's HTTP API run commands on it; \
+                 use enable_local_script_checks (config files and loopback only) instead"
+            );
+        }
         let node = server.as_ref().map(|s| s.node.clone());
         let (local_agent, updates) = local::LocalAgent::new(facts, dd.clone(), options, node.clone(), shutdown.clone());
         for s in &cfg.services {
-            local_agent.add_service(s.clone(), false, false).map_err(|e| AgentError::Config(format!("service {s}: {e}")))?;
+            local_agent.add_service(s.clone(), local::Origin::Config, false).map_err(|e| AgentError::Config(format!("service {s}: {e}")))?;
         }
         for c in &cfg.checks {
-            local_agent.add_check(c.clone(), false).map_err(|e| AgentError::Config(format!("check {c}: {e}")))?;
+            local_agent.add_check(c.clone(), local::Origin::Config).map_err(|e| AgentError::Config(format!("check {c}: {e}")))?;
         }
         local_agent.restore();
 
@@ -249,7 +259,7 @@ impl Agent {
         };
         let reload = reloader(&cfg, local_agent.clone());
         let events = Arc::new(ops::EventLog::default());
-        let handle = ops::AgentHandle {
+        let handle = Arc::new(ops::AgentHandle {
             events: events.clone(),
             local: local_agent.clone(),
             gossip: gossip.clone(),
@@ -258,10 +268,12 @@ impl Agent {
             serf_lan_port: cfg.serf_lan_port,
             wan: wan_gossip.clone(),
             serf_wan_port: cfg.serf_wan_port.unwrap_or(crate::config::DEFAULT_SERF_WAN_PORT),
+            federation: federation.clone(),
+            rpc: client.clone(),
             shutdown: shutdown.clone(),
             reload: reload.clone(),
-        };
-        let sessions = api::session::SessionTimers::default();
+        });
+        let sessions = crate::cluster::sessions::SessionTimers::default();
         let health = Arc::new(Mutex::new(api::operator::AutopilotHealth::default()));
         let ctx = Arc::new(ApiContext {
             info: AgentInfo {
@@ -281,7 +293,7 @@ impl Agent {
             node: node.clone(),
             rpc: client.clone(),
             federation: federation.clone(),
-            agent: Arc::new(handle),
+            agent: handle.clone(),
             sessions: sessions.clone(),
             autopilot: health.clone(),
             metrics: api::metrics::Registry::default(),
@@ -309,7 +321,6 @@ impl Agent {
                 let ip = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
                 let h = req.headers_mut();
                 h.remove(api::forward::FORWARDED_HEADER);
-                h.remove(api::agent::KEYRING_FANOUT_HEADER);
                 h.remove(api::prepared_query::ORIGIN_IP_HEADER);
                 h.remove(api::prepared_query::ORIGIN_NODE_HEADER);
                 if let Some(v) = origin_node {
@@ -404,10 +415,10 @@ impl Agent {
         let storage = match server {
             None => None,
             Some(ServerParts { node, storage, rpc_listener }) => {
-                let server_name = tls::server_name(&cfg.datacenter, &cfg.domain);
                 let material = material.as_ref().expect("servers always have a certificate (config validation)");
                 let verifier = material.client_verifier(cfg.auto_encrypt_allow_tls)?;
-                let mut rpc_server = RpcServer::new(rpc_listener, material.server_config(verifier.clone())?, server_name);
+                let identify = crate::rpc::Identify { verifier: verifier.clone(), datacenter: cfg.datacenter.clone(), domain: cfg.domain.clone() };
+                let mut rpc_server = RpcServer::new(rpc_listener, material.server_config(verifier.clone())?, identify);
                 rpc_server.register(
                     Service::AutoEncrypt,
                     Arc::new(auto_encrypt::SignHandler {
@@ -428,6 +439,7 @@ impl Agent {
                         datacenter: cfg.datacenter.clone(),
                         federation: dc_router,
                         lan: lan_coord.clone(),
+                        agent: handle.clone(),
                     }),
                 );
                 rpc_server.register(Service::Http, Arc::new(api::forward::HttpHandler { router: router.clone() }));
@@ -598,10 +610,10 @@ fn reloader(cfg: &Config, local: local::LocalAgent) -> Arc<dyn Fn() -> Result<()
     let (services, checks) = (cfg.services.clone(), cfg.checks.clone());
     Arc::new(move || {
         for s in &services {
-            local.add_service(s.clone(), false, false).map_err(|e| e.to_string())?;
+            local.add_service(s.clone(), local::Origin::Config, false).map_err(|e| e.to_string())?;
         }
         for c in &checks {
-            local.add_check(c.clone(), false).map_err(|e| e.to_string())?;
+            local.add_check(c.clone(), local::Origin::Config).map_err(|e| e.to_string())?;
         }
         Ok(())
     })

@@ -12,11 +12,12 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::local::LocalAgent;
 use super::local::checks::Status;
+use super::local::{LocalAgent, Origin};
 use crate::api::ApiError;
-use crate::api::agent::{AgentOps, KeyringOp};
-use crate::consensus::node::RaftNode;
+use crate::api::agent::AgentOps;
+use crate::cluster::RaftNode;
+use crate::cluster::{ClusterReply, ClusterRpc, KeyringOp};
 use crate::membership::{Gossip, Member, MemberStatus, UserEvent};
 
 /// Serf's member status codes, which Consul's API reports as numbers.
@@ -148,10 +149,73 @@ pub struct AgentHandle {
     /// The WAN pool (servers only).
     pub wan: Option<Gossip>,
     pub serf_wan_port: u16,
+    /// Routes to other datacenters (servers only), for keyring changes.
+    pub federation: Option<crate::federation::Router>,
+    /// RPC to the servers (a client agent's keyring changes).
+    pub rpc: crate::rpc::RpcClient,
     /// Cancelled by `/v1/agent/leave`, which stops the agent after it leaves.
     pub shutdown: CancellationToken,
     /// Re-read configuration (SIGHUP and `/v1/agent/reload`).
     pub reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+/// How long a keyring change may take in another datacenter.
+const KEYRING_FANOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl AgentHandle {
+    /// Make a keyring change in this datacenter's pool (a gossip broadcast reaches every
+    /// member) and, with `fan_out`, ask a server of every other datacenter to make it in
+    /// theirs: their servers share the WAN pool's key. Returns the datacenters where it failed.
+    pub async fn keyring_in_cluster(&self, op: KeyringOp, key: String, fan_out: bool) -> Result<Vec<String>, String> {
+        let name = match op {
+            KeyringOp::Install => "install",
+            KeyringOp::Use => "use",
+            KeyringOp::Remove => "remove",
+        };
+        apply_keyring(&self.gossip, name, &key)?;
+        publish_keys(&self.gossip).await;
+        let ev = UserEvent {
+            id: String::new(),
+            name: KEYRING_EVENT.into(),
+            payload: format!("{name}:{key}").into_bytes(),
+            node_filter: String::new(),
+            service_filter: String::new(),
+            tag_filter: String::new(),
+            ltime: 0,
+        };
+        self.gossip.fire_event(ev).map_err(|e| e.to_string())?;
+        let mut failed = Vec::new();
+        let Some(router) = self.federation.as_ref().filter(|_| fan_out) else { return Ok(failed) };
+        for dc in router.datacenters().into_iter().filter(|dc| !router.is_local(dc)) {
+            let req = ClusterRpc::Keyring { op, key: key.clone() };
+            let reply = match crate::rpc::encode(&req) {
+                Ok(body) => router.call(&dc, crate::rpc::Service::Cluster, body, KEYRING_FANOUT_TIMEOUT).await,
+                Err(e) => Err(e),
+            };
+            match reply.and_then(|b| crate::rpc::decode::<ClusterReply>(&b)) {
+                Ok(ClusterReply::Keyring { .. }) => {}
+                Ok(_) => failed.push(format!("{dc}: unexpected reply")),
+                Err(e) => failed.push(format!("{dc}: {e}")),
+            }
+        }
+        Ok(failed)
+    }
+
+    /// A client agent's keyring change: a server of its datacenter makes it everywhere.
+    async fn keyring_through_server(&self, op: KeyringOp, key: String) -> Result<Vec<String>, ApiError> {
+        let servers = alive_servers(&self.gossip, &self.datacenter);
+        let mut last = ApiError::Internal("No known Consul servers".into());
+        for s in servers {
+            let req = ClusterRpc::Keyring { op, key: key.clone() };
+            match self.rpc.call_typed::<ClusterRpc, ClusterReply>(s, crate::rpc::Service::Cluster, &req, KEYRING_FANOUT_TIMEOUT).await {
+                Ok(ClusterReply::Keyring { failed }) => return Ok(failed),
+                Ok(_) => last = ApiError::Internal("unexpected reply to a keyring change".into()),
+                Err(e) if e.code == crate::rpc::ErrorCode::BadRequest => return Err(ApiError::BadRequest(e.message)),
+                Err(e) => last = ApiError::Internal(format!("{s}: {e}")),
+            }
+        }
+        Err(last)
+    }
 }
 
 pub fn member_json(m: &Member) -> Value {
@@ -218,16 +282,16 @@ impl AgentOps for AgentHandle {
         self.local.service_status_by_name(name)
     }
 
-    fn register_service(&self, body: Bytes, replace_existing_checks: bool) -> BoxFuture<'_, Result<(), ApiError>> {
-        async move { self.local.add_service(LocalAgent::decode_body(&body)?, true, replace_existing_checks) }.boxed()
+    fn register_service(&self, body: Bytes, replace_existing_checks: bool, peer: Option<std::net::IpAddr>) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move { self.local.add_service(LocalAgent::decode_body(&body)?, Origin::of_api_peer(peer), replace_existing_checks) }.boxed()
     }
 
     fn deregister_service(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>> {
         async move { self.local.remove_service(&id) }.boxed()
     }
 
-    fn register_check(&self, body: Bytes) -> BoxFuture<'_, Result<(), ApiError>> {
-        async move { self.local.add_check(LocalAgent::decode_body(&body)?, true) }.boxed()
+    fn register_check(&self, body: Bytes, peer: Option<std::net::IpAddr>) -> BoxFuture<'_, Result<(), ApiError>> {
+        async move { self.local.add_check(LocalAgent::decode_body(&body)?, Origin::of_api_peer(peer)) }.boxed()
     }
 
     fn deregister_check(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>> {
@@ -359,23 +423,17 @@ impl AgentOps for AgentHandle {
 
     fn keyring_change(&self, op: KeyringOp, key: String) -> BoxFuture<'_, Result<(), ApiError>> {
         async move {
-            let op = match op {
-                KeyringOp::Install => "install",
-                KeyringOp::Use => "use",
-                KeyringOp::Remove => "remove",
+            let failed = match &self.raft {
+                // A server makes the change here and in every other datacenter.
+                Some(_) => self.keyring_in_cluster(op, key, true).await.map_err(ApiError::BadRequest)?,
+                // A client agent asks a server to, which can reach the other datacenters.
+                None => self.keyring_through_server(op, key).await?,
             };
-            apply_keyring(&self.gossip, op, &key).map_err(ApiError::BadRequest)?;
-            publish_keys(&self.gossip).await;
-            let ev = UserEvent {
-                id: String::new(),
-                name: KEYRING_EVENT.into(),
-                payload: format!("{op}:{key}").into_bytes(),
-                node_filter: String::new(),
-                service_filter: String::new(),
-                tag_filter: String::new(),
-                ltime: 0,
-            };
-            self.gossip.fire_event(ev).map_err(|e| ApiError::Internal(e.to_string()))
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(ApiError::Internal(format!("the keyring change was applied in {} but failed in {}", self.datacenter, failed.join("; "))))
+            }
         }
         .boxed()
     }

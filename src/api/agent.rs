@@ -6,7 +6,7 @@
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use futures::future::BoxFuture;
@@ -31,9 +31,11 @@ pub trait AgentOps: Send + Sync + 'static {
     fn service_health(&self, id: &str) -> Option<(String, Value)>;
     /// Every local instance of a service name with its aggregated status.
     fn service_health_by_name(&self, name: &str) -> Vec<(String, Value)>;
-    fn register_service(&self, body: Bytes, replace_existing_checks: bool) -> BoxFuture<'_, Result<(), ApiError>>;
+    /// `peer` is the address the request came from (`None` when unknown): script checks from
+    /// another host run only with `enable_script_checks`.
+    fn register_service(&self, body: Bytes, replace_existing_checks: bool, peer: Option<std::net::IpAddr>) -> BoxFuture<'_, Result<(), ApiError>>;
     fn deregister_service(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>>;
-    fn register_check(&self, body: Bytes) -> BoxFuture<'_, Result<(), ApiError>>;
+    fn register_check(&self, body: Bytes, peer: Option<std::net::IpAddr>) -> BoxFuture<'_, Result<(), ApiError>>;
     fn deregister_check(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>>;
     /// Set a TTL check's status ("passing", "warning", "critical") and output.
     fn update_ttl(&self, id: &str, status: &str, output: String) -> Result<(), ApiError>;
@@ -57,12 +59,7 @@ pub trait AgentOps: Send + Sync + 'static {
     fn keyring_change(&self, op: KeyringOp, key: String) -> BoxFuture<'_, Result<(), ApiError>>;
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyringOp {
-    Install,
-    Use,
-    Remove,
-}
+pub use crate::cluster::KeyringOp;
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
@@ -91,9 +88,9 @@ pub fn routes() -> Router<Ctx> {
         .route(
             "/v1/operator/keyring",
             get(keyring_list)
-                .post(|c: State<Ctx>, h: HeaderMap, b: Bytes| keyring(c, h, b, KeyringOp::Install))
-                .put(|c: State<Ctx>, h: HeaderMap, b: Bytes| keyring(c, h, b, KeyringOp::Use))
-                .delete(|c: State<Ctx>, h: HeaderMap, b: Bytes| keyring(c, h, b, KeyringOp::Remove)),
+                .post(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Install))
+                .put(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Use))
+                .delete(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Remove)),
         )
 }
 
@@ -158,8 +155,19 @@ async fn checks(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError>
     filter_map(ctx.agent.checks(), &p)
 }
 
-async fn register_service(State(ctx): State<Ctx>, p: Params, body: Bytes) -> Result<Response, ApiError> {
-    ctx.agent.register_service(body, p.flag("replace-existing-checks")).await?;
+/// The address of the HTTP client that sent a request (absent for requests that did not come
+/// through this agent's own listener).
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())))
+    }
+}
+
+async fn register_service(State(ctx): State<Ctx>, ClientAddr(peer): ClientAddr, p: Params, body: Bytes) -> Result<Response, ApiError> {
+    ctx.agent.register_service(body, p.flag("replace-existing-checks"), peer).await?;
     Ok(().into_response())
 }
 
@@ -168,8 +176,8 @@ async fn deregister_service(State(ctx): State<Ctx>, Path(id): Path<String>) -> R
     Ok(().into_response())
 }
 
-async fn register_check(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
-    ctx.agent.register_check(body).await?;
+async fn register_check(State(ctx): State<Ctx>, ClientAddr(peer): ClientAddr, body: Bytes) -> Result<Response, ApiError> {
+    ctx.agent.register_check(body, peer).await?;
     Ok(().into_response())
 }
 
@@ -278,43 +286,14 @@ struct KeyBody {
     key: String,
 }
 
-/// Marks a keyring change sent on to another datacenter, so that it goes no further.
-pub const KEYRING_FANOUT_HEADER: &str = "x-trellis-keyring-fanout";
-const KEYRING_FANOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// A keyring change applies to every member of this datacenter (a gossip broadcast) and, when
-/// a server receives it, to every other datacenter too: their servers share the WAN pool's
-/// key, so each one is asked to make the same change in its own datacenter.
-async fn keyring(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes, op: KeyringOp) -> Result<Response, ApiError> {
+/// A keyring change applies to every member of this datacenter (a gossip broadcast) and to
+/// every other datacenter too: their servers share the WAN pool's key, so a server of each is
+/// asked to make the same change in its own datacenter.
+async fn keyring(State(ctx): State<Ctx>, body: Bytes, op: KeyringOp) -> Result<Response, ApiError> {
     let b: KeyBody = super::error::decode(&body)?;
     if b.key.is_empty() {
         return Err(ApiError::BadRequest("Missing Key".into()));
     }
     ctx.agent.keyring_change(op, b.key).await?;
-    let Some(router) = ctx.federation.as_ref().filter(|_| !headers.contains_key(KEYRING_FANOUT_HEADER)) else {
-        return Ok(().into_response());
-    };
-    let method = match op {
-        KeyringOp::Install => "POST",
-        KeyringOp::Use => "PUT",
-        KeyringOp::Remove => "DELETE",
-    };
-    let fwd = super::forward::ForwardedRequest {
-        method: method.into(),
-        uri: "/v1/operator/keyring".into(),
-        headers: vec![(KEYRING_FANOUT_HEADER.into(), b"1".to_vec())],
-        body: body.to_vec(),
-    };
-    let mut failed = Vec::new();
-    for dc in router.datacenters().into_iter().filter(|dc| !router.is_local(dc)) {
-        match super::forward::call_dc(router, &dc, &fwd, KEYRING_FANOUT_TIMEOUT).await {
-            Ok(r) if r.status == 200 => {}
-            Ok(r) => failed.push(format!("{dc}: {} {}", r.status, String::from_utf8_lossy(&r.body))),
-            Err(e) => failed.push(format!("{dc}: {e}")),
-        }
-    }
-    if !failed.is_empty() {
-        return Err(ApiError::Internal(format!("the keyring change was applied in {} but failed in {}", ctx.info.datacenter, failed.join("; "))));
-    }
     Ok(().into_response())
 }

@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::consensus::node::WriteError;
+use crate::cluster::WriteError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -15,7 +15,12 @@ pub enum ApiError {
     #[error("method {0} not allowed")]
     MethodNotAllowed(String),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     Conflict(String),
+    /// Too many requests (connection or rate limits): 429.
+    #[error("{0}")]
+    TooMany(String),
     #[error("{0}")]
     TooLarge(String),
     #[error("No cluster leader")]
@@ -35,7 +40,9 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             // Consul answers both with a 500 and these exact texts; clients match on them.
             ApiError::NoLeader | ApiError::NoPathToDatacenter | ApiError::Unreachable(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

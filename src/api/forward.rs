@@ -16,7 +16,7 @@ use tower::ServiceExt;
 
 use super::query::{MAX_WAIT, Params};
 use super::{ApiError, Ctx, MAX_BODY_BYTES};
-use crate::rpc::{self, ErrorCode, Handler, Peer, RpcError, Service};
+use crate::rpc::{self, ErrorCode, Handler, Peer, Role, RpcError, Service};
 
 pub const FORWARDED_HEADER: &str = "x-trellis-forwarded";
 /// Time a forwarded request may take on top of its own blocking wait.
@@ -43,13 +43,61 @@ pub struct ForwardedResponse {
 
 /// Paths answered by whichever agent receives them. Servers also answer `/v1/status/*` from
 /// their own Raft view and list the datacenters from their WAN pool; client agents forward
-/// those.
+/// those. Every agent lists and changes the gossip keyring itself (a change reaches the other
+/// datacenters through a server, `ClusterRpc::Keyring`).
 fn is_local(path: &str, server: bool) -> bool {
     !path.starts_with("/v1/")
         || path.starts_with("/v1/agent/")
         || path.starts_with("/v1/event/")
+        || path == "/v1/operator/keyring"
         || (server && path.starts_with("/v1/status/"))
         || (server && path == "/v1/catalog/datacenters")
+}
+
+/// The datacenter's data that client agents and other datacenters relay requests for.
+const SHARED_DATA: &[&str] = &[
+    "/v1/catalog/",
+    "/v1/health/",
+    "/v1/kv/",
+    "/v1/session/",
+    "/v1/txn",
+    "/v1/query",
+    "/v1/event/",
+    "/v1/coordinate/",
+    "/v1/status/",
+    "/v1/internal/ui/",
+];
+
+/// Operator state a client agent may read on its users' behalf (never change).
+const OPERATOR_READS: &[&str] = &["/v1/operator/raft/configuration", "/v1/operator/autopilot/"];
+
+/// Whether a peer in `role` may have this server run an HTTP request for it
+/// (`Service::Http`):
+/// - a server of this datacenter forwards whatever needs the leader: anything but the
+///   agent's own endpoints;
+/// - a client agent relays its users' reads and writes of the datacenter's data, and reads of
+///   operator state;
+/// - another datacenter's server relays `?dc=` requests for the datacenter's data.
+///
+/// Nobody relays `/v1/agent/*` (another agent's leave, reload, checks), snapshots, keyring
+/// changes or operator writes.
+pub fn relay_allowed(role: &Role, method: &str, path: &str) -> bool {
+    if path.starts_with("/v1/agent/") || !path.starts_with("/v1/") {
+        return false;
+    }
+    let under = |prefixes: &[&str]| prefixes.iter().any(|p| path.starts_with(p) || path == p.trim_end_matches('/'));
+    let read = method == "GET" || method == "HEAD";
+    match role {
+        Role::Server => true,
+        Role::Client => under(SHARED_DATA) || (read && under(OPERATOR_READS)),
+        Role::RemoteServer(_) => under(SHARED_DATA),
+        Role::Anonymous | Role::Other => false,
+    }
+}
+
+/// The refusal for a request `role` may not relay.
+fn relay_refused(role: &Role, method: &str, path: &str) -> String {
+    format!("{method} {path} is not relayed for {role}: call a server's HTTP API in that datacenter directly")
 }
 
 pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
@@ -77,6 +125,9 @@ pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next)
         // to the leader when the request needs it.
         if is_local(&path, false) {
             return next.run(req).await;
+        }
+        if !relay_allowed(&Role::Client, req.method().as_str(), &path) {
+            return ApiError::Forbidden(relay_refused(&Role::Client, req.method().as_str(), &path)).into_response();
         }
         return match relay_any(&ctx, req, &params).await {
             Ok(r) => r,
@@ -162,6 +213,7 @@ async fn relay_to_dc(router: &crate::federation::Router, dc: &str, req: Request,
             tracing::debug!(%dc, error = %e, "no path to datacenter");
             Err(ApiError::NoPathToDatacenter)
         }
+        Err(e) if e.code == ErrorCode::Forbidden => Err(ApiError::Forbidden(e.message)),
         Err(e) => Err(ApiError::Internal(format!("rpc error forwarding to datacenter {dc}: {e}"))),
     }
 }
@@ -193,6 +245,7 @@ async fn send(ctx: &Ctx, to: std::net::SocketAddr, fwd: &ForwardedRequest, param
     let resp: ForwardedResponse = match ctx.rpc.call_typed(to, Service::Http, fwd, relay_timeout(params)).await {
         Ok(r) => r,
         Err(e) if e.code == ErrorCode::Unreachable => return Err(ApiError::Unreachable(e.message)),
+        Err(e) if e.code == ErrorCode::Forbidden => return Err(ApiError::Forbidden(e.message)),
         Err(e) => return Err(ApiError::Internal(format!("rpc error forwarding to {to}: {e}"))),
     };
     response(resp)
@@ -218,8 +271,12 @@ impl Handler for HttpHandler {
         let router = self.router.clone();
         async move {
             let fwd: ForwardedRequest = rpc::decode(&body)?;
+            let path = fwd.uri.split('?').next().unwrap_or_default();
+            if !relay_allowed(&peer.role, &fwd.method, path) {
+                return Err(RpcError::new(ErrorCode::Forbidden, relay_refused(&peer.role, &fwd.method, path)));
+            }
             let mut req = to_request(&fwd).map_err(|e| RpcError::new(ErrorCode::BadRequest, e.to_string()))?;
-            if peer.is_server {
+            if peer.is_server() {
                 req.headers_mut().insert(FORWARDED_HEADER, HeaderValue::from_static("1"));
             }
             let resp = router.oneshot(req).await.map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;

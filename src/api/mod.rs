@@ -32,7 +32,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 
-use crate::consensus::node::RaftNode;
+use crate::cluster::RaftNode;
 pub use error::ApiError;
 
 /// The largest request body accepted at all; endpoints apply tighter limits of their own.
@@ -64,7 +64,7 @@ pub struct ApiContext {
     /// Routes to other datacenters (servers only; client agents relay `?dc=` to a server).
     pub federation: Option<crate::federation::Router>,
     pub agent: Arc<dyn agent::AgentOps>,
-    pub sessions: session::SessionTimers,
+    pub sessions: crate::cluster::sessions::SessionTimers,
     pub autopilot: Arc<Mutex<operator::AutopilotHealth>>,
     pub metrics: metrics::Registry,
     pub started: Instant,

@@ -16,7 +16,7 @@ use super::catalog::write_reply;
 use super::error::decode;
 use super::query::{Params, blocking, reply};
 use super::{ApiError, Ctx};
-use crate::consensus::node::{ClusterReply, ClusterRpc};
+use crate::cluster::{ClusterReply, ClusterRpc};
 use crate::rpc::Service;
 use crate::state::{AutopilotConfig, Command, Outcome, Table};
 

@@ -1,12 +1,7 @@
-//! `/v1/session/*`, and the TTL timers the leader keeps for sessions.
-//!
-//! TTLs are leader-local, as in Consul: renewals reset a timer on the leader without a Raft
-//! write, and a new leader grants every session a fresh full period. An expired session is
-//! destroyed through Raft, which releases or deletes its locks.
+//! `/v1/session/*`. TTL timers are the leader's (`cluster::sessions`): renewals here reset
+//! them; an expired session is destroyed through Raft, which releases or deletes its locks.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -27,43 +22,8 @@ const MIN_TTL: Duration = Duration::from_secs(10);
 const MAX_TTL: Duration = Duration::from_secs(86_400);
 const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(15);
 const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
-/// A session lives this many TTLs past its last renewal, as Consul grants.
-pub const TTL_GRACE_MULTIPLIER: u32 = 2;
 /// Numeric lock delays below this are seconds, above it nanoseconds (Consul's rule).
 const LOCK_DELAY_SECONDS_BELOW: u64 = 1000;
-
-/// Leader-local expiry deadlines of sessions with a TTL.
-#[derive(Clone, Default)]
-pub struct SessionTimers {
-    deadlines: Arc<Mutex<HashMap<String, Instant>>>,
-}
-
-impl SessionTimers {
-    pub fn renew(&self, id: &str, ttl: Duration) {
-        self.deadlines.lock().expect("timers lock").insert(id.to_string(), Instant::now() + ttl * TTL_GRACE_MULTIPLIER);
-    }
-
-    /// Forget every deadline (on losing or gaining leadership).
-    pub fn clear(&self) {
-        self.deadlines.lock().expect("timers lock").clear();
-    }
-
-    /// Given the sessions that exist with their TTLs, start timers for new ones, drop timers of
-    /// gone ones, and return the ids whose time is up.
-    pub fn expired(&self, live: &[(String, Duration)]) -> Vec<String> {
-        let now = Instant::now();
-        let mut d = self.deadlines.lock().expect("timers lock");
-        d.retain(|id, _| live.iter().any(|(l, _)| l == id));
-        let mut out = Vec::new();
-        for (id, ttl) in live {
-            let deadline = *d.entry(id.clone()).or_insert(now + *ttl * TTL_GRACE_MULTIPLIER);
-            if deadline <= now {
-                out.push(id.clone());
-            }
-        }
-        out
-    }
-}
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
@@ -214,15 +174,5 @@ mod tests {
         assert_eq!(lock_delay(Some(json!(15))).unwrap(), Duration::from_secs(15));
         assert_eq!(lock_delay(Some(json!(2_000_000_000u64))).unwrap(), Duration::from_secs(2));
         assert!(lock_delay(Some(json!("2m"))).is_err());
-    }
-
-    #[test]
-    fn timers_expire_only_after_the_grace_period() {
-        let t = SessionTimers::default();
-        let live = vec![("a".to_string(), Duration::from_secs(10))];
-        assert!(t.expired(&live).is_empty());
-        t.deadlines.lock().unwrap().insert("a".into(), Instant::now() - Duration::from_millis(1));
-        assert_eq!(t.expired(&live), vec!["a"]);
-        assert!(t.expired(&[]).is_empty());
     }
 }

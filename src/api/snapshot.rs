@@ -2,7 +2,9 @@
 //! cluster through Raft (so every server installs the same state at the same index).
 //!
 //! The archive is a tar file holding `meta.json`, `state.bin` (the tables, postcard-encoded) and
-//! `SHA256SUMS`, which restore verifies before anything is applied.
+//! `SHA256SUMS`, which restore verifies before anything is applied. The auto-encrypt CA is left
+//! out of archives, and a restore keeps the cluster's own: it decides which agents the servers
+//! trust, so neither a download nor an upload may move it.
 
 use std::io::Read;
 
@@ -89,12 +91,15 @@ async fn save(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
     if !p.flag("stale") {
         ctx.raft()?.verify_leader().await?;
     }
-    let (data, index) = {
+    let (mut data, index) = {
         let store = ctx.raft()?.store.read().expect("state lock");
         (store.data().clone(), ctx.raft()?.applied_index())
     };
+    // The auto-encrypt CA decides which client agents the servers trust: its key never
+    // leaves the servers, and a restore keeps the running cluster's own.
+    data.agent_ca = None;
     let meta = SnapshotMeta {
-        id: format!("{index}-{}", crate::consensus::node::now_ms()),
+        id: format!("{index}-{}", crate::cluster::now_ms()),
         index,
         datacenter: ctx.info.datacenter.clone(),
         version: FORMAT_VERSION,

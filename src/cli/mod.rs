@@ -206,9 +206,13 @@ pub struct AgentArgs {
     /// WAN gossip port of a server (-1 disables)
     #[arg(long = "serf-wan-port", allow_negative_numbers = true)]
     pub serf_wan_port: Option<i64>,
-    /// Allow script checks
+    /// Allow script checks from anywhere, the HTTP API of other hosts included (prefer
+    /// --enable-local-script-checks)
     #[arg(long = "enable-script-checks")]
     pub enable_script_checks: bool,
+    /// Allow script checks from config files and the loopback HTTP API only
+    #[arg(long = "enable-local-script-checks")]
+    pub enable_local_script_checks: bool,
     /// Log level: trace, debug, info, warn, error
     #[arg(long = "log-level")]
     pub log_level: Option<String>,
@@ -276,6 +280,7 @@ impl AgentArgs {
             }),
             encrypt: self.encrypt.clone(),
             enable_script_checks: some_true(self.enable_script_checks),
+            enable_local_script_checks: some_true(self.enable_local_script_checks),
             domain: self.domain.clone(),
             log_level: self.log_level.clone(),
             // TLS flags are the most specific layer, key by key.

@@ -74,8 +74,12 @@ pub struct RawConfig {
     pub dns_config: Option<RawDnsConfig>,
     /// Gossip encryption key (base64, 16/24/32 bytes; `trellis keygen` makes one).
     pub encrypt: Option<String>,
-    /// Allow script checks (`Args`) in service and check definitions.
+    /// Allow script checks (`Args`) from anywhere, the HTTP API of any host included. Kept for
+    /// compatibility; prefer `enable_local_script_checks`.
     pub enable_script_checks: Option<bool>,
+    /// Allow script checks only from config files and the HTTP API on a loopback address (what
+    /// Consul's docs recommend).
+    pub enable_local_script_checks: Option<bool>,
     /// Services to register at start (Consul's `service` blocks / `services` list).
     pub service: Option<OneOrMany>,
     pub services: Option<OneOrMany>,
@@ -257,6 +261,7 @@ pub struct Config {
     /// DNS answer settings (domain, recursors, TTLs, limits).
     pub dns: crate::dns::DnsConfig,
     pub enable_script_checks: bool,
+    pub enable_local_script_checks: bool,
     /// Service and check definitions from the config files (Consul's JSON shapes).
     pub services: Vec<serde_json::Value>,
     pub checks: Vec<serde_json::Value>,
@@ -339,7 +344,19 @@ impl RawConfig {
             client_addr
         );
         take!(self, other, domain, log_level, ca_file, cert_file, key_file, performance, autopilot, auto_encrypt);
-        take!(self, other, encrypt, enable_script_checks, ae_interval, reconnect_timeout, alt_domain, recursors, recursor_timeout, dns_config);
+        take!(
+            self,
+            other,
+            encrypt,
+            enable_script_checks,
+            enable_local_script_checks,
+            ae_interval,
+            reconnect_timeout,
+            alt_domain,
+            recursors,
+            recursor_timeout,
+            dns_config
+        );
         // Definitions accumulate across files, as Consul's do.
         for (mine, theirs) in [
             (&mut self.service, other.service),
@@ -541,6 +558,15 @@ impl RawConfig {
         if allow_tls && !server {
             errs.push("auto_encrypt.allow_tls: only servers sign client certificates (clients set auto_encrypt.tls)".into());
         }
+        // Without ACL tokens, the gossip key is what proves a client agent may join: a server
+        // with no key would sign a certificate for anyone who asks.
+        if allow_tls && server && encrypt.as_deref().is_none_or(|k| k.trim().is_empty()) {
+            errs.push(
+                "auto_encrypt.allow_tls: requires encrypt (the gossip key), which authorises certificate requests; without it any \
+                 host that reaches this server would get a client certificate (set encrypt, or turn allow_tls off)"
+                    .into(),
+            );
+        }
         let tls = match (ca, cert, key) {
             (Some(ca), None, None) if auto_tls => RpcTls::AutoEncrypt { ca_file: ca.into() },
             (_, Some(_), _) | (_, _, Some(_)) if auto_tls => {
@@ -606,6 +632,7 @@ impl RawConfig {
             encrypt,
             dns,
             enable_script_checks: self.enable_script_checks.unwrap_or(false),
+            enable_local_script_checks: self.enable_local_script_checks.unwrap_or(false),
             services,
             checks,
             ae_interval,
@@ -714,6 +741,20 @@ mod tests {
         assert!(parse(r#""ca_file":"ca","auto_encrypt":{"allow_tls":true}"#).unwrap_err().contains("auto_encrypt.allow_tls"));
         assert!(parse(r#""server":true,"ca_file":"ca","auto_encrypt":{"tls":true}"#).unwrap_err().contains("only client agents"));
         assert!(parse(r#""ca_file":"ca""#).unwrap_err().contains("auto_encrypt.tls"));
+    }
+
+    #[test]
+    fn servers_sign_client_certificates_only_with_a_gossip_key() {
+        let parse = |extra: &str| {
+            let raw: RawConfig = serde_json::from_str(&format!(
+                r#"{{"data_dir":"/d","bind_addr":"127.0.0.1","server":true,"ca_file":"ca","cert_file":"c","key_file":"k",{extra}}}"#
+            ))
+            .unwrap();
+            raw.validate(false).map(|c| c.auto_encrypt_allow_tls).map_err(|e| e.to_string())
+        };
+        let err = parse(r#""auto_encrypt":{"allow_tls":true}"#).unwrap_err();
+        assert!(err.contains("auto_encrypt.allow_tls") && err.contains("encrypt"), "{err}");
+        assert_eq!(parse(r#""auto_encrypt":{"allow_tls":true},"encrypt":"pUqJrVyVRj5jsiYEkM/tFQYfWyJIv4s3XkvDwy7Cu5s=""#), Ok(true));
     }
 
     #[test]

@@ -9,7 +9,6 @@
 
 pub mod log_store;
 pub mod network;
-pub mod node;
 pub mod state_machine;
 pub mod storage;
 

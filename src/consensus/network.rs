@@ -137,7 +137,7 @@ impl Handler for RaftHandler {
         let raft = self.raft.clone();
         let contacts = self.contacts.clone();
         async move {
-            if !peer.is_server {
+            if !peer.is_server() {
                 return Err(RpcError::new(ErrorCode::Forbidden, "raft messages are accepted only from servers of this datacenter"));
             }
             let reply = match rpc::decode::<RaftRpc>(&body)? {

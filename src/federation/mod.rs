@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::consensus::node::{ClusterReply, ClusterRpc};
+use crate::cluster::{ClusterReply, ClusterRpc};
 pub use crate::coordinate::Coordinate;
 use crate::membership::{Gossip, MemberStatus};
 use crate::rpc::{self, ErrorCode, RpcClient, RpcError, Service};

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 
-use super::{ErrorCode, RequestFrame, ResponseFrame, RpcError, Service, read_frame, write_frame};
+use super::{ErrorCode, MAX_FRAME, RequestFrame, ResponseFrame, RpcError, Service, read_frame, write_frame};
 
 /// How long a TCP connect plus TLS handshake may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,6 +66,12 @@ impl RpcClient {
         let conn = self.conn(addr).await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = postcard::to_allocvec(&RequestFrame { id, service, body }).map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+        if frame.len() > MAX_FRAME {
+            return Err(RpcError::new(
+                ErrorCode::BadRequest,
+                format!("request of {} bytes exceeds the largest rpc frame ({MAX_FRAME} bytes)", frame.len()),
+            ));
+        }
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().expect("pending lock").insert(id, tx);
         let unreachable = || RpcError::new(ErrorCode::Unreachable, format!("connection to {addr} closed"));
@@ -149,7 +155,7 @@ impl RpcClient {
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            while let Ok(bytes) = read_frame(&mut rd).await {
+            while let Ok(bytes) = read_frame(&mut rd, MAX_FRAME).await {
                 let Ok(resp) = postcard::from_bytes::<ResponseFrame>(&bytes) else {
                     break;
                 };

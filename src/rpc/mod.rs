@@ -14,10 +14,17 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use client::RpcClient;
-pub use server::RpcServer;
+pub use server::{Identify, RpcServer, role_of_names};
 
-/// The largest frame either side accepts; Raft sends snapshots in chunks well below it.
+/// The largest frame either side accepts; Raft sends snapshots in chunks and sizes append
+/// batches well below it (`consensus::raft_config`).
 pub const MAX_FRAME: usize = 64 << 20;
+/// The largest frame accepted from a peer that presented no certificate (an auto-encrypt
+/// certificate request is a few hundred bytes): nothing big is allocated for a stranger.
+pub const MAX_ANONYMOUS_FRAME: usize = 64 << 10;
+/// Requests one connection may have in flight; past it the server stops reading from that
+/// connection until one finishes, so a single peer cannot pile up unbounded tasks.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
 
 /// Which handler a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -55,15 +62,53 @@ impl RpcError {
     }
 }
 
-/// Who is calling, as established by the TLS handshake.
+/// Who is calling, as the TLS handshake established it: by which CA issued the peer's
+/// certificate as well as by the name in it. Server identities come from the operator's agent
+/// CA only; whatever the auto-encrypt CA signed is a client agent, whatever name it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// No certificate: a client agent asking for one (auto-encrypt), nothing else.
+    Anonymous,
+    /// A server of this datacenter (operator CA, `server.<dc>.<domain>`).
+    Server,
+    /// A server of another datacenter (operator CA, `server.<other dc>.<domain>`).
+    RemoteServer(String),
+    /// A client agent of this datacenter (operator CA naming `client.<dc>.<domain>`, or any
+    /// certificate from the auto-encrypt CA).
+    Client,
+    /// A certificate our roots trust that names none of the above (a client agent of another
+    /// datacenter, a certificate for some other purpose): allowed nothing.
+    Other,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Anonymous => f.write_str("an agent without a certificate"),
+            Role::Server => f.write_str("a server of this datacenter"),
+            Role::RemoteServer(dc) => write!(f, "a server of datacenter {dc}"),
+            Role::Client => f.write_str("a client agent"),
+            Role::Other => f.write_str("a certificate that names no agent of this cluster"),
+        }
+    }
+}
+
+/// Who is calling.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
-    /// The certificate names `server.<dc>.<domain>` of our datacenter.
-    pub is_server: bool,
-    /// The peer presented a certificate our roots trust (always, unless the listener lets
-    /// anonymous peers in for auto-encrypt).
-    pub authenticated: bool,
+    pub role: Role,
+}
+
+impl Peer {
+    pub fn is_server(&self) -> bool {
+        self.role == Role::Server
+    }
+}
+
+/// The refusal a handler returns when `peer` may not make a request.
+pub fn forbidden(what: impl std::fmt::Display, peer: &Peer) -> RpcError {
+    RpcError::new(ErrorCode::Forbidden, format!("{what} is not accepted from {}", peer.role))
 }
 
 /// Serves one `Service`: takes the request body, returns the response body.
@@ -100,11 +145,11 @@ async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) 
     w.write_all(bytes).await
 }
 
-async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let len = r.read_u32().await? as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {MAX_FRAME}")));
+    if len > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {max}")));
     }
     let mut buf = vec![0; len];
     r.read_exact(&mut buf).await?;
@@ -125,7 +170,7 @@ mod tests {
 
     impl Handler for Echo {
         fn handle(&self, peer: Peer, body: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
-            let mut out = vec![u8::from(peer.authenticated), u8::from(peer.is_server)];
+            let mut out = vec![u8::from(peer.role != Role::Anonymous), u8::from(peer.is_server())];
             out.extend(body);
             async move { Ok(out) }.boxed()
         }
@@ -142,7 +187,8 @@ mod tests {
         let verifier = server_tls.client_verifier(true).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut server = RpcServer::new(listener, server_tls.server_config(verifier.clone()).unwrap(), tls::server_name("dc1", "consul"));
+        let identify = Identify { verifier: verifier.clone(), datacenter: "dc1".into(), domain: "consul".into() };
+        let mut server = RpcServer::new(listener, server_tls.server_config(verifier.clone()).unwrap(), identify);
         server.register(Service::Http, Arc::new(Echo));
         server.register(Service::AutoEncrypt, Arc::new(Echo));
         let stop = tokio_util::sync::CancellationToken::new();
@@ -162,6 +208,48 @@ mod tests {
         assert_eq!(client.call(addr, Service::Http, b"y".to_vec(), t).await.unwrap_err().code, ErrorCode::Unreachable);
         verifier.set_extra_roots(&agent_ca).unwrap();
         assert_eq!(client.call(addr, Service::Http, b"y".to_vec(), t).await.unwrap(), vec![1, 0, b'y']);
+        stop.cancel();
+    }
+
+    /// What this test does: a certificate named `server.dc1.consul` signed by the auto-encrypt
+    /// CA never makes its holder a server. The CA's name constraint makes the handshake fail;
+    /// and a CA without one (made before constraints existed) still gives only a client role,
+    /// because server identity comes from the operator's CA alone.
+    #[tokio::test]
+    async fn a_server_name_from_the_auto_encrypt_ca_is_not_a_server() {
+        let (ca, ca_key) = tls::create_ca("consul").unwrap();
+        let (cert, key) = tls::create_cert(&ca, &ca_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
+        let server_tls = TlsMaterial { ca_pem: ca.clone(), cert_pem: cert, key_pem: key };
+        let verifier = server_tls.client_verifier(false).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let identify = Identify { verifier: verifier.clone(), datacenter: "dc1".into(), domain: "consul".into() };
+        let mut server = RpcServer::new(listener, server_tls.server_config(verifier.clone()).unwrap(), identify);
+        server.register(Service::Raft, Arc::new(Echo));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(server.run(stop.clone()));
+        let t = Duration::from_secs(5);
+        let call_as = |cert_pem: String, key_pem: String| {
+            let m = TlsMaterial { ca_pem: ca.clone(), cert_pem, key_pem };
+            let client = RpcClient::new(m.client_config().unwrap(), tls::rpc_server_name("dc1", "consul"));
+            async move { client.call(addr, Service::Raft, b"r".to_vec(), t).await }
+        };
+
+        // The operator CA's server certificate is a server.
+        let (c, k) = tls::create_cert(&ca, &ca_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
+        assert_eq!(call_as(c, k).await.unwrap(), vec![1, 1, b'r']);
+
+        // A constrained auto-encrypt CA cannot vouch for a server name at all.
+        let (agent_ca, agent_key) = tls::create_agent_ca("dc1", "consul").unwrap();
+        verifier.set_extra_roots(&agent_ca).unwrap();
+        let (c, k) = tls::create_cert(&agent_ca, &agent_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
+        assert_eq!(call_as(c, k).await.unwrap_err().code, ErrorCode::Unreachable);
+
+        // An unconstrained one is trusted for client agents only.
+        let (legacy_ca, legacy_key) = tls::create_ca("consul").unwrap();
+        verifier.set_extra_roots(&legacy_ca).unwrap();
+        let (c, k) = tls::create_cert(&legacy_ca, &legacy_key, CertKind::Server, "dc1", "consul", &[]).unwrap();
+        assert_eq!(call_as(c, k).await.unwrap(), vec![1, 0, b'r'], "authenticated, but not a server");
         stop.cancel();
     }
 }

@@ -1,27 +1,73 @@
-//! The RPC listener: accepts mTLS connections and runs each request on its own task.
+//! The RPC listener: accepts mTLS connections, decides who each peer is from its certificate
+//! (issuing CA and name, [`Identify`]), and runs each request on its own task, at most
+//! [`MAX_IN_FLIGHT_PER_CONNECTION`] at a time per connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{ErrorCode, Handler, Peer, RequestFrame, ResponseFrame, RpcError, Service, read_frame, write_frame};
+use super::{
+    ErrorCode, Handler, MAX_ANONYMOUS_FRAME, MAX_FRAME, MAX_IN_FLIGHT_PER_CONNECTION, Peer, RequestFrame, ResponseFrame, Role, RpcError, Service,
+    read_frame, write_frame,
+};
+use crate::tls::RpcClientVerifier;
+
+/// Tells the kinds of peer apart: by the CA that issued a certificate (the operator's agent CA
+/// or the auto-encrypt CA) and by the name it carries.
+#[derive(Clone)]
+pub struct Identify {
+    pub verifier: Arc<RpcClientVerifier>,
+    pub datacenter: String,
+    pub domain: String,
+}
+
+impl Identify {
+    /// The role of a peer that presented `chain` (the handshake already verified it against
+    /// every CA the server trusts).
+    pub fn role(&self, chain: Option<&[CertificateDer<'_>]>) -> Role {
+        let Some(chain) = chain.filter(|c| !c.is_empty()) else { return Role::Anonymous };
+        if !self.verifier.issued_by_operator_ca(chain) {
+            // Only the auto-encrypt CA is trusted besides the operator's: it signs client
+            // agents of this datacenter and nothing else.
+            return Role::Client;
+        }
+        role_of_names(&crate::tls::dns_names(&chain[0]), &self.datacenter, &self.domain)
+    }
+}
+
+/// The role the DNS names of an operator-issued certificate give: `server.<dc>.<domain>` is a
+/// server (of this datacenter or another), `client.<dc>.<domain>` a client agent of ours.
+pub fn role_of_names(names: &[String], datacenter: &str, domain: &str) -> Role {
+    let suffix = format!(".{domain}");
+    let mut role = Role::Other;
+    for name in names {
+        let Some(rest) = name.strip_suffix(&suffix) else { continue };
+        if let Some(dc) = rest.strip_prefix("server.").filter(|dc| !dc.is_empty() && !dc.contains('.')) {
+            return if dc.eq_ignore_ascii_case(datacenter) { Role::Server } else { Role::RemoteServer(dc.to_string()) };
+        }
+        if rest.strip_prefix("client.").is_some_and(|dc| dc.eq_ignore_ascii_case(datacenter)) {
+            role = Role::Client;
+        }
+    }
+    role
+}
 
 pub struct RpcServer {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     handlers: Arc<HashMap<Service, Arc<dyn Handler>>>,
-    /// The certificate name that marks a peer as a server of our datacenter.
-    server_name: String,
+    identify: Identify,
 }
 
 impl RpcServer {
-    pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>, server_name: String) -> RpcServer {
-        RpcServer { listener, acceptor: TlsAcceptor::from(tls), handlers: Arc::new(HashMap::new()), server_name }
+    pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>, identify: Identify) -> RpcServer {
+        RpcServer { listener, acceptor: TlsAcceptor::from(tls), handlers: Arc::new(HashMap::new()), identify }
     }
 
     pub fn register(&mut self, service: Service, handler: Arc<dyn Handler>) {
@@ -41,7 +87,7 @@ impl RpcServer {
             let _ = tcp.set_nodelay(true);
             let acceptor = self.acceptor.clone();
             let handlers = self.handlers.clone();
-            let server_name = self.server_name.clone();
+            let identify = self.identify.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -49,9 +95,8 @@ impl RpcServer {
                     Ok(Err(e)) => return debug!(%addr, error = %e, "rpc handshake failed"),
                     Err(_) => return debug!(%addr, "rpc handshake timed out"),
                 };
-                let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-                let (is_server, authenticated) = (cert.is_some_and(|c| crate::tls::dns_names(c).contains(&server_name)), cert.is_some());
-                serve_connection(tls, Peer { addr, is_server, authenticated }, handlers, shutdown).await;
+                let role = identify.role(tls.get_ref().1.peer_certificates());
+                serve_connection(tls, Peer { addr, role }, handlers, shutdown).await;
             });
         }
     }
@@ -70,32 +115,71 @@ where
             }
         }
     });
+    let max_frame = if peer.role == Role::Anonymous { MAX_ANONYMOUS_FRAME } else { MAX_FRAME };
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
     loop {
+        // Wait for a free slot before reading the next request: a peer that floods us is
+        // slowed down by TCP backpressure instead of piling up tasks.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
         let bytes = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = read_frame(&mut rd) => match r { Ok(b) => b, Err(_) => break },
+            r = read_frame(&mut rd, max_frame) => match r {
+                Ok(b) => b,
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        warn!(peer = %peer.addr, role = %peer.role, error = %e, "oversized rpc frame; closing connection");
+                    }
+                    break;
+                }
+            },
         };
         let Ok(req) = postcard::from_bytes::<RequestFrame>(&bytes) else {
             warn!(peer = %peer.addr, "undecodable rpc frame; closing connection");
             break;
         };
+        drop(bytes);
         let handler = handlers.get(&req.service).cloned();
         let tx = tx.clone();
         let peer = peer.clone();
         tokio::spawn(async move {
             let result = match handler {
-                Some(_) if !peer.authenticated && req.service != Service::AutoEncrypt => Err(RpcError::new(
+                Some(_) if peer.role == Role::Anonymous && req.service != Service::AutoEncrypt => Err(RpcError::new(
                     ErrorCode::Forbidden,
                     "this connection presented no certificate; only auto-encrypt certificate requests are allowed",
                 )),
                 Some(h) => h.handle(peer, req.body).await,
                 None => Err(RpcError::new(ErrorCode::BadRequest, format!("no handler for {:?}", req.service))),
             };
-            if let Ok(frame) = postcard::to_allocvec(&ResponseFrame { id: req.id, result }) {
-                let _ = tx.send(frame).await;
-            }
+            let frame = postcard::to_allocvec(&ResponseFrame { id: req.id, result }).ok().filter(|f| f.len() <= MAX_FRAME).unwrap_or_else(|| {
+                let e = RpcError::new(ErrorCode::Internal, format!("the answer exceeds the largest rpc frame ({MAX_FRAME} bytes)"));
+                postcard::to_allocvec(&ResponseFrame { id: req.id, result: Err(e) }).unwrap_or_default()
+            });
+            let _ = tx.send(frame).await;
+            drop(permit);
         });
     }
     drop(tx);
     let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_decide_roles_within_the_operator_ca() {
+        let r = |names: &[&str]| role_of_names(&names.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "dc1", "consul");
+        assert_eq!(r(&["server.dc1.consul", "localhost"]), Role::Server);
+        assert_eq!(r(&["server.DC1.consul"]), Role::Server);
+        assert_eq!(r(&["server.dc2.consul"]), Role::RemoteServer("dc2".into()));
+        assert_eq!(r(&["client.dc1.consul"]), Role::Client);
+        assert_eq!(r(&["client.dc2.consul"]), Role::Other);
+        assert_eq!(r(&["server.dc1.example"]), Role::Other);
+        assert_eq!(r(&["x.server.dc1.consul"]), Role::Other);
+        assert_eq!(r(&["server..consul"]), Role::Other);
+        assert_eq!(r(&[]), Role::Other);
+    }
 }

@@ -48,6 +48,26 @@ pub enum Command {
     Restore(Box<StateData>),
 }
 
+impl Command {
+    /// The command's name in errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Register(_) => "Register",
+            Command::Deregister { .. } => "Deregister",
+            Command::Txn(_) => "Txn",
+            Command::SessionCreate(_) => "SessionCreate",
+            Command::SessionDestroy { .. } => "SessionDestroy",
+            Command::AutopilotSetConfig { .. } => "AutopilotSetConfig",
+            Command::CoordinateBatch(_) => "CoordinateBatch",
+            Command::QuerySet(_) => "QuerySet",
+            Command::QueryUpdate(_) => "QueryUpdate",
+            Command::QueryDelete { .. } => "QueryDelete",
+            Command::AgentCaInit(_) => "AgentCaInit",
+            Command::Restore(_) => "Restore",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Registration {
     pub node: Node,

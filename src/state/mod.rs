@@ -154,6 +154,9 @@ impl Store {
             }
             Command::Restore(data) => {
                 let mut data = (**data).clone();
+                // The CA that signs client agents' RPC certificates stays the cluster's own: a
+                // snapshot may not swap who the servers trust.
+                data.agent_ca = self.data.agent_ca.clone();
                 // A restored state is newer than anything a blocked reader saw before it.
                 for t in data.table_index.iter_mut() {
                     *t = index;
@@ -250,6 +253,18 @@ pub(crate) mod tests {
         assert_eq!(s.apply(3, &req(Command::AgentCaInit(ca("b")))), Outcome::Applied(false));
         assert_eq!(s.data().agent_ca.as_ref().unwrap().cert_pem, "a");
         assert_eq!(s.data().index_of(&[Table::AgentCa]), 2);
+    }
+
+    #[test]
+    fn restore_keeps_the_running_clusters_agent_ca() {
+        let mut s = Store::new();
+        let ca = |n: &str| AgentCa { cert_pem: n.into(), key_pem: n.into() };
+        s.apply(2, &req(Command::AgentCaInit(ca("ours"))));
+        let mut restored = StateData { agent_ca: Some(ca("attacker")), ..Default::default() };
+        restored.kv.insert("k".into(), KvEntry { key: "k".into(), ..Default::default() });
+        s.apply(3, &req(Command::Restore(Box::new(restored))));
+        assert_eq!(s.data().agent_ca.as_ref().unwrap().cert_pem, "ours");
+        assert!(s.data().kv.contains_key("k"));
     }
 
     #[test]

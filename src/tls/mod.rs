@@ -76,13 +76,24 @@ pub fn create_ca(domain: &str) -> Result<(String, String), TlsError> {
     self_signed_ca(format!("Trellis Agent CA {domain}"))
 }
 
-/// Create the auto-encrypt CA that servers of `dc` sign client agents' certificates with.
+/// Create the auto-encrypt CA that servers of `dc` sign client agents' certificates with. It
+/// carries a name constraint, so that even its own key cannot make a certificate for any name
+/// but `client.<dc>.<domain>` that verifies.
 pub fn create_agent_ca(dc: &str, domain: &str) -> Result<(String, String), TlsError> {
-    self_signed_ca(format!("Trellis Auto-Encrypt CA {dc}.{domain}"))
+    let constraints = rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName(format!("client.{dc}.{domain}"))],
+        excluded_subtrees: Vec::new(),
+    };
+    self_signed_ca_with(format!("Trellis Auto-Encrypt CA {dc}.{domain}"), Some(constraints))
 }
 
 fn self_signed_ca(common_name: String) -> Result<(String, String), TlsError> {
+    self_signed_ca_with(common_name, None)
+}
+
+fn self_signed_ca_with(common_name: String, constraints: Option<rcgen::NameConstraints>) -> Result<(String, String), TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.name_constraints = constraints;
     params.distinguished_name.push(DnType::CommonName, common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -276,12 +287,23 @@ pub struct RpcClientVerifier {
     base: Vec<CertificateDer<'static>>,
     allow_anonymous: bool,
     inner: std::sync::RwLock<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    /// The operator's CA alone: tells its certificates from the auto-encrypt CA's.
+    operator: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 impl RpcClientVerifier {
     fn new(base: Vec<CertificateDer<'static>>, allow_anonymous: bool) -> Result<Arc<RpcClientVerifier>, TlsError> {
         let inner = Self::build(&base, &[], allow_anonymous)?;
-        Ok(Arc::new(RpcClientVerifier { base, allow_anonymous, inner: std::sync::RwLock::new(inner) }))
+        let operator = Self::build(&base, &[], false)?;
+        Ok(Arc::new(RpcClientVerifier { base, allow_anonymous, inner: std::sync::RwLock::new(inner), operator }))
+    }
+
+    /// Whether `chain` (the peer's certificate first) verifies against the operator's CA
+    /// (`ca_file`) alone; a certificate the handshake accepted that does not was signed by the
+    /// auto-encrypt CA.
+    pub fn issued_by_operator_ca(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((end, intermediates)) = chain.split_first() else { return false };
+        self.operator.verify_client_cert(end, intermediates, rustls::pki_types::UnixTime::now()).is_ok()
     }
 
     fn build(

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 
 use super::Inner;
 use super::checks::{AliasSource, AliasedCheck, Status};
-use crate::consensus::node::RaftNode;
+use crate::cluster::RaftNode;
 use crate::state::{CheckStatus, HealthCheck, Table};
 
 pub struct AliasView {

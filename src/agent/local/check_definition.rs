@@ -217,7 +217,7 @@ pub enum CheckError {
     /// The definition is not a valid check; the message says what to fix.
     #[error("{0}")]
     Invalid(String),
-    #[error("Scripts are disabled on this agent; to enable, configure 'enable_script_checks' to true")]
+    #[error("Scripts are disabled on this agent; to enable, configure 'enable_script_checks' or 'enable_local_script_checks' to true")]
     ScriptsDisabled,
     #[error("alias checks are not available: this agent has no alias source")]
     NoAliasSource,

@@ -158,9 +158,11 @@ impl fmt::Debug for CheckTls {
 /// Agent-wide settings every runner needs.
 #[derive(Clone)]
 pub struct RunnerOptions {
-    /// Whether script checks may run (the agent resolves `enable_script_checks` and
-    /// `enable_local_script_checks` against where the check came from).
+    /// Whether script checks may run (`enable_script_checks`; for one check, the agent also
+    /// sets it when `enable_local_script_checks` trusts where the check came from).
     pub enable_script_checks: bool,
+    /// `enable_local_script_checks`: script checks from config files and the loopback API run.
+    pub enable_local_script_checks: bool,
     /// Needed by alias checks.
     pub alias_source: Option<Arc<dyn AliasSource>>,
     /// The agent's `check_output_max_size`; [`DEFAULT_OUTPUT_MAX_SIZE`] when 0.
@@ -177,6 +179,7 @@ impl Default for RunnerOptions {
     fn default() -> Self {
         RunnerOptions {
             enable_script_checks: false,
+            enable_local_script_checks: false,
             alias_source: None,
             output_max_size: DEFAULT_OUTPUT_MAX_SIZE,
             min_interval: MIN_INTERVAL,
@@ -190,6 +193,7 @@ impl fmt::Debug for RunnerOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RunnerOptions")
             .field("enable_script_checks", &self.enable_script_checks)
+            .field("enable_local_script_checks", &self.enable_local_script_checks)
             .field("alias_source", &self.alias_source.is_some())
             .field("output_max_size", &self.output_max_size)
             .field("min_interval", &self.min_interval)
@@ -643,7 +647,10 @@ mod tests {
         let (handle, _rx) = spawn(r#"{"Args": ["true"], "Interval": "10s"}"#, RunnerOptions::default());
         let err = handle.unwrap_err();
         assert_eq!(err, CheckError::ScriptsDisabled);
-        assert_eq!(err.to_string(), "Scripts are disabled on this agent; to enable, configure 'enable_script_checks' to true");
+        assert_eq!(
+            err.to_string(),
+            "Scripts are disabled on this agent; to enable, configure 'enable_script_checks' or 'enable_local_script_checks' to true"
+        );
     }
 
     #[tokio::test]

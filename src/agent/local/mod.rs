@@ -34,12 +34,35 @@ const PERSIST_FILE: &str = "local-state.json";
 const SERVICE_MAINT_PREFIX: &str = "_service_maintenance:";
 const NODE_MAINT_CHECK: &str = "_node_maintenance";
 
+/// Where a registration came from: decides whether it is persisted across restarts and
+/// whether its script checks may run (`enable_local_script_checks` trusts only config files
+/// and the API reached over loopback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A configuration file: the files hold it, so it is not persisted.
+    Config,
+    /// The HTTP API, from a loopback address.
+    LocalApi,
+    /// The HTTP API, from another host.
+    RemoteApi,
+}
+
+impl Origin {
+    fn persisted(self) -> bool {
+        self != Origin::Config
+    }
+
+    /// The origin of an API request from `peer` (unknown peers count as remote).
+    pub fn of_api_peer(peer: Option<std::net::IpAddr>) -> Origin {
+        if peer.is_some_and(|ip| ip.is_loopback()) { Origin::LocalApi } else { Origin::RemoteApi }
+    }
+}
+
 /// A service as this agent holds it.
 #[derive(Debug, Clone)]
 struct LocalService {
     service: Service,
-    /// Registered through the API (persisted) rather than from a config file.
-    persist: bool,
+    origin: Origin,
     /// The definition as given, kept to persist it verbatim.
     definition: Value,
 }
@@ -48,7 +71,7 @@ struct LocalService {
 struct LocalCheck {
     check: HealthCheck,
     definition: CheckDefinition,
-    persist: bool,
+    origin: Origin,
     raw: Value,
     critical_since: Option<Instant>,
     deregister_after: Option<Duration>,
@@ -66,6 +89,10 @@ struct LocalState {
 struct Persisted {
     services: Vec<Value>,
     checks: Vec<Value>,
+    /// IDs of the services and checks above that came from another host's API request
+    /// (their script checks run only with `enable_script_checks`).
+    #[serde(default)]
+    remote: Vec<String>,
 }
 
 /// Facts about this node that registrations carry.
@@ -132,7 +159,7 @@ impl LocalAgent {
         node: NodeFacts,
         data_dir: PathBuf,
         mut options: RunnerOptions,
-        catalog: Option<crate::consensus::node::RaftNode>,
+        catalog: Option<crate::cluster::RaftNode>,
         shutdown: CancellationToken,
     ) -> (LocalAgent, mpsc::Receiver<CheckUpdate>) {
         let (tx, rx) = mpsc::channel(1024);
@@ -279,7 +306,7 @@ impl LocalAgent {
             deregister_after: def.deregister_critical_service_after,
             check,
             definition: def,
-            persist: true,
+            origin: Origin::RemoteApi,
             raw: raw.clone(),
             critical_since: (initial == CheckStatus::Critical).then(Instant::now),
         })
@@ -287,11 +314,13 @@ impl LocalAgent {
 
     fn start_runner(&self, c: &LocalCheck) -> Result<(), ApiError> {
         let kind = c.definition.kind().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut options = self.inner.options.clone();
+        options.enable_script_checks = options.enable_script_checks || (options.enable_local_script_checks && c.origin != Origin::RemoteApi);
         let handle = CheckRunner::spawn(
             c.check.check_id.clone(),
             c.definition.clone(),
             kind,
-            self.inner.options.clone(),
+            options,
             self.inner.updates.clone(),
             self.inner.shutdown.child_token(),
         )
@@ -309,7 +338,7 @@ impl LocalAgent {
     }
 
     /// Register a service (and its checks) from an agent API body or a config file.
-    pub fn add_service(&self, raw: Value, persist: bool, replace_existing_checks: bool) -> Result<(), ApiError> {
+    pub fn add_service(&self, raw: Value, origin: Origin, replace_existing_checks: bool) -> Result<(), ApiError> {
         let raw = crate::api::error::canonical_keys(raw);
         let body: AgentServiceBody = serde_json::from_value(raw.clone()).map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))?;
         let service = self.parse_service(&body)?;
@@ -317,7 +346,7 @@ impl LocalAgent {
         let mut new_checks = Vec::new();
         for (i, r) in raws.iter().enumerate() {
             let mut c = self.build_check(r, Some(&service), i, raws.len())?;
-            c.persist = persist;
+            c.origin = origin;
             new_checks.push(c);
         }
         // Validated; start runners before publishing so a bad runner refuses the whole request.
@@ -342,7 +371,7 @@ impl LocalAgent {
             for c in new_checks {
                 st.checks.insert(c.check.check_id.clone(), c);
             }
-            st.services.insert(service.id.clone(), LocalService { service: service.clone(), persist, definition: raw });
+            st.services.insert(service.id.clone(), LocalService { service: service.clone(), origin, definition: raw });
         }
         info!(service = %service.id, "service registered");
         self.persist();
@@ -372,7 +401,7 @@ impl LocalAgent {
         Ok(())
     }
 
-    pub fn add_check(&self, raw: Value, persist: bool) -> Result<(), ApiError> {
+    pub fn add_check(&self, raw: Value, origin: Origin) -> Result<(), ApiError> {
         let raw = crate::api::error::canonical_keys(raw);
         let def_service = raw.get("ServiceID").and_then(Value::as_str).unwrap_or("").to_string();
         let service = if def_service.is_empty() {
@@ -387,7 +416,7 @@ impl LocalAgent {
             )
         };
         let mut c = self.build_check(&raw, service.as_ref(), 0, 1)?;
-        c.persist = persist;
+        c.origin = origin;
         self.start_runner(&c)?;
         self.inner.state.lock().expect("local state lock").checks.insert(c.check.check_id.clone(), c);
         self.persist();
@@ -491,9 +520,13 @@ impl LocalAgent {
     fn persist(&self) {
         let p = {
             let st = self.inner.state.lock().expect("local state lock");
+            let remote_services = st.services.values().filter(|s| s.origin == Origin::RemoteApi).map(|s| s.service.id.clone());
+            let remote_checks =
+                st.checks.values().filter(|c| c.origin == Origin::RemoteApi && c.check.service_id.is_empty()).map(|c| c.check.check_id.clone());
             Persisted {
-                services: st.services.values().filter(|s| s.persist).map(|s| s.definition.clone()).collect(),
-                checks: st.checks.values().filter(|c| c.persist && c.check.service_id.is_empty()).map(|c| c.raw.clone()).collect(),
+                services: st.services.values().filter(|s| s.origin.persisted()).map(|s| s.definition.clone()).collect(),
+                checks: st.checks.values().filter(|c| c.origin.persisted() && c.check.service_id.is_empty()).map(|c| c.raw.clone()).collect(),
+                remote: remote_services.chain(remote_checks).collect(),
             }
         };
         let path = self.inner.data_dir.join(PERSIST_FILE);
@@ -515,13 +548,18 @@ impl LocalAgent {
             Ok(p) => p,
             Err(e) => return warn!(path = %path.display(), error = %e, "ignoring unreadable persisted local state"),
         };
-        for s in p.services {
-            if let Err(e) = self.add_service(s, true, false) {
+        let origin = |raw: &Value, id_key: &str, name_key: &str| {
+            let raw = crate::api::error::canonical_keys(raw.clone());
+            let id = raw.get(id_key).or_else(|| raw.get(name_key)).and_then(Value::as_str).unwrap_or_default().to_string();
+            if p.remote.contains(&id) { Origin::RemoteApi } else { Origin::LocalApi }
+        };
+        for s in &p.services {
+            if let Err(e) = self.add_service(s.clone(), origin(s, "ID", "Name"), false) {
                 warn!(error = %e, "could not restore a persisted service");
             }
         }
-        for c in p.checks {
-            if let Err(e) = self.add_check(c, true) {
+        for c in &p.checks {
+            if let Err(e) = self.add_check(c.clone(), origin(c, "CheckID", "Name")) {
                 warn!(error = %e, "could not restore a persisted check");
             }
         }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::LocalAgent;
-use crate::consensus::node::{ClusterReply, ClusterRpc, NodeState, RaftNode};
+use crate::cluster::{ClusterReply, ClusterRpc, NodeState, RaftNode};
 use crate::rpc::{RpcClient, Service as RpcService};
 use crate::state::{Command, HealthCheck, Node, Outcome, Registration, Request, Service};
 
@@ -84,7 +84,7 @@ impl Upstream {
         match self {
             Upstream::Raft(n) => n.write(command).await.map(|(o, _)| o).map_err(|e| e.to_string()),
             Upstream::Rpc { .. } => {
-                let req = Request { now_ms: crate::consensus::node::now_ms(), command };
+                let req = Request { now_ms: crate::cluster::now_ms(), command };
                 match self.call(ClusterRpc::Apply { req: Box::new(req), hops: 0 }).await? {
                     ClusterReply::Applied { outcome, .. } => Ok(outcome),
                     _ => Err("unexpected reply".into()),

@@ -1,6 +1,6 @@
 //! `RaftNode`: the cheap, clonable handle the rest of the server uses to write through Raft,
 //! learn who leads, and check leadership. A write that reaches a follower (or a leader that
-//! just lost office) is forwarded to the current leader, transparently.
+//! just lost office) is forwarded to the current leader (`ClusterRpc::Apply`), transparently.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -8,74 +8,15 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
-use serde::{Deserialize, Serialize};
 
-use super::network::ContactLog;
-use super::{NodeId, Raft, ServerNode};
+use super::{ClusterReply, ClusterRpc, MAX_HOPS, NodeState};
+use crate::consensus::network::ContactLog;
+use crate::consensus::{NodeId, Raft, ServerNode};
 use crate::rpc::{ErrorCode, RpcClient, RpcError, Service};
 use crate::state::{Command, Outcome, Request, Store};
 
 /// How long a forwarded write may take before the caller gets an error.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Cluster-management calls between servers (`Service::Cluster`).
-#[derive(Debug, Serialize, Deserialize)]
-pub enum ClusterRpc {
-    /// Who are you, and what do you know of the cluster?
-    Hello,
-    /// Add the caller to the Raft configuration as a voter (sent to the leader).
-    Join { id: NodeId, node: ServerNode },
-    /// Apply a write: the leader applies it, a follower passes it on (at most `MAX_HOPS` times).
-    Apply { req: Box<Request>, hops: u8 },
-    /// A catalog read for a client agent (DNS), or from another datacenter's server. With
-    /// `dc` naming another datacenter, the receiving server passes it on there.
-    Read { dc: Option<String>, query: crate::state::catalog::CatalogQuery },
-    /// The datacenters this server knows, nearest first (for client agents' DNS failover).
-    Datacenters,
-    /// A WAN probe: the answer carries the server's network coordinate in the WAN pool.
-    Ping,
-    /// A probe within the datacenter: the answer carries the server's coordinate there.
-    LanPing,
-    /// A node's catalog entries, for a client agent's anti-entropy (read from the receiving
-    /// server's state).
-    NodeState { node: String },
-    /// Become leader: sent by the current leader to the chosen successor.
-    Elect,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HelloInfo {
-    pub id: NodeId,
-    pub node: ServerNode,
-    pub datacenter: String,
-    pub initialized: bool,
-    pub leader: Option<(NodeId, ServerNode)>,
-    pub voters: BTreeSet<NodeId>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub enum ClusterReply {
-    Hello(HelloInfo),
-    Joined,
-    Applied { outcome: Outcome, index: u64 },
-    NodeState(Box<NodeState>),
-    Read(Box<crate::state::catalog::CatalogAnswer>),
-    Datacenters(Vec<String>),
-    Pong { node: String, datacenter: String, coord: crate::federation::Coordinate },
-    Elected,
-}
-
-/// What the catalog holds for one node.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct NodeState {
-    pub node: Option<crate::state::Node>,
-    pub services: Vec<crate::state::Service>,
-    pub checks: Vec<crate::state::HealthCheck>,
-}
-
-/// How many times a write may be passed between servers before it is refused, so that
-/// servers with momentarily different views of the leader cannot bounce it forever.
-pub const MAX_HOPS: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {

@@ -163,6 +163,12 @@ impl Cluster {
         Cluster { _dir: dir, servers, http, ca, ca_pem, ca_key, expect: n, net, dc: dc.to_string(), wan_join: Vec::new() }
     }
 
+    /// A certificate and key from this cluster's CA, as an agent of `dc` of `kind` would hold.
+    pub fn material(&self, kind: trellis::tls::CertKind, dc: &str) -> trellis::tls::TlsMaterial {
+        let (cert_pem, key_pem) = trellis::tls::create_cert(&self.ca_pem, &self.ca_key, kind, dc, "consul", &[]).expect("cert");
+        trellis::tls::TlsMaterial { ca_pem: self.ca_pem.clone(), cert_pem, key_pem }
+    }
+
     /// Add a client agent (not started); returns its index.
     pub fn add_client(&mut self, extra: &[&str]) -> usize {
         let k = self.servers.iter().filter(|s| !s.is_server).count() + 1;

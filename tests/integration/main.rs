@@ -9,3 +9,4 @@ mod dns;
 mod federation;
 mod harness;
 mod snapshot;
+mod trust;

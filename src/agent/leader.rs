@@ -36,7 +36,7 @@ pub struct LeaderWorker {
     pub sessions: SessionTimers,
     pub health: Arc<Mutex<AutopilotHealth>>,
     /// The configured autopilot settings, stored once if the cluster has none yet.
-    pub autopilot: crate::state::AutopilotConfig,
+    pub autopilot: crate::config::AutopilotSettings,
     pub domain: String,
 }
 
@@ -164,7 +164,17 @@ impl LeaderWorker {
         if self.node.store.read().expect("state lock").data().autopilot.modify_index != 0 {
             return;
         }
-        let cmd = Command::AutopilotSetConfig { config: self.autopilot.clone(), cas: Some(0) };
+        let a = &self.autopilot;
+        let config = crate::state::AutopilotConfig {
+            cleanup_dead_servers: a.cleanup_dead_servers,
+            last_contact_threshold: a.last_contact_threshold.clone(),
+            max_trailing_logs: a.max_trailing_logs,
+            min_quorum: a.min_quorum,
+            server_stabilization_time: a.server_stabilization_time.clone(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        let cmd = Command::AutopilotSetConfig { config, cas: Some(0) };
         if let Err(e) = self.node.write(cmd).await {
             warn!(error = %e, "storing the configured autopilot settings failed");
         }

@@ -7,7 +7,42 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::consensus::{DEFAULT_RAFT_TIMINGS, RaftTimings};
+pub mod dns;
+
+/// Raft timings, in milliseconds. The defaults suit a LAN: a dead leader is replaced within
+/// about a second and a half, while a busy but live one is never deposed.
+#[derive(Debug, Clone)]
+pub struct RaftTimings {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings { heartbeat_ms: 100, election_min_ms: 1000, election_max_ms: 2000 };
+
+/// Autopilot settings the first leader stores (Consul's `autopilot` block and defaults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutopilotSettings {
+    pub cleanup_dead_servers: bool,
+    /// Go duration string.
+    pub last_contact_threshold: String,
+    pub max_trailing_logs: u64,
+    pub min_quorum: u64,
+    /// Go duration string.
+    pub server_stabilization_time: String,
+}
+
+impl Default for AutopilotSettings {
+    fn default() -> Self {
+        AutopilotSettings {
+            cleanup_dead_servers: true,
+            last_contact_threshold: "200ms".into(),
+            max_trailing_logs: 250,
+            min_quorum: 0,
+            server_stabilization_time: "10s".into(),
+        }
+    }
+}
 
 /// Consul's default ports, so that existing firewall rules and tools fit.
 pub const DEFAULT_HTTP_PORT: u16 = 8500;
@@ -259,7 +294,7 @@ pub struct Config {
     /// Gossip encryption key, validated base64.
     pub encrypt: Option<String>,
     /// DNS answer settings (domain, recursors, TTLs, limits).
-    pub dns: crate::dns::DnsConfig,
+    pub dns: dns::DnsConfig,
     pub enable_script_checks: bool,
     pub enable_local_script_checks: bool,
     /// Service and check definitions from the config files (Consul's JSON shapes).
@@ -272,7 +307,7 @@ pub struct Config {
     /// A server signs client agents' certificates (`auto_encrypt.allow_tls`).
     pub auto_encrypt_allow_tls: bool,
     pub raft: RaftTimings,
-    pub autopilot: crate::state::AutopilotConfig,
+    pub autopilot: AutopilotSettings,
 }
 
 impl Config {
@@ -455,7 +490,7 @@ impl RawConfig {
         let services: Vec<serde_json::Value> = [self.service, self.services].into_iter().flatten().flat_map(OneOrMany::into_vec).collect();
         let checks: Vec<serde_json::Value> = [self.check, self.checks].into_iter().flatten().flat_map(OneOrMany::into_vec).collect();
         let domain = self.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()).trim_end_matches('.').to_string();
-        let mut dns = crate::dns::DnsConfig { domain: format!("{domain}."), ..Default::default() };
+        let mut dns = dns::DnsConfig { domain: format!("{domain}."), ..Default::default() };
         dns.alt_domain = self.alt_domain.map(|d| format!("{}.", d.trim_end_matches('.')));
         for r in self.recursors.unwrap_or_default() {
             let with_port = if r.parse::<std::net::IpAddr>().is_ok() {
@@ -594,7 +629,7 @@ impl RawConfig {
             election_min_ms: DEFAULT_RAFT_TIMINGS.election_min_ms * m,
             election_max_ms: DEFAULT_RAFT_TIMINGS.election_max_ms * m,
         };
-        let mut autopilot = crate::state::AutopilotConfig::default();
+        let mut autopilot = AutopilotSettings::default();
         if let Some(a) = self.autopilot {
             for (key, v) in [("last_contact_threshold", &a.last_contact_threshold), ("server_stabilization_time", &a.server_stabilization_time)] {
                 if let Some(v) = v

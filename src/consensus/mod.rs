@@ -55,16 +55,7 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type NodeId = u64;
 
-/// Raft timings, in milliseconds. The defaults suit a LAN: a dead leader is replaced within
-/// about a second and a half, while a busy but live one is never deposed.
-#[derive(Debug, Clone)]
-pub struct RaftTimings {
-    pub heartbeat_ms: u64,
-    pub election_min_ms: u64,
-    pub election_max_ms: u64,
-}
-
-pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings { heartbeat_ms: 100, election_min_ms: 1000, election_max_ms: 2000 };
+pub use crate::config::{DEFAULT_RAFT_TIMINGS, RaftTimings};
 
 /// Take a snapshot (and purge the log behind it) every this many entries.
 const SNAPSHOT_EVERY_ENTRIES: u64 = 8192;

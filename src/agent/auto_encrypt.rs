@@ -39,6 +39,7 @@ const KEY_FILE: &str = "key.pem";
 pub struct SignRequest {
     pub node: String,
     pub datacenter: String,
+    #[serde(with = "serde_bytes")]
     pub csr_der: Vec<u8>,
 }
 

@@ -174,6 +174,13 @@ impl Agent {
         let mut wan_tags = tags.clone();
         wan_tags.remove("expect");
         let gossip_addr = gossip_address(&cfg)?;
+        if keyring.is_none() && !gossip_addr.ip().is_loopback() {
+            warn!(
+                bind = %gossip_addr,
+                "gossip is not encrypted and this agent is reachable off loopback: anyone on the network can read and inject \
+                 membership messages; set encrypt (a key from `trellis keygen`) on every agent"
+            );
+        }
         let (gossip, gossip_worker) = membership::start(membership::GossipConfig {
             node_name: cfg.node_name.clone(),
             bind: gossip_addr,
@@ -297,6 +304,8 @@ impl Agent {
             sessions: sessions.clone(),
             autopilot: health.clone(),
             metrics: api::metrics::Registry::default(),
+            limits: cfg.limits.clone(),
+            blocking_slots: Arc::new(tokio::sync::Semaphore::new(cfg.limits.http_max_blocking_queries)),
             started: Instant::now(),
         });
         let router = api::router(ctx);
@@ -332,14 +341,42 @@ impl Agent {
                 req
             }
         }));
+        let conn_counts = api::listener::ConnCounts::default();
+        let http = api::listener::HttpListener {
+            listener: http_listener,
+            router: serve_router.clone(),
+            tls: None,
+            max_conns_per_client: cfg.limits.http_max_conns_per_client,
+            header_read_timeout: cfg.limits.http_read_header_timeout,
+        };
+        let counts = conn_counts.clone();
         tasks.spawn(async move {
-            let app = serve_router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-            let serve = axum::serve(http_listener, app).with_graceful_shutdown(token.cancelled_owned());
-            if let Err(e) = serve.await {
+            if let Err(e) = http.run(counts, token).await {
                 error!(error = %e, "http server failed");
             }
             "http"
         });
+        if let Some(h) = &cfg.https {
+            let addr = std::net::SocketAddr::new(cfg.client_addr, h.port);
+            let listener = TcpListener::bind(addr).await.map_err(|error| AgentError::Bind { what: "HTTPS", addr, error })?;
+            let client_ca = h.client_ca_file.as_deref().map(tls::read).transpose()?;
+            let tls_cfg = api::listener::https_config(&tls::read(&h.cert_file)?, &tls::read(&h.key_file)?, client_ca.as_deref())
+                .map_err(|e| AgentError::Config(format!("tls.https: {e}")))?;
+            let https = api::listener::HttpListener {
+                listener,
+                router: serve_router.clone(),
+                tls: Some(tls_cfg),
+                max_conns_per_client: cfg.limits.http_max_conns_per_client,
+                header_read_timeout: cfg.limits.http_read_header_timeout,
+            };
+            let (counts, token) = (conn_counts.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = https.run(counts, token).await {
+                    error!(error = %e, "https server failed");
+                }
+                "https"
+            });
+        }
         tasks.spawn(local_agent.clone().run_updates(updates).map_name("check-updates"));
         tasks.spawn(events.run(gossip.clone(), local_agent.clone(), shutdown.clone()).map_name("events"));
         let size_gossip = gossip.clone();

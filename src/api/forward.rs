@@ -31,6 +31,7 @@ pub struct ForwardedRequest {
     pub method: String,
     pub uri: String,
     pub headers: Vec<(String, Vec<u8>)>,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
@@ -38,6 +39,7 @@ pub struct ForwardedRequest {
 pub struct ForwardedResponse {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 

@@ -14,9 +14,6 @@ use super::query::{Params, blocking, reply};
 use super::{ApiError, Ctx};
 use crate::state::{Command, KvEntry, KvVerb, Outcome, Table, TxnOp};
 
-/// Consul's `kv_max_value_size` default: 512 KiB.
-pub const MAX_VALUE_BYTES: usize = 512 * 1024;
-
 pub fn routes() -> Router<Ctx> {
     Router::new().route("/v1/kv", any(root)).route("/v1/kv/", any(root)).route("/v1/kv/{*key}", any(keyed))
 }
@@ -93,12 +90,6 @@ async fn one(ctx: &Ctx, op: TxnOp) -> Result<Response, ApiError> {
 async fn put(ctx: Ctx, key: String, p: Params, body: Bytes) -> Result<Response, ApiError> {
     if key.is_empty() {
         return Err(ApiError::BadRequest("Missing key name".into()));
-    }
-    if body.len() > MAX_VALUE_BYTES {
-        return Err(ApiError::TooLarge(format!(
-            "Request body({} bytes) too large, max size: {MAX_VALUE_BYTES} bytes. See https://developer.hashicorp.com/consul/docs/agent/config/config-files#kv_max_value_size.",
-            body.len()
-        )));
     }
     let acquire = p.get("acquire").filter(|s| !s.is_empty());
     let release = p.get("release").filter(|s| !s.is_empty());

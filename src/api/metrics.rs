@@ -2,7 +2,7 @@
 //! Raft and the state store at scrape time, rendered as Consul's JSON or Prometheus text.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use super::Ctx;
 
 type Labels = Vec<(&'static str, String)>;
+/// One metric series: its name, labels and what was recorded.
+type Series = (&'static str, Labels, Stats);
 
 #[derive(Default, Clone, Copy)]
 struct Stats {
@@ -46,30 +48,68 @@ impl Stats {
     }
 }
 
-/// In-process metrics; cheap to clone.
-#[derive(Clone, Default)]
+/// The methods requests are counted by; anything else is `OTHER`, so that a client inventing
+/// methods cannot grow the metrics without bound.
+const METHODS: [&str; 7] = ["GET", "PUT", "POST", "DELETE", "HEAD", "PATCH", "OTHER"];
+/// Status codes are 100..=599; one slot each.
+const CODES: usize = 500;
+
+fn method_slot(m: &axum::http::Method) -> usize {
+    METHODS.iter().position(|x| *x == m.as_str()).unwrap_or(METHODS.len() - 1)
+}
+
+/// HTTP request metrics: a count per method and status code, and request durations per
+/// method. Fixed-size, so recording costs a few atomic operations and no allocation.
 pub struct Registry {
-    counters: Arc<Mutex<BTreeMap<(&'static str, Labels), Stats>>>,
-    samples: Arc<Mutex<BTreeMap<(&'static str, Labels), Stats>>>,
+    counts: Vec<std::sync::atomic::AtomicU64>,
+    durations: [Mutex<Stats>; METHODS.len()],
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            counts: (0..METHODS.len() * CODES).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+            durations: std::array::from_fn(|_| Mutex::new(Stats::default())),
+        }
+    }
 }
 
 impl Registry {
-    pub fn count(&self, name: &'static str, labels: Labels, by: f64) {
-        self.counters.lock().expect("metrics lock").entry((name, labels)).or_default().add(by);
+    fn record(&self, method: usize, code: u16, ms: f64) {
+        let code = usize::from(code.clamp(100, 599)) - 100;
+        self.counts[method * CODES + code].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.durations[method].lock().unwrap_or_else(std::sync::PoisonError::into_inner).add(ms);
     }
-    pub fn sample(&self, name: &'static str, labels: Labels, v: f64) {
-        self.samples.lock().expect("metrics lock").entry((name, labels)).or_default().add(v);
+
+    /// Every (name, labels, stats) recorded so far: counters, then samples.
+    fn snapshot(&self) -> (Vec<Series>, Vec<Series>) {
+        let mut counters = Vec::new();
+        for (i, c) in self.counts.iter().enumerate() {
+            let n = c.load(std::sync::atomic::Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let (m, code) = (METHODS[i / CODES], i % CODES + 100);
+            let st = Stats { count: n, sum: n as f64, sum_sq: n as f64, min: 1.0, max: 1.0 };
+            counters.push(("consul.http.request", vec![("method", m.to_string()), ("code", code.to_string())], st));
+        }
+        let mut samples = Vec::new();
+        for (i, d) in self.durations.iter().enumerate() {
+            let st = *d.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if st.count > 0 {
+                samples.push(("consul.http.request_duration_ms", vec![("method", METHODS[i].to_string())], st));
+            }
+        }
+        (counters, samples)
     }
 }
 
 /// Middleware: count every request by method and status, and time it.
 pub async fn track(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
-    let method = req.method().to_string();
+    let method = method_slot(req.method());
     let start = Instant::now();
     let resp = next.run(req).await;
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    ctx.metrics.count("consul.http.request", vec![("method", method.clone()), ("code", resp.status().as_u16().to_string())], 1.0);
-    ctx.metrics.sample("consul.http.request_duration_ms", vec![("method", method)], ms);
+    ctx.metrics.record(method, resp.status().as_u16(), start.elapsed().as_secs_f64() * 1000.0);
     resp
 }
 
@@ -97,8 +137,9 @@ fn gauges(ctx: &Ctx) -> Vec<(&'static str, f64)> {
 }
 
 pub fn render_json(ctx: &Ctx) -> Value {
-    let counters: Vec<Value> = ctx.metrics.counters.lock().expect("metrics lock").iter().map(|((n, l), s)| s.json(n, l)).collect();
-    let samples: Vec<Value> = ctx.metrics.samples.lock().expect("metrics lock").iter().map(|((n, l), s)| s.json(n, l)).collect();
+    let (counters, samples) = ctx.metrics.snapshot();
+    let counters: Vec<Value> = counters.iter().map(|(n, l, s)| s.json(n, l)).collect();
+    let samples: Vec<Value> = samples.iter().map(|(n, l, s)| s.json(n, l)).collect();
     let gauges: Vec<Value> = gauges(ctx).into_iter().map(|(n, v)| json!({ "Name": n, "Value": v, "Labels": {} })).collect();
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     json!({ "Timestamp": secs.to_string(), "Gauges": gauges, "Points": [], "Counters": counters, "Samples": samples })
@@ -124,7 +165,8 @@ pub fn render_prometheus(ctx: &Ctx) -> String {
         let _ = writeln!(out, "# TYPE {n} gauge\n{n} {v}");
     }
     let mut last = String::new();
-    for ((n, l), s) in ctx.metrics.counters.lock().expect("metrics lock").iter() {
+    let (counters, samples) = ctx.metrics.snapshot();
+    for (n, l, s) in &counters {
         let n = format!("{}_total", prom_name(n));
         if n != last {
             let _ = writeln!(out, "# TYPE {n} counter");
@@ -132,7 +174,7 @@ pub fn render_prometheus(ctx: &Ctx) -> String {
         }
         let _ = writeln!(out, "{n}{} {}", prom_labels(l), s.sum);
     }
-    for ((n, l), s) in ctx.metrics.samples.lock().expect("metrics lock").iter() {
+    for (n, l, s) in &samples {
         let n = prom_name(n);
         if n != last {
             let _ = writeln!(out, "# TYPE {n} summary");
@@ -141,4 +183,22 @@ pub fn render_prometheus(ctx: &Ctx) -> String {
         let _ = writeln!(out, "{n}_sum{} {}\n{n}_count{} {}", prom_labels(l), s.sum, prom_labels(l), s.count);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        let r = Registry::default();
+        for m in ["GET", "FROB", "XYZZY", "BREW"] {
+            r.record(method_slot(&axum::http::Method::from_bytes(m.as_bytes()).unwrap()), 200, 1.0);
+        }
+        let (counters, samples) = r.snapshot();
+        let methods: Vec<&str> = counters.iter().map(|(_, l, _)| l[0].1.as_str()).collect();
+        assert_eq!(methods, ["GET", "OTHER"]);
+        assert_eq!(counters[1].2.count, 3);
+        assert_eq!(samples.len(), 2);
+    }
 }

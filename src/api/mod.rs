@@ -15,6 +15,8 @@ pub mod filter;
 pub mod forward;
 pub mod health;
 pub mod kv;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod operator;
 pub mod prepared_query;
@@ -35,8 +37,8 @@ use axum::extract::DefaultBodyLimit;
 use crate::cluster::RaftNode;
 pub use error::ApiError;
 
-/// The largest request body accepted at all; endpoints apply tighter limits of their own.
-pub const MAX_BODY_BYTES: usize = 64 << 20;
+/// The largest request body accepted at all (a snapshot); `limits` sets each endpoint's own.
+pub const MAX_BODY_BYTES: usize = limits::SNAPSHOT_BODY_LIMIT;
 
 /// Facts about this agent that `/v1/agent/self` and friends report.
 #[derive(Debug, Clone)]
@@ -67,6 +69,10 @@ pub struct ApiContext {
     pub sessions: crate::cluster::sessions::SessionTimers,
     pub autopilot: Arc<Mutex<operator::AutopilotHealth>>,
     pub metrics: metrics::Registry,
+    /// Body and connection limits.
+    pub limits: crate::config::Limits,
+    /// One permit per blocking query parked at a time (`limits.http_max_blocking_queries`).
+    pub blocking_slots: Arc<tokio::sync::Semaphore>,
     pub started: Instant,
 }
 
@@ -104,5 +110,6 @@ pub fn router(ctx: Ctx) -> Router {
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), forward::forward_to_leader))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), metrics::track))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), limits::body_limit))
         .with_state(ctx)
 }

@@ -171,6 +171,16 @@ where
     }
     let min_index = p.u64("index")?.filter(|i| *i > 0);
     let wait = wait_of(p)?;
+    // Only a query that may park takes a slot; it is held until the answer is ready.
+    let _slot = match min_index {
+        Some(_) => Some(ctx.blocking_slots.clone().try_acquire_owned().map_err(|_| {
+            ApiError::TooMany(format!(
+                "Too many concurrent blocking queries on this agent (limits.http_max_blocking_queries = {}); retry later",
+                ctx.limits.http_max_blocking_queries
+            ))
+        })?),
+        None => None,
+    };
     let deadline = tokio::time::Instant::now() + wait + jitter(wait);
     loop {
         let (mut watches, result) = {

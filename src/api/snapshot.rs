@@ -23,7 +23,7 @@ const META: &str = "meta.json";
 const STATE: &str = "state.bin";
 const SUMS: &str = "SHA256SUMS";
 /// Bumped when `state.bin`'s encoding changes incompatibly.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 pub fn routes() -> Router<Ctx> {
     Router::new().route("/v1/snapshot", get(save).put(restore))
@@ -61,8 +61,15 @@ pub fn build_archive(meta: &SnapshotMeta, data: &StateData) -> Result<Vec<u8>, A
 
 /// Read and verify an archive; nothing is trusted until every checksum matches.
 pub fn read_archive(bytes: &[u8]) -> Result<(SnapshotMeta, StateData), ApiError> {
+    let (meta, state) = read_archive_raw(bytes)?;
+    let data: StateData = postcard::from_bytes(&state).map_err(|e| ApiError::BadRequest(format!("Invalid snapshot: {STATE}: {e}")))?;
+    Ok((meta, data))
+}
+
+/// `read_archive`, returning the verified state bytes undecoded.
+fn read_archive_raw(bytes: &[u8]) -> Result<(SnapshotMeta, Vec<u8>), ApiError> {
     let bad = |m: String| ApiError::BadRequest(format!("Invalid snapshot: {m}"));
-    let mut files = std::collections::BTreeMap::new();
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> = std::collections::BTreeMap::new();
     let mut ar = tar::Archive::new(bytes);
     for entry in ar.entries().map_err(|e| bad(e.to_string()))? {
         let mut entry = entry.map_err(|e| bad(e.to_string()))?;
@@ -83,8 +90,8 @@ pub fn read_archive(bytes: &[u8]) -> Result<(SnapshotMeta, StateData), ApiError>
     if meta.version != FORMAT_VERSION {
         return Err(bad(format!("unsupported snapshot version {}", meta.version)));
     }
-    let data: StateData = postcard::from_bytes(get(STATE)?).map_err(|e| bad(format!("{STATE}: {e}")))?;
-    Ok((meta, data))
+    let state = files.remove(STATE).unwrap_or_default();
+    Ok((meta, state))
 }
 
 async fn save(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
@@ -111,9 +118,29 @@ async fn save(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
     Ok(resp)
 }
 
+/// Restores travel through Raft in chunks of this size, so that no log entry (and no
+/// replication message) outgrows an RPC frame.
+const RESTORE_CHUNK: usize = 1 << 20;
+
 async fn restore(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
-    let (_, data) = read_archive(&body)?;
-    let (_, index) = ctx.raft()?.write(Command::Restore(Box::new(data))).await?;
+    let (_, state) = read_archive_raw(&body)?;
+    drop(body);
+    // Refuse an archive the servers could not decode before staging any of it.
+    postcard::from_bytes::<StateData>(&state).map_err(|e| ApiError::BadRequest(format!("Invalid snapshot: {STATE}: {e}")))?;
+    let raft = ctx.raft()?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let sha256 = ring::digest::digest(&ring::digest::SHA256, &state).as_ref().to_vec();
+    let chunks: Vec<&[u8]> = if state.is_empty() { vec![&[][..]] } else { state.chunks(RESTORE_CHUNK).collect() };
+    for (seq, chunk) in chunks.into_iter().enumerate() {
+        let cmd = Command::RestoreChunk { id: id.clone(), seq: seq as u32, bytes: chunk.to_vec() };
+        if let (crate::state::Outcome::Rejected(m), _) = raft.write(cmd).await? {
+            return Err(ApiError::Conflict(m));
+        }
+    }
+    let (outcome, index) = raft.write(Command::RestoreCommit { id, sha256 }).await?;
+    if let crate::state::Outcome::Rejected(m) = outcome {
+        return Err(ApiError::Conflict(m));
+    }
     let mut resp = ().into_response();
     Meta::of(&ctx, index, &Params::default()).apply(&mut resp);
     Ok(resp)

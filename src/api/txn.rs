@@ -15,9 +15,8 @@ use super::query::{Meta, Params};
 use super::{ApiError, Ctx};
 use crate::state::{Command, KvVerb, Outcome, TxnOp};
 
-/// Consul's limits: 64 operations and 512 KiB per transaction.
+/// Consul's limit of 64 operations per transaction (the body size is `limits.txn_max_req_len`).
 const MAX_OPS: usize = 64;
-const MAX_TXN_BYTES: usize = 512 * 1024;
 
 pub fn routes() -> Router<Ctx> {
     Router::new().route("/v1/txn", put(txn))
@@ -45,9 +44,6 @@ struct KvOpBody {
 }
 
 fn parse_ops(body: &[u8]) -> Result<Vec<TxnOp>, ApiError> {
-    if body.len() > MAX_TXN_BYTES {
-        return Err(ApiError::TooLarge(format!("Request body({} bytes) too large, max size: {MAX_TXN_BYTES} bytes", body.len())));
-    }
     let ops: Vec<OpBody> = decode(body)?;
     if ops.len() > MAX_OPS {
         return Err(ApiError::TooLarge(format!("Transaction contains too many operations ({} > {MAX_OPS})", ops.len())));

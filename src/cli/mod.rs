@@ -286,6 +286,7 @@ impl AgentArgs {
             // TLS flags are the most specific layer, key by key.
             tls: Some(config::RawTls {
                 defaults: None,
+                https: None,
                 internal_rpc: Some(config::RawTlsFiles {
                     ca_file: self.ca_file.clone(),
                     cert_file: self.cert_file.clone(),

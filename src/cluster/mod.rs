@@ -174,7 +174,7 @@ mod tests {
             ClusterRpc::Hello,
             ClusterRpc::Join { id: 1, node: ServerNode::default() },
             apply(Command::Register(Registration::default())),
-            apply(Command::Restore(Box::default())),
+            apply(Command::RestoreCommit { id: "r".into(), sha256: Vec::new() }),
             apply(Command::AgentCaInit(AgentCa { cert_pem: String::new(), key_pem: String::new() })),
             apply(Command::Txn(Vec::new())),
             ClusterRpc::Read { dc: None, query: crate::state::catalog::CatalogQuery::Node { name: "n".into() } },

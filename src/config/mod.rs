@@ -130,6 +130,66 @@ pub struct RawConfig {
     pub autopilot: Option<RawAutopilot>,
     /// Client agents getting their RPC certificate from the servers (Consul's `auto_encrypt`).
     pub auto_encrypt: Option<RawAutoEncrypt>,
+    /// Resource limits of the HTTP API (Consul's `limits` block).
+    pub limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Concurrent HTTP connections one client IP may hold (default 200; 0 for no limit). More
+    /// are answered 429 and closed.
+    pub http_max_conns_per_client: Option<u64>,
+    /// Largest KV value accepted, in bytes (default 512 KiB).
+    pub kv_max_value_size: Option<u64>,
+    /// Largest `/v1/txn` request body, in bytes (default 512 KiB).
+    pub txn_max_req_len: Option<u64>,
+    /// Blocking queries the agent holds at once (default 65536); past it they are answered
+    /// 429 until some return.
+    pub http_max_blocking_queries: Option<u64>,
+    /// How long a client has to send a request's headers, and how long an idle keep-alive
+    /// connection stays open (default 30s).
+    pub http_read_header_timeout: Option<String>,
+    /// Accepted for compatibility with Consul configs; RPC limits are fixed.
+    pub rpc_max_conns_per_client: Option<u64>,
+    pub rpc_handshake_timeout: Option<String>,
+    pub https_handshake_timeout: Option<String>,
+    pub rpc_rate: Option<f64>,
+    pub rpc_max_burst: Option<u64>,
+}
+
+/// Resource limits of the HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// 0: no limit.
+    pub http_max_conns_per_client: usize,
+    pub kv_max_value_size: usize,
+    pub txn_max_req_len: usize,
+    pub http_max_blocking_queries: usize,
+    pub http_read_header_timeout: std::time::Duration,
+}
+
+/// Consul's defaults (and ours for the limits Consul does not have).
+pub const DEFAULT_LIMITS: Limits = Limits {
+    http_max_conns_per_client: 200,
+    kv_max_value_size: 512 * 1024,
+    txn_max_req_len: 512 * 1024,
+    // A parked watcher costs a few KiB; this bounds them near a few hundred MiB.
+    http_max_blocking_queries: 65_536,
+    http_read_header_timeout: std::time::Duration::from_secs(30),
+};
+
+/// The largest body limit that can be configured (RPC frames carry bodies whole).
+pub const MAX_BODY_LIMIT: usize = 32 << 20;
+
+/// TLS material files for the HTTPS API.
+#[derive(Debug, Clone)]
+pub struct HttpsConfig {
+    pub port: u16,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// With `verify_incoming`: the CA whose certificates clients must present.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -208,7 +268,7 @@ pub struct RawPorts {
     pub serf_lan: Option<i64>,
     /// WAN gossip. Accepted and range-checked; not used until WAN federation exists.
     pub serf_wan: Option<i64>,
-    /// HTTPS API. Accepted and range-checked; the API is plain HTTP for now.
+    /// HTTPS API (default -1, off); needs a certificate in `tls.https` or `tls.defaults`.
     pub https: Option<i64>,
     /// gRPC. Accepted and range-checked; not used yet.
     pub grpc: Option<i64>,
@@ -219,6 +279,9 @@ pub struct RawPorts {
 pub struct RawTls {
     pub defaults: Option<RawTlsFiles>,
     pub internal_rpc: Option<RawTlsFiles>,
+    /// The HTTPS API (`ports.https`): its certificate, and with `verify_incoming` the CA
+    /// HTTPS clients must present a certificate from.
+    pub https: Option<RawTlsFiles>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -227,7 +290,8 @@ pub struct RawTlsFiles {
     pub ca_file: Option<String>,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
-    /// Accepted for compatibility; internal RPC always verifies both ends.
+    /// For HTTPS: require clients to present a certificate from `ca_file`. Internal RPC always
+    /// verifies both ends, whatever this says.
     pub verify_incoming: Option<bool>,
     pub verify_outgoing: Option<bool>,
     pub verify_server_hostname: Option<bool>,
@@ -308,6 +372,9 @@ pub struct Config {
     pub auto_encrypt_allow_tls: bool,
     pub raft: RaftTimings,
     pub autopilot: AutopilotSettings,
+    pub limits: Limits,
+    /// The HTTPS API, when `ports.https` is set.
+    pub https: Option<HttpsConfig>,
 }
 
 impl Config {
@@ -378,7 +445,7 @@ impl RawConfig {
             bind_addr,
             client_addr
         );
-        take!(self, other, domain, log_level, ca_file, cert_file, key_file, performance, autopilot, auto_encrypt);
+        take!(self, other, domain, log_level, ca_file, cert_file, key_file, performance, autopilot, auto_encrypt, limits);
         take!(
             self,
             other,
@@ -407,7 +474,7 @@ impl RawConfig {
         }
         if let Some(t) = other.tls {
             let mine = self.tls.get_or_insert_with(Default::default);
-            for (mine, theirs) in [(&mut mine.defaults, t.defaults), (&mut mine.internal_rpc, t.internal_rpc)] {
+            for (mine, theirs) in [(&mut mine.defaults, t.defaults), (&mut mine.internal_rpc, t.internal_rpc), (&mut mine.https, t.https)] {
                 if let Some(theirs) = theirs {
                     let m = mine.get_or_insert_with(Default::default);
                     take!(m, theirs, ca_file, cert_file, key_file, verify_incoming, verify_outgoing, verify_server_hostname);
@@ -467,9 +534,8 @@ impl RawConfig {
         if !retry_join_wan.is_empty() && serf_wan_port.is_none() {
             errs.push("retry_join_wan: only servers with a WAN gossip port (ports.serf_wan) join the WAN pool".into());
         }
-        for (key, v) in [("https", ports.https), ("grpc", ports.grpc)] {
-            port(key, v, 0, &mut errs);
-        }
+        port("grpc", ports.grpc, 0, &mut errs);
+        let https_port = port("https", ports.https.or(Some(-1)), 0, &mut errs);
         let encrypt = self.encrypt.filter(|k| !k.is_empty());
         if let Some(k) = &encrypt {
             use base64::Engine;
@@ -582,6 +648,27 @@ impl RawConfig {
         // Per key: tls.internal_rpc, then tls.defaults, then the legacy top-level keys.
         let tls_block = self.tls.unwrap_or_default();
         let (rpc, defaults) = (tls_block.internal_rpc.unwrap_or_default(), tls_block.defaults.unwrap_or_default());
+        // HTTPS: tls.https, then tls.defaults, then the legacy top-level keys.
+        let https = https_port.and_then(|port| {
+            let h = tls_block.https.clone().unwrap_or_default();
+            let cert = h.cert_file.or(defaults.cert_file.clone()).or(self.cert_file.clone());
+            let key = h.key_file.or(defaults.key_file.clone()).or(self.key_file.clone());
+            let verify = h.verify_incoming.or(defaults.verify_incoming).unwrap_or(false);
+            let ca = h.ca_file.or(defaults.ca_file.clone()).or(self.ca_file.clone());
+            match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    if verify && ca.is_none() {
+                        errs.push("tls.https.verify_incoming: needs ca_file, the CA whose certificates HTTPS clients present".into());
+                    }
+                    let client_ca_file = ca.filter(|_| verify).map(PathBuf::from);
+                    Some(HttpsConfig { port, cert_file: cert.into(), key_file: key.into(), client_ca_file })
+                }
+                _ => {
+                    errs.push("ports.https: needs cert_file and key_file in tls.https or tls.defaults".into());
+                    None
+                }
+            }
+        });
         let ca = rpc.ca_file.or(defaults.ca_file).or(self.ca_file);
         let cert = rpc.cert_file.or(defaults.cert_file).or(self.cert_file);
         let key = rpc.key_file.or(defaults.key_file).or(self.key_file);
@@ -629,6 +716,25 @@ impl RawConfig {
             election_min_ms: DEFAULT_RAFT_TIMINGS.election_min_ms * m,
             election_max_ms: DEFAULT_RAFT_TIMINGS.election_max_ms * m,
         };
+        let raw_limits = self.limits.unwrap_or_default();
+        let limits = Limits {
+            http_max_conns_per_client: raw_limits.http_max_conns_per_client.map_or(DEFAULT_LIMITS.http_max_conns_per_client, |n| n as usize),
+            kv_max_value_size: raw_limits.kv_max_value_size.map_or(DEFAULT_LIMITS.kv_max_value_size, |n| n as usize),
+            txn_max_req_len: raw_limits.txn_max_req_len.map_or(DEFAULT_LIMITS.txn_max_req_len, |n| n as usize),
+            http_max_blocking_queries: raw_limits.http_max_blocking_queries.map_or(DEFAULT_LIMITS.http_max_blocking_queries, |n| n as usize),
+            http_read_header_timeout: match raw_limits.http_read_header_timeout {
+                None => DEFAULT_LIMITS.http_read_header_timeout,
+                Some(t) => crate::duration::parse(&t).filter(|d| !d.is_zero()).unwrap_or_else(|| {
+                    errs.push(format!("limits.http_read_header_timeout: {t:?} is not a positive duration like \"30s\""));
+                    DEFAULT_LIMITS.http_read_header_timeout
+                }),
+            },
+        };
+        for (key, v) in [("kv_max_value_size", limits.kv_max_value_size), ("txn_max_req_len", limits.txn_max_req_len)] {
+            if v == 0 || v > MAX_BODY_LIMIT {
+                errs.push(format!("limits.{key}: {v} must be between 1 and {MAX_BODY_LIMIT} bytes"));
+            }
+        }
         let mut autopilot = AutopilotSettings::default();
         if let Some(a) = self.autopilot {
             for (key, v) in [("last_contact_threshold", &a.last_contact_threshold), ("server_stabilization_time", &a.server_stabilization_time)] {
@@ -678,6 +784,8 @@ impl RawConfig {
             auto_encrypt_allow_tls: allow_tls,
             raft,
             autopilot,
+            limits,
+            https,
         })
     }
 }
@@ -756,7 +864,11 @@ mod tests {
         )
         .unwrap();
         let flags = RawConfig {
-            tls: Some(RawTls { defaults: None, internal_rpc: Some(RawTlsFiles { cert_file: Some("flag-cert".into()), ..Default::default() }) }),
+            tls: Some(RawTls {
+                defaults: None,
+                https: None,
+                internal_rpc: Some(RawTlsFiles { cert_file: Some("flag-cert".into()), ..Default::default() }),
+            }),
             ..Default::default()
         };
         raw.merge(flags);

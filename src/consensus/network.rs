@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use serde::{Deserialize, Serialize};
@@ -74,13 +74,25 @@ pub struct PeerConnection {
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, ServerNode, E>>;
 
+/// The most entry bytes one append carries (a lone bigger entry goes alone). openraft 0.9 gives
+/// an append one heartbeat interval to complete, the follower's fsync included, and heartbeats
+/// and votes share the connection: big enough to batch thousands of small writes, small
+/// enough to stay well inside that.
+const APPEND_FRAME_BUDGET: usize = 1 << 20;
+
 impl PeerConnection {
     async fn send<E: std::error::Error>(&self, req: RaftRpc, timeout: Duration) -> RpcResult<RaftReply, E> {
+        let body = rpc::encode(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.send_encoded(body, timeout).await
+    }
+
+    async fn send_encoded<E: std::error::Error>(&self, body: Vec<u8>, timeout: Duration) -> RpcResult<RaftReply, E> {
         let Some(addr) = self.addr else {
             let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "peer has no valid rpc address");
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
-        match self.net.client.call_typed::<RaftRpc, RaftReply>(addr, Service::Raft, &req, timeout).await {
+        let reply = self.net.client.call(addr, Service::Raft, body, timeout).await.and_then(|b| rpc::decode::<RaftReply>(&b));
+        match reply {
             Ok(r) => {
                 self.net.contacts.record(self.target);
                 Ok(r)
@@ -101,7 +113,14 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
-        match self.send(RaftRpc::Append(rpc), option.hard_ttl()).await? {
+        let entries = rpc.entries.len();
+        let body = rpc::encode(&RaftRpc::Append(rpc)).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if body.len() > APPEND_FRAME_BUDGET && entries > 1 {
+            // Too many (large) entries for one message: ask openraft to send fewer, in proportion.
+            let fits = (entries as u128 * APPEND_FRAME_BUDGET as u128 / body.len() as u128).max(1) as u64;
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fits)));
+        }
+        match self.send_encoded(body, option.hard_ttl()).await? {
             RaftReply::Append(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(unexpected()),
         }

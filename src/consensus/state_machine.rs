@@ -26,6 +26,7 @@ pub struct SnapshotPayload {
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, ServerNode>,
+    #[serde(with = "serde_bytes")]
     bytes: Vec<u8>,
 }
 

@@ -160,7 +160,7 @@ impl RpcClient {
                     break;
                 };
                 if let Some(waiter) = reader_pending.lock().expect("pending lock").remove(&resp.id) {
-                    let _ = waiter.send(resp.result);
+                    let _ = waiter.send(resp.result.map(|b| b.0));
                 }
             }
             // The connection is gone: fail everything still waiting and let the next call redial.

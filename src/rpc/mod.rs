@@ -120,14 +120,20 @@ pub trait Handler: Send + Sync + 'static {
 struct RequestFrame {
     id: u64,
     service: Service,
+    /// Bodies are opaque bytes: encoded as one block, not byte by byte.
+    #[serde(with = "serde_bytes")]
     body: Vec<u8>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ResponseFrame {
     id: u64,
-    result: Result<Vec<u8>, RpcError>,
+    result: Result<Body, RpcError>,
 }
+
+/// A response body, encoded as one block of bytes.
+#[derive(Debug, Serialize, Deserialize)]
+struct Body(#[serde(with = "serde_bytes")] Vec<u8>);
 
 /// Encode a value for a frame body.
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {

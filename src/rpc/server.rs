@@ -153,10 +153,13 @@ where
                 Some(h) => h.handle(peer, req.body).await,
                 None => Err(RpcError::new(ErrorCode::BadRequest, format!("no handler for {:?}", req.service))),
             };
-            let frame = postcard::to_allocvec(&ResponseFrame { id: req.id, result }).ok().filter(|f| f.len() <= MAX_FRAME).unwrap_or_else(|| {
-                let e = RpcError::new(ErrorCode::Internal, format!("the answer exceeds the largest rpc frame ({MAX_FRAME} bytes)"));
-                postcard::to_allocvec(&ResponseFrame { id: req.id, result: Err(e) }).unwrap_or_default()
-            });
+            let frame = postcard::to_allocvec(&ResponseFrame { id: req.id, result: result.map(super::Body) })
+                .ok()
+                .filter(|f| f.len() <= MAX_FRAME)
+                .unwrap_or_else(|| {
+                    let e = RpcError::new(ErrorCode::Internal, format!("the answer exceeds the largest rpc frame ({MAX_FRAME} bytes)"));
+                    postcard::to_allocvec(&ResponseFrame { id: req.id, result: Err(e) }).unwrap_or_default()
+                });
             let _ = tx.send(frame).await;
             drop(permit);
         });

@@ -2,7 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::StateData;
 use super::types::{AgentCa, AutopilotConfig, HealthCheck, KvEntry, Node, Service, Session};
 
 /// One replicated write: the command plus the proposer's wall clock, so that everything
@@ -44,8 +43,20 @@ pub enum Command {
     },
     /// Create the auto-encrypt CA unless one exists.
     AgentCaInit(AgentCa),
-    /// Replace the whole state with a restored snapshot.
-    Restore(Box<StateData>),
+    /// One piece of a snapshot being restored (the postcard encoding of a `StateData`, split so
+    /// that no log entry outgrows an RPC frame). `seq` 0 starts a new restore.
+    RestoreChunk {
+        id: String,
+        seq: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Replace the whole state with the restore `id` staged so far, whose bytes must hash to
+    /// `sha256`.
+    RestoreCommit {
+        id: String,
+        sha256: Vec<u8>,
+    },
 }
 
 impl Command {
@@ -63,7 +74,8 @@ impl Command {
             Command::QueryUpdate(_) => "QueryUpdate",
             Command::QueryDelete { .. } => "QueryDelete",
             Command::AgentCaInit(_) => "AgentCaInit",
-            Command::Restore(_) => "Restore",
+            Command::RestoreChunk { .. } => "RestoreChunk",
+            Command::RestoreCommit { .. } => "RestoreCommit",
         }
     }
 }
@@ -121,6 +133,7 @@ impl KvVerb {
 pub struct TxnOp {
     pub verb: KvVerb,
     pub key: String,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub flags: u64,
     /// The index for `cas`, `check-index` and `delete-cas`.

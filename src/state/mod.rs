@@ -62,10 +62,22 @@ pub struct StateData {
     pub prepared_queries: BTreeMap<String, query::PreparedQuery>,
     /// Each node's network coordinate in this datacenter, as its agent last reported it.
     pub coordinates: BTreeMap<String, CoordinateEntry>,
+    /// A snapshot restore in progress: chunks applied so far (part of the replicated state, so
+    /// a Raft snapshot taken mid-restore carries it).
+    pub restore_staging: Option<RestoreStaging>,
     /// Highest index that changed each table.
     pub table_index: [RaftIndex; TABLE_COUNT],
     /// Highest index that changed anything a service's catalog/health view shows.
     pub service_index: BTreeMap<String, RaftIndex>,
+}
+
+/// The chunks of a restore received so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RestoreStaging {
+    pub id: String,
+    pub next_seq: u32,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
 }
 
 impl StateData {
@@ -152,11 +164,32 @@ impl Store {
                 self.touch(Table::AgentCa);
                 Outcome::Applied(true)
             }
-            Command::Restore(data) => {
-                let mut data = (**data).clone();
+            Command::RestoreChunk { id, seq, bytes } => {
+                match (&mut self.data.restore_staging, seq) {
+                    (staging, 0) => *staging = Some(RestoreStaging { id: id.clone(), next_seq: 1, bytes: bytes.clone() }),
+                    (Some(st), seq) if st.id == *id && st.next_seq == *seq => {
+                        st.next_seq += 1;
+                        st.bytes.extend_from_slice(bytes);
+                    }
+                    _ => return Outcome::Rejected(format!("restore {id}: chunk {seq} is out of order (another restore may have started)")),
+                }
+                return Outcome::Done;
+            }
+            Command::RestoreCommit { id, sha256 } => {
+                let Some(staging) = self.data.restore_staging.take_if(|s| s.id == *id) else {
+                    return Outcome::Rejected(format!("restore {id}: nothing staged (another restore may have started)"));
+                };
+                if ring::digest::digest(&ring::digest::SHA256, &staging.bytes).as_ref() != sha256.as_slice() {
+                    return Outcome::Rejected(format!("restore {id}: the staged snapshot does not match its checksum"));
+                }
+                let mut data: StateData = match postcard::from_bytes(&staging.bytes) {
+                    Ok(d) => d,
+                    Err(e) => return Outcome::Rejected(format!("restore {id}: undecodable snapshot: {e}")),
+                };
                 // The CA that signs client agents' RPC certificates stays the cluster's own: a
                 // snapshot may not swap who the servers trust.
                 data.agent_ca = self.data.agent_ca.clone();
+                data.restore_staging = None;
                 // A restored state is newer than anything a blocked reader saw before it.
                 for t in data.table_index.iter_mut() {
                     *t = index;
@@ -262,9 +295,32 @@ pub(crate) mod tests {
         s.apply(2, &req(Command::AgentCaInit(ca("ours"))));
         let mut restored = StateData { agent_ca: Some(ca("attacker")), ..Default::default() };
         restored.kv.insert("k".into(), KvEntry { key: "k".into(), ..Default::default() });
-        s.apply(3, &req(Command::Restore(Box::new(restored))));
+        let bytes = postcard::to_allocvec(&restored).unwrap();
+        let sha256 = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().to_vec();
+        let (a, b) = bytes.split_at(bytes.len() / 2);
+        s.apply(3, &req(Command::RestoreChunk { id: "r".into(), seq: 0, bytes: a.to_vec() }));
+        s.apply(4, &req(Command::RestoreChunk { id: "r".into(), seq: 1, bytes: b.to_vec() }));
+        assert_eq!(s.apply(5, &req(Command::RestoreCommit { id: "r".into(), sha256 })), Outcome::Done);
         assert_eq!(s.data().agent_ca.as_ref().unwrap().cert_pem, "ours");
         assert!(s.data().kv.contains_key("k"));
+        assert!(s.data().restore_staging.is_none());
+    }
+
+    #[test]
+    fn restore_chunks_out_of_order_or_corrupt_change_nothing() {
+        let mut s = Store::new();
+        s.apply(1, &req(Command::Register(catalog::tests::web_registration("n1", "10.0.0.1"))));
+        let bytes = postcard::to_allocvec(&StateData::default()).unwrap();
+        let chunk = |seq, id: &str| Command::RestoreChunk { id: id.into(), seq, bytes: bytes.clone() };
+        assert!(matches!(s.apply(2, &req(chunk(1, "r"))), Outcome::Rejected(_)));
+        s.apply(3, &req(chunk(0, "r")));
+        // Another restore starting takes over; the first one's later chunks are refused.
+        s.apply(4, &req(chunk(0, "q")));
+        assert!(matches!(s.apply(5, &req(chunk(1, "r"))), Outcome::Rejected(_)));
+        assert!(
+            matches!(s.apply(6, &req(Command::RestoreCommit { id: "q".into(), sha256: vec![0; 32] })), Outcome::Rejected(m) if m.contains("checksum"))
+        );
+        assert!(!s.data().nodes.is_empty(), "a failed restore leaves the state as it was");
     }
 
     #[test]

@@ -47,7 +47,7 @@ impl Store {
         let delay_ms = s.lock_delay / 1_000_000;
         for key in held {
             if delay_ms > 0 {
-                self.data.lock_delays.insert(key.clone(), now_ms + delay_ms);
+                self.data.lock_delays.insert(key.clone(), now_ms.saturating_add(delay_ms));
             }
             match s.behavior {
                 SessionBehavior::Release => {

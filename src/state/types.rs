@@ -254,7 +254,7 @@ mod base64_opt {
             }
         } else {
             match v {
-                Some(b) => s.serialize_some(serde_bytes_ref(b)),
+                Some(b) => s.serialize_some(serde_bytes::Bytes::new(b)),
                 None => s.serialize_none(),
             }
         }
@@ -265,12 +265,8 @@ mod base64_opt {
             let t: Option<String> = Option::deserialize(d)?;
             t.map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom)).transpose()
         } else {
-            Option::<Vec<u8>>::deserialize(d)
+            Ok(Option::<serde_bytes::ByteBuf>::deserialize(d)?.map(serde_bytes::ByteBuf::into_vec))
         }
-    }
-
-    fn serde_bytes_ref(b: &[u8]) -> &[u8] {
-        b
     }
 }
 

@@ -8,5 +8,6 @@ mod cluster;
 mod dns;
 mod federation;
 mod harness;
+mod limits;
 mod snapshot;
 mod trust;

@@ -55,7 +55,7 @@ async fn every_request_kind_is_refused_from_peers_that_may_not_send_it() {
     let refused_for_clients = vec![
         ClusterRpc::Hello,
         ClusterRpc::Join { id: 7, node: Default::default() },
-        apply(Command::Restore(Box::default())),
+        apply(Command::RestoreCommit { id: "r".into(), sha256: Vec::new() }),
         apply(Command::AgentCaInit(ca.clone())),
         apply(Command::Txn(Vec::new())),
         apply(Command::SessionDestroy { id: "x".into() }),
@@ -65,7 +65,7 @@ async fn every_request_kind_is_refused_from_peers_that_may_not_send_it() {
     let refused_for_other_dcs = vec![
         ClusterRpc::Join { id: 7, node: Default::default() },
         apply(Command::Register(Registration::default())),
-        apply(Command::Restore(Box::default())),
+        apply(Command::RestoreCommit { id: "r".into(), sha256: Vec::new() }),
         ClusterRpc::Datacenters,
         ClusterRpc::LanPing,
         ClusterRpc::NodeState { node: "s1".into() },

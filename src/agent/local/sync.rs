@@ -164,7 +164,7 @@ impl SyncWorker {
             return self.interval;
         }
         let mult = ((n as f64 / SCALE_THRESHOLD as f64).log2().ceil() as u32) + 1;
-        self.interval * mult
+        self.interval.saturating_mul(mult)
     }
 
     pub async fn run(self, shutdown: CancellationToken) {

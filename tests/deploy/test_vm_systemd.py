@@ -19,13 +19,12 @@ import re
 import resource
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from util import run, wait_until
+from util import dns_query, run, wait_until
 from vm import build_deb, edit
 
 pytestmark = pytest.mark.timeout(240)
@@ -97,21 +96,6 @@ def container(tmp_path_factory):
         c.close()
 
 
-# (rcode, answer count) of an A query to 127.0.0.1:53, run by a Python inside the container's
-# network namespace.
-DNS_PROBE = r"""
-import socket, struct, sys
-name = sys.argv[1]
-q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
-q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(3)
-s.sendto(q, ("127.0.0.1", 53))
-data = s.recv(4096)
-print(data[3] & 0x0F, struct.unpack(">H", data[6:8])[0])
-"""
-
-
 def test_the_deb_under_systemd_reaches_readiness_inside_its_sandbox(trellis, container, tmp_path):
     deb = build_deb(trellis, tmp_path / "deb")
     shutil.copy(deb, container.merged / "root/trellis.deb")
@@ -170,11 +154,7 @@ def test_the_deb_under_systemd_reaches_readiness_inside_its_sandbox(trellis, con
     code = container.sh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8500/v1/status/leader").stdout
     assert code == "200"
     # DNS on port 53, as the trellis user, through the ambient capability.
-    probe = subprocess.run(
-        ["nsenter", "-t", str(container.pid), "-n", "--", sys.executable, "-c", DNS_PROBE, "consul.service.consul"],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert probe.stdout.split() == ["0", "1"], (probe.stdout, probe.stderr)
+    assert dns_query(["-t", str(container.pid), "-n"], "consul.service.consul", "127.0.0.1", 53) == (0, 1)
 
     container.sh("timeout 30 systemctl reload trellis-server")
     st = container.show("trellis-server", "ActiveState", "StatusText", "MainPID")

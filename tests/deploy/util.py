@@ -157,3 +157,29 @@ def run(argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProces
     if check and r.returncode != 0:
         raise AssertionError(f"{argv} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
     return r
+
+
+# A DNS A query, printed as "<rcode> <answer count>": run by a Python inside another network
+# namespace (python -c DNS_PROBE <name> <server ip> <port>).
+DNS_PROBE = r"""
+import socket, struct, sys
+name, server, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(q, (server, port))
+data = s.recv(4096)
+print(data[3] & 0x0F, struct.unpack(">H", data[6:8])[0])
+"""
+
+
+def dns_query(netns_args: list[str], name: str, server: str, port: int) -> tuple[int, int]:
+    """(rcode, answers) of an A query sent from inside a namespace (nsenter arguments)."""
+    import sys
+
+    r = subprocess.run(["nsenter", *netns_args, "--", sys.executable, "-c", DNS_PROBE, name, server, str(port)], capture_output=True, text=True, timeout=20)
+    if r.returncode != 0:
+        raise AssertionError(f"DNS query {name} to {server}:{port} failed: {r.stderr}")
+    rcode, answers = r.stdout.split()
+    return int(rcode), int(answers)

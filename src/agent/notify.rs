@@ -108,9 +108,7 @@ pub fn stopping() {
 /// Wrap a reload so the service manager sees it begin and end: `RELOADING=1` (stamped with
 /// CLOCK_MONOTONIC, as `Type=notify-reload` requires) before, `READY=1` after (only if start-up
 /// had reported ready; a reload during start-up must not claim readiness early).
-pub fn around_reload(
-    reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
-) -> Arc<dyn Fn() -> Result<(), String> + Send + Sync> {
+pub fn around_reload(reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync>) -> Arc<dyn Fn() -> Result<(), String> + Send + Sync> {
     Arc::new(move || {
         send_or_warn(&format!("RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading configuration", monotonic_usec()));
         let result = reload();

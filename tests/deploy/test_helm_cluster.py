@@ -51,7 +51,7 @@ def clusters(network, trellis, tmp_path):
             c.close()
 
 
-def check_datacenter(c: Cluster, ns: str, dc: str, objects: list[dict], release: str):
+def check_datacenter(c: Cluster, ns: str, dc: str):
     servers, clients = c.pods_of(ns, "server"), c.pods_of(ns, "client")
     wait_ready([c], servers + clients, 120)
     s0 = servers[0]
@@ -83,7 +83,7 @@ def test_chart_forms_a_datacenter(clusters):
     objects = render(values_file("single-dc"), release="dc1", namespace="default")
     c.apply(objects, "default")
     try:
-        check_datacenter(c, "default", "dc1", objects, "dc1")
+        check_datacenter(c, "default", "dc1")
         # The datacenter is alone: no WAN pool (serf_wan disabled without federation).
         code, body = c.http(c.pods_of("default", "server")[0], "/v1/catalog/datacenters")
         assert json.loads(body) == ["dc1"], body
@@ -98,12 +98,12 @@ def test_two_releases_federate_through_the_federation_secret(clusters):
     primary = render(values_file("primary-federation"), release="dc1", namespace="default")
     east.apply(primary, "default")
     try:
-        check_datacenter(east, "default", "dc1", primary, "dc1")
+        check_datacenter(east, "default", "dc1")
         # kubectl get secret dc1-trellis-federation -o yaml | kubectl apply (into the secondary).
         fed = find(primary, "Secret", "dc1-trellis-federation")
         secondary = render(values_file("secondary"), release="dc2", namespace="default")
         west.apply([fed] + secondary, "default")
-        check_datacenter(west, "default", "dc2", secondary, "dc2")
+        check_datacenter(west, "default", "dc2")
         # The secondary runs with the primary's CA and gossip key, and knows its primary.
         s_west, s_east = west.pods_of("default", "server")[0], east.pods_of("default", "server")[0]
         code, body = west.http(s_west, "/v1/agent/self")

@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::consensus::node::RaftNode;
+use crate::cluster::RaftNode;
 use crate::membership::{Gossip, MemberStatus};
 
 /// The environment variable systemd sets for `Type=notify` services.

@@ -162,6 +162,7 @@ def test_gateway_wan_address_from_the_load_balancer_waits_for_it():
         ({"global": {"federation": {"createFederationSecret": True}}}, "needs global.federation.enabled"),
         ({"global": {"federation": {"enabled": True, "createFederationSecret": True}, "tls": {"caCert": {"secretName": "ca"}, "caKey": {"secretName": "ca"}}}}, "create the federation secret by hand"),
         ({"server": {"extraVolumes": [{"type": "hostPath", "name": "x"}]}}, "type must be secret or configMap"),
+        ({"global": {"gossipEncryption": {"autoGenerate": False}}}, "a gossip key is required"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(values, message):

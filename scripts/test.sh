@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean checkout on a fresh Debian machine: installs what the
 # tests need when it is missing (Chromium for the browser tests, the Python client, the npm
-# packages), then runs formatting and lint checks, the Rust unit and integration tests, the
-# py-consul tests and the headless-browser UI tests.
+# packages, the Helm SDK and systemd-nspawn for the deploy tests), then runs formatting and
+# lint checks, the Rust unit and integration tests, the py-consul tests, the deploy tests
+# (run as root: they make network namespaces, chroots and a systemd container) and the
+# headless-browser UI tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +38,14 @@ cargo test
 
 echo "==> py-consul against a real agent"
 TRELLIS_BIN="$PWD/target/debug/trellis" target/pyenv/bin/python -m pytest -q tests/python
+
+echo "==> Deploy tests: systemd units and the .deb (also under a real systemd), the Helm chart's pods in network namespaces, the Dockerfile without an engine"
+command -v systemd-nspawn >/dev/null || apt_install systemd-container
+command -v dpkg-shlibdeps >/dev/null || apt_install dpkg-dev
+command -v curl >/dev/null || apt_install curl
+command -v ip >/dev/null || apt_install iproute2
+target/pyenv/bin/pip install -q --disable-pip-version-check -r tests/deploy/requirements.txt
+TRELLIS_BIN="$PWD/target/debug/trellis" target/pyenv/bin/python -m pytest -q tests/deploy
 
 echo "==> Browser tests (headless Chromium)"
 TRELLIS_BIN="$PWD/target/debug/trellis" node --test tests/browser/

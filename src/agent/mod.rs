@@ -11,6 +11,7 @@ pub mod dns;
 pub mod join;
 pub mod leader;
 pub mod local;
+pub mod notify;
 pub mod ops;
 
 use std::path::Path;
@@ -264,7 +265,7 @@ impl Agent {
                 local::Upstream::Rpc { rpc: client.clone(), servers: Arc::new(move || ops::alive_servers(&g, &dc)) }
             }
         };
-        let reload = reloader(&cfg, local_agent.clone());
+        let reload = notify::around_reload(reloader(&cfg, local_agent.clone()));
         let events = Arc::new(ops::EventLog::default());
         let handle = Arc::new(ops::AgentHandle {
             events: events.clone(),
@@ -511,6 +512,8 @@ impl Agent {
             }
         };
 
+        let readiness = notify::Readiness { raft: node.clone(), gossip: gossip.clone(), has_join_targets: !cfg.retry_join.is_empty() };
+        tasks.spawn(readiness.run(shutdown.clone()).map_name("readiness"));
         info!(node = %cfg.node_name, dc = %cfg.datacenter, mode = if cfg.server { "server" } else { "client" }, http = %http_addr, rpc = %rpc_addr, gossip = %gossip_addr, data_dir = %dd.display(), "trellis agent running");
         Ok(Agent { node, reload, storage, gossip, wan: wan_gossip, tasks, shutdown, http_addr })
     }
@@ -550,6 +553,7 @@ impl Agent {
 
     async fn shutdown(mut self) {
         info!("shutting down");
+        notify::stopping();
         self.handover().await;
         // A graceful stop leaves the gossip pool, so the cluster marks us left, not failed.
         if let Err(e) = self.gossip.leave(LEAVE_DEADLINE).await {

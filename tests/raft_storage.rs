@@ -1,6 +1,8 @@
 //! openraft's storage conformance suite, run against the sled log store and our state machine.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use openraft::StorageError;
 use openraft::testing::{StoreBuilder, Suite};

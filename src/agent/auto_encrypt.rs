@@ -90,7 +90,7 @@ impl SignHandler {
         if req.node.is_empty() || req.node.len() > 128 || !req.node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
             return Err(RpcError::new(ErrorCode::BadRequest, format!("invalid node name {:?}", req.node)));
         }
-        let ca = self.node.store.read().expect("state lock").data().agent_ca.clone();
+        let ca = self.node.store.read().data().agent_ca.clone();
         let ca = ca.ok_or_else(|| RpcError::new(ErrorCode::NoLeader, "the auto-encrypt CA does not exist yet (no leader has been elected)"))?;
         let cert_pem = tls::sign_client_csr(&ca.cert_pem, &ca.key_pem, &req.csr_der, &req.node, &self.datacenter, &self.domain, CERT_LIFETIME)
             .map_err(|e| RpcError::new(ErrorCode::BadRequest, format!("certificate request rejected: {e}")))?;
@@ -101,10 +101,10 @@ impl SignHandler {
 
 /// Keep a server's RPC verifier trusting the auto-encrypt CA from the replicated state.
 pub async fn trust_agent_ca(node: RaftNode, verifier: Arc<RpcClientVerifier>, shutdown: CancellationToken) {
-    let mut watch = node.store.read().expect("state lock").watch(Table::AgentCa);
+    let mut watch = node.store.read().watch(Table::AgentCa);
     let mut trusted: Option<String> = None;
     loop {
-        let current = node.store.read().expect("state lock").data().agent_ca.as_ref().map(|c| c.cert_pem.clone());
+        let current = node.store.read().data().agent_ca.as_ref().map(|c| c.cert_pem.clone());
         if let Some(pem) = current.filter(|p| trusted.as_ref() != Some(p)) {
             match verifier.set_extra_roots(&pem) {
                 Ok(()) => trusted = Some(pem),

@@ -78,7 +78,7 @@ impl Handler for ClusterHandler {
                 ClusterRpc::Read { dc: Some(remote), query } if !federation.is_local(&remote) => {
                     ClusterReply::Read(Box::new(federation.read(&remote, query).await?))
                 }
-                ClusterRpc::Read { query, .. } => ClusterReply::Read(Box::new(node.store.read().expect("state lock").data().answer(&query))),
+                ClusterRpc::Read { query, .. } => ClusterReply::Read(Box::new(node.store.read().data().answer(&query))),
                 ClusterRpc::Datacenters => ClusterReply::Datacenters(federation.datacenters()),
                 ClusterRpc::Ping => federation.pong(),
                 ClusterRpc::LanPing => ClusterReply::Pong { node: node.me.name.clone(), datacenter: dc.clone(), coord: lan.get() },

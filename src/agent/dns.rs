@@ -152,7 +152,7 @@ impl DnsCatalog for CatalogDns {
     fn generation(&self) -> Option<u64> {
         match &self.upstream {
             Upstream::Raft(node) => {
-                let store = node.store.read().expect("state lock");
+                let store = node.store.read();
                 Some(store.data().index_of(&[Table::Nodes, Table::Services, Table::Checks, Table::PreparedQueries]))
             }
             Upstream::Rpc { .. } => None,

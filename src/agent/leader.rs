@@ -2,8 +2,9 @@
 //! of the servers true (node, `consul` service, `serfHealth` check), expire sessions whose TTL
 //! lapsed, and run autopilot (server health, dead-server cleanup).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use openraft::ChangeMembers;
@@ -38,11 +39,16 @@ pub struct LeaderWorker {
     /// The configured autopilot settings, stored once if the cluster has none yet.
     pub autopilot: crate::config::AutopilotSettings,
     pub domain: String,
+    /// How long deleted KV keys are remembered (`tombstone_ttl`).
+    pub tombstone_ttl: Duration,
 }
 
 struct Tenure {
     since: Instant,
     stable_since: HashMap<NodeId, (bool, SystemTime)>,
+    /// (when, applied index then), one per tick: a tombstone at or below the index applied
+    /// `tombstone_ttl` ago is old enough to reap.
+    applied_at: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl LeaderWorker {
@@ -72,7 +78,7 @@ impl LeaderWorker {
             let t = tenure.get_or_insert_with(|| {
                 info!("leader duties started");
                 self.sessions.clear();
-                Tenure { since: Instant::now(), stable_since: HashMap::new() }
+                Tenure { since: Instant::now(), stable_since: HashMap::new(), applied_at: Default::default() }
             });
             self.seed_autopilot().await;
             self.seed_agent_ca().await;
@@ -82,6 +88,7 @@ impl LeaderWorker {
             let reap = t.since.elapsed() >= REAP_GRACE && self.gossip.members().len() > 1;
             self.reconcile_members(&alive, reap).await;
             self.expire_sessions().await;
+            self.reap_tombstones(t).await;
             self.autopilot(&alive, t).await;
         }
     }
@@ -115,7 +122,7 @@ impl LeaderWorker {
         let members = self.gossip.members();
         let mut writes = Vec::new();
         {
-            let store = self.node.store.read().expect("state lock");
+            let store = self.node.store.read();
             let d = store.data();
             let mut wanted: Vec<Registration> =
                 servers.iter().map(|(id, server, _)| server_registration(server, &self.datacenter, alive.get(id).copied().unwrap_or(true))).collect();
@@ -161,7 +168,7 @@ impl LeaderWorker {
     }
 
     async fn seed_autopilot(&self) {
-        if self.node.store.read().expect("state lock").data().autopilot.modify_index != 0 {
+        if self.node.store.read().data().autopilot.modify_index != 0 {
             return;
         }
         let a = &self.autopilot;
@@ -182,7 +189,7 @@ impl LeaderWorker {
 
     /// Create the auto-encrypt CA the first time a leader takes office.
     async fn seed_agent_ca(&self) {
-        if self.node.store.read().expect("state lock").data().agent_ca.is_some() {
+        if self.node.store.read().data().agent_ca.is_some() {
             return;
         }
         let (cert_pem, key_pem) = match crate::tls::create_agent_ca(&self.datacenter, &self.domain) {
@@ -197,7 +204,7 @@ impl LeaderWorker {
 
     async fn expire_sessions(&self) {
         let live: Vec<(String, Duration)> = {
-            let store = self.node.store.read().expect("state lock");
+            let store = self.node.store.read();
             store.data().sessions.values().filter_map(|s| parse_ttl(&s.ttl).ok().flatten().map(|t| (s.id.clone(), t))).collect()
         };
         for id in self.sessions.expired(&live) {
@@ -208,8 +215,29 @@ impl LeaderWorker {
         }
     }
 
+    /// Consul's tombstone GC: deleted keys are remembered (so that a blocking prefix read sees
+    /// the deletion) for `tombstone_ttl`, then reaped through Raft. A new leader starts its
+    /// clock afresh, so tombstones live at least the TTL whatever leadership does.
+    async fn reap_tombstones(&self, t: &mut Tenure) {
+        let now = Instant::now();
+        t.applied_at.push_back((now, self.node.applied_index()));
+        let mut expired_up_to = None;
+        while let Some((at, index)) = t.applied_at.front().copied() {
+            if now.duration_since(at) < self.tombstone_ttl {
+                break;
+            }
+            expired_up_to = Some(index);
+            t.applied_at.pop_front();
+        }
+        let Some(up_to) = expired_up_to else { return };
+        let due = self.node.store.read().data().kv_tombstones.values().any(|i| *i <= up_to);
+        if due && let Err(e) = self.node.write(Command::KvReap { up_to }).await {
+            warn!(error = %e, "reaping KV tombstones failed; retrying next tick");
+        }
+    }
+
     async fn autopilot(&self, alive: &HashMap<NodeId, bool>, t: &mut Tenure) {
-        let cfg = self.node.store.read().expect("state lock").data().autopilot.clone();
+        let cfg = self.node.store.read().data().autopilot.clone();
         let threshold = crate::duration::parse(&cfg.last_contact_threshold).unwrap_or(Duration::from_millis(200));
         let m = self.node.raft.metrics().borrow().clone();
         let leader_index = m.last_log_index.unwrap_or(0);
@@ -244,7 +272,7 @@ impl LeaderWorker {
         }
         let voters = servers.iter().filter(|s| s.voter).count();
         let healthy_voters = servers.iter().filter(|s| s.voter && s.healthy).count();
-        *self.health.lock().expect("autopilot lock") =
+        *self.health.lock() =
             AutopilotHealth { healthy: servers.iter().all(|s| s.healthy), failure_tolerance: healthy_voters.saturating_sub(voters / 2 + 1), servers };
         if !cfg.cleanup_dead_servers {
             return;

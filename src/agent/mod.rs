@@ -14,8 +14,9 @@ pub mod local;
 pub mod notify;
 pub mod ops;
 
+use parking_lot::{Mutex, RwLock};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -505,6 +506,7 @@ impl Agent {
                     health,
                     autopilot: cfg.autopilot.clone(),
                     domain: cfg.domain.clone(),
+                    tombstone_ttl: cfg.tombstone_ttl,
                 };
                 tasks.spawn(leader.run(shutdown.clone()).map_name("leader"));
                 tasks.spawn(watch_fatal(node.raft.clone(), shutdown.clone()).map_name("raft-watch"));

@@ -1,9 +1,10 @@
 //! `AgentOps` for this agent: the API's agent endpoints answered from the local state, gossip
 //! and (on servers) Raft.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use futures::FutureExt;
@@ -129,7 +130,7 @@ impl EventLog {
             if !accepts(&e, &local.node().name, &services) {
                 continue;
             }
-            let mut buf = self.buf.lock().expect("events lock");
+            let mut buf = self.buf.lock();
             if buf.len() == EVENT_BUFFER {
                 buf.pop_front();
             }
@@ -396,7 +397,7 @@ impl AgentOps for AgentHandle {
     }
 
     fn events(&self) -> (Vec<Value>, u64) {
-        let buf = self.events.buf.lock().expect("events lock");
+        let buf = self.events.buf.lock();
         (buf.iter().cloned().collect(), *self.events.index.borrow())
     }
 

@@ -80,7 +80,7 @@ async fn update(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiErro
     if !b.coord.is_valid() {
         return Err(ApiError::BadRequest(format!("Coord must have {} finite dimensions", crate::coordinate::DIMENSIONALITY)));
     }
-    if !ctx.raft()?.store.read().expect("state lock").data().nodes.contains_key(&b.node) {
+    if !ctx.raft()?.store.read().data().nodes.contains_key(&b.node) {
         return Err(ApiError::BadRequest(format!("Node {:?} is not registered", b.node)));
     }
     let (_, index) = ctx.raft()?.write(Command::CoordinateBatch(vec![(b.node, b.coord)])).await?;

@@ -10,9 +10,10 @@
 //! - On shutdown: stop accepting, let every connection finish the request it is serving, then
 //!   close it.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -50,7 +51,7 @@ struct ConnSlot {
 
 impl ConnCounts {
     fn acquire(&self, ip: IpAddr, max: usize) -> Option<ConnSlot> {
-        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self.0.lock();
         let n = m.entry(ip).or_insert(0);
         if max != 0 && *n >= max {
             return None;
@@ -62,7 +63,7 @@ impl ConnCounts {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        let mut m = self.counts.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self.counts.0.lock();
         if let Some(n) = m.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {

@@ -1,8 +1,8 @@
 //! `/v1/agent/metrics`: counters and timing samples recorded by the API, plus gauges read from
 //! Raft and the state store at scrape time, rendered as Consul's JSON or Prometheus text.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -78,7 +78,7 @@ impl Registry {
     fn record(&self, method: usize, code: u16, ms: f64) {
         let code = usize::from(code.clamp(100, 599)) - 100;
         self.counts[method * CODES + code].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.durations[method].lock().unwrap_or_else(std::sync::PoisonError::into_inner).add(ms);
+        self.durations[method].lock().add(ms);
     }
 
     /// Every (name, labels, stats) recorded so far: counters, then samples.
@@ -95,7 +95,7 @@ impl Registry {
         }
         let mut samples = Vec::new();
         for (i, d) in self.durations.iter().enumerate() {
-            let st = *d.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let st = *d.lock();
             if st.count > 0 {
                 samples.push(("consul.http.request_duration_ms", vec![("method", METHODS[i].to_string())], st));
             }
@@ -117,10 +117,10 @@ fn gauges(ctx: &Ctx) -> Vec<(&'static str, f64)> {
     let mut out = vec![("consul.runtime.uptime_seconds", ctx.started.elapsed().as_secs_f64())];
     let Some(node) = &ctx.node else { return out };
     let m = node.raft.metrics().borrow().clone();
-    let (nodes, services, kv, sessions) = {
-        let s = node.store.read().expect("state lock");
+    let (nodes, services, kv, tombstones, sessions) = {
+        let s = node.store.read();
         let d = s.data();
-        (d.nodes.len(), d.services.len(), d.kv.len(), d.sessions.len())
+        (d.nodes.len(), d.services.len(), d.kv.len(), d.kv_tombstones.len(), d.sessions.len())
     };
     out.extend([
         ("consul.raft.leader", f64::from(u8::from(m.current_leader == Some(node.id)))),
@@ -131,6 +131,7 @@ fn gauges(ctx: &Ctx) -> Vec<(&'static str, f64)> {
         ("consul.state.nodes", nodes as f64),
         ("consul.state.services", services as f64),
         ("consul.state.kv_entries", kv as f64),
+        ("consul.state.kv_tombstones", tombstones as f64),
         ("consul.state.sessions", sessions as f64),
     ]);
     out

@@ -27,8 +27,9 @@ pub mod status;
 pub mod txn;
 pub mod ui;
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;

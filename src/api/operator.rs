@@ -153,7 +153,7 @@ struct AutopilotBody {
 
 async fn autopilot_put(State(ctx): State<Ctx>, p: Params, body: Bytes) -> Result<Response, ApiError> {
     let b: AutopilotBody = decode(&body)?;
-    let mut c = ctx.raft()?.store.read().expect("state lock").data().autopilot.clone();
+    let mut c = ctx.raft()?.store.read().data().autopilot.clone();
     for (key, v) in [("LastContactThreshold", &b.last_contact_threshold), ("ServerStabilizationTime", &b.server_stabilization_time)] {
         if let Some(v) = v
             && crate::duration::parse(v).is_none()
@@ -171,7 +171,7 @@ async fn autopilot_put(State(ctx): State<Ctx>, p: Params, body: Bytes) -> Result
 }
 
 async fn autopilot_health(State(ctx): State<Ctx>) -> Response {
-    let h = ctx.autopilot.lock().expect("autopilot lock").clone();
+    let h = ctx.autopilot.lock().clone();
     let status = if h.healthy { axum::http::StatusCode::OK } else { axum::http::StatusCode::TOO_MANY_REQUESTS };
     (status, axum::Json(h)).into_response()
 }

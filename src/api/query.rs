@@ -184,7 +184,7 @@ where
     let deadline = tokio::time::Instant::now() + wait + jitter(wait);
     loop {
         let (mut watches, result) = {
-            let store = ctx.raft()?.store.read().expect("state lock");
+            let store = ctx.raft()?.store.read();
             let watches: Vec<_> = tables.iter().map(|t| store.watch(*t)).collect();
             (watches, read(store.data())?)
         };
@@ -202,7 +202,7 @@ where
         }
         let changed = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            let store = ctx.raft()?.store.read().expect("state lock");
+            let store = ctx.raft()?.store.read();
             let (value, index) = read(store.data())?;
             return Ok((value, Meta::of(ctx, index, p)));
         }

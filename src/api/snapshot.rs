@@ -99,7 +99,7 @@ async fn save(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
         ctx.raft()?.verify_leader().await?;
     }
     let (mut data, index) = {
-        let store = ctx.raft()?.store.read().expect("state lock");
+        let store = ctx.raft()?.store.read();
         (store.data().clone(), ctx.raft()?.applied_index())
     };
     // The auto-encrypt CA decides which client agents the servers trust: its key never

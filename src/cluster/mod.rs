@@ -115,6 +115,7 @@ impl ClusterRpc {
 /// The writes a client agent makes itself: its node's catalog entries (anti-entropy) and its
 /// network coordinate. Everything else reaches the servers as an HTTP request they validate.
 fn client_may_apply(c: &Command) -> bool {
+    // Everything else (KvReap, AgentCaInit, RestoreChunk, ...) is a server's own business.
     matches!(c, Command::Register(_) | Command::Deregister { .. } | Command::CoordinateBatch(_))
 }
 

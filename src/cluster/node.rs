@@ -2,9 +2,10 @@
 //! learn who leads, and check leadership. A write that reaches a follower (or a leader that
 //! just lost office) is forwarded to the current leader (`ClusterRpc::Apply`), transparently.
 
+use parking_lot::RwLock;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -104,7 +105,7 @@ impl RaftNode {
 
     /// The catalog entries of `node` in this server's state.
     pub fn node_state(&self, node: &str) -> NodeState {
-        let store = self.store.read().expect("state lock");
+        let store = self.store.read();
         let d = store.data();
         let (found, _) = d.node_services(node);
         let (checks, _) = d.node_checks(node);

@@ -3,8 +3,9 @@
 //! period. The leader worker (`agent/leader.rs`) destroys expired sessions through Raft; the
 //! HTTP API renews them.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A session lives this many TTLs past its last renewal, as Consul grants.
@@ -23,7 +24,7 @@ fn grace(ttl: Duration) -> Duration {
 impl SessionTimers {
     pub fn renew(&self, id: &str, ttl: Duration) {
         let deadline = Instant::now().checked_add(grace(ttl));
-        let mut d = self.deadlines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut d = self.deadlines.lock();
         match deadline {
             Some(t) => d.insert(id.to_string(), t),
             None => d.remove(id),
@@ -32,14 +33,14 @@ impl SessionTimers {
 
     /// Forget every deadline (on losing or gaining leadership).
     pub fn clear(&self) {
-        self.deadlines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        self.deadlines.lock().clear();
     }
 
     /// Given the sessions that exist with their TTLs, start timers for new ones, drop timers of
     /// gone ones, and return the ids whose time is up.
     pub fn expired(&self, live: &[(String, Duration)]) -> Vec<String> {
         let now = Instant::now();
-        let mut d = self.deadlines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut d = self.deadlines.lock();
         d.retain(|id, _| live.iter().any(|(l, _)| l == id));
         let mut out = Vec::new();
         for (id, ttl) in live {
@@ -62,7 +63,7 @@ mod tests {
         let t = SessionTimers::default();
         let live = vec![("a".to_string(), Duration::from_secs(10))];
         assert!(t.expired(&live).is_empty());
-        t.deadlines.lock().unwrap().insert("a".into(), Instant::now() - Duration::from_millis(1));
+        t.deadlines.lock().insert("a".into(), Instant::now() - Duration::from_millis(1));
         assert_eq!(t.expired(&live), vec!["a"]);
         assert!(t.expired(&[]).is_empty());
     }

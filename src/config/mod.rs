@@ -50,6 +50,8 @@ pub const DEFAULT_DNS_PORT: u16 = 8600;
 pub const DEFAULT_SERVER_PORT: u16 = 8300;
 pub const DEFAULT_SERF_LAN_PORT: u16 = 8301;
 pub const DEFAULT_SERF_WAN_PORT: u16 = 8302;
+/// Consul's tombstone TTL: long enough for any blocking reader to see a deletion.
+pub const DEFAULT_TOMBSTONE_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 /// Consul's anti-entropy period for clusters up to 128 nodes.
 pub const DEFAULT_AE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 /// Consul's default for how long failed members are kept before they are reaped.
@@ -132,6 +134,9 @@ pub struct RawConfig {
     pub auto_encrypt: Option<RawAutoEncrypt>,
     /// Resource limits of the HTTP API (Consul's `limits` block).
     pub limits: Option<RawLimits>,
+    /// How long deleted KV keys are remembered, so that blocking prefix reads see deletions,
+    /// before the leader reaps them (default 15m, Consul's).
+    pub tombstone_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -373,6 +378,7 @@ pub struct Config {
     pub raft: RaftTimings,
     pub autopilot: AutopilotSettings,
     pub limits: Limits,
+    pub tombstone_ttl: std::time::Duration,
     /// The HTTPS API, when `ports.https` is set.
     pub https: Option<HttpsConfig>,
 }
@@ -450,6 +456,7 @@ impl RawConfig {
             self,
             other,
             encrypt,
+            tombstone_ttl,
             enable_script_checks,
             enable_local_script_checks,
             ae_interval,
@@ -735,6 +742,13 @@ impl RawConfig {
                 errs.push(format!("limits.{key}: {v} must be between 1 and {MAX_BODY_LIMIT} bytes"));
             }
         }
+        let tombstone_ttl = match self.tombstone_ttl {
+            None => DEFAULT_TOMBSTONE_TTL,
+            Some(t) => crate::duration::parse(&t).filter(|d| !d.is_zero()).unwrap_or_else(|| {
+                errs.push(format!("tombstone_ttl: {t:?} is not a positive duration like \"15m\""));
+                DEFAULT_TOMBSTONE_TTL
+            }),
+        };
         let mut autopilot = AutopilotSettings::default();
         if let Some(a) = self.autopilot {
             for (key, v) in [("last_contact_threshold", &a.last_contact_threshold), ("server_stabilization_time", &a.server_stabilization_time)] {
@@ -785,6 +799,7 @@ impl RawConfig {
             raft,
             autopilot,
             limits,
+            tombstone_ttl,
             https,
         })
     }

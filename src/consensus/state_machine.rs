@@ -2,8 +2,9 @@
 //! the latest snapshot on sled. On start it loads that snapshot; openraft then replays the log
 //! after it, so the applied state itself never needs to be written anywhere else.
 
+use parking_lot::RwLock;
 use std::io::Cursor;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership};
@@ -58,7 +59,7 @@ impl StateMachine {
         let p: SnapshotPayload = postcard::from_bytes(bytes).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
         self.last_applied = p.last_applied;
         self.membership = p.membership;
-        self.store.write().expect("state lock").replace(p.data);
+        self.store.write().replace(p.data);
         Ok(())
     }
 }
@@ -76,7 +77,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
-        let mut store = self.store.write().expect("state lock");
+        let mut store = self.store.write();
         for e in entries {
             self.last_applied = Some(e.log_id);
             match e.payload {
@@ -99,7 +100,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             payload: Some(SnapshotPayload {
                 last_applied: self.last_applied,
                 membership: self.membership.clone(),
-                data: self.store.read().expect("state lock").data().clone(),
+                data: self.store.read().data().clone(),
             }),
             storage: self.storage.clone(),
             seq: self.snapshot_seq,

@@ -27,7 +27,7 @@ pub struct Storage {
     meta: sled::Tree,
     /// Where the snapshot file goes; `None` for a temporary store, which keeps it in memory.
     dir: Option<std::path::PathBuf>,
-    memory_snapshot: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    memory_snapshot: std::sync::Arc<parking_lot::Mutex<Option<Vec<u8>>>>,
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -130,7 +130,7 @@ impl Storage {
     /// one and fsync the directory, off the async threads.
     pub async fn snapshot_put(&self, bytes: Vec<u8>) -> Result<(), StorageError> {
         let Some(dir) = self.dir.clone() else {
-            *self.memory_snapshot.lock().expect("snapshot lock") = Some(bytes);
+            *self.memory_snapshot.lock() = Some(bytes);
             return Ok(());
         };
         let path = dir.join(SNAPSHOT_FILE);
@@ -151,7 +151,7 @@ impl Storage {
     }
 
     pub fn snapshot_get(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        let Some(dir) = &self.dir else { return Ok(self.memory_snapshot.lock().expect("snapshot lock").clone()) };
+        let Some(dir) = &self.dir else { return Ok(self.memory_snapshot.lock().clone()) };
         let path = dir.join(SNAPSHOT_FILE);
         match std::fs::read(&path) {
             Ok(b) => Ok(Some(b)),

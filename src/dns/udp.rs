@@ -14,9 +14,10 @@
 //! prepared queries, whose `Near` may depend on the client's address). TCP goes through
 //! hickory's server uncached.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hickory_proto::op::{Header, Message, MessageType, ResponseCode};
 use hickory_proto::rr::Record;
@@ -59,7 +60,7 @@ impl Capture {
     }
 
     pub(crate) fn take(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut *self.sent.lock().expect("capture lock"))
+        std::mem::take(&mut *self.sent.lock())
     }
 }
 
@@ -84,7 +85,7 @@ impl ResponseHandler for Capture {
         let mut encoder = BinEncoder::new(&mut buf);
         encoder.set_max_size(max);
         let info = response.destructive_emit(&mut encoder)?;
-        self.sent.lock().expect("capture lock").push(buf);
+        self.sent.lock().push(buf);
         Ok(info)
     }
 }
@@ -182,7 +183,7 @@ impl AnswerCache {
     pub(crate) fn answer(&self, pkt: &[u8], generation: u64) -> Option<Vec<u8>> {
         let (key, qend) = cache_key(pkt)?;
         let chosen = {
-            let entries = self.entries.lock().expect("cache lock");
+            let entries = self.entries.lock();
             let e = entries.map.get(&key).filter(|e| e.generation == generation && e.variants.len() >= VARIANTS)?;
             use rand::RngExt;
             e.variants[rand::rng().random_range(0..e.variants.len())].clone()
@@ -207,7 +208,7 @@ impl AnswerCache {
         if !reusable {
             return;
         }
-        let mut guard = self.entries.lock().expect("cache lock");
+        let mut guard = self.entries.lock();
         let entries = &mut *guard;
         if (entries.map.len() >= MAX_ENTRIES && !entries.map.contains_key(&key)) || entries.bytes + answer.len() > MAX_BYTES {
             entries.map.clear();

@@ -9,9 +9,10 @@
 //! median estimated round trip to their servers' coordinates, as Consul orders them (a
 //! datacenter not probed yet comes last).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
@@ -71,13 +72,13 @@ impl Router {
     }
 
     pub fn coordinate(&self) -> Coordinate {
-        self.inner.coord.lock().expect("coord lock").coordinate()
+        self.inner.coord.lock().coordinate()
     }
 
     /// Every datacenter with the coordinates of its servers that this server knows (its own
     /// included), in `datacenters()` order.
     pub fn coordinates(&self) -> Vec<(String, Vec<(String, Coordinate)>)> {
-        let known = self.inner.known.lock().expect("known lock").clone();
+        let known = self.inner.known.lock().clone();
         self.datacenters()
             .into_iter()
             .map(|dc| {
@@ -124,7 +125,7 @@ impl Router {
         if let Some(wan) = &self.inner.wan {
             dcs.extend(wan.members().into_iter().filter_map(|m| m.tags.get("dc").cloned()));
         }
-        let known = self.inner.known.lock().expect("known lock").clone();
+        let known = self.inner.known.lock().clone();
         let me = self.coordinate();
         let mut list: Vec<String> = dcs.into_iter().collect();
         list.sort_by_key(|dc| {
@@ -135,7 +136,7 @@ impl Router {
     }
 
     fn client(&self, dc: &str) -> RpcClient {
-        let mut clients = self.inner.clients.lock().expect("clients lock");
+        let mut clients = self.inner.clients.lock();
         clients
             .entry(dc.to_string())
             .or_insert_with(|| RpcClient::new(self.inner.tls.clone(), crate::tls::rpc_server_name(dc, &self.inner.domain)))
@@ -191,7 +192,7 @@ impl Router {
         };
         let others: Vec<_> = wan.members().into_iter().filter(|m| m.status == MemberStatus::Alive && m.name != self.inner.wan_name).collect();
         let alive: BTreeSet<String> = others.iter().map(|m| m.name.clone()).collect();
-        self.inner.known.lock().expect("known lock").retain(|name, _| alive.contains(name));
+        self.inner.known.lock().retain(|name, _| alive.contains(name));
         for m in others {
             let (Some(dc), Some(port)) = (m.tags.get("dc"), m.tags.get("port").and_then(|p| p.parse::<u16>().ok())) else { continue };
             let addr = SocketAddr::new(m.addr.ip(), port);
@@ -203,8 +204,8 @@ impl Router {
                 debug!(server = %m.name, "WAN probe failed");
                 continue;
             };
-            self.inner.coord.lock().expect("coord lock").update(&node, &coord, rtt);
-            self.inner.known.lock().expect("known lock").insert(node, (datacenter, coord));
+            self.inner.coord.lock().update(&node, &coord, rtt);
+            self.inner.known.lock().insert(node, (datacenter, coord));
         }
     }
 }

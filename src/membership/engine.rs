@@ -11,12 +11,13 @@
 //! Must not depend on: sockets or tokio timers (the worker owns those), so
 //! it can be unit-tested and fuzzed without a network.
 
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use foca::{
@@ -78,12 +79,12 @@ impl Shared {
     pub(crate) fn snapshot(&self) -> Vec<Member> {
         // Writers replace the whole Vec at once; a poisoned lock still holds
         // a consistent list.
-        self.members.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.members.read().clone()
     }
 
     /// Publish a new member list; bumps the change counter if it differs.
     fn publish(&self, members: Vec<Member>) {
-        let mut current = self.members.write().unwrap_or_else(|e| e.into_inner());
+        let mut current = self.members.write();
         if *current != members {
             *current = members;
             drop(current);
@@ -183,7 +184,7 @@ impl BroadcastState {
 fn lock(state: &Mutex<BroadcastState>) -> MutexGuard<'_, BroadcastState> {
     // Every critical section leaves the state consistent, so a poisoned
     // lock (a panic elsewhere on the task) is safe to keep using.
-    state.lock().unwrap_or_else(|e| e.into_inner())
+    state.lock()
 }
 
 /// Dedupe key of a custom broadcast: foca keeps re-sending an item until

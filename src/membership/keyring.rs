@@ -15,8 +15,9 @@
 //! the version byte is also the additional authenticated data so it cannot
 //! be flipped without failing authentication.
 
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::fmt;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -228,11 +229,11 @@ impl Keyring {
     fn read(&self) -> RwLockReadGuard<'_, Vec<InstalledKey>> {
         // A panic while holding the lock cannot leave the Vec half-updated
         // (every mutation is a single push/insert/remove), so recover.
-        self.keys.read().unwrap_or_else(|e| e.into_inner())
+        self.keys.read()
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Vec<InstalledKey>> {
-        self.keys.write().unwrap_or_else(|e| e.into_inner())
+        self.keys.write()
     }
 }
 

@@ -1,9 +1,10 @@
 //! The RPC client: a pool holding one multiplexed connection per peer address.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -57,8 +58,8 @@ impl RpcClient {
     /// Use `tls` for every connection from now on, closing the ones made with the old
     /// configuration (calls in flight on them fail as unreachable and may be retried).
     pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
-        *self.inner.connector.lock().expect("connector lock") = TlsConnector::from(tls);
-        self.inner.conns.lock().expect("conns lock").clear();
+        *self.inner.connector.lock() = TlsConnector::from(tls);
+        self.inner.conns.lock().clear();
     }
 
     /// Send one request and wait for its answer, at most `timeout`.
@@ -73,10 +74,10 @@ impl RpcClient {
             ));
         }
         let (tx, rx) = oneshot::channel();
-        conn.pending.lock().expect("pending lock").insert(id, tx);
+        conn.pending.lock().insert(id, tx);
         let unreachable = || RpcError::new(ErrorCode::Unreachable, format!("connection to {addr} closed"));
         if conn.tx.send(frame).await.is_err() {
-            conn.pending.lock().expect("pending lock").remove(&id);
+            conn.pending.lock().remove(&id);
             self.forget(addr, &conn);
             return Err(unreachable());
         }
@@ -84,7 +85,7 @@ impl RpcClient {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(unreachable()),
             Err(_) => {
-                conn.pending.lock().expect("pending lock").remove(&id);
+                conn.pending.lock().remove(&id);
                 Err(RpcError::new(ErrorCode::Timeout, format!("rpc to {addr} timed out after {timeout:?}")))
             }
         }
@@ -103,7 +104,7 @@ impl RpcClient {
     }
 
     fn forget(&self, addr: SocketAddr, conn: &Arc<Conn>) {
-        let mut conns = self.inner.conns.lock().expect("conns lock");
+        let mut conns = self.inner.conns.lock();
         if conns.get(&addr).is_some_and(|c| Arc::ptr_eq(c, conn)) {
             conns.remove(&addr);
         }
@@ -113,18 +114,18 @@ impl RpcClient {
         if let Some(c) = self.live(addr) {
             return Ok(c);
         }
-        let lock = self.inner.dialing.lock().expect("dialing lock").entry(addr).or_default().clone();
+        let lock = self.inner.dialing.lock().entry(addr).or_default().clone();
         let _guard = lock.lock().await;
         if let Some(c) = self.live(addr) {
             return Ok(c);
         }
         let conn = Arc::new(self.dial(addr).await?);
-        self.inner.conns.lock().expect("conns lock").insert(addr, conn.clone());
+        self.inner.conns.lock().insert(addr, conn.clone());
         Ok(conn)
     }
 
     fn live(&self, addr: SocketAddr) -> Option<Arc<Conn>> {
-        let conns = self.inner.conns.lock().expect("conns lock");
+        let conns = self.inner.conns.lock();
         conns.get(&addr).filter(|c| !c.tx.is_closed()).cloned()
     }
 
@@ -133,7 +134,7 @@ impl RpcClient {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let tcp = TcpStream::connect(addr).await.map_err(|e| fail(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
-            let connector = self.inner.connector.lock().expect("connector lock").clone();
+            let connector = self.inner.connector.lock().clone();
             connector.connect(self.inner.server_name.clone(), tcp).await.map_err(|e| fail(e.to_string()))
         })
         .await
@@ -159,13 +160,13 @@ impl RpcClient {
                 let Ok(resp) = postcard::from_bytes::<ResponseFrame>(&bytes) else {
                     break;
                 };
-                if let Some(waiter) = reader_pending.lock().expect("pending lock").remove(&resp.id) {
+                if let Some(waiter) = reader_pending.lock().remove(&resp.id) {
                     let _ = waiter.send(resp.result.map(|b| b.0));
                 }
             }
             // The connection is gone: fail everything still waiting and let the next call redial.
-            reader_pending.lock().expect("pending lock").clear();
-            let mut conns = inner.conns.lock().expect("conns lock");
+            reader_pending.lock().clear();
+            let mut conns = inner.conns.lock();
             if conns.get(&addr).is_some_and(|c| c.id == id) {
                 conns.remove(&addr);
             }

@@ -41,6 +41,11 @@ pub enum Command {
     QueryDelete {
         id: String,
     },
+    /// Forget KV tombstones at or below `up_to` (the leader's tombstone GC, once they are older
+    /// than the tombstone TTL: blocking readers of a deleted key have had their chance).
+    KvReap {
+        up_to: u64,
+    },
     /// Create the auto-encrypt CA unless one exists.
     AgentCaInit(AgentCa),
     /// One piece of a snapshot being restored (the postcard encoding of a `StateData`, split so
@@ -73,6 +78,7 @@ impl Command {
             Command::QuerySet(_) => "QuerySet",
             Command::QueryUpdate(_) => "QueryUpdate",
             Command::QueryDelete { .. } => "QueryDelete",
+            Command::KvReap { .. } => "KvReap",
             Command::AgentCaInit(_) => "AgentCaInit",
             Command::RestoreChunk { .. } => "RestoreChunk",
             Command::RestoreCommit { .. } => "RestoreCommit",

@@ -212,9 +212,10 @@ impl StateData {
 
     fn prefix_index(&self, prefix: &str, entries_max: RaftIndex) -> RaftIndex {
         let tomb = self.kv_tombstones.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(_, i)| *i).max().unwrap_or(0);
+        // With nothing left under the prefix, the table's index (which saw every reap) answers.
         match entries_max.max(tomb) {
             0 => self.index_of(&[Table::Kv]),
-            i => i,
+            i => i.max(self.kv_graveyard_index),
         }
     }
 }
@@ -224,6 +225,24 @@ mod tests {
     use super::super::tests::req;
     use super::super::{Command, Session};
     use super::*;
+
+    #[test]
+    fn reaping_tombstones_frees_them_without_moving_any_index_back() {
+        let mut s = Store::new();
+        s.apply(1, &req(Command::Txn(vec![op(KvVerb::Set, "a/x", "1"), op(KvVerb::Set, "b/y", "1")])));
+        s.apply(2, &req(Command::Txn(vec![op(KvVerb::Delete, "a/x", "")])));
+        s.apply(3, &req(Command::Txn(vec![op(KvVerb::Delete, "b/y", "")])));
+        let before: Vec<RaftIndex> = ["a/", "b/", "c/"].iter().map(|p| s.data().kv_list(p).1).collect();
+        let missing_before = s.data().kv_get("a/x").1;
+        s.apply(4, &req(Command::KvReap { up_to: 2 }));
+        assert_eq!(s.data().kv_tombstones.keys().collect::<Vec<_>>(), vec!["b/y"]);
+        for (p, b) in ["a/", "b/", "c/"].iter().zip(before) {
+            assert!(s.data().kv_list(p).1 >= b, "{p}: index went back");
+        }
+        assert!(s.data().kv_get("a/x").1 >= missing_before);
+        s.apply(5, &req(Command::KvReap { up_to: 10 }));
+        assert!(s.data().kv_tombstones.is_empty());
+    }
 
     fn op(verb: KvVerb, key: &str, value: &str) -> TxnOp {
         TxnOp { verb, key: key.into(), value: Some(value.as_bytes().to_vec()), flags: 0, index: 0, session: String::new() }

@@ -51,6 +51,9 @@ pub struct StateData {
     pub kv: imbl::OrdMap<String, KvEntry>,
     /// Index at which a key was deleted, so that prefix reads report deletions in their index.
     pub kv_tombstones: imbl::OrdMap<String, RaftIndex>,
+    /// The highest index of any tombstone reaped so far: prefix reads never report less, so
+    /// that reaping cannot make an index go back.
+    pub kv_graveyard_index: RaftIndex,
     pub sessions: BTreeMap<String, Session>,
     /// Key -> wall-clock millisecond until which it cannot be acquired (session lock-delay).
     pub lock_delays: BTreeMap<String, u64>,
@@ -147,6 +150,16 @@ impl Store {
                     let create_index = self.data.coordinates.get(node).map_or(index, |e| e.create_index);
                     self.data.coordinates.insert(node.clone(), CoordinateEntry { coord: coord.clone(), create_index, modify_index: index });
                     self.touch(Table::Coordinates);
+                }
+                Outcome::Done
+            }
+            Command::KvReap { up_to } => {
+                let reaped: Vec<(String, RaftIndex)> =
+                    self.data.kv_tombstones.iter().filter(|(_, i)| **i <= *up_to).map(|(k, i)| (k.clone(), *i)).collect();
+                for (k, i) in reaped {
+                    self.data.kv_tombstones.remove(&k);
+                    self.data.kv_graveyard_index = self.data.kv_graveyard_index.max(i);
+                    self.touch(Table::Kv);
                 }
                 Outcome::Done
             }

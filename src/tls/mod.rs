@@ -286,7 +286,7 @@ pub fn anonymous_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>, TlsErr
 pub struct RpcClientVerifier {
     base: Vec<CertificateDer<'static>>,
     allow_anonymous: bool,
-    inner: std::sync::RwLock<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    inner: parking_lot::RwLock<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     /// The operator's CA alone: tells its certificates from the auto-encrypt CA's.
     operator: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
@@ -295,7 +295,7 @@ impl RpcClientVerifier {
     fn new(base: Vec<CertificateDer<'static>>, allow_anonymous: bool) -> Result<Arc<RpcClientVerifier>, TlsError> {
         let inner = Self::build(&base, &[], allow_anonymous)?;
         let operator = Self::build(&base, &[], false)?;
-        Ok(Arc::new(RpcClientVerifier { base, allow_anonymous, inner: std::sync::RwLock::new(inner), operator }))
+        Ok(Arc::new(RpcClientVerifier { base, allow_anonymous, inner: parking_lot::RwLock::new(inner), operator }))
     }
 
     /// Whether `chain` (the peer's certificate first) verifies against the operator's CA
@@ -324,12 +324,12 @@ impl RpcClientVerifier {
     pub fn set_extra_roots(&self, extra_pem: &str) -> Result<(), TlsError> {
         let extra = TlsMaterial::certs(extra_pem, "auto-encrypt CA")?;
         let inner = Self::build(&self.base, &extra, self.allow_anonymous)?;
-        *self.inner.write().expect("verifier lock") = inner;
+        *self.inner.write() = inner;
         Ok(())
     }
 
     fn current(&self) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
-        self.inner.read().expect("verifier lock").clone()
+        self.inner.read().clone()
     }
 }
 

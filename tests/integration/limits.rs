@@ -194,3 +194,34 @@ async fn a_follower_catches_up_across_large_values() {
     let r = c.http.get(format!("{}/v1/kv/big/149?raw&stale", c.servers[follower].http())).send().await.unwrap();
     assert_eq!(r.bytes().await.unwrap().len(), 512 << 10);
 }
+
+/// What this test does: with a short `tombstone_ttl`, deleted keys' tombstones are reaped by
+/// the leader through Raft (the tombstone gauge returns to zero), and the prefix's blocking
+/// index never goes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn deleted_keys_tombstones_are_reaped_and_indexes_stay_monotonic() {
+    let conf = tempfile::tempdir().unwrap();
+    let hcl = conf.path().join("gc.hcl");
+    std::fs::write(&hcl, "tombstone_ttl = \"2s\"\n").unwrap();
+    let c = Cluster::start_with(1, 0, &["--config-file", hcl.to_str().unwrap()]).await;
+    let s = c.servers[0].http();
+    for i in 0..20 {
+        assert_eq!(c.put(&format!("{s}/v1/kv/gc/{i}"), "v").await.unwrap().0, 200);
+    }
+    let r = c.http.delete(format!("{s}/v1/kv/gc/?recurse")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let index = |r: &reqwest::Response| r.headers()["x-consul-index"].to_str().unwrap().parse::<u64>().unwrap();
+    let after_delete = index(&c.http.get(format!("{s}/v1/kv/gc/?recurse")).send().await.unwrap());
+    let gauge = |m: &serde_json::Value| {
+        m["Gauges"].as_array().unwrap().iter().find(|g| g["Name"] == "consul.state.kv_tombstones").map(|g| g["Value"].as_f64().unwrap())
+    };
+    let m = c.get_json(&format!("{s}/v1/agent/metrics")).await.unwrap();
+    assert!(gauge(&m).unwrap() >= 20.0, "{m}");
+    eventually("the tombstones to be reaped", SOON, || async {
+        let m = c.get_json(&format!("{s}/v1/agent/metrics")).await.ok()?;
+        (gauge(&m)? == 0.0).then_some(())
+    })
+    .await;
+    let after_reap = index(&c.http.get(format!("{s}/v1/kv/gc/?recurse")).send().await.unwrap());
+    assert!(after_reap >= after_delete, "{after_reap} < {after_delete}");
+}

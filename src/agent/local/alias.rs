@@ -45,22 +45,22 @@ impl AliasSource for AliasView {
     fn checks(&self, node: Option<&str>) -> Result<Vec<AliasedCheck>, String> {
         if self.is_local(node) {
             let a = self.agent.upgrade().ok_or("agent stopped")?;
-            let st = a.state.lock().expect("local state lock");
+            let st = a.state.lock();
             return Ok(st.checks.values().map(|c| aliased(&c.check)).chain(st.maintenance.values().map(aliased)).collect());
         }
         let (Some(node), Some(raft)) = (node, &self.catalog) else {
             return Err("aliasing checks of another node needs a server agent".into());
         };
-        let store = raft.store.read().expect("state lock");
+        let store = raft.store.read();
         Ok(store.data().node_checks(node).0.iter().map(aliased).collect())
     }
 
     fn service_exists(&self, node: Option<&str>, service_id: &str) -> bool {
         if self.is_local(node) {
-            return self.agent.upgrade().is_some_and(|a| a.state.lock().expect("local state lock").services.contains_key(service_id));
+            return self.agent.upgrade().is_some_and(|a| a.state.lock().services.contains_key(service_id));
         }
         match (node, &self.catalog) {
-            (Some(n), Some(raft)) => raft.store.read().expect("state lock").data().services.contains_key(&(n.to_string(), service_id.to_string())),
+            (Some(n), Some(raft)) => raft.store.read().data().services.contains_key(&(n.to_string(), service_id.to_string())),
             _ => false,
         }
     }
@@ -68,7 +68,7 @@ impl AliasSource for AliasView {
     fn subscribe(&self) -> watch::Receiver<u64> {
         match (&self.catalog, self.agent.upgrade()) {
             // On servers, catalog check changes wake aliases of other nodes.
-            (Some(raft), _) => raft.store.read().expect("state lock").watch(Table::Checks),
+            (Some(raft), _) => raft.store.read().watch(Table::Checks),
             (None, Some(a)) => a.revision.subscribe(),
             (None, None) => watch::channel(0).1,
         }

@@ -2,9 +2,10 @@
 //! probe per call, each reporting Consul's status and output for its kind. Sibling of
 //! `checks.rs`, which schedules the probes and applies the thresholds.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -994,7 +995,7 @@ async fn probe_script(args: &[String], timeout: Duration, output_max: usize) -> 
     })
     .await;
     drop(readers);
-    let captured = output.lock().map(|o| o.text_with_capture_note()).unwrap_or_default();
+    let captured = output.lock().text_with_capture_note();
     match waited {
         Err(_) => {
             let mut msg = format!("Timed out ({}) running check", format_go_duration(timeout));
@@ -1019,9 +1020,7 @@ async fn pump(mut from: impl AsyncRead + Unpin, into: Arc<Mutex<TailBuffer>>) {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if let Ok(mut out) = into.lock() {
-                    out.write(&buf[..n]);
-                }
+                into.lock().write(&buf[..n]);
             }
         }
     }

@@ -2,9 +2,10 @@
 //! written with tokio, tokio-rustls and h2), driven through `CheckRunner` as the agent drives
 //! them. Every wait is on the update channel with a deadline, never a sleep.
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -162,7 +163,7 @@ async fn serve_http1(mut io: Box<dyn Io>, status: &AtomicU16, body: &Mutex<Strin
         "/loop" => (302, Some("/loop"), String::new()),
         "/echo" => (200, None, format!("{method} {request_body}")),
         "/hang" => std::future::pending().await,
-        _ => (status.load(Ordering::SeqCst), None, body.lock().unwrap().clone()),
+        _ => (status.load(Ordering::SeqCst), None, body.lock().clone()),
     };
     let _ = seen.send(Seen { method, path, headers, body: request_body.into_owned(), answered: code });
     let reason = hyper::StatusCode::from_u16(code).ok().and_then(|c| c.canonical_reason()).unwrap_or("");
@@ -220,7 +221,7 @@ async fn http_check_flips_between_passing_warning_and_critical_with_the_response
     let busy = expect(&mut rx, Status::Warning).await;
     assert_eq!(busy.output, format!("HTTP GET {url}: 429 Too Many Requests Output: hello"));
 
-    *server.body.lock().unwrap() = "back".into();
+    *server.body.lock() = "back".into();
     server.status.store(201, Ordering::SeqCst);
     let back = expect(&mut rx, Status::Passing).await;
     assert_eq!(back.output, format!("HTTP GET {url}: 201 Created Output: back"));
@@ -260,7 +261,7 @@ async fn http_check_sends_the_method_headers_and_body_of_its_definition() {
 #[tokio::test]
 async fn http_output_keeps_the_last_output_max_size_bytes_of_the_body() {
     let server = http_server(None).await;
-    *server.body.lock().unwrap() = format!("{}END", "a".repeat(5000));
+    *server.body.lock() = format!("{}END", "a".repeat(5000));
     let url = format!("http://{}/", server.addr);
     let (_check, mut rx) = start(&format!(r#"{{"HTTP": "{url}", "Interval": "1h", "OutputMaxSize": 100}}"#), fast_opts());
     let update = expect(&mut rx, Status::Passing).await;

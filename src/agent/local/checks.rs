@@ -593,7 +593,7 @@ fn alias_health(source: &dyn AliasSource, node: Option<&str>, service: Option<&s
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
 
     use super::*;
 
@@ -752,8 +752,8 @@ mod tests {
 
     impl TestAliasSource {
         fn set(&self, f: impl FnOnce(&mut Vec<AliasedCheck>)) {
-            f(&mut self.checks.lock().unwrap());
-            if let Some(tx) = self.changes.lock().unwrap().as_ref() {
+            f(&mut self.checks.lock());
+            if let Some(tx) = self.changes.lock().as_ref() {
                 tx.send_modify(|n| *n += 1);
             }
         }
@@ -761,19 +761,19 @@ mod tests {
 
     impl AliasSource for TestAliasSource {
         fn checks(&self, node: Option<&str>) -> Result<Vec<AliasedCheck>, String> {
-            if let Some(e) = self.failure.lock().unwrap().clone() {
+            if let Some(e) = self.failure.lock().clone() {
                 return Err(e);
             }
             let local = node.unwrap_or("local");
-            Ok(self.checks.lock().unwrap().iter().filter(|c| c.node == local).cloned().collect())
+            Ok(self.checks.lock().iter().filter(|c| c.node == local).cloned().collect())
         }
 
         fn service_exists(&self, _node: Option<&str>, service_id: &str) -> bool {
-            self.services.lock().unwrap().iter().any(|s| s == service_id)
+            self.services.lock().iter().any(|s| s == service_id)
         }
 
         fn subscribe(&self) -> watch::Receiver<u64> {
-            let mut guard = self.changes.lock().unwrap();
+            let mut guard = self.changes.lock();
             guard.get_or_insert_with(|| watch::channel(0).0).subscribe()
         }
     }
@@ -807,12 +807,12 @@ mod tests {
         let u = next_update(&mut rx).await;
         assert_eq!((u.status, u.output.as_str()), (Status::Critical, "Service web could not be found on the local node"));
 
-        source.services.lock().unwrap().push("web".into());
+        source.services.lock().push("web".into());
         source.set(|_| {});
         let u = next_update(&mut rx).await;
         assert_eq!((u.status, u.output.as_str()), (Status::Passing, "No checks found."));
 
-        *source.failure.lock().unwrap() = Some("no cluster leader".into());
+        *source.failure.lock() = Some("no cluster leader".into());
         source.set(|_| {});
         let u = next_update(&mut rx).await;
         assert_eq!((u.status, u.output.as_str()), (Status::Critical, "Failure checking aliased node or service: no cluster leader"));

@@ -9,9 +9,10 @@ mod alias;
 pub mod checks;
 pub mod sync;
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -202,7 +203,7 @@ impl LocalAgent {
                 u = rx.recv() => match u { Some(u) => u, None => return },
             };
             let status_changed = {
-                let mut st = self.inner.state.lock().expect("local state lock");
+                let mut st = self.inner.state.lock();
                 let Some(c) = st.checks.get_mut(&u.check_id) else { continue };
                 let new = status_of(u.status);
                 let changed = c.check.status != new;
@@ -225,7 +226,7 @@ impl LocalAgent {
 
     /// Services and checks as the catalog should hold them for this node.
     pub fn desired(&self) -> (Vec<Service>, Vec<HealthCheck>) {
-        let st = self.inner.state.lock().expect("local state lock");
+        let st = self.inner.state.lock();
         let services = st.services.values().map(|s| s.service.clone()).collect();
         let mut checks: Vec<HealthCheck> = st.checks.values().map(|c| c.check.clone()).collect();
         checks.extend(st.maintenance.values().cloned());
@@ -235,7 +236,7 @@ impl LocalAgent {
     /// Services whose checks have been critical longer than their
     /// `DeregisterCriticalServiceAfter`, to be removed.
     pub fn expired_services(&self) -> Vec<String> {
-        let st = self.inner.state.lock().expect("local state lock");
+        let st = self.inner.state.lock();
         st.checks
             .values()
             .filter(|c| !c.check.service_id.is_empty())
@@ -325,14 +326,14 @@ impl LocalAgent {
             self.inner.shutdown.child_token(),
         )
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        if let Some(old) = self.inner.runners.lock().expect("runners lock").insert(c.check.check_id.clone(), handle) {
+        if let Some(old) = self.inner.runners.lock().insert(c.check.check_id.clone(), handle) {
             old.stop();
         }
         Ok(())
     }
 
     fn stop_runner(&self, id: &str) {
-        if let Some(h) = self.inner.runners.lock().expect("runners lock").remove(id) {
+        if let Some(h) = self.inner.runners.lock().remove(id) {
             h.stop();
         }
     }
@@ -354,7 +355,7 @@ impl LocalAgent {
             self.start_runner(c)?;
         }
         {
-            let mut st = self.inner.state.lock().expect("local state lock");
+            let mut st = self.inner.state.lock();
             let stale: Vec<String> = st
                 .checks
                 .values()
@@ -381,7 +382,7 @@ impl LocalAgent {
 
     pub fn remove_service(&self, id: &str) -> Result<(), ApiError> {
         let removed_checks: Vec<String> = {
-            let mut st = self.inner.state.lock().expect("local state lock");
+            let mut st = self.inner.state.lock();
             if st.services.remove(id).is_none() {
                 return Err(ApiError::NotFound(format!("Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name.")));
             }
@@ -407,7 +408,7 @@ impl LocalAgent {
         let service = if def_service.is_empty() {
             None
         } else {
-            let st = self.inner.state.lock().expect("local state lock");
+            let st = self.inner.state.lock();
             Some(
                 st.services
                     .get(&def_service)
@@ -418,14 +419,14 @@ impl LocalAgent {
         let mut c = self.build_check(&raw, service.as_ref(), 0, 1)?;
         c.origin = origin;
         self.start_runner(&c)?;
-        self.inner.state.lock().expect("local state lock").checks.insert(c.check.check_id.clone(), c);
+        self.inner.state.lock().checks.insert(c.check.check_id.clone(), c);
         self.persist();
         self.poke();
         Ok(())
     }
 
     pub fn remove_check(&self, id: &str) -> Result<(), ApiError> {
-        if self.inner.state.lock().expect("local state lock").checks.remove(id).is_none() {
+        if self.inner.state.lock().checks.remove(id).is_none() {
             return Err(ApiError::NotFound(format!("Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name.")));
         }
         self.stop_runner(id);
@@ -435,7 +436,7 @@ impl LocalAgent {
     }
 
     pub fn ttl(&self, id: &str, status: checks::Status, output: String) -> Result<(), ApiError> {
-        let runners = self.inner.runners.lock().expect("runners lock");
+        let runners = self.inner.runners.lock();
         let h = runners
             .get(id)
             .ok_or_else(|| ApiError::NotFound(format!("Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name.")))?;
@@ -443,7 +444,7 @@ impl LocalAgent {
     }
 
     pub fn maintenance(&self, service: Option<&str>, enable: bool, reason: String) -> Result<(), ApiError> {
-        let mut st = self.inner.state.lock().expect("local state lock");
+        let mut st = self.inner.state.lock();
         let (id, svc) = match service {
             Some(sid) => {
                 let s = st
@@ -484,7 +485,7 @@ impl LocalAgent {
     }
 
     pub fn services_json(&self) -> Value {
-        let st = self.inner.state.lock().expect("local state lock");
+        let st = self.inner.state.lock();
         let map: serde_json::Map<String, Value> = st
             .services
             .values()
@@ -519,7 +520,7 @@ impl LocalAgent {
 
     fn persist(&self) {
         let p = {
-            let st = self.inner.state.lock().expect("local state lock");
+            let st = self.inner.state.lock();
             let remote_services = st.services.values().filter(|s| s.origin == Origin::RemoteApi).map(|s| s.service.id.clone());
             let remote_checks =
                 st.checks.values().filter(|c| c.origin == Origin::RemoteApi && c.check.service_id.is_empty()).map(|c| c.check.check_id.clone());

@@ -64,7 +64,7 @@ impl Upstream {
     /// server passes on to another datacenter.
     pub async fn read(&self, dc: Option<&str>, q: crate::state::catalog::CatalogQuery) -> Result<crate::state::catalog::CatalogAnswer, String> {
         match self {
-            Upstream::Raft(n) => Ok(n.store.read().expect("state lock").data().answer(&q)),
+            Upstream::Raft(n) => Ok(n.store.read().data().answer(&q)),
             Upstream::Rpc { .. } => match self.call(ClusterRpc::Read { dc: dc.map(str::to_string), query: q }).await? {
                 ClusterReply::Read(a) => Ok(*a),
                 _ => Err("unexpected reply".into()),

@@ -11,6 +11,7 @@ pub mod coordinate;
 pub mod dns;
 pub mod duration;
 pub mod federation;
+pub mod fuzz;
 pub mod membership;
 pub mod rpc;
 pub mod state;

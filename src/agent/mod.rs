@@ -104,6 +104,8 @@ pub struct Agent {
     tasks: JoinSet<&'static str>,
     shutdown: CancellationToken,
     http_addr: std::net::SocketAddr,
+    /// The HTTP API, for callers in this process (fuzzing, tests).
+    router: axum::Router,
 }
 
 /// The server-only parts: Raft on sled, and the RPC listener other agents call.
@@ -517,11 +519,16 @@ impl Agent {
         let readiness = notify::Readiness { raft: node.clone(), gossip: gossip.clone(), has_join_targets: !cfg.retry_join.is_empty() };
         tasks.spawn(readiness.run(shutdown.clone()).map_name("readiness"));
         info!(node = %cfg.node_name, dc = %cfg.datacenter, mode = if cfg.server { "server" } else { "client" }, http = %http_addr, rpc = %rpc_addr, gossip = %gossip_addr, data_dir = %dd.display(), "trellis agent running");
-        Ok(Agent { node, reload, storage, gossip, wan: wan_gossip, tasks, shutdown, http_addr })
+        Ok(Agent { node, reload, storage, gossip, wan: wan_gossip, tasks, shutdown, http_addr, router: serve_router })
     }
 
     pub fn http_addr(&self) -> std::net::SocketAddr {
         self.http_addr
+    }
+
+    /// The HTTP API as a service, for requests made in this process.
+    pub fn router(&self) -> axum::Router {
+        self.router.clone()
     }
 
     /// Run until `stop` fires or a part fails, then shut down in order.

@@ -400,6 +400,11 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// Parse configuration text in Consul's JSON or HCL form.
+pub fn parse_str(text: &str, json: bool) -> Result<RawConfig, String> {
+    if json { serde_json::from_str(text).map_err(|e| e.to_string()) } else { hcl::from_str(text).map_err(|e| e.to_string()) }
+}
+
 /// Parse one file by its extension: `.json` or `.hcl` (Consul's two formats).
 pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.into(), message: e.to_string() })?;

@@ -182,6 +182,12 @@ impl DnsServer {
         Self { handler: Handler::new(cfg, catalog.clone(), node_name), catalog }
     }
 
+    /// Answer one UDP datagram as the server would (for fuzzing and tests): `None` when it is
+    /// dropped.
+    pub async fn answer_datagram(&self, bytes: Vec<u8>, src: std::net::SocketAddr) -> Option<Vec<u8>> {
+        udp::respond(&self.handler, bytes, src, hickory_server::net::xfer::Protocol::Udp).await
+    }
+
     /// Serve queries on the bound `udp` socket and `tcp` listener until `shutdown` is
     /// cancelled. Returns an error only if a socket fails for good.
     pub async fn run(self, udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {

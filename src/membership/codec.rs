@@ -392,7 +392,6 @@ impl PushPullReader {
 /// Parse a complete push-pull byte stream (what the socket would deliver)
 /// with [`PushPullReader`]; used by tests and fuzzing, the worker reads
 /// frame by frame from the socket instead.
-#[cfg(test)]
 pub fn decode_push_pull(keyring: Option<&Keyring>, mut bytes: &[u8]) -> Result<PushPullState, OpenError> {
     let mut reader = PushPullReader::new();
     loop {

@@ -83,6 +83,31 @@ mod worker;
 #[cfg(test)]
 mod tests;
 
+/// Feed one datagram and one push-pull stream of untrusted bytes through the decode paths a
+/// member runs on what it receives (for fuzzing): an offline engine with and without a
+/// keyring, the broadcast and header decoders, and push-pull decoding.
+pub fn fuzz_receive(data: &[u8]) {
+    use std::sync::OnceLock;
+    static KEY: OnceLock<keyring::Keyring> = OnceLock::new();
+    let key = KEY.get_or_init(|| keyring::Keyring::new("pUqJrVyVRj5jsiYEkM/tFQYfWyJIv4s3XkvDwy7Cu5s=").expect("valid key"));
+    for ring in [None, Some(key.clone())] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 8301));
+        let (changes, _) = tokio::sync::watch::channel(0);
+        let (events, _) = tokio::sync::broadcast::channel(4);
+        let shared = Arc::new(engine::Shared::new("fuzz".into(), addr, Profile::lan(), ring.clone(), changes, events));
+        let id = codec::NodeId::new("fuzz".into(), addr, BTreeMap::new());
+        let mut e = engine::Engine::new(id, shared, DEFAULT_REAP_FAILED_AFTER);
+        e.handle_datagram(data);
+        for (_, timer) in e.take_timers().into_iter().take(2) {
+            e.handle_timer(timer);
+        }
+        let _ = e.take_outbox();
+        let _ = codec::decode_push_pull(ring.as_ref(), data);
+    }
+    let _ = codec::BroadcastItem::decode(data);
+    let _ = codec::peek_header(data);
+}
+
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;

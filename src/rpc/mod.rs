@@ -135,6 +135,17 @@ struct ResponseFrame {
 #[derive(Debug, Serialize, Deserialize)]
 struct Body(#[serde(with = "serde_bytes")] Vec<u8>);
 
+/// Decode a request frame as the server does: (request id, service, body).
+pub fn decode_request_frame(bytes: &[u8]) -> Result<(u64, Service, Vec<u8>), RpcError> {
+    let f: RequestFrame = decode(bytes)?;
+    Ok((f.id, f.service, f.body))
+}
+
+/// Encode a request frame as the client does.
+pub fn encode_request_frame(id: u64, service: Service, body: Vec<u8>) -> Result<Vec<u8>, RpcError> {
+    encode(&RequestFrame { id, service, body })
+}
+
 /// Encode a value for a frame body.
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {
     postcard::to_allocvec(v).map_err(|e| RpcError::new(ErrorCode::Internal, format!("encode: {e}")))

@@ -123,7 +123,8 @@ fn seeded_store() -> Store {
 
 /// A DNS query datagram, answered from a small fixed catalog.
 pub fn dns(data: &[u8]) {
-    static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"));
+    static RT: LazyLock<tokio::runtime::Runtime> =
+        LazyLock::new(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"));
     static SERVER: LazyLock<crate::dns::DnsServer> = LazyLock::new(|| {
         let cfg = crate::dns::DnsConfig { alt_domain: Some("alt.test".into()), ..Default::default() };
         crate::dns::DnsServer::new(cfg, Arc::new(FixedCatalog), "agent".into())
@@ -149,7 +150,12 @@ fn instance(node: &str, ip: &str) -> crate::dns::Instance {
 
 #[async_trait::async_trait]
 impl crate::dns::DnsCatalog for FixedCatalog {
-    async fn service_instances(&self, dc: Option<&str>, service: &str, _tag: Option<&str>) -> Result<Vec<crate::dns::Instance>, crate::dns::LookupError> {
+    async fn service_instances(
+        &self,
+        dc: Option<&str>,
+        service: &str,
+        _tag: Option<&str>,
+    ) -> Result<Vec<crate::dns::Instance>, crate::dns::LookupError> {
         match (dc, service) {
             (Some(d), _) if d != "dc1" => Err(crate::dns::LookupError::UnknownDatacenter),
             (_, "web") => Ok((0..40).map(|i| instance(&format!("n{i}"), &format!("10.0.0.{i}"))).collect()),
@@ -158,12 +164,22 @@ impl crate::dns::DnsCatalog for FixedCatalog {
         }
     }
     async fn node(&self, _dc: Option<&str>, name: &str) -> Result<Option<crate::dns::NodeInfo>, crate::dns::LookupError> {
-        Ok((name == "n1").then(|| crate::dns::NodeInfo { name: "n1".into(), address: "10.0.0.1".into(), meta: Default::default(), datacenter: String::new() }))
+        Ok((name == "n1").then(|| crate::dns::NodeInfo {
+            name: "n1".into(),
+            address: "10.0.0.1".into(),
+            meta: Default::default(),
+            datacenter: String::new(),
+        }))
     }
     async fn by_address(&self, _ip: std::net::IpAddr) -> Result<Vec<crate::dns::PtrTarget>, crate::dns::LookupError> {
         Ok(Vec::new())
     }
-    async fn prepared_query(&self, _dc: Option<&str>, _name: &str, _source: Option<std::net::IpAddr>) -> Result<Option<crate::dns::QueryResult>, crate::dns::LookupError> {
+    async fn prepared_query(
+        &self,
+        _dc: Option<&str>,
+        _name: &str,
+        _source: Option<std::net::IpAddr>,
+    ) -> Result<Option<crate::dns::QueryResult>, crate::dns::LookupError> {
         Ok(None)
     }
     fn datacenter(&self) -> String {

@@ -12,6 +12,7 @@ pub mod dns;
 pub mod duration;
 pub mod federation;
 pub mod fuzz;
+pub mod logging;
 pub mod membership;
 pub mod rpc;
 pub mod state;

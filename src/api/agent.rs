@@ -85,6 +85,11 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/agent/leave", put(leave))
         .route("/v1/agent/force-leave/{node}", put(force_leave))
         .route("/v1/agent/reload", put(reload))
+        .route("/v1/agent/monitor", get(monitor))
+        // Trellis has no ACL system yet: every token and ACL endpoint answers as Consul's
+        // does with ACLs disabled.
+        .route("/v1/agent/token/{kind}", put(|| async { ApiError::AclDisabled }))
+        .route("/v1/acl/{*rest}", axum::routing::any(|| async { ApiError::AclDisabled }))
         .route(
             "/v1/operator/keyring",
             get(keyring_list)
@@ -92,6 +97,23 @@ pub fn routes() -> Router<Ctx> {
                 .put(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Use))
                 .delete(|c: State<Ctx>, b: Bytes| keyring(c, b, KeyringOp::Remove)),
         )
+}
+
+/// Stream this agent's log lines at `?loglevel` (default info) until the client goes away;
+/// `?logjson` sends them as JSON objects, one per line.
+async fn monitor(p: Params) -> Result<Response, ApiError> {
+    let raw = p.get("loglevel").unwrap_or("info");
+    let level = crate::logging::parse_level(raw).ok_or_else(|| ApiError::BadRequest(format!("Unknown log level: {raw}")))?;
+    let json = p.flag("logjson");
+    let feed = crate::logging::Monitor::attach(level);
+    let stream = futures::stream::unfold(feed, move |mut feed| async move {
+        let line = match feed.next().await? {
+            Ok(line) => format!("{}\n", if json { &line.json } else { &line.text }),
+            Err(n) => format!("[trellis] this monitor fell behind: {n} log lines were dropped\n"),
+        };
+        Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)), feed))
+    });
+    Ok(Response::new(axum::body::Body::from_stream(stream)))
 }
 
 async fn agent_self(State(ctx): State<Ctx>) -> Response {
@@ -113,6 +135,9 @@ async fn agent_self(State(ctx): State<Ctx>) -> Response {
         "Member": ctx.agent.member_self(),
         "Stats": ctx.agent.stats(),
         "Meta": {},
+        // Consul reports its Envoy xDS server here; Trellis has no Envoy (its sidecars are
+        // built in), so there is no xDS port to offer.
+        "xDS": { "SupportedProxies": { "envoy": [] }, "Port": -1, "Ports": { "Plaintext": -1, "TLS": -1 } },
     });
     axum::Json(body).into_response()
 }

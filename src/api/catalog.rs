@@ -28,6 +28,7 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/catalog/service/{service}", get(service))
         .route("/v1/catalog/node/{node}", get(node))
         .route("/v1/catalog/node-services/{node}", get(node_services))
+        .route("/v1/catalog/gateway-services/{gateway}", get(gateway_services))
 }
 
 /// A service definition as Consul's API accepts it (catalog and agent registration).
@@ -251,8 +252,42 @@ async fn nodes(State(ctx): State<Ctx>, p: Params, headers: HeaderMap) -> Result<
 
 async fn services(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
     let meta_filter = p.node_meta()?;
-    let (map, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes], |d| Ok(d.service_list(&meta_filter))).await?;
+    if unknown_peer(&p) {
+        let (_, meta) = blocking(&ctx, &p, &[Table::Services], |d| Ok(((), d.index_of(&[Table::Services])))).await?;
+        return Ok(reply(&meta, &serde_json::Map::new()));
+    }
+    let Some(expr) = p.filter() else {
+        let (map, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes], |d| Ok(d.service_list(&meta_filter))).await?;
+        return Ok(reply(&meta, &map));
+    };
+    // `?filter` selects service instances (the fields of /v1/catalog/service entries); the
+    // answer lists the services, and the tags, of the instances it kept.
+    let filter = super::filter::Filter::parse(expr)?;
+    let dc = ctx.info.datacenter.clone();
+    let (map, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes], |d| {
+        let mut out: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+        for i in d.all_instances(&meta_filter) {
+            if filter.matches(&catalog_service_json(&i, &dc))? {
+                out.entry(i.service.service.clone()).or_default().extend(i.service.tags.iter().cloned());
+            }
+        }
+        Ok((out, d.index_of(&[Table::Services, Table::Nodes])))
+    })
+    .await?;
     Ok(reply(&meta, &map))
+}
+
+/// The services a terminating or ingress gateway routes to. Trellis has neither kind (its mesh
+/// gateways route by SNI, and `?filter` still applies), so the answer is always empty.
+async fn gateway_services(State(ctx): State<Ctx>, Path(_gateway): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let (none, meta) = blocking(&ctx, &p, &[Table::Services], |d| Ok((Vec::<Value>::new(), d.index_of(&[Table::Services])))).await?;
+    Ok(reply(&meta, &filtered(&p, &none)?))
+}
+
+/// `?peer=` names a cluster peer; Trellis has none (cluster peering is not implemented), so
+/// every peer is unknown and, as in Consul, its services are an empty answer.
+pub fn unknown_peer(p: &Params) -> bool {
+    p.get("peer").is_some_and(|peer| !peer.is_empty())
 }
 
 pub fn service_query(p: &Params) -> Result<ServiceQuery, ApiError> {
@@ -275,7 +310,10 @@ async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params, he
     let q = service_query(&p)?;
     let dc = ctx.info.datacenter.clone();
     let (list, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
-        let (mut inst, idx) = d.service_instances(&name, &q);
+        let (mut inst, idx) = match super::catalog::unknown_peer(&p) {
+            true => (Vec::new(), d.service_view_index(&name)),
+            false => d.service_instances(&name, &q),
+        };
         if let Some(near) = p.get("near").and_then(|n| near_node(d, n, &ctx, &headers)) {
             d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
         }

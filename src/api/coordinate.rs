@@ -80,9 +80,8 @@ async fn update(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiErro
     if !b.coord.is_valid() {
         return Err(ApiError::BadRequest(format!("Coord must have {} finite dimensions", crate::coordinate::DIMENSIONALITY)));
     }
-    if !ctx.raft()?.store.read().data().nodes.contains_key(&b.node) {
-        return Err(ApiError::BadRequest(format!("Node {:?} is not registered", b.node)));
-    }
+    // A coordinate for a node the catalog does not hold is accepted and dropped, as Consul
+    // does (the state keeps coordinates of registered nodes only).
     let (_, index) = ctx.raft()?.write(Command::CoordinateBatch(vec![(b.node, b.coord)])).await?;
     Ok(write_reply(&ctx, index, true))
 }

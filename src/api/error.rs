@@ -16,6 +16,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     Forbidden(String),
+    /// ACL endpoints with ACLs off (Consul answers 401 "ACL support disabled").
+    #[error("ACL support disabled")]
+    AclDisabled,
     #[error("{0}")]
     Conflict(String),
     /// Too many requests (connection or rate limits): 429.
@@ -41,6 +44,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::AclDisabled => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -151,7 +155,11 @@ pub fn canonical_keys(v: serde_json::Value) -> serde_json::Value {
         Value::Object(o) => Value::Object(
             o.into_iter()
                 .map(|(k, v)| {
-                    let name = FIELD_NAMES.iter().find(|n| n.eq_ignore_ascii_case(&k)).map(|n| n.to_string()).unwrap_or(k);
+                    // Consul also takes the snake_case spellings of its fields (`tagged_addresses`,
+                    // `enable_tag_override`, ...: lib.TranslateKeys), which clients send.
+                    let bare = k.replace('_', "");
+                    let name =
+                        FIELD_NAMES.iter().find(|n| n.eq_ignore_ascii_case(&k) || n.eq_ignore_ascii_case(&bare)).map(|n| n.to_string()).unwrap_or(k);
                     let v = match (USER_KEYED.contains(&name.as_str()), v) {
                         (true, Value::Object(m)) => Value::Object(m.into_iter().map(|(k, v)| (k, canonical_keys(v))).collect()),
                         (_, v) => canonical_keys(v),

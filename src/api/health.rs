@@ -19,6 +19,7 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/health/checks/{service}", get(checks))
         .route("/v1/health/service/{service}", get(service))
         .route("/v1/health/state/{state}", get(state))
+        .route("/v1/health/ingress/{service}", get(ingress))
 }
 
 async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
@@ -36,7 +37,10 @@ async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params, he
     q.passing_only = p.flag("passing");
     let dc = ctx.info.datacenter.clone();
     let (entries, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
-        let (mut inst, idx) = d.service_instances(&name, &q);
+        let (mut inst, idx) = match super::catalog::unknown_peer(&p) {
+            true => (Vec::new(), d.service_view_index(&name)),
+            false => d.service_instances(&name, &q),
+        };
         if let Some(near) = p.get("near").and_then(|n| near_node(d, n, &ctx, &headers)) {
             d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
         }
@@ -46,6 +50,14 @@ async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params, he
     })
     .await?;
     Ok(reply(&meta, &filtered(&p, &entries)?))
+}
+
+/// Instances of the ingress gateways that route to a service: Trellis has no ingress gateways,
+/// so none (with the service's index, and `?filter` accepted, as Consul answers).
+async fn ingress(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let (none, meta) =
+        blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| Ok((Vec::<Value>::new(), d.service_view_index(&name)))).await?;
+    Ok(reply(&meta, &filtered(&p, &none)?))
 }
 
 async fn state(State(ctx): State<Ctx>, Path(state): Path<String>, p: Params) -> Result<Response, ApiError> {

@@ -30,6 +30,7 @@ pub fn routes() -> Router<Ctx> {
         .route("/v1/operator/raft/transfer-leader", post(transfer_leader))
         .route("/v1/operator/autopilot/configuration", get(autopilot_get).put(autopilot_put))
         .route("/v1/operator/autopilot/health", get(autopilot_health))
+        .route("/v1/operator/usage", get(usage))
 }
 
 /// Server health as the leader's autopilot loop last computed it.
@@ -168,6 +169,36 @@ async fn autopilot_put(State(ctx): State<Ctx>, p: Params, body: Bytes) -> Result
     c.server_stabilization_time = b.server_stabilization_time.unwrap_or(c.server_stabilization_time);
     let (outcome, index) = ctx.raft()?.write(Command::AutopilotSetConfig { config: c, cas: p.u64("cas")? }).await?;
     Ok(write_reply(&ctx, index, outcome == Outcome::Applied(true)))
+}
+
+/// Service and node counts of this datacenter, in Consul's shape: the counts under the
+/// datacenter's name, then the query metadata in the body itself.
+async fn usage(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {
+    let dc = ctx.info.datacenter.clone();
+    let (counts, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes], |d| {
+        let names: BTreeSet<&str> = d.services.values().map(|s| s.service.as_str()).collect();
+        let kind_count = |k: &str| d.services.values().filter(|s| s.kind == k).count();
+        let billable = d.services.values().filter(|s| s.kind.is_empty() && s.service != "consul").count();
+        let v = json!({
+            "Services": names.len(),
+            "ServiceInstances": d.services.len(),
+            "ConnectServiceInstances": {
+                "api-gateway": kind_count("api-gateway"), "connect-native": 0, "connect-proxy": kind_count("connect-proxy"),
+                "ingress-gateway": kind_count("ingress-gateway"), "mesh-gateway": kind_count("mesh-gateway"),
+                "terminating-gateway": kind_count("terminating-gateway"),
+            },
+            "BillableServiceInstances": billable,
+            "Nodes": d.nodes.len(),
+        });
+        Ok((v, d.index_of(&[Table::Services, Table::Nodes])))
+    })
+    .await?;
+    let body = json!({
+        "Usage": { dc: counts },
+        "Index": meta.index, "LastContact": meta.last_contact_ms, "KnownLeader": meta.known_leader,
+        "ConsistencyLevel": meta.consistency, "NotModified": false, "Backend": 0, "ResultsFilteredByACLs": false,
+    });
+    Ok(reply(&meta, &body))
 }
 
 async fn autopilot_health(State(ctx): State<Ctx>) -> Response {

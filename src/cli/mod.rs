@@ -383,9 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=error,sled=warn,{}", crate::dns::LOG_FILTER_DIRECTIVES)));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    crate::logging::init(level, crate::dns::LOG_FILTER_DIRECTIVES);
 }
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {

@@ -251,6 +251,17 @@ impl StateData {
         (out, self.index_of(&[Table::Services, Table::Nodes]))
     }
 
+    /// Every service instance (checks left out), on nodes matching `node_meta`.
+    pub fn all_instances(&self, node_meta: &BTreeMap<String, String>) -> Vec<ServiceInstance> {
+        self.services
+            .iter()
+            .filter_map(|((node, _), s)| {
+                let n = self.nodes.get(node)?;
+                meta_matches(&n.meta, node_meta).then(|| ServiceInstance { node: n.clone(), service: s.clone(), checks: Vec::new() })
+            })
+            .collect()
+    }
+
     /// The index a service's catalog or health view last changed at.
     pub fn service_view_index(&self, name: &str) -> RaftIndex {
         self.service_index.get(name).copied().unwrap_or_else(|| self.index_of(&[Table::Services, Table::Nodes, Table::Checks]))

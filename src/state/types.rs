@@ -248,9 +248,10 @@ mod base64_opt {
     // Human-readable formats (JSON) carry base64 text; binary ones (postcard) carry raw bytes.
     pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
+            // An empty value reads back as null, as Consul's does (Go's nil []byte).
             match v {
-                Some(b) => s.serialize_some(&STANDARD.encode(b)),
-                None => s.serialize_none(),
+                Some(b) if !b.is_empty() => s.serialize_some(&STANDARD.encode(b)),
+                _ => s.serialize_none(),
             }
         } else {
             match v {

@@ -136,6 +136,9 @@ def agent(request):
         "--dns-port", "0",
         "--server-port", str(server_port),
         "--serf-lan-port", "0",
+        # Every port its own: the tests must not need Consul's default ports free (a user's
+        # `trellis dev` holds 8302 on 127.0.0.1).
+        "--serf-wan-port", "0",
         "--data-dir", str(data_dir),
     ]
     log = open(log_path, "wb")
@@ -909,3 +912,117 @@ def test_coordinates_of_the_datacenter_and_of_this_node(c):
     mine = next(n for n in nodes if n["Node"] == NODE)
     assert set(mine["Coord"]) >= {"Vec", "Error", "Adjustment", "Height"}
     assert int(index) > 0
+
+
+# --------------------------------------------------------------------------
+# behaviours clients rely on (found by driving py-consul as a new user would)
+
+
+def test_an_empty_kv_value_reads_back_as_none(c):
+    key = unique("empty")
+    assert c.kv.put(key, "")
+    _, entry = c.kv.get(key)
+    assert entry["Value"] is None
+
+
+def test_agent_self_has_consuls_top_level_keys(agent):
+    body = requests.get(f"{agent.base}/v1/agent/self", timeout=10).json()
+    assert set(body) >= {"Config", "DebugConfig", "Coord", "Member", "Stats", "Meta", "xDS"}
+
+
+def test_agent_services_keep_tagged_addresses_and_carry_no_raft_indexes(c):
+    sid = unique("tagged")
+    c.agent.service.register(
+        "tagged", service_id=sid, port=81,
+        tagged_addresses={"lan": {"address": "10.1.1.1", "port": 81}, "wan": {"address": "198.51.100.7", "port": 8081}},
+    )
+    try:
+        svc = c.agent.services()[sid]
+        assert svc["TaggedAddresses"] == {"lan": {"Address": "10.1.1.1", "Port": 81}, "wan": {"Address": "198.51.100.7", "Port": 8081}}
+        assert "CreateIndex" not in svc and "ModifyIndex" not in svc
+        assert svc["ContentHash"]
+    finally:
+        c.agent.service.deregister(sid)
+
+
+def test_a_service_check_keeps_its_id_and_a_service_without_checks_has_none(c):
+    sid = unique("checked")
+    c.agent.service.register("checked", service_id=sid)
+    try:
+        assert not [k for k, v in c.agent.checks().items() if v["ServiceID"] == sid]
+        c.agent.check.register("c", check=consul.Check.ttl("10s"), check_id=f"{sid}-given", service_id=sid)
+        assert c.agent.checks()[f"{sid}-given"]["ServiceID"] == sid
+    finally:
+        c.agent.service.deregister(sid)
+
+
+def test_catalog_services_filter_keeps_only_matching_instances(c, agent):
+    sid = unique("filtered")
+    c.agent.service.register("filtered-svc", service_id=sid, tags=["keep", "also"])
+    try:
+        wait_until(lambda: "filtered-svc" in c.catalog.services()[1], 20, what="the service in the catalog")
+        r = requests.get(f"{agent.base}/v1/catalog/services", params={"filter": 'ServiceTags contains "keep"'}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"filtered-svc": ["also", "keep"]}
+    finally:
+        c.agent.service.deregister(sid)
+
+
+def test_agent_monitor_refuses_unknown_levels_and_token_endpoints_say_acls_are_off(agent):
+    r = requests.get(f"{agent.base}/v1/agent/monitor", params={"loglevel": "loud"}, timeout=10)
+    assert r.status_code == 400 and "loud" in r.text
+    r = requests.put(f"{agent.base}/v1/agent/token/default", json={"Token": "x"}, timeout=10)
+    assert (r.status_code, r.text) == (401, "ACL support disabled")
+
+
+def test_agent_monitor_streams_log_lines(agent, c):
+    got = []
+
+    def read():
+        with requests.get(f"{agent.base}/v1/agent/monitor", params={"loglevel": "debug"}, stream=True, timeout=20) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    got.append(line)
+                    return
+
+    t = threading.Thread(target=read)
+    t.start()
+    # Something to log: a service registration logs at info.
+    deadline = time.monotonic() + 15
+    while t.is_alive() and time.monotonic() < deadline:
+        sid = unique("noisy")
+        c.agent.service.register("noisy", service_id=sid)
+        c.agent.service.deregister(sid)
+        t.join(0.5)
+    assert got, "no log line streamed"
+
+
+def test_unknown_peers_gateways_and_ingress_answer_empty_with_an_index(agent, web):
+    for path in (
+        f"/v1/health/service/{web['service']}?peer=nobody",
+        f"/v1/catalog/service/{web['service']}?peer=nobody",
+        "/v1/catalog/gateway-services/no-such-gateway?filter=Service%20%3D%3D%20x",
+        f"/v1/health/ingress/{web['service']}?filter=Node.Node%20%3D%3D%20x",
+    ):
+        r = requests.get(agent.base + path, timeout=10)
+        assert r.status_code == 200, (path, r.text)
+        assert r.json() == [], path
+        assert int(r.headers["X-Consul-Index"]) > 0, path
+    r = requests.get(f"{agent.base}/v1/catalog/services?peer=nobody", timeout=10)
+    assert r.json() == {} and int(r.headers["X-Consul-Index"]) > 0
+
+
+def test_operator_usage_counts_services_and_nodes(agent):
+    body = requests.get(f"{agent.base}/v1/operator/usage", timeout=10).json()
+    usage = body["Usage"][DATACENTER]
+    assert usage["Services"] >= 1 and usage["ServiceInstances"] >= 1 and usage["Nodes"] >= 1
+    assert set(usage["ConnectServiceInstances"]) >= {"connect-proxy", "mesh-gateway"}
+    assert body["KnownLeader"] is True
+
+
+def test_a_coordinate_for_an_unknown_node_is_accepted_and_dropped(c, agent):
+    coord = {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-5}
+    r = requests.put(f"{agent.base}/v1/coordinate/update", json={"Node": "ghost-node", "Coord": coord}, timeout=10)
+    assert (r.status_code, r.json()) == (200, True)
+    assert not any(n["Node"] == "ghost-node" for n in c.coordinate.nodes()[1])

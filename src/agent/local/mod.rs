@@ -145,6 +145,25 @@ struct AgentServiceBody {
     checks: Option<Vec<Value>>,
 }
 
+/// A local service as `/v1/agent/services` shows it (Consul's `AgentService`): no raft
+/// indexes (the agent's own view has none), `Kind` and `TaggedAddresses` only when set, and a
+/// `ContentHash` that changes whenever the definition does.
+pub fn agent_service_json(s: &Service, datacenter: &str) -> Value {
+    let mut v = json!({
+        "ID": s.id, "Service": s.service, "Tags": s.tags, "Meta": s.meta, "Port": s.port, "Address": s.address,
+        "Weights": s.weights, "EnableTagOverride": s.enable_tag_override, "Datacenter": datacenter,
+    });
+    if !s.kind.is_empty() {
+        v["Kind"] = json!(s.kind);
+    }
+    if !s.tagged_addresses.is_empty() {
+        v["TaggedAddresses"] = json!(s.tagged_addresses);
+    }
+    let hash = ring::digest::digest(&ring::digest::SHA256, v.to_string().as_bytes());
+    v["ContentHash"] = json!(hash.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect::<String>());
+    v
+}
+
 fn status_of(s: checks::Status) -> CheckStatus {
     match s {
         checks::Status::Passing => CheckStatus::Passing,
@@ -486,15 +505,8 @@ impl LocalAgent {
 
     pub fn services_json(&self) -> Value {
         let st = self.inner.state.lock();
-        let map: serde_json::Map<String, Value> = st
-            .services
-            .values()
-            .map(|s| {
-                let mut v = serde_json::to_value(&s.service).unwrap_or(Value::Null);
-                v["Datacenter"] = json!(self.inner.node.datacenter);
-                (s.service.id.clone(), v)
-            })
-            .collect();
+        let map: serde_json::Map<String, Value> =
+            st.services.values().map(|s| (s.service.id.clone(), agent_service_json(&s.service, &self.inner.node.datacenter))).collect();
         Value::Object(map)
     }
 
@@ -510,7 +522,7 @@ impl LocalAgent {
         let s = services.into_iter().find(|s| s.id == id)?;
         let worst = checks.iter().filter(|c| c.service_id == id || c.service_id.is_empty()).map(|c| c.status).max().unwrap_or(CheckStatus::Passing);
         let status = if worst == CheckStatus::Maintenance { CheckStatus::Critical } else { worst };
-        Some((status.as_str().to_string(), serde_json::to_value(&s).unwrap_or(Value::Null)))
+        Some((status.as_str().to_string(), agent_service_json(&s, &self.inner.node.datacenter)))
     }
 
     pub fn service_status_by_name(&self, name: &str) -> Vec<(String, Value)> {

@@ -61,7 +61,7 @@ export async function startAgent(label = 'agent', { deadlineMs = 30_000 } = {}) 
   const args = [
     'agent', '--dev', '--node', 'ui-test',
     '--bind', '127.0.0.1', '--client', '127.0.0.1',
-    '--http-port', String(httpPort), '--dns-port', '0', '--server-port', String(serverPort), '--serf-lan-port', '0',
+    '--http-port', String(httpPort), '--dns-port', '0', '--server-port', String(serverPort), '--serf-lan-port', '0', '--serf-wan-port', '0',
     '--data-dir', dataDir,
   ];
   const child = spawn(bin, args, { cwd: REPO_ROOT, stdio: ['ignore', log, log] });

@@ -310,6 +310,7 @@ impl Agent {
             metrics: api::metrics::Registry::default(),
             limits: cfg.limits.clone(),
             blocking_slots: Arc::new(tokio::sync::Semaphore::new(cfg.limits.http_max_blocking_queries)),
+            results: Default::default(),
             started: Instant::now(),
         });
         let router = api::router(ctx);

@@ -12,10 +12,10 @@ use serde_json::{Value, json};
 
 use super::error::decode;
 use super::prepared_query::near_node;
-use super::query::{Meta, Params, blocking, filtered, reply};
+use super::query::{Meta, Params, blocking, blocking_on, filtered, reply};
 use super::{ApiError, Ctx};
 use crate::state::catalog::{ServiceInstance, ServiceQuery};
-use crate::state::{CheckStatus, Command, HealthCheck, Node, Outcome, Registration, Service, ServiceAddress, Table, Weights};
+use crate::state::{CheckStatus, Command, HealthCheck, Node, Outcome, Registration, Service, ServiceAddress, StateData, Table, WatchKey, Weights};
 use axum::http::HeaderMap;
 
 pub fn routes() -> Router<Ctx> {
@@ -308,19 +308,56 @@ fn catalog_service_json(i: &ServiceInstance, dc: &str) -> Value {
 
 async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
     let q = service_query(&p)?;
+    service_view(&ctx, "catalog", name, q, p, headers, catalog_service_json).await
+}
+
+/// A service's instances as one endpoint shows them (`catalog` or `health`, each with its own
+/// rendering of an instance). The answer is computed and encoded once per index and shared by
+/// every reader and watcher of the same query; a blocking reader waits on the service's own
+/// watch, so writes to other services never wake it. `?near` sorts per request (by the
+/// caller's coordinates, with ties shuffled), so those answers are not shared.
+pub async fn service_view(
+    ctx: &Ctx,
+    endpoint: &str,
+    name: String,
+    q: ServiceQuery,
+    p: Params,
+    headers: HeaderMap,
+    render_one: fn(&ServiceInstance, &str) -> Value,
+) -> Result<Response, ApiError> {
     let dc = ctx.info.datacenter.clone();
-    let (list, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
-        let (mut inst, idx) = match super::catalog::unknown_peer(&p) {
-            true => (Vec::new(), d.service_view_index(&name)),
-            false => d.service_instances(&name, &q),
-        };
-        if let Some(near) = p.get("near").and_then(|n| near_node(d, n, &ctx, &headers)) {
-            d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
-        }
-        Ok((inst.iter().map(|i| catalog_service_json(i, &dc)).collect::<Vec<_>>(), idx))
-    })
-    .await?;
-    Ok(reply(&meta, &filtered(&p, &list)?))
+    let peer = unknown_peer(&p);
+    let instances = |d: &StateData| match peer {
+        true => Vec::new(),
+        false => d.service_instances(&name, &q).0,
+    };
+    let key = WatchKey::Service(name.clone());
+    if let Some(near) = p.get("near").filter(|n| !n.is_empty()) {
+        let (list, meta) = blocking_on(ctx, &p, std::slice::from_ref(&key), |d| {
+            let mut inst = instances(d);
+            if let Some(near) = near_node(d, near, ctx, &headers) {
+                d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
+            }
+            Ok((inst.iter().map(|i| render_one(i, &dc)).collect::<Vec<_>>(), d.service_view_index(&name)))
+        })
+        .await?;
+        return Ok(reply(&meta, &filtered(&p, &list)?));
+    }
+    let cache_key = super::query::cache_key(&format!("{endpoint}/{name}"), &p);
+    super::query::shared_read(
+        ctx,
+        &p,
+        cache_key,
+        key,
+        |d| (d.service_view_index(&name), 0),
+        |d| Ok(instances(d)),
+        |inst| {
+            let list: Vec<Value> = inst.iter().map(|i| render_one(i, &dc)).collect();
+            let body = serde_json::to_vec(&filtered(&p, &list)?).map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(body.into())
+        },
+    )
+    .await
 }
 
 async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {

@@ -8,10 +8,10 @@ use axum::routing::get;
 use serde_json::{Value, json};
 
 use super::catalog::{node_json, service_json, service_query};
-use super::prepared_query::near_node;
-use super::query::{Params, blocking, filtered, reply};
+use super::query::{Params, blocking, blocking_on, filtered, reply};
 use super::{ApiError, Ctx};
-use crate::state::{CheckStatus, Table};
+use crate::state::catalog::ServiceInstance;
+use crate::state::{CheckStatus, Table, WatchKey};
 
 pub fn routes() -> Router<Ctx> {
     Router::new()
@@ -28,28 +28,19 @@ async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Re
 }
 
 async fn checks(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {
-    let (checks, meta) = blocking(&ctx, &p, &[Table::Checks, Table::Services], |d| Ok(d.service_checks(&name))).await?;
+    let key = WatchKey::Service(name.clone());
+    let (checks, meta) = blocking_on(&ctx, &p, &[key], |d| Ok(d.service_checks(&name))).await?;
     Ok(reply(&meta, &filtered(&p, &checks)?))
 }
 
 async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
     let mut q = service_query(&p)?;
     q.passing_only = p.flag("passing");
-    let dc = ctx.info.datacenter.clone();
-    let (entries, meta) = blocking(&ctx, &p, &[Table::Services, Table::Nodes, Table::Checks], |d| {
-        let (mut inst, idx) = match super::catalog::unknown_peer(&p) {
-            true => (Vec::new(), d.service_view_index(&name)),
-            false => d.service_instances(&name, &q),
-        };
-        if let Some(near) = p.get("near").and_then(|n| near_node(d, n, &ctx, &headers)) {
-            d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
-        }
-        let entries: Vec<Value> =
-            inst.iter().map(|i| json!({ "Node": node_json(&i.node, &dc), "Service": service_json(&i.service), "Checks": i.checks })).collect();
-        Ok((entries, idx))
-    })
-    .await?;
-    Ok(reply(&meta, &filtered(&p, &entries)?))
+    super::catalog::service_view(&ctx, "health", name, q, p, headers, health_entry_json).await
+}
+
+fn health_entry_json(i: &ServiceInstance, dc: &str) -> Value {
+    json!({ "Node": node_json(&i.node, dc), "Service": service_json(&i.service), "Checks": i.checks })
 }
 
 /// Instances of the ingress gateways that route to a service: Trellis has no ingress gateways,

@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
 use super::catalog::write_reply;
-use super::query::{Params, blocking, reply};
+use super::query::{Params, blocking_on, reply};
 use super::{ApiError, Ctx};
-use crate::state::{Command, KvEntry, KvVerb, Outcome, Table, TxnOp};
+use crate::state::{Command, KvEntry, KvVerb, Outcome, TxnOp, WatchKey};
 
 pub fn routes() -> Router<Ctx> {
     Router::new().route("/v1/kv", any(root)).route("/v1/kv/", any(root)).route("/v1/kv/{*key}", any(keyed))
@@ -38,17 +38,17 @@ async fn handle(State(ctx): State<Ctx>, method: Method, key: String, p: Params, 
 async fn get(ctx: Ctx, key: String, p: Params) -> Result<Response, ApiError> {
     if p.has("keys") {
         let sep = p.get("separator").unwrap_or("").to_string();
-        let (keys, meta) = blocking(&ctx, &p, &[Table::Kv], |d| Ok(d.kv_keys(&key, &sep))).await?;
+        let (keys, meta) = blocking_on(&ctx, &p, &[WatchKey::KvPrefix(key.clone())], |d| Ok(d.kv_keys(&key, &sep))).await?;
         return Ok(found_or_404(&meta, keys.is_empty(), &keys));
     }
     if p.has("recurse") {
-        let (entries, meta) = blocking(&ctx, &p, &[Table::Kv], |d| Ok(d.kv_list(&key))).await?;
+        let (entries, meta) = blocking_on(&ctx, &p, &[WatchKey::KvPrefix(key.clone())], |d| Ok(d.kv_list(&key))).await?;
         return Ok(found_or_404(&meta, entries.is_empty(), &entries));
     }
     if key.is_empty() {
         return Err(ApiError::BadRequest("Missing key name".into()));
     }
-    let (entry, meta) = blocking(&ctx, &p, &[Table::Kv], |d| Ok(d.kv_get(&key))).await?;
+    let (entry, meta) = blocking_on(&ctx, &p, &[WatchKey::KvKey(key.clone())], |d| Ok(d.kv_get(&key))).await?;
     let Some(entry) = entry else {
         return Ok(found_or_404(&meta, true, &()));
     };

@@ -63,6 +63,8 @@ fn method_slot(m: &axum::http::Method) -> usize {
 pub struct Registry {
     counts: Vec<std::sync::atomic::AtomicU64>,
     durations: [Mutex<Stats>; METHODS.len()],
+    /// Parked blocking queries woken by a change of what they watch.
+    pub blocking_wakeups: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Registry {
@@ -70,6 +72,7 @@ impl Default for Registry {
         Registry {
             counts: (0..METHODS.len() * CODES).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
             durations: std::array::from_fn(|_| Mutex::new(Stats::default())),
+            blocking_wakeups: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -114,7 +117,13 @@ pub async fn track(State(ctx): State<Ctx>, req: Request, next: Next) -> Response
 }
 
 fn gauges(ctx: &Ctx) -> Vec<(&'static str, f64)> {
-    let mut out = vec![("consul.runtime.uptime_seconds", ctx.started.elapsed().as_secs_f64())];
+    let parked = ctx.limits.http_max_blocking_queries.saturating_sub(ctx.blocking_slots.available_permits());
+    let mut out = vec![
+        ("consul.runtime.uptime_seconds", ctx.started.elapsed().as_secs_f64()),
+        ("trellis.http.blocking_queries", parked as f64),
+        ("trellis.http.blocking_wakeups", ctx.metrics.blocking_wakeups.load(std::sync::atomic::Ordering::Relaxed) as f64),
+        ("trellis.http.shared_answers", ctx.results.len() as f64),
+    ];
     let Some(node) = &ctx.node else { return out };
     let m = node.raft.metrics().borrow().clone();
     let (nodes, services, kv, tombstones, sessions) = {

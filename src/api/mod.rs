@@ -74,6 +74,8 @@ pub struct ApiContext {
     pub limits: crate::config::Limits,
     /// One permit per blocking query parked at a time (`limits.http_max_blocking_queries`).
     pub blocking_slots: Arc<tokio::sync::Semaphore>,
+    /// Shared answers of the hottest reads (`query::shared_read`).
+    pub results: query::ResultCache,
     pub started: Instant,
 }
 

@@ -8,8 +8,11 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use super::{ApiError, Ctx};
-use crate::state::{RaftIndex, StateData, Table};
+use crate::state::{RaftIndex, StateData, Table, WatchKey};
 
 /// Consul's default and longest blocking-query waits.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
@@ -19,7 +22,7 @@ const JITTER_FRACTION: u32 = 16;
 
 /// Query-string pairs in order; flags like `?recurse` have an empty value.
 #[derive(Debug, Default, Clone)]
-pub struct Params(Vec<(String, String)>);
+pub struct Params(pub(crate) Vec<(String, String)>);
 
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -161,52 +164,255 @@ fn wait_of(p: &Params) -> Result<Duration, ApiError> {
 }
 
 /// Run `read` against the state; with `?index=N`, wait (up to `?wait`) until its index passes
-/// N. Receivers are taken before each read so that no change between read and wait is missed.
+/// N, waking on changes to any of `tables`.
 pub async fn blocking<T, F>(ctx: &Ctx, p: &Params, tables: &[Table], read: F) -> Result<(T, Meta), ApiError>
 where
     F: Fn(&StateData) -> Result<(T, RaftIndex), ApiError>,
 {
-    if p.flag("consistent") && !p.flag("stale") {
-        ctx.raft()?.verify_leader().await?;
+    let keys: Vec<WatchKey> = tables.iter().map(|t| WatchKey::Table(*t)).collect();
+    blocking_on(ctx, p, &keys, read).await
+}
+
+/// How a blocking read goes: checked parameters, its deadline, and the slot it parks in.
+pub struct Blocking {
+    /// The index the client saw (`?index`), if it asked to wait.
+    pub min_index: Option<RaftIndex>,
+    pub deadline: tokio::time::Instant,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Blocking {
+    /// Check the read's parameters; verify leadership for `?consistent`; take a parking slot
+    /// when the read may wait.
+    pub async fn start(ctx: &Ctx, p: &Params) -> Result<Blocking, ApiError> {
+        if p.flag("consistent") && !p.flag("stale") {
+            ctx.raft()?.verify_leader().await?;
+        }
+        let min_index = p.u64("index")?.filter(|i| *i > 0);
+        let wait = wait_of(p)?;
+        // Only a query that may park takes a slot; it is held until the answer is ready.
+        let slot = match min_index {
+            Some(_) => Some(ctx.blocking_slots.clone().try_acquire_owned().map_err(|_| {
+                ApiError::TooMany(format!(
+                    "Too many concurrent blocking queries on this agent (limits.http_max_blocking_queries = {}); retry later",
+                    ctx.limits.http_max_blocking_queries
+                ))
+            })?),
+            None => None,
+        };
+        Ok(Blocking { min_index, deadline: tokio::time::Instant::now() + wait + jitter(wait), _slot: slot })
     }
-    let min_index = p.u64("index")?.filter(|i| *i > 0);
-    let wait = wait_of(p)?;
-    // Only a query that may park takes a slot; it is held until the answer is ready.
-    let _slot = match min_index {
-        Some(_) => Some(ctx.blocking_slots.clone().try_acquire_owned().map_err(|_| {
-            ApiError::TooMany(format!(
-                "Too many concurrent blocking queries on this agent (limits.http_max_blocking_queries = {}); retry later",
-                ctx.limits.http_max_blocking_queries
-            ))
-        })?),
-        None => None,
-    };
-    let deadline = tokio::time::Instant::now() + wait + jitter(wait);
+
+    /// Whether an answer at `index` goes back now: not a blocking read, an index other than
+    /// the one the client holds (a lower one means the state was reset: answer at once rather
+    /// than wait for a number that may never come), or the wait is over.
+    pub fn answer_now(&self, index: RaftIndex) -> bool {
+        self.min_index.is_none_or(|min| index.max(1) != min) || tokio::time::Instant::now() >= self.deadline
+    }
+
+    /// Wait for any of `watches` to change, or the deadline; false when the deadline passed.
+    pub async fn wait(&self, ctx: &Ctx, watches: &mut [tokio::sync::watch::Receiver<RaftIndex>]) -> bool {
+        let changed = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        let woke = tokio::time::timeout_at(self.deadline, changed).await.is_ok();
+        if woke {
+            ctx.metrics.blocking_wakeups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        woke
+    }
+}
+
+/// `blocking` waking on any of `keys` (a service's view, a KV key or prefix, a table).
+pub async fn blocking_on<T, F>(ctx: &Ctx, p: &Params, keys: &[WatchKey], read: F) -> Result<(T, Meta), ApiError>
+where
+    F: Fn(&StateData) -> Result<(T, RaftIndex), ApiError>,
+{
+    let b = Blocking::start(ctx, p).await?;
     loop {
-        let (mut watches, result) = {
+        let (mut watches, (value, index)) = {
             let store = ctx.raft()?.store.read();
-            let watches: Vec<_> = tables.iter().map(|t| store.watch(*t)).collect();
+            // Subscribe before reading, under the same lock: no change between the read and the
+            // wait can be missed.
+            let watches: Vec<_> = match b.min_index {
+                Some(_) => keys.iter().map(|k| store.watches().subscribe(k)).collect(),
+                None => Vec::new(),
+            };
             (watches, read(store.data())?)
         };
-        let (value, index) = result;
-        // Compare what the client was told: an empty table reports index 1, not 0.
-        let index = index.max(1);
-        let done = match min_index {
-            None => true,
-            // An index below the one asked for means the state was reset (snapshot restore):
-            // answer at once rather than wait for a number that may never come.
-            Some(min) => index != min,
-        };
-        if done || tokio::time::Instant::now() >= deadline {
+        if b.answer_now(index) {
             return Ok((value, Meta::of(ctx, index, p)));
         }
-        let changed = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            let store = ctx.raft()?.store.read();
-            let (value, index) = read(store.data())?;
+        if !b.wait(ctx, &mut watches).await {
+            // The wait is over with nothing changed: the same index, read afresh.
+            let (value, index) = read(ctx.raft()?.store.read().data())?;
             return Ok((value, Meta::of(ctx, index, p)));
         }
     }
+}
+
+/// The answers of the hottest reads (a service's instances, catalog or health), computed and
+/// encoded once per query and index, and served as the same bytes to every reader and every
+/// watcher of that query. Bounded: past [`RESULT_CACHE_ENTRIES`] or [`RESULT_CACHE_BYTES`], the
+/// least recently used answers are dropped (they are computed again when asked for).
+#[derive(Default)]
+pub struct ResultCache {
+    entries: parking_lot::Mutex<HashMap<String, Arc<CacheSlot>>>,
+    bytes: std::sync::atomic::AtomicUsize,
+    clock: std::sync::atomic::AtomicU64,
+}
+
+const RESULT_CACHE_ENTRIES: usize = 4096;
+const RESULT_CACHE_BYTES: usize = 64 << 20;
+
+#[derive(Default)]
+struct CacheSlot {
+    answer: parking_lot::Mutex<Option<Answer>>,
+    /// One computation at a time per query: every other reader of it waits and shares.
+    flight: tokio::sync::Mutex<()>,
+    used: std::sync::atomic::AtomicU64,
+}
+
+/// An encoded answer and what it is valid for.
+#[derive(Clone)]
+struct Answer {
+    stamp: Stamp,
+    index: RaftIndex,
+    body: bytes::Bytes,
+}
+
+/// What an answer depends on: the index its query reports, plus anything else that changes it
+/// without moving that index (network coordinates, for `?near`).
+pub type Stamp = (RaftIndex, RaftIndex);
+
+impl ResultCache {
+    fn slot(&self, key: &str) -> Arc<CacheSlot> {
+        let now = self.clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut entries = self.entries.lock();
+        if let Some(s) = entries.get(key) {
+            s.used.store(now, std::sync::atomic::Ordering::Relaxed);
+            return s.clone();
+        }
+        if entries.len() >= RESULT_CACHE_ENTRIES || self.bytes.load(std::sync::atomic::Ordering::Relaxed) > RESULT_CACHE_BYTES {
+            self.evict(&mut entries);
+        }
+        let s = Arc::new(CacheSlot::default());
+        s.used.store(now, std::sync::atomic::Ordering::Relaxed);
+        entries.insert(key.to_string(), s.clone());
+        s
+    }
+
+    /// Drop the least recently used half.
+    fn evict(&self, entries: &mut HashMap<String, Arc<CacheSlot>>) {
+        let mut ages: Vec<u64> = entries.values().map(|s| s.used.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        ages.sort_unstable();
+        let cut = ages.get(ages.len() / 2).copied().unwrap_or(0);
+        entries.retain(|_, s| {
+            let keep = s.used.load(std::sync::atomic::Ordering::Relaxed) > cut;
+            if !keep && let Some(a) = s.answer.lock().as_ref() {
+                self.bytes.fetch_sub(a.body.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            keep
+        });
+    }
+
+    fn store(&self, slot: &CacheSlot, answer: Answer) {
+        let mut a = slot.answer.lock();
+        let old = a.as_ref().map_or(0, |a| a.body.len());
+        self.bytes.fetch_add(answer.body.len(), std::sync::atomic::Ordering::Relaxed);
+        self.bytes.fetch_sub(old, std::sync::atomic::Ordering::Relaxed);
+        *a = Some(answer);
+    }
+
+    /// Answers held now.
+    pub fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The cache key of a read: its path and every parameter that shapes the answer (not the
+/// blocking and consistency ones, which only decide when and where it is read).
+pub fn cache_key(path: &str, p: &Params) -> String {
+    let mut parts: Vec<&(String, String)> =
+        p.0.iter().filter(|(k, _)| !matches!(k.as_str(), "index" | "wait" | "stale" | "consistent" | "cached" | "dc")).collect();
+    parts.sort();
+    let mut key = String::with_capacity(path.len() + 32);
+    key.push_str(path);
+    for (k, v) in parts {
+        key.push('\u{0}');
+        key.push_str(k);
+        key.push('=');
+        key.push_str(v);
+    }
+    key
+}
+
+/// A read whose answer is shared through `ctx.results`: `stamp` says cheaply what the answer
+/// depends on now (read under the state lock); `compute` gathers it under the lock; `render`
+/// turns it into JSON bytes outside the lock. With `?index`, waits on `key` as `blocking` does.
+pub async fn shared_read<T, S, C, R>(
+    ctx: &Ctx,
+    p: &Params,
+    cache_key: String,
+    key: WatchKey,
+    stamp: S,
+    compute: C,
+    render: R,
+) -> Result<Response, ApiError>
+where
+    S: Fn(&StateData) -> Stamp,
+    C: Fn(&StateData) -> Result<T, ApiError>,
+    R: Fn(T) -> Result<bytes::Bytes, ApiError>,
+{
+    let b = Blocking::start(ctx, p).await?;
+    let slot = ctx.results.slot(&cache_key);
+    loop {
+        let (now, mut watch) = {
+            let store = ctx.raft()?.store.read();
+            let watch = b.min_index.map(|_| store.watches().subscribe(&key));
+            (stamp(store.data()), watch)
+        };
+        if !b.answer_now(now.0) {
+            let mut w: Vec<_> = watch.take().into_iter().collect();
+            if b.wait(ctx, &mut w).await {
+                continue;
+            }
+        }
+        let answer = answer_for(ctx, &slot, now, &stamp, &compute, &render).await?;
+        let meta = Meta::of(ctx, answer.index, p);
+        let mut resp = Response::new(axum::body::Body::from(answer.body));
+        resp.headers_mut().insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+        meta.apply(&mut resp);
+        return Ok(resp);
+    }
+}
+
+/// The cached answer if it is still valid, else computed once for everyone asking.
+async fn answer_for<T, S, C, R>(ctx: &Ctx, slot: &CacheSlot, want: Stamp, stamp: &S, compute: &C, render: &R) -> Result<Answer, ApiError>
+where
+    S: Fn(&StateData) -> Stamp,
+    C: Fn(&StateData) -> Result<T, ApiError>,
+    R: Fn(T) -> Result<bytes::Bytes, ApiError>,
+{
+    if let Some(a) = slot.answer.lock().as_ref().filter(|a| a.stamp >= want) {
+        return Ok(a.clone());
+    }
+    let _flight = slot.flight.lock().await;
+    // Someone else may have computed it while this reader waited its turn.
+    if let Some(a) = slot.answer.lock().as_ref().filter(|a| a.stamp >= want) {
+        return Ok(a.clone());
+    }
+    let (value, now) = {
+        let store = ctx.raft()?.store.read();
+        let d = store.data();
+        (compute(d)?, stamp(d))
+    };
+    let body = render(value)?;
+    let answer = Answer { stamp: now, index: now.0.max(1), body };
+    ctx.results.store(slot, answer.clone());
+    Ok(answer)
 }
 
 fn jitter(wait: Duration) -> Duration {

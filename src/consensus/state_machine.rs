@@ -59,7 +59,11 @@ impl StateMachine {
         let p: SnapshotPayload = postcard::from_bytes(bytes).map_err(|e| StorageIOError::read_snapshot(None, io_err(&e)))?;
         self.last_applied = p.last_applied;
         self.membership = p.membership;
-        self.store.write().replace(p.data);
+        let mut store = self.store.write();
+        store.replace(p.data);
+        let (changes, watches) = (store.take_changes(), store.watches().clone());
+        drop(store);
+        watches.publish(&changes);
         Ok(())
     }
 }
@@ -78,6 +82,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut out = Vec::new();
         let mut store = self.store.write();
+        let watches = store.watches().clone();
         for e in entries {
             self.last_applied = Some(e.log_id);
             match e.payload {
@@ -89,6 +94,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
+        // Wake the readers of what changed once the lock is released: however many there are,
+        // the next write does not wait for them.
+        let changes = store.take_changes();
+        drop(store);
+        watches.publish(&changes);
         Ok(out)
     }
 

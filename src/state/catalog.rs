@@ -109,6 +109,10 @@ impl Store {
                     dirty_services.insert(p.service.clone());
                 }
                 dirty_services.insert(s.service.clone());
+                if let Some(p) = &prev {
+                    self.unindex_service(&key, &p.service);
+                }
+                self.index_service(&key, &s.service);
                 self.data.services.insert(key, s);
                 self.touch(Table::Services);
             }
@@ -147,6 +151,7 @@ impl Store {
                 let svc_keys: Vec<_> = self.data.services.range(node_range(node)).map(|(k, _)| k.clone()).collect();
                 for k in svc_keys {
                     if let Some(s) = self.data.services.remove(&k) {
+                        self.unindex_service(&k, &s.service);
                         dirty.insert(s.service);
                         self.touch(Table::Services);
                     }
@@ -162,7 +167,9 @@ impl Store {
                 }
             }
             (Some(sid), _) => {
-                if let Some(s) = self.data.services.remove(&(node.to_string(), sid.to_string())) {
+                let key = (node.to_string(), sid.to_string());
+                if let Some(s) = self.data.services.remove(&key) {
+                    self.unindex_service(&key, &s.service);
                     dirty.insert(s.service);
                     self.touch(Table::Services);
                 }
@@ -201,7 +208,21 @@ impl Store {
 
     fn bump_services(&mut self, index: RaftIndex, names: BTreeSet<String>) {
         for n in names {
-            self.data.service_index.insert(n, index);
+            self.data.service_index.insert(n.clone(), index);
+            self.pending.services.insert(n);
+        }
+    }
+
+    fn index_service(&mut self, key: &(String, String), name: &str) {
+        self.data.by_service.0.entry(name.to_string()).or_default().insert(key.clone());
+    }
+
+    fn unindex_service(&mut self, key: &(String, String), name: &str) {
+        if let Some(set) = self.data.by_service.0.get_mut(name) {
+            set.remove(key);
+            if set.is_empty() {
+                self.data.by_service.0.remove(name);
+            }
         }
     }
 
@@ -269,8 +290,9 @@ impl StateData {
 
     pub fn service_instances(&self, name: &str, q: &ServiceQuery) -> (Vec<ServiceInstance>, RaftIndex) {
         let mut out = Vec::new();
-        for ((node_name, _), s) in &self.services {
-            if s.service != name || !q.tags.iter().all(|t| s.tags.contains(t)) {
+        let keys = self.by_service.0.get(name).into_iter().flatten();
+        for (node_name, s) in keys.filter_map(|k| self.services.get(k).map(|s| (&k.0, s))) {
+            if !q.tags.iter().all(|t| s.tags.contains(t)) {
                 continue;
             }
             let Some(node) = self.nodes.get(node_name) else {
@@ -305,7 +327,10 @@ impl StateData {
     }
 
     pub fn service_checks(&self, service: &str) -> (Vec<HealthCheck>, RaftIndex) {
-        let checks = self.checks.values().filter(|c| c.service_name == service).cloned().collect();
+        let mut checks = Vec::new();
+        for (node, sid) in self.by_service.0.get(service).into_iter().flatten() {
+            checks.extend(self.checks.range(node_range(node)).map(|(_, c)| c).filter(|c| &c.service_id == sid).cloned());
+        }
         (checks, self.service_view_index(service))
     }
 

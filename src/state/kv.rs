@@ -157,6 +157,7 @@ impl Store {
         let changes = ov.changes;
         if !changes.is_empty() {
             for (k, v) in changes {
+                self.pending.kv_keys.insert(k.clone());
                 match v {
                     Some(e) => {
                         self.data.kv_tombstones.remove(&k);

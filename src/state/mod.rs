@@ -12,17 +12,20 @@ pub mod kv;
 pub mod query;
 pub mod session;
 pub mod types;
+pub mod watch;
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 pub use command::{Command, KvVerb, Outcome, Registration, Request, TxnError, TxnOp};
 pub use types::*;
+pub use watch::{Changes, WatchKey, Watches};
 
 /// The tables a query can read; each has its own watch so a write wakes only its readers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Table {
     Nodes = 0,
     Services = 1,
@@ -36,7 +39,7 @@ pub enum Table {
     Coordinates = 8,
 }
 
-const TABLE_COUNT: usize = 9;
+pub(crate) const TABLE_COUNT: usize = 9;
 
 /// Everything replicated, in a form that snapshots serialize as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -72,6 +75,21 @@ pub struct StateData {
     pub table_index: [RaftIndex; TABLE_COUNT],
     /// Highest index that changed anything a service's catalog/health view shows.
     pub service_index: BTreeMap<String, RaftIndex>,
+    /// Derived, not replicated: the instances of each service by name, so that reading one
+    /// service costs its own instances, not the whole catalog.
+    #[serde(skip)]
+    pub by_service: DerivedIndex,
+}
+
+/// Indexes derived from the tables: rebuilt after a snapshot loads, maintained by apply, and
+/// equal whenever the tables are (they carry no information of their own).
+#[derive(Debug, Clone, Default)]
+pub struct DerivedIndex(pub BTreeMap<String, std::collections::BTreeSet<(String, String)>>);
+
+impl PartialEq for DerivedIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The chunks of a restore received so far.
@@ -84,17 +102,28 @@ pub struct RestoreStaging {
 }
 
 impl StateData {
+    /// Rebuild the derived indexes from the tables (after a snapshot is loaded).
+    pub fn rebuild_indexes(&mut self) {
+        let mut by = BTreeMap::<String, std::collections::BTreeSet<(String, String)>>::new();
+        for (key, s) in &self.services {
+            by.entry(s.service.clone()).or_default().insert(key.clone());
+        }
+        self.by_service = DerivedIndex(by);
+    }
+
     pub fn index_of(&self, tables: &[Table]) -> RaftIndex {
         tables.iter().map(|t| self.table_index[*t as usize]).max().unwrap_or(0)
     }
 }
 
-/// The applied state plus the watches of its tables.
+/// The applied state plus the watches readers wait on.
 pub struct Store {
     data: StateData,
-    watches: Vec<watch::Sender<RaftIndex>>,
+    watches: Arc<Watches>,
     /// Tables changed by the command being applied.
     touched: [bool; TABLE_COUNT],
+    /// Everything changed since the last `take_changes`, to publish once the lock is released.
+    pending: Changes,
 }
 
 impl Default for Store {
@@ -105,24 +134,41 @@ impl Default for Store {
 
 impl Store {
     pub fn new() -> Store {
-        Store { data: StateData::default(), watches: (0..TABLE_COUNT).map(|_| watch::channel(0).0).collect(), touched: [false; TABLE_COUNT] }
+        Store { data: StateData::default(), watches: Watches::new(), touched: [false; TABLE_COUNT], pending: Changes::default() }
     }
 
     pub fn data(&self) -> &StateData {
         &self.data
     }
 
-    /// A receiver that changes whenever `table` does.
-    pub fn watch(&self, table: Table) -> watch::Receiver<RaftIndex> {
-        self.watches[table as usize].subscribe()
+    /// A receiver that changes whenever `table` does (subscribe under the read lock).
+    pub fn watch(&self, table: Table) -> tokio::sync::watch::Receiver<RaftIndex> {
+        self.watches.subscribe(&WatchKey::Table(table))
     }
 
-    /// Replace everything (snapshot install), waking every watcher.
+    /// The watch registry, to subscribe to finer keys and to publish changes.
+    pub fn watches(&self) -> &Arc<Watches> {
+        &self.watches
+    }
+
+    /// What changed since the last call; publish it (`Watches::publish`) once the write lock
+    /// is released.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Publish what changed, from inside the write lock (tests and single-threaded users).
+    pub fn publish(&mut self) {
+        let c = self.take_changes();
+        self.watches.publish(&c);
+    }
+
+    /// Replace everything (snapshot install): every watcher wakes at the next publish.
     pub fn replace(&mut self, data: StateData) {
         self.data = data;
-        for (i, w) in self.watches.iter().enumerate() {
-            w.send_replace(self.data.table_index[i]);
-        }
+        self.data.rebuild_indexes();
+        self.pending.all = true;
+        self.pending.index = self.pending.index.max(self.data.table_index.iter().copied().max().unwrap_or(0));
     }
 
     /// Apply one replicated command at `index`. Never panics on any input: a command that
@@ -158,6 +204,7 @@ impl Store {
                     self.data.kv_tombstones.iter().filter(|(_, i)| **i <= *up_to).map(|(k, i)| (k.clone(), *i)).collect();
                 for (k, i) in reaped {
                     self.data.kv_tombstones.remove(&k);
+                    self.pending.kv_keys.insert(k.clone());
                     self.data.kv_graveyard_index = self.data.kv_graveyard_index.max(i);
                     self.touch(Table::Kv);
                 }
@@ -214,9 +261,10 @@ impl Store {
         for i in 0..TABLE_COUNT {
             if self.touched[i] {
                 self.data.table_index[i] = index;
-                self.watches[i].send_replace(index);
+                self.pending.tables[i] = true;
             }
         }
+        self.pending.index = index;
         outcome
     }
 

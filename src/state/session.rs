@@ -46,6 +46,7 @@ impl Store {
         }
         let delay_ms = s.lock_delay / 1_000_000;
         for key in held {
+            self.pending.kv_keys.insert(key.clone());
             if delay_ms > 0 {
                 self.data.lock_delays.insert(key.clone(), now_ms.saturating_add(delay_ms));
             }

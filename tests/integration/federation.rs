@@ -83,8 +83,10 @@ async fn two_datacenters_serve_each_others_requests() {
     assert_eq!(one[0]["Coord"]["Vec"].as_array().unwrap().len(), 8, "{one}");
     let near = dc1.get_json(&format!("{s1}/v1/catalog/nodes?near=c1")).await.unwrap();
     assert_eq!(near[0]["Node"], "c1", "{near}");
-    let bad = json!({"Node": "nobody", "Coord": one[0]["Coord"]});
-    assert_eq!(dc1.put(&format!("{s1}/v1/coordinate/update"), bad.to_string()).await.unwrap().0, 400);
+    // A coordinate for a node the catalog does not hold is accepted and dropped, as Consul does.
+    let unknown = json!({"Node": "nobody", "Coord": one[0]["Coord"]});
+    assert_eq!(dc1.put(&format!("{s1}/v1/coordinate/update"), unknown.to_string()).await.unwrap().0, 200);
+    assert_eq!(dc1.http.get(format!("{s1}/v1/coordinate/node/nobody")).send().await.unwrap().status(), 404);
 
     register_web(dc2, "web-dc2", "10.20.0.1").await;
     for base in [&s1, &c1] {

@@ -311,6 +311,7 @@ impl Agent {
             limits: cfg.limits.clone(),
             blocking_slots: Arc::new(tokio::sync::Semaphore::new(cfg.limits.http_max_blocking_queries)),
             results: Default::default(),
+            agent_cache: (!cfg.server).then(|| api::agent_cache::AgentCache::new(shutdown.clone())),
             started: Instant::now(),
         });
         let router = api::router(ctx);

@@ -131,6 +131,10 @@ pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next)
         if !relay_allowed(&Role::Client, req.method().as_str(), &path) {
             return ApiError::Forbidden(relay_refused(&Role::Client, req.method().as_str(), &path)).into_response();
         }
+        // Blocking and `?cached` reads share one upstream watch per distinct query.
+        if super::agent_cache::applies(req.method(), &path, &params) {
+            return super::agent_cache::read(&ctx, &path, &params).await.unwrap_or_else(IntoResponse::into_response);
+        }
         return match relay_any(&ctx, req, &params).await {
             Ok(r) => r,
             Err(e) => e.into_response(),

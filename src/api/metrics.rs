@@ -124,6 +124,10 @@ fn gauges(ctx: &Ctx) -> Vec<(&'static str, f64)> {
         ("trellis.http.blocking_wakeups", ctx.metrics.blocking_wakeups.load(std::sync::atomic::Ordering::Relaxed) as f64),
         ("trellis.http.shared_answers", ctx.results.len() as f64),
     ];
+    if let Some(c) = &ctx.agent_cache {
+        out.push(("trellis.agent_cache.entries", c.len() as f64));
+        out.push(("trellis.agent_cache.upstream_watches", c.upstream_watches.load(std::sync::atomic::Ordering::Relaxed) as f64));
+    }
     let Some(node) = &ctx.node else { return out };
     let m = node.raft.metrics().borrow().clone();
     let (nodes, services, kv, tombstones, sessions) = {

@@ -7,6 +7,7 @@
 //! own endpoints are always answered locally. Handlers live in one module per endpoint family.
 
 pub mod agent;
+pub mod agent_cache;
 pub mod catalog;
 pub mod coordinate;
 pub mod error;
@@ -76,6 +77,8 @@ pub struct ApiContext {
     pub blocking_slots: Arc<tokio::sync::Semaphore>,
     /// Shared answers of the hottest reads (`query::shared_read`).
     pub results: query::ResultCache,
+    /// Client agents: one upstream watch per distinct blocking read (`agent_cache`).
+    pub agent_cache: Option<agent_cache::AgentCache>,
     pub started: Instant,
 }
 

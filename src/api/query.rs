@@ -188,6 +188,11 @@ impl Blocking {
         if p.flag("consistent") && !p.flag("stale") {
             ctx.raft()?.verify_leader().await?;
         }
+        Blocking::start_local(ctx, p)
+    }
+
+    /// `start` for a read answered from this agent's own view (no leadership to verify).
+    pub fn start_local(ctx: &Ctx, p: &Params) -> Result<Blocking, ApiError> {
         let min_index = p.u64("index")?.filter(|i| *i > 0);
         let wait = wait_of(p)?;
         // Only a query that may park takes a slot; it is held until the answer is ready.

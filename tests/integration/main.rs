@@ -3,6 +3,7 @@
 
 mod agents;
 mod api;
+mod blocking;
 mod cli;
 mod cluster;
 mod dns;

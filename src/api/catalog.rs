@@ -343,6 +343,8 @@ pub async fn service_view(
         .await?;
         return Ok(reply(&meta, &filtered(&p, &list)?));
     }
+    // Nothing below needs the request's headers: free them before a long wait.
+    drop(headers);
     let cache_key = super::query::cache_key(&format!("{endpoint}/{name}"), &p);
     super::query::shared_read(
         ctx,

@@ -117,25 +117,25 @@ impl Meta {
         } else {
             "leader"
         };
-        Meta {
-            index: index.max(1),
-            known_leader: ctx.node.as_ref().is_none_or(|n| n.leader().is_some()),
-            last_contact_ms: ctx.node.as_ref().and_then(|n| n.last_contact()).map(|d| d.as_millis() as u64).unwrap_or(0),
-            consistency,
-        }
+        // One look at Raft's metrics for both: a woken watcher pays this once per answer.
+        let (known_leader, last_contact_ms) = match &ctx.node {
+            None => (true, 0),
+            Some(n) => {
+                let (leader, me) = (n.raft.metrics().borrow().current_leader, n.id);
+                let contact = if leader == Some(me) { Some(std::time::Duration::ZERO) } else { n.contacts.since_leader() };
+                (leader.is_some(), contact.map(|d| d.as_millis() as u64).unwrap_or(0))
+            }
+        };
+        Meta { index: index.max(1), known_leader, last_contact_ms, consistency }
     }
 
     pub fn apply(&self, resp: &mut Response) {
+        use axum::http::HeaderValue;
         let h = resp.headers_mut();
-        let put = |h: &mut axum::http::HeaderMap, k: &'static str, v: String| {
-            if let Ok(v) = v.parse() {
-                h.insert(k, v);
-            }
-        };
-        put(h, "x-consul-index", self.index.to_string());
-        put(h, "x-consul-knownleader", self.known_leader.to_string());
-        put(h, "x-consul-lastcontact", self.last_contact_ms.to_string());
-        put(h, "x-consul-effective-consistency", self.consistency.to_string());
+        h.insert("x-consul-index", HeaderValue::from(self.index));
+        h.insert("x-consul-knownleader", HeaderValue::from_static(if self.known_leader { "true" } else { "false" }));
+        h.insert("x-consul-lastcontact", HeaderValue::from(self.last_contact_ms));
+        h.insert("x-consul-effective-consistency", HeaderValue::from_static(self.consistency));
     }
 }
 
@@ -373,25 +373,29 @@ where
 {
     let b = Blocking::start(ctx, p).await?;
     let slot = ctx.results.slot(&cache_key);
-    loop {
-        let (now, mut watch) = {
+    // Subscribed once, before the first look at the state, under the same lock: no change
+    // between a look and the wait after it can be missed.
+    let mut watch: Vec<_> = Vec::new();
+    let now = loop {
+        let now = {
             let store = ctx.raft()?.store.read();
-            let watch = b.min_index.map(|_| store.watches().subscribe(&key));
-            (stamp(store.data()), watch)
-        };
-        if !b.answer_now(now.0) {
-            let mut w: Vec<_> = watch.take().into_iter().collect();
-            if b.wait(ctx, &mut w).await {
-                continue;
+            if b.min_index.is_some() && watch.is_empty() {
+                watch.push(store.watches().subscribe(&key));
             }
+            stamp(store.data())
+        };
+        if b.answer_now(now.0) || !b.wait(ctx, &mut watch).await {
+            break now;
         }
-        let answer = answer_for(ctx, &slot, now, &stamp, &compute, &render).await?;
-        let meta = Meta::of(ctx, answer.index, p);
-        let mut resp = Response::new(axum::body::Body::from(answer.body));
-        resp.headers_mut().insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
-        meta.apply(&mut resp);
-        return Ok(resp);
-    }
+    };
+    drop(watch);
+    // Boxed: a parked watcher should not carry the computation's state around.
+    let answer = Box::pin(answer_for(ctx, &slot, now, &stamp, &compute, &render)).await?;
+    let meta = Meta::of(ctx, answer.index, p);
+    let mut resp = Response::new(axum::body::Body::from(answer.body));
+    resp.headers_mut().insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    meta.apply(&mut resp);
+    Ok(resp)
 }
 
 /// The cached answer if it is still valid, else computed once for everyone asking.

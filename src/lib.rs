@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod connect;
 pub mod consensus;
 pub mod coordinate;
 pub mod dns;

@@ -239,6 +239,7 @@ impl Agent {
             address: cfg.bind_addr.to_string(),
             meta: Default::default(),
             server: cfg.server,
+            sidecar_ports: cfg.sidecar_ports,
         };
         let options = local::checks::RunnerOptions {
             enable_script_checks: cfg.enable_script_checks,

@@ -46,6 +46,8 @@ pub struct ServiceBody {
     pub port: i64,
     pub weights: Option<WeightsBody>,
     pub enable_tag_override: bool,
+    pub proxy: Option<crate::connect::registration::ProxyBody>,
+    pub connect: Option<crate::connect::registration::ConnectBody>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -128,6 +130,8 @@ impl ServiceBody {
             port: port("Port", self.port)?,
             weights,
             enable_tag_override: self.enable_tag_override,
+            proxy: self.proxy.map(|p| p.into_proxy()).transpose()?,
+            connect_native: self.connect.as_ref().is_some_and(|c| c.native),
             create_index: 0,
             modify_index: 0,
         })

@@ -143,10 +143,34 @@ const FIELD_NAMES: &[&str] = &[
     "Verb",
     "Warning",
     "Weights",
+    // The mesh part of a service registration.
+    "Proxy",
+    "SidecarService",
+    "Native",
+    "DestinationServiceName",
+    "DestinationServiceID",
+    "LocalServiceAddress",
+    "LocalServicePort",
+    "LocalServiceSocketPath",
+    "Mode",
+    "Upstreams",
+    "DestinationType",
+    "DestinationNamespace",
+    "DestinationPartition",
+    "DestinationPeer",
+    "DestinationName",
+    "LocalBindAddress",
+    "LocalBindPort",
+    "LocalBindSocketPath",
+    "MeshGateway",
+    "Expose",
+    "TransparentProxy",
+    "CentrallyConfigured",
+    "Config",
 ];
 
 /// Fields whose value is a map of user-chosen keys: those keys are data, never renamed.
-const USER_KEYED: &[&str] = &["Meta", "NodeMeta", "ServiceMeta", "TaggedAddresses", "Header"];
+const USER_KEYED: &[&str] = &["Meta", "NodeMeta", "ServiceMeta", "TaggedAddresses", "Header", "Config"];
 
 pub fn canonical_keys(v: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
@@ -161,6 +185,8 @@ pub fn canonical_keys(v: serde_json::Value) -> serde_json::Value {
                     let name =
                         FIELD_NAMES.iter().find(|n| n.eq_ignore_ascii_case(&k) || n.eq_ignore_ascii_case(&bare)).map(|n| n.to_string()).unwrap_or(k);
                     let v = match (USER_KEYED.contains(&name.as_str()), v) {
+                        // A proxy's `Config` is opaque: nothing inside it is ours to rename.
+                        (true, v) if name == "Config" => v,
                         (true, Value::Object(m)) => Value::Object(m.into_iter().map(|(k, v)| (k, canonical_keys(v))).collect()),
                         (_, v) => canonical_keys(v),
                     };

@@ -137,6 +137,61 @@ pub struct RawConfig {
     /// How long deleted KV keys are remembered, so that blocking prefix reads see deletions,
     /// before the leader reaps them (default 15m, Consul's).
     pub tombstone_ttl: Option<String>,
+    /// The service mesh (Consul's `connect` block).
+    pub connect: Option<RawConnect>,
+    /// Consul's top-level spelling of `connect.default_intention_policy`.
+    pub default_intention_policy: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnect {
+    /// The mesh: CA, leaf certificates, intentions, sidecars (default true).
+    pub enabled: Option<bool>,
+    /// Only "consul", the built-in CA.
+    pub ca_provider: Option<String>,
+    /// The CA's settings at first start (later: `PUT /v1/connect/ca/configuration`).
+    pub ca_config: Option<RawCaConfig>,
+    /// Federate datacenters through mesh gateways (needs `enabled`).
+    pub enable_mesh_gateway_wan_federation: Option<bool>,
+    /// "allow" or "deny": the decision when no intention matches (default allow, as Consul's
+    /// without ACLs).
+    pub default_intention_policy: Option<String>,
+    /// Run the sidecar of every service registered here inside the agent (default true);
+    /// false leaves it to `trellis connect proxy --sidecar-for <id>`.
+    pub run_sidecars: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawCaConfig {
+    pub leaf_cert_ttl: Option<String>,
+    pub intermediate_cert_ttl: Option<String>,
+    pub root_cert_ttl: Option<String>,
+    pub private_key_type: Option<String>,
+    pub private_key_bits: Option<u32>,
+    pub csr_max_per_second: Option<f64>,
+    pub csr_max_concurrent: Option<u64>,
+    /// Accepted for compatibility; not used by current Consul either.
+    pub rotation_period: Option<String>,
+}
+
+/// The mesh settings an agent runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectSettings {
+    pub enabled: bool,
+    /// The CA's settings at first start: (key, value) pairs of `ca_config` that were set.
+    pub leaf_cert_ttl: Option<String>,
+    pub intermediate_cert_ttl: Option<String>,
+    pub root_cert_ttl: Option<String>,
+    pub private_key_type: Option<String>,
+    pub private_key_bits: Option<u32>,
+    pub csr_max_per_second: Option<f64>,
+    pub csr_max_concurrent: Option<u64>,
+    /// `None`: no policy configured (allow, reason "Default behavior configured by ACLs").
+    pub default_intention_policy: Option<bool>,
+    pub run_sidecars: bool,
+    pub mesh_gateway_wan_federation: bool,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -277,6 +332,10 @@ pub struct RawPorts {
     pub https: Option<i64>,
     /// gRPC. Accepted and range-checked; not used yet.
     pub grpc: Option<i64>,
+    /// The lowest and highest port given to sidecars automatically (default 21000-21255;
+    /// both 0 turns automatic sidecar ports off).
+    pub sidecar_min_port: Option<i64>,
+    pub sidecar_max_port: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -379,6 +438,9 @@ pub struct Config {
     pub autopilot: AutopilotSettings,
     pub limits: Limits,
     pub tombstone_ttl: std::time::Duration,
+    pub connect: ConnectSettings,
+    /// `ports.sidecar_min_port`..=`sidecar_max_port`.
+    pub sidecar_ports: (u16, u16),
     /// The HTTPS API, when `ports.https` is set.
     pub https: Option<HttpsConfig>,
 }
@@ -456,7 +518,21 @@ impl RawConfig {
             bind_addr,
             client_addr
         );
-        take!(self, other, domain, log_level, ca_file, cert_file, key_file, performance, autopilot, auto_encrypt, limits);
+        take!(
+            self,
+            other,
+            domain,
+            log_level,
+            ca_file,
+            cert_file,
+            key_file,
+            performance,
+            autopilot,
+            auto_encrypt,
+            limits,
+            connect,
+            default_intention_policy
+        );
         take!(
             self,
             other,
@@ -495,7 +571,7 @@ impl RawConfig {
         }
         if let Some(p) = other.ports {
             let mine = self.ports.get_or_insert_with(Default::default);
-            take!(mine, p, http, dns, server, serf_lan, serf_wan, https, grpc);
+            take!(mine, p, http, dns, server, serf_lan, serf_wan, https, grpc, sidecar_min_port, sidecar_max_port);
         }
     }
 
@@ -747,6 +823,64 @@ impl RawConfig {
                 errs.push(format!("limits.{key}: {v} must be between 1 and {MAX_BODY_LIMIT} bytes"));
             }
         }
+        let sidecar_ports = {
+            let min = ports.sidecar_min_port.unwrap_or(21000);
+            let max = ports.sidecar_max_port.unwrap_or(21255);
+            if !(0..=65535).contains(&min) || !(0..=65535).contains(&max) {
+                errs.push("ports.sidecar_min_port / sidecar_max_port: must be port numbers (0-65535)".into());
+                (21000, 21255)
+            } else if min > max {
+                errs.push("ports.sidecar_min_port: sidecar_min_port must be less than sidecar_max_port. To disable, set both to zero.".into());
+                (21000, 21255)
+            } else {
+                (min as u16, max as u16)
+            }
+        };
+        let rc = self.connect.unwrap_or_default();
+        let policy = rc.default_intention_policy.or(self.default_intention_policy);
+        let default_intention_policy = match policy.as_deref() {
+            None | Some("") => None,
+            Some("allow") => Some(true),
+            Some("deny") => Some(false),
+            Some(other) => {
+                errs.push(format!("connect.default_intention_policy: {other:?} is not \"allow\" or \"deny\""));
+                None
+            }
+        };
+        if let Some(p) = rc.ca_provider.as_deref().filter(|p| *p != "consul") {
+            errs.push(format!("connect.ca_provider: {p:?} is not supported; Trellis has the built-in \"consul\" CA"));
+        }
+        let enabled = rc.enabled.unwrap_or(true);
+        let wan_fed = rc.enable_mesh_gateway_wan_federation.unwrap_or(false);
+        if wan_fed && !enabled {
+            errs.push(
+                "connect.enable_mesh_gateway_wan_federation: 'connect.enable_mesh_gateway_wan_federation=true' requires 'connect.enabled=true'"
+                    .into(),
+            );
+        }
+        let ca = rc.ca_config.unwrap_or_default();
+        for (key, v) in
+            [("leaf_cert_ttl", &ca.leaf_cert_ttl), ("intermediate_cert_ttl", &ca.intermediate_cert_ttl), ("root_cert_ttl", &ca.root_cert_ttl)]
+        {
+            if let Some(v) = v
+                && crate::duration::parse(v).is_none()
+            {
+                errs.push(format!("connect.ca_config.{key}: {v:?} is not a duration like \"72h\""));
+            }
+        }
+        let connect = ConnectSettings {
+            enabled,
+            leaf_cert_ttl: ca.leaf_cert_ttl,
+            intermediate_cert_ttl: ca.intermediate_cert_ttl,
+            root_cert_ttl: ca.root_cert_ttl,
+            private_key_type: ca.private_key_type,
+            private_key_bits: ca.private_key_bits,
+            csr_max_per_second: ca.csr_max_per_second,
+            csr_max_concurrent: ca.csr_max_concurrent,
+            default_intention_policy,
+            run_sidecars: rc.run_sidecars.unwrap_or(true),
+            mesh_gateway_wan_federation: wan_fed,
+        };
         let tombstone_ttl = match self.tombstone_ttl {
             None => DEFAULT_TOMBSTONE_TTL,
             Some(t) => crate::duration::parse(&t).filter(|d| !d.is_zero()).unwrap_or_else(|| {
@@ -805,6 +939,8 @@ impl RawConfig {
             autopilot,
             limits,
             tombstone_ttl,
+            connect,
+            sidecar_ports,
             https,
         })
     }

@@ -46,6 +46,25 @@ pub enum Command {
     KvReap {
         up_to: u64,
     },
+    /// Install the Connect CA state, over the version `expect` (0: only if none exists).
+    CaSet {
+        ca: Box<super::mesh::ConnectCa>,
+        expect: u64,
+    },
+    /// Write a config entry (with `cas`: only over that modify index, 0 for "only if absent").
+    ConfigSet {
+        entry: super::mesh::ConfigEntry,
+        cas: Option<u64>,
+    },
+    ConfigDelete {
+        kind: String,
+        name: String,
+        cas: Option<u64>,
+    },
+    /// A secondary's copy of the primary's config entries: the whole set.
+    ConfigReplicate {
+        entries: Vec<super::mesh::ConfigEntry>,
+    },
     /// Create the auto-encrypt CA unless one exists.
     AgentCaInit(AgentCa),
     /// One piece of a snapshot being restored (the postcard encoding of a `StateData`, split so
@@ -79,6 +98,10 @@ impl Command {
             Command::QueryUpdate(_) => "QueryUpdate",
             Command::QueryDelete { .. } => "QueryDelete",
             Command::KvReap { .. } => "KvReap",
+            Command::CaSet { .. } => "CaSet",
+            Command::ConfigSet { .. } => "ConfigSet",
+            Command::ConfigDelete { .. } => "ConfigDelete",
+            Command::ConfigReplicate { .. } => "ConfigReplicate",
             Command::AgentCaInit(_) => "AgentCaInit",
             Command::RestoreChunk { .. } => "RestoreChunk",
             Command::RestoreCommit { .. } => "RestoreCommit",

@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod command;
 pub mod kv;
+pub mod mesh;
 pub mod query;
 pub mod session;
 pub mod types;
@@ -37,9 +38,12 @@ pub enum Table {
     AgentCa = 6,
     PreparedQueries = 7,
     Coordinates = 8,
+    /// The Connect CA: roots, signing material and configuration.
+    ConnectCa = 9,
+    ConfigEntries = 10,
 }
 
-pub(crate) const TABLE_COUNT: usize = 9;
+pub(crate) const TABLE_COUNT: usize = 11;
 
 /// Everything replicated, in a form that snapshots serialize as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -68,6 +72,12 @@ pub struct StateData {
     pub prepared_queries: BTreeMap<String, query::PreparedQuery>,
     /// Each node's network coordinate in this datacenter, as its agent last reported it.
     pub coordinates: BTreeMap<String, CoordinateEntry>,
+    /// The Connect CA of this datacenter (None until the first leader creates it).
+    #[serde(default)]
+    pub connect_ca: Option<mesh::ConnectCa>,
+    /// Config entries by (kind, name).
+    #[serde(default)]
+    pub config_entries: BTreeMap<(String, String), mesh::ConfigEntry>,
     /// A snapshot restore in progress: chunks applied so far (part of the replicated state, so
     /// a Raft snapshot taken mid-restore carries it).
     pub restore_staging: Option<RestoreStaging>,
@@ -210,6 +220,10 @@ impl Store {
                 }
                 Outcome::Done
             }
+            Command::CaSet { ca, expect } => self.ca_set(index, ca, *expect),
+            Command::ConfigSet { entry, cas } => self.config_set(index, entry, *cas),
+            Command::ConfigDelete { kind, name, cas } => self.config_delete(kind, name, *cas),
+            Command::ConfigReplicate { entries } => self.config_replicate(index, entries),
             Command::QuerySet(q) => self.query_set(index, q),
             Command::QueryUpdate(q) if !self.data.prepared_queries.contains_key(&q.id) => Outcome::Rejected(query::NOT_FOUND.into()),
             Command::QueryUpdate(q) => self.query_set(index, q),

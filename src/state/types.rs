@@ -104,6 +104,12 @@ pub struct Service {
     pub weights: Weights,
     #[serde(default)]
     pub enable_tag_override: bool,
+    /// The proxy part of a `connect-proxy` (or gateway) registration.
+    #[serde(default)]
+    pub proxy: Option<super::mesh::ServiceProxy>,
+    /// `Connect.Native`: the service speaks mesh mTLS itself.
+    #[serde(default)]
+    pub connect_native: bool,
     #[serde(default)]
     pub create_index: RaftIndex,
     #[serde(default)]

@@ -158,6 +158,8 @@ const TABLES: [Table; TABLE_COUNT] = [
     Table::AgentCa,
     Table::PreparedQueries,
     Table::Coordinates,
+    Table::ConnectCa,
+    Table::ConfigEntries,
 ];
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 mod alias;
 pub mod checks;
+pub mod sidecar;
 pub mod sync;
 
 use parking_lot::Mutex;
@@ -66,6 +67,9 @@ struct LocalService {
     origin: Origin,
     /// The definition as given, kept to persist it verbatim.
     definition: Value,
+    /// For a sidecar registered through its parent's `Connect.SidecarService`: the parent's
+    /// ID (the sidecar goes with it, and is re-created from its definition, not persisted).
+    sidecar_of: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +109,8 @@ pub struct NodeFacts {
     pub address: String,
     pub meta: BTreeMap<String, String>,
     pub server: bool,
+    /// `ports.sidecar_min_port`..=`sidecar_max_port` (both 0: no automatic sidecar ports).
+    pub sidecar_ports: (u16, u16),
 }
 
 #[derive(Clone)]
@@ -143,6 +149,8 @@ struct AgentServiceBody {
     enable_tag_override: bool,
     check: Option<Value>,
     checks: Option<Vec<Value>>,
+    proxy: Option<crate::connect::registration::ProxyBody>,
+    connect: Option<crate::connect::registration::ConnectBody>,
 }
 
 /// A local service as `/v1/agent/services` shows it (Consul's `AgentService`): no raft
@@ -278,8 +286,27 @@ impl LocalAgent {
             port: b.port,
             weights: b.weights,
             enable_tag_override: b.enable_tag_override,
+            proxy: b.proxy,
+            connect: b.connect.map(|c| crate::connect::registration::ConnectBody { native: c.native, sidecar_service: None }),
         };
-        svc.into_service()
+        let s = svc.into_service()?;
+        if s.kind == "connect-proxy" {
+            if s.port == 0 {
+                return Err(ApiError::BadRequest("Validation failed: Port or SocketPath must be set for a connect-proxy".into()));
+            }
+            if s.proxy.as_ref().is_none_or(|p| p.destination_service_name.is_empty()) {
+                return Err(ApiError::BadRequest(
+                    "Validation failed: Proxy.DestinationServiceName must be non-empty for Connect proxy services".into(),
+                ));
+            }
+        }
+        if s.connect_native && s.kind == "connect-proxy" {
+            return Err(ApiError::BadRequest("Validation failed: A Proxy cannot also be Connect Native, only typical services".into()));
+        }
+        if s.connect_native && s.port == 0 {
+            return Err(ApiError::BadRequest("Validation failed: Port or SocketPath must be set for a Connect native service.".into()));
+        }
+        Ok(s)
     }
 
     fn build_check(&self, raw: &Value, service: Option<&Service>, n: usize, total: usize) -> Result<LocalCheck, ApiError> {
@@ -362,6 +389,61 @@ impl LocalAgent {
         let raw = crate::api::error::canonical_keys(raw);
         let body: AgentServiceBody = serde_json::from_value(raw.clone()).map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))?;
         let service = self.parse_service(&body)?;
+        // A `Connect.SidecarService` becomes a service of its own, registered with the parent.
+        let sidecar = match body.connect.as_ref().and_then(|c| c.sidecar_service.as_ref()).filter(|s| !s.is_null()) {
+            Some(sc) => {
+                let ctx = {
+                    let st = self.inner.state.lock();
+                    let sid = format!("{}-sidecar-proxy", service.id);
+                    sidecar::SidecarContext {
+                        node_address: &self.inner.node.address,
+                        min_port: self.inner.node.sidecar_ports.0,
+                        max_port: self.inner.node.sidecar_ports.1,
+                        used_ports: st.services.values().filter(|s| s.service.id != sid).map(|s| s.service.port).collect(),
+                        current_port: st.services.get(&sid).map(|s| s.service.port),
+                    }
+                };
+                let mut parent = raw.clone();
+                parent["ID"] = json!(service.id);
+                Some(sidecar::definition(&parent, sc, &ctx)?)
+            }
+            None => None,
+        };
+        if let Some(def) = &sidecar {
+            // Validate the sidecar before anything is registered: the pair goes in whole or not.
+            let b: AgentServiceBody =
+                serde_json::from_value(def.clone()).map_err(|e| ApiError::BadRequest(format!("Invalid SidecarService: {e}")))?;
+            self.parse_service(&b).map_err(|e| ApiError::BadRequest(format!("Invalid SidecarService: {e}")))?;
+        }
+        self.add_one_service(raw, body, service.clone(), origin, replace_existing_checks, None)?;
+        match sidecar {
+            Some(def) => {
+                let b: AgentServiceBody =
+                    serde_json::from_value(def.clone()).map_err(|e| ApiError::BadRequest(format!("Invalid SidecarService: {e}")))?;
+                let s = self.parse_service(&b)?;
+                self.add_one_service(def, b, s, origin, replace_existing_checks, Some(service.id.clone()))
+            }
+            None => {
+                // A parent registered again without a sidecar loses the one it had.
+                let old = format!("{}-sidecar-proxy", service.id);
+                let was_ours = self.inner.state.lock().services.get(&old).is_some_and(|s| s.sidecar_of.as_deref() == Some(service.id.as_str()));
+                if was_ours {
+                    self.remove_service(&old)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn add_one_service(
+        &self,
+        raw: Value,
+        body: AgentServiceBody,
+        service: Service,
+        origin: Origin,
+        replace_existing_checks: bool,
+        sidecar_of: Option<String>,
+    ) -> Result<(), ApiError> {
         let raws: Vec<Value> = body.check.into_iter().chain(body.checks.unwrap_or_default()).filter(|c| !c.is_null()).collect();
         let mut new_checks = Vec::new();
         for (i, r) in raws.iter().enumerate() {
@@ -391,7 +473,7 @@ impl LocalAgent {
             for c in new_checks {
                 st.checks.insert(c.check.check_id.clone(), c);
             }
-            st.services.insert(service.id.clone(), LocalService { service: service.clone(), origin, definition: raw });
+            st.services.insert(service.id.clone(), LocalService { service: service.clone(), origin, definition: raw, sidecar_of });
         }
         info!(service = %service.id, "service registered");
         self.persist();
@@ -400,6 +482,12 @@ impl LocalAgent {
     }
 
     pub fn remove_service(&self, id: &str) -> Result<(), ApiError> {
+        // A sidecar registered with this service goes with it.
+        let sidecars: Vec<String> =
+            self.inner.state.lock().services.values().filter(|s| s.sidecar_of.as_deref() == Some(id)).map(|s| s.service.id.clone()).collect();
+        for s in sidecars {
+            self.remove_service(&s)?;
+        }
         let removed_checks: Vec<String> = {
             let mut st = self.inner.state.lock();
             if st.services.remove(id).is_none() {
@@ -533,11 +621,13 @@ impl LocalAgent {
     fn persist(&self) {
         let p = {
             let st = self.inner.state.lock();
-            let remote_services = st.services.values().filter(|s| s.origin == Origin::RemoteApi).map(|s| s.service.id.clone());
+            let remote_services =
+                st.services.values().filter(|s| s.origin == Origin::RemoteApi && s.sidecar_of.is_none()).map(|s| s.service.id.clone());
             let remote_checks =
                 st.checks.values().filter(|c| c.origin == Origin::RemoteApi && c.check.service_id.is_empty()).map(|c| c.check.check_id.clone());
             Persisted {
-                services: st.services.values().filter(|s| s.origin.persisted()).map(|s| s.definition.clone()).collect(),
+                // Sidecars come back with their parents' definitions.
+                services: st.services.values().filter(|s| s.origin.persisted() && s.sidecar_of.is_none()).map(|s| s.definition.clone()).collect(),
                 checks: st.checks.values().filter(|c| c.origin.persisted() && c.check.service_id.is_empty()).map(|c| c.raw.clone()).collect(),
                 remote: remote_services.chain(remote_checks).collect(),
             }

@@ -25,6 +25,10 @@ pub struct ClusterHandler {
     pub lan: super::coordinates::LanCoordinate,
     /// Keyring changes go through the agent's gossip pools.
     pub agent: std::sync::Arc<super::ops::AgentHandle>,
+    /// Leaf and intermediate signing, and the mesh state secondaries replicate.
+    pub signer: std::sync::Arc<super::mesh::Signer>,
+    /// Whether this is the primary datacenter (the one that signs intermediates).
+    pub primary: bool,
 }
 
 pub fn hello(node: &RaftNode, datacenter: &str) -> HelloInfo {
@@ -63,6 +67,8 @@ impl Handler for ClusterHandler {
         let federation = self.federation.clone();
         let lan = self.lan.clone();
         let agent = self.agent.clone();
+        let signer = self.signer.clone();
+        let primary = self.primary;
         async move {
             let req: ClusterRpc = rpc::decode(&body)?;
             req.authorize(&peer)?;
@@ -83,6 +89,20 @@ impl Handler for ClusterHandler {
                 ClusterRpc::Ping => federation.pong(),
                 ClusterRpc::LanPing => ClusterReply::Pong { node: node.me.name.clone(), datacenter: dc.clone(), coord: lan.get() },
                 ClusterRpc::NodeState { node: name } => ClusterReply::NodeState(Box::new(node.node_state(&name))),
+                ClusterRpc::SignLeaf { csr } => ClusterReply::Leaf(Box::new(signer.sign_leaf(&csr).await?)),
+                ClusterRpc::CaRoots => {
+                    ClusterReply::CaRoots(node.store.read().data().connect_ca.as_ref().map(|c| Box::new(super::mesh::public_ca(c))))
+                }
+                ClusterRpc::SignIntermediate { datacenter, csr } => {
+                    if !primary {
+                        return Err(RpcError::new(
+                            ErrorCode::BadRequest,
+                            format!("datacenter {dc} is not the primary: intermediates are signed there"),
+                        ));
+                    }
+                    ClusterReply::Intermediate { cert_pem: signer.sign_intermediate(&datacenter, &csr)? }
+                }
+                ClusterRpc::MeshState { min_index } => ClusterReply::MeshState(Box::new(signer.mesh_state(min_index).await)),
                 ClusterRpc::Keyring { op, key } => {
                     // A change another datacenter's server passes on stays in this datacenter.
                     let fan_out = !matches!(peer.role, Role::RemoteServer(_));

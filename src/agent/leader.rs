@@ -41,6 +41,8 @@ pub struct LeaderWorker {
     pub domain: String,
     /// How long deleted KV keys are remembered (`tombstone_ttl`).
     pub tombstone_ttl: Duration,
+    /// The Connect CA and the replication of the mesh's state.
+    pub mesh: std::sync::Arc<super::mesh::MeshLeader>,
 }
 
 struct Tenure {
@@ -72,6 +74,7 @@ impl LeaderWorker {
             if !leading {
                 if tenure.take().is_some() {
                     self.sessions.clear();
+                    self.mesh.tick(false, &shutdown).await;
                 }
                 continue;
             }
@@ -82,6 +85,7 @@ impl LeaderWorker {
             });
             self.seed_autopilot().await;
             self.seed_agent_ca().await;
+            self.mesh.tick(true, &shutdown).await;
             let alive = self.liveness(t.since);
             // A new leader's gossip view may still be filling in (a restart, a join in
             // progress): only reap nodes gossip does not know once it has had time to learn.

@@ -11,6 +11,7 @@ pub mod dns;
 pub mod join;
 pub mod leader;
 pub mod local;
+pub mod mesh;
 pub mod notify;
 pub mod ops;
 
@@ -269,6 +270,16 @@ impl Agent {
                 local::Upstream::Rpc { rpc: client.clone(), servers: Arc::new(move || ops::alive_servers(&g, &dc)) }
             }
         };
+        // The mesh: servers sign leaves; every agent keeps the leaves its services ask for.
+        let signer = node.as_ref().map(|n| mesh::Signer::new(n.clone(), cfg.datacenter.clone()));
+        let mesh_upstream = match (&node, &signer) {
+            (Some(n), Some(s)) => mesh::MeshUpstream::Local { node: n.clone(), signer: s.clone() },
+            _ => {
+                let (g, dc) = (gossip.clone(), cfg.datacenter.clone());
+                mesh::MeshUpstream::Remote { rpc: client.clone(), servers: Arc::new(move || ops::alive_servers(&g, &dc)) }
+            }
+        };
+        let leaves = mesh::LeafCache::new(mesh_upstream, cfg.datacenter.clone(), shutdown.clone());
         let reload = notify::around_reload(reloader(&cfg, local_agent.clone()));
         let events = Arc::new(ops::EventLog::default());
         let handle = Arc::new(ops::AgentHandle {
@@ -282,6 +293,8 @@ impl Agent {
             serf_wan_port: cfg.serf_wan_port.unwrap_or(crate::config::DEFAULT_SERF_WAN_PORT),
             federation: federation.clone(),
             rpc: client.clone(),
+            leaves: leaves.clone(),
+            connect_enabled: cfg.connect.enabled,
             shutdown: shutdown.clone(),
             reload: reload.clone(),
         });
@@ -301,6 +314,8 @@ impl Agent {
                 dns_port: cfg.dns_port,
                 log_level: cfg.log_level.clone(),
                 data_dir: dd.display().to_string(),
+                connect_enabled: cfg.connect.enabled,
+                default_intention_policy: cfg.connect.default_intention_policy,
             },
             node: node.clone(),
             rpc: client.clone(),
@@ -484,6 +499,8 @@ impl Agent {
                         federation: dc_router,
                         lan: lan_coord.clone(),
                         agent: handle.clone(),
+                        signer: signer.clone().expect("servers have a signer"),
+                        primary: cfg.primary_datacenter.eq_ignore_ascii_case(&cfg.datacenter),
                     }),
                 );
                 rpc_server.register(Service::Http, Arc::new(api::forward::HttpHandler { router: router.clone() }));
@@ -512,6 +529,13 @@ impl Agent {
                     autopilot: cfg.autopilot.clone(),
                     domain: cfg.domain.clone(),
                     tombstone_ttl: cfg.tombstone_ttl,
+                    mesh: mesh::MeshLeader::new(
+                        node.clone(),
+                        cfg.datacenter.clone(),
+                        cfg.primary_datacenter.clone(),
+                        cfg.connect.clone(),
+                        federation.clone().expect("servers have a federation router"),
+                    ),
                 };
                 tasks.spawn(leader.run(shutdown.clone()).map_name("leader"));
                 tasks.spawn(watch_fatal(node.raft.clone(), shutdown.clone()).map_name("raft-watch"));

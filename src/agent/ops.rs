@@ -154,6 +154,9 @@ pub struct AgentHandle {
     pub federation: Option<crate::federation::Router>,
     /// RPC to the servers (a client agent's keyring changes).
     pub rpc: crate::rpc::RpcClient,
+    /// The leaf certificates of this agent's services (and any other it is asked for).
+    pub leaves: super::mesh::LeafCache,
+    pub connect_enabled: bool,
     /// Cancelled by `/v1/agent/leave`, which stops the agent after it leaves.
     pub shutdown: CancellationToken,
     /// Re-read configuration (SIGHUP and `/v1/agent/reload`).
@@ -250,6 +253,21 @@ fn bad(e: impl std::fmt::Display) -> ApiError {
 }
 
 impl AgentOps for AgentHandle {
+    fn leaf(&self, service: String, min_index: Option<u64>, deadline: tokio::time::Instant) -> BoxFuture<'_, Result<(Value, u64), ApiError>> {
+        async move {
+            if !self.connect_enabled {
+                return Err(ApiError::Internal("Connect must be enabled in order to use this endpoint".into()));
+            }
+            match self.leaves.get(&service, min_index, deadline).await {
+                Ok(l) => Ok((l.json(), l.index)),
+                Err(e) if e.code == crate::rpc::ErrorCode::RateLimited => Err(ApiError::TooMany(e.message)),
+                Err(e) if e.code == crate::rpc::ErrorCode::BadRequest => Err(ApiError::BadRequest(e.message)),
+                Err(e) => Err(ApiError::Internal(e.message)),
+            }
+        }
+        .boxed()
+    }
+
     fn members(&self, wan: bool) -> Vec<Value> {
         if wan {
             // Only servers are in the WAN pool (as `<node>.<dc>`); a client agent has none.

@@ -57,6 +57,9 @@ pub trait AgentOps: Send + Sync + 'static {
     fn keyring_list(&self) -> Result<Value, ApiError>;
     /// "install", "use" or "remove" a gossip key on every member.
     fn keyring_change(&self, op: KeyringOp, key: String) -> BoxFuture<'_, Result<(), ApiError>>;
+    /// The leaf certificate of `service` (Consul's `IssuedCert` JSON) and its index; with
+    /// `min_index`, the first one newer than it, or the current one at `deadline`.
+    fn leaf(&self, service: String, min_index: Option<u64>, deadline: tokio::time::Instant) -> BoxFuture<'_, Result<(Value, u64), ApiError>>;
 }
 
 pub use crate::cluster::KeyringOp;

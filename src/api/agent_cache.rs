@@ -37,7 +37,18 @@ const IDLE_EXPIRY: Duration = Duration::from_secs(10 * 60);
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Responses whose index says nothing useful are not worth a watch.
-const CACHEABLE: &[&str] = &["/v1/health/", "/v1/catalog/", "/v1/kv/", "/v1/query/", "/v1/coordinate/", "/v1/internal/ui/"];
+const CACHEABLE: &[&str] = &[
+    "/v1/health/",
+    "/v1/catalog/",
+    "/v1/kv/",
+    "/v1/query/",
+    "/v1/coordinate/",
+    "/v1/internal/ui/",
+    "/v1/connect/ca/roots",
+    "/v1/connect/intentions/match",
+    "/v1/config/",
+    "/v1/discovery-chain/",
+];
 
 /// What one upstream fetch returned.
 #[derive(Clone)]
@@ -106,7 +117,7 @@ fn upstream_uri(path: &str, p: &Params) -> String {
     if parts.is_empty() { path.to_string() } else { format!("{path}?{}", parts.join("&")) }
 }
 
-fn pct(s: &str) -> String {
+pub fn pct(s: &str) -> String {
     s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~/:".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 

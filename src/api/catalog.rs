@@ -295,10 +295,10 @@ pub fn unknown_peer(p: &Params) -> bool {
 }
 
 pub fn service_query(p: &Params) -> Result<ServiceQuery, ApiError> {
-    Ok(ServiceQuery { tags: p.all("tag").into_iter().map(String::from).collect(), node_meta: p.node_meta()?, passing_only: false })
+    Ok(ServiceQuery { tags: p.all("tag").into_iter().map(String::from).collect(), node_meta: p.node_meta()?, passing_only: false, connect: false })
 }
 
-fn catalog_service_json(i: &ServiceInstance, dc: &str) -> Value {
+pub fn catalog_service_json(i: &ServiceInstance, dc: &str) -> Value {
     let (n, s) = (&i.node, &i.service);
     json!({
         "ID": n.id, "Node": n.node, "Address": n.address, "Datacenter": dc,
@@ -306,6 +306,7 @@ fn catalog_service_json(i: &ServiceInstance, dc: &str) -> Value {
         "ServiceKind": s.kind, "ServiceID": s.id, "ServiceName": s.service, "ServiceTags": s.tags,
         "ServiceAddress": s.address, "ServiceTaggedAddresses": s.tagged_addresses, "ServiceWeights": s.weights,
         "ServiceMeta": s.meta, "ServicePort": s.port, "ServiceEnableTagOverride": s.enable_tag_override,
+        "ServiceProxy": proxy_or_empty(s), "ServiceConnect": connect_json(s), "ServiceSocketPath": "",
         "CreateIndex": s.create_index, "ModifyIndex": s.modify_index,
     })
 }
@@ -335,14 +336,16 @@ pub async fn service_view(
         true => Vec::new(),
         false => d.service_instances(&name, &q).0,
     };
-    let key = WatchKey::Service(name.clone());
+    // The index and the watch of the view: the service's own, or its connect view.
+    let view = if q.connect { crate::state::catalog::connect_view_key(&name) } else { name.clone() };
+    let key = WatchKey::Service(view.clone());
     if let Some(near) = p.get("near").filter(|n| !n.is_empty()) {
         let (list, meta) = blocking_on(ctx, &p, std::slice::from_ref(&key), |d| {
             let mut inst = instances(d);
             if let Some(near) = near_node(d, near, ctx, &headers) {
                 d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
             }
-            Ok((inst.iter().map(|i| render_one(i, &dc)).collect::<Vec<_>>(), d.service_view_index(&name)))
+            Ok((inst.iter().map(|i| render_one(i, &dc)).collect::<Vec<_>>(), d.service_view_index(&view)))
         })
         .await?;
         return Ok(reply(&meta, &filtered(&p, &list)?));
@@ -355,7 +358,7 @@ pub async fn service_view(
         &p,
         cache_key,
         key,
-        |d| (d.service_view_index(&name), 0),
+        |d| (d.service_view_index(&view), 0),
         |d| Ok(instances(d)),
         |inst| {
             let list: Vec<Value> = inst.iter().map(|i| render_one(i, &dc)).collect();
@@ -382,8 +385,33 @@ async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Re
     Ok(reply(&meta, &found))
 }
 
+/// A service as Consul's `NodeService` (health endpoints, node services): `Proxy` and
+/// `Connect` always present, `Kind` and `TaggedAddresses` only when set.
 pub fn service_json(s: &Service) -> Value {
-    serde_json::to_value(s).unwrap_or(Value::Null)
+    let mut v = json!({
+        "ID": s.id, "Service": s.service, "Tags": s.tags, "Address": s.address, "Meta": s.meta, "Port": s.port,
+        "Weights": s.weights, "EnableTagOverride": s.enable_tag_override,
+        "Proxy": proxy_or_empty(s), "Connect": connect_json(s), "PeerName": "",
+        "CreateIndex": s.create_index, "ModifyIndex": s.modify_index,
+    });
+    if !s.kind.is_empty() {
+        v["Kind"] = json!(s.kind);
+    }
+    if !s.tagged_addresses.is_empty() {
+        v["TaggedAddresses"] = json!(s.tagged_addresses);
+    }
+    v
+}
+
+fn proxy_or_empty(s: &Service) -> Value {
+    match &s.proxy {
+        Some(p) => crate::connect::registration::proxy_json(p),
+        None => json!({ "Mode": "", "MeshGateway": {}, "Expose": {} }),
+    }
+}
+
+fn connect_json(s: &Service) -> Value {
+    if s.connect_native { json!({ "Native": true }) } else { json!({}) }
 }
 
 async fn node_services(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {

@@ -56,7 +56,8 @@ fn is_local(path: &str, server: bool) -> bool {
         || (server && path == "/v1/catalog/datacenters")
 }
 
-/// The datacenter's data that client agents and other datacenters relay requests for.
+/// The datacenter's data that client agents and other datacenters relay requests for (config
+/// entries and intentions included: a secondary passes their writes to the primary).
 const SHARED_DATA: &[&str] = &[
     "/v1/catalog/",
     "/v1/health/",
@@ -68,10 +69,15 @@ const SHARED_DATA: &[&str] = &[
     "/v1/coordinate/",
     "/v1/status/",
     "/v1/internal/ui/",
+    "/v1/config",
+    "/v1/connect/intentions",
+    "/v1/connect/ca/roots",
+    "/v1/discovery-chain/",
+    "/v1/internal/federation-state",
 ];
 
 /// Operator state a client agent may read on its users' behalf (never change).
-const OPERATOR_READS: &[&str] = &["/v1/operator/raft/configuration", "/v1/operator/autopilot/"];
+const OPERATOR_READS: &[&str] = &["/v1/operator/raft/configuration", "/v1/operator/autopilot/", "/v1/connect/ca/configuration"];
 
 /// Whether a peer in `role` may have this server run an HTTP request for it
 /// (`Service::Http`):
@@ -239,6 +245,28 @@ async fn forwarded(req: Request) -> Result<ForwardedRequest, ApiError> {
         headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
         body: body.to_vec(),
     })
+}
+
+/// Send a write that the primary datacenter owns (config entries, intentions) to a server
+/// there, and relay its answer.
+pub async fn to_primary(ctx: &Ctx, method: &str, path: &str, p: &Params, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let Some(router) = &ctx.federation else {
+        return Err(ApiError::Internal("only servers pass writes on to the primary datacenter".into()));
+    };
+    let primary = ctx.info.primary_datacenter.clone();
+    let query: Vec<String> =
+        p.0.iter()
+            .filter(|(k, _)| k != "dc")
+            .map(|(k, v)| if v.is_empty() { k.clone() } else { format!("{k}={}", super::agent_cache::pct(v)) })
+            .collect();
+    let uri = if query.is_empty() { path.to_string() } else { format!("{path}?{}", query.join("&")) };
+    let fwd = ForwardedRequest { method: method.into(), uri, headers: Vec::new(), body: body.to_vec() };
+    match call_dc(router, &primary, &fwd, FORWARD_SLACK).await {
+        Ok(r) => response(r),
+        Err(e) if e.code == ErrorCode::Unreachable => Err(ApiError::NoPathToDatacenter),
+        Err(e) if e.code == ErrorCode::Forbidden => Err(ApiError::Forbidden(e.message)),
+        Err(e) => Err(ApiError::Internal(format!("rpc error forwarding to the primary datacenter {primary}: {e}"))),
+    }
 }
 
 /// How long a relayed request may take: its own blocking wait plus slack.

@@ -39,7 +39,7 @@ async fn service(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params, he
     super::catalog::service_view(&ctx, "health", name, q, p, headers, health_entry_json).await
 }
 
-fn health_entry_json(i: &ServiceInstance, dc: &str) -> Value {
+pub fn health_entry_json(i: &ServiceInstance, dc: &str) -> Value {
     json!({ "Node": node_json(&i.node, dc), "Service": service_json(&i.service), "Checks": i.checks })
 }
 

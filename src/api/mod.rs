@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod agent_cache;
 pub mod catalog;
+pub mod config;
+pub mod connect;
 pub mod coordinate;
 pub mod error;
 pub mod event;
@@ -57,6 +59,10 @@ pub struct AgentInfo {
     pub dns_port: Option<u16>,
     pub log_level: String,
     pub data_dir: String,
+    /// `connect.enabled`.
+    pub connect_enabled: bool,
+    /// `connect.default_intention_policy`: `Some(allow)` when configured.
+    pub default_intention_policy: Option<bool>,
 }
 
 pub struct ApiContext {
@@ -100,6 +106,8 @@ pub fn router(ctx: Ctx) -> Router {
     Router::new()
         .merge(status::routes())
         .merge(catalog::routes())
+        .merge(config::routes())
+        .merge(connect::routes())
         .merge(health::routes())
         .merge(kv::routes())
         .merge(session::routes())

@@ -13,6 +13,9 @@
 //! | `Read`, `Datacenters`, `LanPing`, `NodeState` | yes | yes | `Read` only |
 //! | `Ping` | yes | no | yes |
 //! | `Keyring` | yes | yes | yes (this datacenter's pool only) |
+//! | `SignLeaf` | yes | yes | no |
+//! | `CaRoots` | yes | yes | yes |
+//! | `SignIntermediate`, `MeshState` | yes | no | yes (a secondary's leader) |
 //!
 //! Anonymous peers (auto-encrypt) and certificates naming no agent of this cluster get nothing.
 //!
@@ -58,6 +61,22 @@ pub enum ClusterRpc {
     /// Install, use or remove a gossip key in the receiving server's datacenter (and, unless
     /// the sender is another datacenter's server, in every other datacenter too).
     Keyring { op: KeyringOp, key: String },
+    /// Sign a service's leaf certificate request (an agent's own leaf cache).
+    SignLeaf {
+        #[serde(with = "serde_bytes")]
+        csr: Vec<u8>,
+    },
+    /// This datacenter's CA roots as agents see them (no signing material).
+    CaRoots,
+    /// A secondary datacenter's intermediate CA, signed by the primary's active root.
+    SignIntermediate {
+        datacenter: String,
+        #[serde(with = "serde_bytes")]
+        csr: Vec<u8>,
+    },
+    /// The primary's CA (roots and configuration, no keys) and its config entries, for a
+    /// secondary's replication; `min_index` blocks until the primary has newer.
+    MeshState { min_index: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +100,10 @@ impl ClusterRpc {
             ClusterRpc::NodeState { .. } => "NodeState",
             ClusterRpc::Elect => "Elect",
             ClusterRpc::Keyring { .. } => "Keyring",
+            ClusterRpc::SignLeaf { .. } => "SignLeaf",
+            ClusterRpc::CaRoots => "CaRoots",
+            ClusterRpc::SignIntermediate { .. } => "SignIntermediate",
+            ClusterRpc::MeshState { .. } => "MeshState",
         }
     }
 
@@ -91,10 +114,14 @@ impl ClusterRpc {
             Role::Server => true,
             Role::Client => match self {
                 Apply { req, .. } => client_may_apply(&req.command),
-                Read { .. } | Datacenters | LanPing | NodeState { .. } | Keyring { .. } => true,
-                Hello | Join { .. } | Ping | Elect => false,
+                Read { .. } | Datacenters | LanPing | NodeState { .. } | Keyring { .. } | SignLeaf { .. } | CaRoots => true,
+                Hello | Join { .. } | Ping | Elect | SignIntermediate { .. } | MeshState { .. } => false,
             },
-            Role::RemoteServer(_) => matches!(self, Hello | Read { .. } | Ping | Keyring { .. }),
+            // Another datacenter may read, probe, pass on keyring changes, and (a secondary's
+            // leader) have its intermediate signed and replicate the mesh's state.
+            Role::RemoteServer(_) => {
+                matches!(self, Hello | Read { .. } | Ping | Keyring { .. } | SignIntermediate { .. } | MeshState { .. } | CaRoots)
+            }
             Role::Anonymous | Role::Other => false,
         }
     }
@@ -150,6 +177,33 @@ pub enum ClusterReply {
     Keyring {
         failed: Vec<String>,
     },
+    Leaf(Box<SignedLeaf>),
+    /// The CA with its signing material removed.
+    CaRoots(Option<Box<crate::state::mesh::ConnectCa>>),
+    Intermediate {
+        cert_pem: String,
+    },
+    MeshState(Box<MeshState>),
+}
+
+/// A signed leaf, as a server returns it to an agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedLeaf {
+    pub cert_pem: String,
+    pub serial: String,
+    pub service_uri: String,
+    pub valid_after_ms: u64,
+    pub valid_before_ms: u64,
+}
+
+/// What a secondary replicates from the primary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeshState {
+    /// The primary's CA, keys removed.
+    pub ca: Option<crate::state::mesh::ConnectCa>,
+    pub entries: Vec<crate::state::mesh::ConfigEntry>,
+    /// The primary's index of these tables.
+    pub index: u64,
 }
 
 /// What the catalog holds for one node.
@@ -185,6 +239,10 @@ mod tests {
             ClusterRpc::NodeState { node: "n".into() },
             ClusterRpc::Elect,
             ClusterRpc::Keyring { op: KeyringOp::Use, key: String::new() },
+            ClusterRpc::SignLeaf { csr: Vec::new() },
+            ClusterRpc::SignIntermediate { datacenter: "dc2".into(), csr: Vec::new() },
+            ClusterRpc::MeshState { min_index: 0 },
+            ClusterRpc::CaRoots,
         ]
     }
 
@@ -207,13 +265,13 @@ mod tests {
                 r => r.name().to_string(),
             })
             .collect();
-        assert_eq!(allowed, ["Apply Register", "Read", "Datacenters", "LanPing", "NodeState", "Keyring"]);
+        assert_eq!(allowed, ["Apply Register", "Read", "Datacenters", "LanPing", "NodeState", "Keyring", "SignLeaf", "CaRoots"]);
     }
 
     #[test]
     fn other_datacenters_may_only_read_probe_and_change_keys() {
         let remote = Role::RemoteServer("dc2".into());
         let allowed: Vec<&str> = every_request().iter().filter(|r| r.allowed_from(&remote)).map(|r| r.name()).collect();
-        assert_eq!(allowed, ["Hello", "Read", "Ping", "Keyring"]);
+        assert_eq!(allowed, ["Hello", "Read", "Ping", "Keyring", "SignIntermediate", "MeshState", "CaRoots"]);
     }
 }

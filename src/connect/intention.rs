@@ -46,6 +46,21 @@ impl Intention {
         format!("default/{} => default/{} (Precedence: {}, {what})", self.source, self.destination, self.precedence)
     }
 
+    /// Read an intention back from its JSON (a client agent's cached match results).
+    pub fn from_json(v: &Value) -> Option<Intention> {
+        Some(Intention {
+            source: v["SourceName"].as_str()?.to_string(),
+            destination: v["DestinationName"].as_str()?.to_string(),
+            action: v["Action"].as_str().unwrap_or_default().to_string(),
+            permissions: v["Permissions"].as_array().cloned().unwrap_or_default(),
+            precedence: v["Precedence"].as_i64().unwrap_or(0),
+            description: v["Description"].as_str().unwrap_or_default().to_string(),
+            meta: v.get("Meta").cloned().unwrap_or(Value::Null),
+            create_index: v["CreateIndex"].as_u64().unwrap_or(0),
+            modify_index: v["ModifyIndex"].as_u64().unwrap_or(0),
+        })
+    }
+
     pub fn json(&self) -> Value {
         let mut v = json!({
             "SourceNS": "default", "SourceName": self.source, "DestinationNS": "default", "DestinationName": self.destination,

@@ -47,6 +47,10 @@ pub enum ErrorCode {
     BadRequest,
     NoLeader,
     Internal,
+    /// Too many requests right now (certificate signing limits); try again later.
+    RateLimited,
+    /// The thing asked about does not exist (yet).
+    NotFound,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -97,7 +97,7 @@ impl Store {
             n.modify_index = index;
             self.data.nodes.insert(node_name.clone(), n);
             self.touch(Table::Nodes);
-            dirty_services.extend(self.services_of(&node_name).map(|s| s.service.clone()));
+            dirty_services.extend(self.services_of(&node_name).flat_map(view_keys));
         }
         if let Some(mut s) = service {
             let key = (node_name.clone(), s.id.clone());
@@ -106,13 +106,13 @@ impl Store {
                 s.create_index = prev.as_ref().map(|p| p.create_index).unwrap_or(index);
                 s.modify_index = index;
                 if let Some(p) = &prev {
-                    dirty_services.insert(p.service.clone());
+                    dirty_services.extend(view_keys(p));
                 }
-                dirty_services.insert(s.service.clone());
+                dirty_services.extend(view_keys(&s));
                 if let Some(p) = &prev {
-                    self.unindex_service(&key, &p.service);
+                    self.unindex_service(&key, p);
                 }
-                self.index_service(&key, &s.service);
+                self.index_service(&key, &s);
                 self.data.services.insert(key, s);
                 self.touch(Table::Services);
             }
@@ -151,8 +151,8 @@ impl Store {
                 let svc_keys: Vec<_> = self.data.services.range(node_range(node)).map(|(k, _)| k.clone()).collect();
                 for k in svc_keys {
                     if let Some(s) = self.data.services.remove(&k) {
-                        self.unindex_service(&k, &s.service);
-                        dirty.insert(s.service);
+                        self.unindex_service(&k, &s);
+                        dirty.extend(view_keys(&s));
                         self.touch(Table::Services);
                     }
                 }
@@ -169,8 +169,8 @@ impl Store {
             (Some(sid), _) => {
                 let key = (node.to_string(), sid.to_string());
                 if let Some(s) = self.data.services.remove(&key) {
-                    self.unindex_service(&key, &s.service);
-                    dirty.insert(s.service);
+                    self.unindex_service(&key, &s);
+                    dirty.extend(view_keys(&s));
                     self.touch(Table::Services);
                 }
                 let check_keys: Vec<_> =
@@ -196,7 +196,9 @@ impl Store {
     /// A node-level check affects every service on the node; a service check only its own.
     fn mark_check_services(&self, c: &HealthCheck, dirty: &mut BTreeSet<String>) {
         if c.service_id.is_empty() {
-            dirty.extend(self.services_of(&c.node).map(|s| s.service.clone()));
+            dirty.extend(self.services_of(&c.node).flat_map(view_keys));
+        } else if let Some(s) = self.data.services.get(&(c.node.clone(), c.service_id.clone())) {
+            dirty.extend(view_keys(s));
         } else {
             dirty.insert(c.service_name.clone());
         }
@@ -213,15 +215,20 @@ impl Store {
         }
     }
 
-    fn index_service(&mut self, key: &(String, String), name: &str) {
-        self.data.by_service.0.entry(name.to_string()).or_default().insert(key.clone());
+    /// Index a service under every view it shows up in (its name, a connect view).
+    fn index_service(&mut self, key: &(String, String), s: &Service) {
+        for v in view_keys(s) {
+            self.data.by_service.0.entry(v).or_default().insert(key.clone());
+        }
     }
 
-    fn unindex_service(&mut self, key: &(String, String), name: &str) {
-        if let Some(set) = self.data.by_service.0.get_mut(name) {
-            set.remove(key);
-            if set.is_empty() {
-                self.data.by_service.0.remove(name);
+    fn unindex_service(&mut self, key: &(String, String), s: &Service) {
+        for v in view_keys(s) {
+            if let Some(set) = self.data.by_service.0.get_mut(&v) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.data.by_service.0.remove(&v);
+                }
             }
         }
     }
@@ -241,6 +248,25 @@ impl Store {
     }
 }
 
+/// The views a service shows up in: its own (catalog and health of its name) and, for a proxy
+/// or a connect-native service, the connect view of the service it serves.
+pub fn view_keys(s: &Service) -> Vec<String> {
+    let mut v = vec![s.service.clone()];
+    if let Some(p) = &s.proxy {
+        v.push(connect_view_key(&p.destination_service_name));
+    }
+    if s.connect_native {
+        v.push(connect_view_key(&s.service));
+    }
+    v
+}
+
+/// The key under which a service's connect view (its sidecars and native instances) is
+/// indexed and watched: a NUL-prefixed name no service can have.
+pub fn connect_view_key(service: &str) -> String {
+    format!("\u{0}connect\u{0}{service}")
+}
+
 /// The key range of every row belonging to `node` in a (node, id) keyed table.
 fn node_range(node: &str) -> std::ops::RangeInclusive<(String, String)> {
     (node.to_string(), String::new())..=(node.to_string(), char::MAX.to_string())
@@ -252,6 +278,8 @@ pub struct ServiceQuery {
     pub tags: Vec<String>,
     pub node_meta: BTreeMap<String, String>,
     pub passing_only: bool,
+    /// The connect view: the service's sidecars and its connect-native instances.
+    pub connect: bool,
 }
 
 impl StateData {
@@ -290,7 +318,8 @@ impl StateData {
 
     pub fn service_instances(&self, name: &str, q: &ServiceQuery) -> (Vec<ServiceInstance>, RaftIndex) {
         let mut out = Vec::new();
-        let keys = self.by_service.0.get(name).into_iter().flatten();
+        let lookup = if q.connect { connect_view_key(name) } else { name.to_string() };
+        let keys = self.by_service.0.get(&lookup).into_iter().flatten();
         for (node_name, s) in keys.filter_map(|k| self.services.get(k).map(|s| (&k.0, s))) {
             if !q.tags.iter().all(|t| s.tags.contains(t)) {
                 continue;
@@ -308,7 +337,7 @@ impl StateData {
             }
             out.push(inst);
         }
-        (out, self.service_view_index(name))
+        (out, self.service_view_index(&lookup))
     }
 
     /// The checks that decide an instance's health: the node's own and the service's.

@@ -188,6 +188,11 @@ impl ConnectCa {
     pub fn active_root(&self) -> Option<&CaRoot> {
         self.roots.iter().find(|r| r.active)
     }
+
+    /// The version a write of the CA must name (`Command::CaSet::expect`).
+    pub fn version(&self) -> RaftIndex {
+        self.config_modify_index.max(self.roots.iter().map(|r| r.modify_index).max().unwrap_or(0))
+    }
 }
 
 /// A config entry: its kind and name, and the rest as canonical JSON.

@@ -116,7 +116,9 @@ impl StateData {
     pub fn rebuild_indexes(&mut self) {
         let mut by = BTreeMap::<String, std::collections::BTreeSet<(String, String)>>::new();
         for (key, s) in &self.services {
-            by.entry(s.service.clone()).or_default().insert(key.clone());
+            for v in catalog::view_keys(s) {
+                by.entry(v).or_default().insert(key.clone());
+            }
         }
         self.by_service = DerivedIndex(by);
     }

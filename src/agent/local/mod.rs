@@ -167,6 +167,12 @@ pub fn agent_service_json(s: &Service, datacenter: &str) -> Value {
     if !s.tagged_addresses.is_empty() {
         v["TaggedAddresses"] = json!(s.tagged_addresses);
     }
+    if let Some(p) = &s.proxy {
+        v["Proxy"] = crate::connect::registration::proxy_json(p);
+    }
+    if s.connect_native {
+        v["Connect"] = json!({ "Native": true });
+    }
     let hash = ring::digest::digest(&ring::digest::SHA256, v.to_string().as_bytes());
     v["ContentHash"] = json!(hash.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect::<String>());
     v

@@ -14,6 +14,7 @@ pub mod duration;
 pub mod federation;
 pub mod fuzz;
 pub mod logging;
+pub mod proxy;
 pub mod membership;
 pub mod rpc;
 pub mod state;

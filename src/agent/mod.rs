@@ -420,6 +420,25 @@ impl Agent {
                 "dns"
             });
         }
+        if cfg.connect.enabled && cfg.connect.run_sidecars {
+            // Sidecar proxies registered on this agent run in its process, fed by its own API.
+            let services_of = local_agent.clone();
+            let manager = crate::proxy::SidecarManager {
+                api: Arc::new(crate::proxy::source::InProcess(serve_router.clone())),
+                settings: crate::proxy::ProxySettings {
+                    node_address: cfg.bind_addr,
+                    datacenter: cfg.datacenter.clone(),
+                    default_intention_policy: cfg.connect.default_intention_policy,
+                },
+                services: Arc::new(move || services_of.services_json()),
+                changes: local_agent.changes(),
+            };
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                manager.run(token).await;
+                "sidecars"
+            });
+        }
         let syncer = local::sync::SyncWorker {
             local: local_agent,
             upstream: upstream.clone(),

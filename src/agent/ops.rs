@@ -285,6 +285,10 @@ impl AgentOps for AgentHandle {
         alive_servers(&self.gossip, &self.datacenter)
     }
 
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.local.changes()
+    }
+
     fn services(&self) -> Value {
         self.local.services_json()
     }

@@ -24,6 +24,8 @@ pub trait AgentOps: Send + Sync + 'static {
     fn member_self(&self) -> Value;
     /// RPC addresses of the servers of this datacenter (a client forwards to them).
     fn servers(&self) -> Vec<std::net::SocketAddr>;
+    /// Changes whenever the local services or checks do.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
     /// Local services keyed by ID, and local checks keyed by ID.
     fn services(&self) -> Value;
     fn checks(&self) -> Value;
@@ -133,6 +135,9 @@ async fn agent_self(State(ctx): State<Ctx>) -> Response {
             "DNSDomain": format!("{}.", info.domain), "LogLevel": info.log_level.to_uppercase(),
             "HTTPAddrs": [format!("tcp://{}", info.http_addr)], "RPCBindAddr": format!("tcp://{}", info.bind_addr),
             "DNSPort": info.dns_port.map(i64::from).unwrap_or(-1),
+            "BindAddr": info.bind_addr.ip().to_string(),
+            "ConnectEnabled": info.connect_enabled,
+            "DefaultIntentionPolicy": match info.default_intention_policy { Some(true) => "allow", Some(false) => "deny", None => "" },
         },
         "Coord": null,
         "Member": ctx.agent.member_self(),
@@ -173,10 +178,30 @@ async fn services(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiErro
     filter_map(ctx.agent.services(), &p)
 }
 
-async fn service(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let all = ctx.agent.services();
-    let svc = all.get(&id).cloned().ok_or_else(|| ApiError::NotFound(format!("unknown service ID: {id}")))?;
-    Ok(axum::Json(svc).into_response())
+/// One local service. `?hash=<ContentHash>&wait=` blocks until its definition differs from
+/// that hash (Consul's hash-based blocking), which is how proxies follow their registration.
+async fn service(State(ctx): State<Ctx>, Path(id): Path<String>, p: Params) -> Result<Response, ApiError> {
+    let mut changes = ctx.agent.changes();
+    let wait = match p.get("wait") {
+        None | Some("") => super::query::DEFAULT_WAIT,
+        Some(w) => crate::duration::parse(w).ok_or_else(|| ApiError::BadRequest("Invalid wait time".into()))?.min(super::query::MAX_WAIT),
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let svc = ctx.agent.services().get(&id).cloned().ok_or_else(|| ApiError::NotFound(format!("unknown service ID: {id}")))?;
+        let hash = svc["ContentHash"].as_str().unwrap_or_default().to_string();
+        let wanted = p.get("hash").filter(|h| !h.is_empty());
+        if wanted.is_none_or(|h| h != hash) || tokio::time::Instant::now() >= deadline {
+            let mut resp = axum::Json(svc).into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&hash) {
+                resp.headers_mut().insert("x-consul-contenthash", v);
+            }
+            return Ok(resp);
+        }
+        if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            continue;
+        }
+    }
 }
 
 async fn checks(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiError> {

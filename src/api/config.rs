@@ -41,7 +41,14 @@ pub fn decode_entry(body: &[u8]) -> Result<Value, ApiError> {
     match serde_json::from_str::<Value>(text) {
         Ok(v) => Ok(v),
         Err(json_err) => hcl::from_str::<Value>(text)
-            .map_err(|_| ApiError::BadRequest(format!("Request decoding failed: {json_err}")))
+            .map_err(|hcl_err| {
+                // Report the error of the syntax the body was meant to be in.
+                if text.trim_start().starts_with(['{', '[']) {
+                    ApiError::BadRequest(format!("Request decoding failed: {json_err}"))
+                } else {
+                    ApiError::BadRequest(format!("Request decoding failed: {hcl_err}"))
+                }
+            })
             .map(|v| unwrap_hcl_blocks(v)),
     }
 }

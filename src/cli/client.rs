@@ -486,12 +486,12 @@ pub async fn keyring(opts: &HttpOpts, list: bool, install: Option<String>, use_k
 // HTTP plumbing
 
 /// One query parameter; `None` is a bare flag such as `?recurse`.
-type Param<'a> = (&'a str, Option<String>);
+pub(crate) type Param<'a> = (&'a str, Option<String>);
 
 /// The agent's HTTP API, as selected by [`HttpOpts`].
-struct Api {
-    http: reqwest::Client,
-    base: String,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
     datacenter: Option<String>,
     stale: bool,
 }
@@ -516,7 +516,7 @@ impl fmt::Display for UnexpectedStatus {
 impl std::error::Error for UnexpectedStatus {}
 
 impl Api {
-    fn new(opts: &HttpOpts) -> Result<Self> {
+    pub(crate) fn new(opts: &HttpOpts) -> Result<Self> {
         Ok(Self {
             http: reqwest::Client::new(),
             base: base_url(&opts.http_addr)?,
@@ -545,7 +545,7 @@ impl Api {
     }
 
     /// Sends one request; fails on transport errors and non-2xx answers.
-    async fn send(&self, method: Method, path: &str, query: &[Param<'_>], body: Option<Vec<u8>>) -> Result<Response> {
+    pub(crate) async fn send(&self, method: Method, path: &str, query: &[Param<'_>], body: Option<Vec<u8>>) -> Result<Response> {
         let url = self.url(&method, path, query);
         let mut request = self.http.request(method, &url);
         if let Some(body) = body {
@@ -572,7 +572,7 @@ impl Api {
     }
 
     /// Sends one request and decodes its JSON answer.
-    async fn json<T: DeserializeOwned>(&self, method: Method, path: &str, query: &[Param<'_>], body: Option<Vec<u8>>) -> Result<T> {
+    pub(crate) async fn json<T: DeserializeOwned>(&self, method: Method, path: &str, query: &[Param<'_>], body: Option<Vec<u8>>) -> Result<T> {
         let response = self.send(method, path, query, body).await?;
         let bytes = response.bytes().await.with_context(|| format!("reading the answer from /v1/{path}"))?;
         serde_json::from_slice(&bytes).with_context(|| format!("decoding the answer from /v1/{path}"))
@@ -580,7 +580,7 @@ impl Api {
 
     /// A GET decoded from JSON, where a 404 or a JSON `null` yields
     /// `T::default()`, the way Consul's client treats missing entries.
-    async fn get_or_default<T: DeserializeOwned + Default>(&self, path: &str, query: &[Param<'_>]) -> Result<T> {
+    pub(crate) async fn get_or_default<T: DeserializeOwned + Default>(&self, path: &str, query: &[Param<'_>]) -> Result<T> {
         match self.json::<Option<T>>(Method::GET, path, query, None).await {
             Ok(found) => Ok(found.unwrap_or_default()),
             Err(err) if is_not_found(&err) => Ok(T::default()),
@@ -589,7 +589,7 @@ impl Api {
     }
 }
 
-fn is_not_found(err: &anyhow::Error) -> bool {
+pub(crate) fn is_not_found(err: &anyhow::Error) -> bool {
     err.downcast_ref::<UnexpectedStatus>().is_some_and(|e| e.status == 404)
 }
 
@@ -604,7 +604,7 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// Normalises `--http-addr`: adds `http://` when no scheme is given and drops
 /// trailing slashes. Only plain HTTP is supported.
-fn base_url(addr: &str) -> Result<String> {
+pub(crate) fn base_url(addr: &str) -> Result<String> {
     let addr = addr.trim().trim_end_matches('/');
     match addr.split_once("://") {
         _ if addr.is_empty() => bail!("--http-addr is empty"),
@@ -618,7 +618,7 @@ fn base_url(addr: &str) -> Result<String> {
 
 /// Percent-encodes everything but RFC 3986 unreserved characters, and `/`
 /// too unless `keep_slash`.
-fn escape(text: &str, keep_slash: bool) -> String {
+pub(crate) fn escape(text: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(text.len());
     for &byte in text.as_bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') || (keep_slash && byte == b'/') {

@@ -2,6 +2,7 @@
 //! beyond turning flags into configuration and errors into exit codes.
 
 pub mod client;
+pub mod mesh;
 mod dev_cluster;
 pub mod tls;
 
@@ -128,6 +129,27 @@ pub enum Command {
         kind: String,
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Service mesh: run a sidecar proxy, manage the mesh CA
+    Connect {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(subcommand)]
+        cmd: mesh::ConnectCommand,
+    },
+    /// Create, read, list and delete config entries
+    Config {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(subcommand)]
+        cmd: mesh::ConfigCommand,
+    },
+    /// Manage intentions (which services may connect to which)
+    Intention {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(subcommand)]
+        cmd: mesh::IntentionCommand,
     },
     /// Create the CA and certificates for agent TLS
     Tls {
@@ -305,6 +327,19 @@ impl AgentArgs {
     }
 }
 
+/// A command's answer given as its exit status (`trellis intention check`: 2 when denied);
+/// already reported on stdout.
+#[derive(Debug)]
+struct ExitStatus(i32);
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitStatus {}
+
 /// Parse arguments, run the command, and return the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -318,6 +353,7 @@ pub fn main() -> i32 {
     let result = rt.block_on(run(cli));
     match result {
         Ok(()) => 0,
+        Err(e) if e.downcast_ref::<ExitStatus>().is_some() => e.downcast_ref::<ExitStatus>().map_or(1, |s| s.0),
         Err(e) => {
             eprintln!("{e:#}");
             1
@@ -358,6 +394,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator { http, cmd } => client::operator(&http, cmd).await,
         Command::Snapshot { http, cmd } => client::snapshot(&http, cmd).await,
         Command::Tls { cmd } => tls::run(cmd),
+        Command::Connect { http, cmd } => {
+            if matches!(cmd, mesh::ConnectCommand::Proxy { .. }) {
+                init_logging("info");
+            }
+            mesh::connect(&http, cmd).await
+        }
+        Command::Config { http, cmd } => mesh::config(&http, cmd).await,
+        Command::Intention { http, cmd } => match mesh::intention(&http, cmd).await? {
+            None => Ok(()),
+            Some(code) => Err(ExitStatus(code).into()),
+        },
         Command::Members { http, wan, status } => client::members(&http, wan, status).await,
         Command::Join { http, wan, addresses } => client::join(&http, &addresses, wan).await,
         Command::Leave { http } => client::leave(&http).await,

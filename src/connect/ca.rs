@@ -295,6 +295,9 @@ pub fn sign_leaf(ca: &ConnectCa, datacenter: &str, csr_der: &[u8]) -> Result<Iss
     let leaf_ttl = ttl("LeafCertTTL", &ca.config.leaf_cert_ttl)?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.subject_alt_names = vec![SanType::URI(id.uri().try_into()?)];
+    // Consul names leaves after their service; identity is the URI, the CN is for people.
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, id.service.clone());
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages =
         vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::DataEncipherment, KeyUsagePurpose::KeyAgreement];

@@ -214,6 +214,11 @@ impl LocalAgent {
         (LocalAgent { inner }, rx)
     }
 
+    /// Changes whenever the local state does (services, checks, their outputs).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.revision.subscribe()
+    }
+
     pub fn node(&self) -> &NodeFacts {
         &self.inner.node
     }

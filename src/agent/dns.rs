@@ -86,6 +86,14 @@ impl DnsCatalog for CatalogDns {
         Ok(list.into_iter().map(|(n, s, checks)| self.instance(dc, n, s, &checks)).collect())
     }
 
+    async fn connect_instances(&self, dc: Option<&str>, service: &str) -> Result<Vec<Instance>, LookupError> {
+        let dc = self.dc_of(dc);
+        let CatalogAnswer::Instances(list) = self.read(dc, CatalogQuery::ConnectInstances { service: service.into() }).await? else {
+            return Err(LookupError::Unavailable("unexpected catalog answer".into()));
+        };
+        Ok(list.into_iter().map(|(n, s, checks)| self.instance(dc, n, s, &checks)).collect())
+    }
+
     async fn node(&self, dc: Option<&str>, name: &str) -> Result<Option<NodeInfo>, LookupError> {
         let dc = self.dc_of(dc);
         let CatalogAnswer::Node(n) = self.read(dc, CatalogQuery::Node { name: name.into() }).await? else {

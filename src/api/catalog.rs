@@ -339,13 +339,29 @@ pub async fn service_view(
     // The index and the watch of the view: the service's own, or its connect view.
     let view = if q.connect { crate::state::catalog::connect_view_key(&name) } else { name.clone() };
     let key = WatchKey::Service(view.clone());
-    if let Some(near) = p.get("near").filter(|n| !n.is_empty()) {
-        let (list, meta) = blocking_on(ctx, &p, std::slice::from_ref(&key), |d| {
+    let near = p.get("near").filter(|n| !n.is_empty());
+    let merge = p.flag("merge-central-config");
+    if near.is_some() || merge {
+        // Per-request answers: sorted by the caller's coordinates, or completed with config
+        // entries (and so also woken by their changes).
+        let mut keys = vec![key];
+        if merge {
+            keys.push(WatchKey::Table(Table::ConfigEntries));
+        }
+        let (list, meta) = blocking_on(ctx, &p, &keys, |d| {
             let mut inst = instances(d);
-            if let Some(near) = near_node(d, near, ctx, &headers) {
+            if let Some(near) = near.and_then(|n| near_node(d, n, ctx, &headers)) {
                 d.sort_near(&mut inst, |i| i.node.node.as_str(), &near);
             }
-            Ok((inst.iter().map(|i| render_one(i, &dc)).collect::<Vec<_>>(), d.service_view_index(&view)))
+            let mut list: Vec<Value> = inst.iter().map(|i| render_one(i, &dc)).collect();
+            let mut index = d.service_view_index(&view);
+            if merge {
+                index = index.max(d.index_of(&[Table::ConfigEntries]));
+                for v in &mut list {
+                    merge_central(&d.config_entries, v);
+                }
+            }
+            Ok((list, index))
         })
         .await?;
         return Ok(reply(&meta, &filtered(&p, &list)?));
@@ -367,6 +383,19 @@ pub async fn service_view(
         },
     )
     .await
+}
+
+/// `?merge-central-config` on one rendered instance (a health entry's `Service`, or a
+/// catalog entry's `ServiceKind`/`ServiceProxy`).
+fn merge_central(entries: &BTreeMap<(String, String), crate::state::mesh::ConfigEntry>, v: &mut Value) {
+    use crate::connect::config_entry::merge_central_config;
+    if v.get("Service").is_some_and(Value::is_object) {
+        let kind = v["Service"]["Kind"].as_str().unwrap_or_default().to_string();
+        merge_central_config(entries, &kind, &mut v["Service"]["Proxy"]);
+    } else if v.get("ServiceProxy").is_some() {
+        let kind = v["ServiceKind"].as_str().unwrap_or_default().to_string();
+        merge_central_config(entries, &kind, &mut v["ServiceProxy"]);
+    }
 }
 
 async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Result<Response, ApiError> {

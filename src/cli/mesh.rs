@@ -328,3 +328,120 @@ fn print_intentions(list: &[Value]) {
         );
     }
 }
+
+/// Register and deregister services with the local agent
+#[derive(clap::Subcommand, Debug)]
+pub enum ServicesCommand {
+    /// Register services from definition files (HCL or JSON with `service { ... }` or
+    /// `services = [...]`), or one service from flags
+    Register {
+        /// Service name (instead of a file)
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        address: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        /// Tag (repeatable)
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// key=value metadata (repeatable)
+        #[arg(long = "meta")]
+        meta: Vec<String>,
+        files: Vec<String>,
+    },
+    /// Deregister services by ID, or those defined in files
+    Deregister {
+        #[arg(long)]
+        id: Option<String>,
+        files: Vec<String>,
+    },
+}
+
+/// The service definitions in a file: `service { ... }`, `services = [...]`, or a bare
+/// definition as the HTTP API takes it.
+fn service_definitions(file: &str) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("Error reading {file}"))?;
+    // The agent's own config-file syntax: JSON, or HCL with blocks as objects.
+    let v: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(json_err) if text.trim_start().starts_with('{') => bail!("Error decoding {file}: {json_err}"),
+        Err(_) => hcl::from_str(&text).map_err(|e| anyhow!("Error decoding {file}: {e}"))?,
+    };
+    let Value::Object(o) = &v else { bail!("Error decoding {file}: expected an object with a service or services key") };
+    let field = |k: &str| o.iter().find(|(key, _)| key.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+    let list = match (field("service"), field("services")) {
+        (Some(Value::Object(s)), None) => vec![Value::Object(s)],
+        (None, Some(Value::Array(a))) => a,
+        (None, Some(Value::Object(s))) => vec![Value::Object(s)],
+        (None, None) if field("name").is_some() => vec![v.clone()],
+        (Some(_), Some(_)) => bail!("{file}: has both service and services; use one"),
+        _ => bail!("{file}: no service definition (a `service` block or a `services` list)"),
+    };
+    Ok(list)
+}
+
+pub async fn services(http: &HttpOpts, cmd: ServicesCommand) -> Result<()> {
+    let api = Api::new(http)?;
+    match cmd {
+        ServicesCommand::Register { name, id, address, port, tags, meta, files } => {
+            let defs = match (name, files.is_empty()) {
+                (Some(name), true) => {
+                    let mut m = serde_json::Map::new();
+                    for kv in meta {
+                        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--meta {kv:?}: expected key=value"))?;
+                        m.insert(k.to_string(), json_str(v));
+                    }
+                    vec![serde_json::json!({ "Name": name, "ID": id.unwrap_or_default(), "Address": address.unwrap_or_default(),
+                        "Port": port.unwrap_or(0), "Tags": tags, "Meta": m })]
+                }
+                (None, false) => {
+                    let mut all = Vec::new();
+                    for f in &files {
+                        all.extend(service_definitions(f)?);
+                    }
+                    all
+                }
+                (Some(_), false) => bail!("give either --name (and flags) or definition files, not both"),
+                (None, true) => bail!("nothing to register: give definition files or --name"),
+            };
+            for d in defs {
+                let label = d.get("Name").or_else(|| d.get("name")).and_then(Value::as_str).unwrap_or_default().to_string();
+                api.send(Method::PUT, "agent/service/register", &[], Some(serde_json::to_vec(&d)?))
+                    .await
+                    .with_context(|| format!("Error registering service {label:?}"))?;
+                println!("Registered service: {label}");
+            }
+            Ok(())
+        }
+        ServicesCommand::Deregister { id, files } => {
+            let ids: Vec<String> = match (id, files.is_empty()) {
+                (Some(id), true) => vec![id],
+                (None, false) => {
+                    let mut ids = Vec::new();
+                    for f in &files {
+                        for d in service_definitions(f)? {
+                            let get = |k: &str| d.as_object().and_then(|o| o.iter().find(|(key, _)| key.eq_ignore_ascii_case(k))).and_then(|(_, v)| v.as_str()).filter(|s| !s.is_empty()).map(str::to_string);
+                            ids.push(get("id").or_else(|| get("name")).ok_or_else(|| anyhow!("{f}: a service without a name or ID"))?);
+                        }
+                    }
+                    ids
+                }
+                _ => bail!("give either --id or definition files"),
+            };
+            for id in ids {
+                api.send(Method::PUT, &format!("agent/service/deregister/{}", escape(&id, false)), &[], None)
+                    .await
+                    .with_context(|| format!("Error deregistering service {id:?}"))?;
+                println!("Deregistered service: {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn json_str(s: &str) -> Value {
+    Value::String(s.to_string())
+}

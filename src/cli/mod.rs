@@ -130,6 +130,13 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Register and deregister services with the local agent
+    Services {
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(subcommand)]
+        cmd: mesh::ServicesCommand,
+    },
     /// Service mesh: run a sidecar proxy, manage the mesh CA
     Connect {
         #[command(flatten)]
@@ -400,6 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             mesh::connect(&http, cmd).await
         }
+        Command::Services { http, cmd } => mesh::services(&http, cmd).await,
         Command::Config { http, cmd } => mesh::config(&http, cmd).await,
         Command::Intention { http, cmd } => match mesh::intention(&http, cmd).await? {
             None => Ok(()),

@@ -752,6 +752,64 @@ pub fn service_protocol(entries: &BTreeMap<(String, String), crate::state::mesh:
         .unwrap_or_else(|| "tcp".into())
 }
 
+/// Consul's `?merge-central-config`: a proxy's registration (`Proxy` JSON of a
+/// `connect-proxy` or `mesh-gateway`) completed with what config entries say about it:
+/// `proxy-defaults` `Config`, `Mode`, `MeshGateway`, `Expose` and `TransparentProxy` under the
+/// registration's own values; the destination's `service-defaults` protocol and mesh gateway
+/// mode; each upstream's protocol from its destination's entries. The registration wins.
+pub fn merge_central_config(entries: &BTreeMap<(String, String), crate::state::mesh::ConfigEntry>, kind: &str, proxy: &mut Value) {
+    if kind != "connect-proxy" && kind != "mesh-gateway" {
+        return;
+    }
+    let get = |kind: &str, name: &str| entries.get(&(kind.to_string(), name.to_string())).and_then(|e| serde_json::from_str::<Value>(&e.json).ok());
+    let pd = get("proxy-defaults", "global").unwrap_or(Value::Null);
+    let destination = proxy["DestinationServiceName"].as_str().unwrap_or_default().to_string();
+    let sd = if destination.is_empty() { Value::Null } else { get("service-defaults", &destination).unwrap_or(Value::Null) };
+    let Value::Object(p) = proxy else { return };
+    // Config: central keys under the registration's own.
+    let mut config = pd["Config"].as_object().cloned().unwrap_or_default();
+    if !destination.is_empty() {
+        config.insert("protocol".into(), json!(service_protocol(entries, &destination)));
+    }
+    if let Some(own) = p.get("Config").and_then(Value::as_object) {
+        for (k, v) in own {
+            config.insert(k.clone(), v.clone());
+        }
+    }
+    if !config.is_empty() {
+        p.insert("Config".into(), Value::Object(config));
+    }
+    let empty = |v: Option<&Value>| v.is_none_or(|v| v.is_null() || v.as_str() == Some("") || v.as_object().is_some_and(|o| o.is_empty()));
+    // Mesh gateway mode: the registration's, else the service's defaults, else proxy-defaults.
+    if empty(p.get("MeshGateway").and_then(|m| m.get("Mode"))) {
+        let mode = [&sd["MeshGateway"]["Mode"], &pd["MeshGateway"]["Mode"]].into_iter().find(|m| !empty(Some(m))).cloned();
+        if let Some(m) = mode {
+            p.insert("MeshGateway".into(), json!({ "Mode": m }));
+        }
+    }
+    for key in ["Mode", "Expose", "TransparentProxy"] {
+        if empty(p.get(key)) {
+            if let Some(v) = [&sd[key], &pd[key]].into_iter().find(|v| !empty(Some(v))) {
+                p.insert(key.into(), v.clone());
+            }
+        }
+    }
+    if let Some(ups) = p.get_mut("Upstreams").and_then(Value::as_array_mut) {
+        for u in ups {
+            let (Some(name), Value::Object(u)) = (u["DestinationName"].as_str().map(str::to_string), u) else { continue };
+            if u.get("DestinationType").and_then(Value::as_str).is_some_and(|t| t == "prepared_query") {
+                continue;
+            }
+            let cfg = u.entry("Config").or_insert_with(|| json!({}));
+            if let Value::Object(c) = cfg
+                && !c.contains_key("protocol")
+            {
+                c.insert("protocol".into(), json!(service_protocol(entries, &name)));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -196,7 +196,7 @@ impl Handler {
         let Some((_, rest)) = inner.split_domain(&labels) else { return false };
         let own = inner.catalog.datacenter();
         match names::parse(rest, qtype) {
-            Lookup::Service { dc, .. } | Lookup::Node { dc, .. } => dc.is_none_or(|d| d.eq_ignore_ascii_case(&own)),
+            Lookup::Service { dc, .. } | Lookup::Connect { dc, .. } | Lookup::Node { dc, .. } => dc.is_none_or(|d| d.eq_ignore_ascii_case(&own)),
             Lookup::PreparedQuery { .. } => false,
             Lookup::Apex | Lookup::Addr(_) | Lookup::Invalid => true,
         }
@@ -344,6 +344,11 @@ impl Inner {
                 Lookup::Apex => Ok(self.apex(ctx).await),
                 Lookup::Service { dc, service, tag } => {
                     let instances = cat.service_instances(dc.as_deref(), &service, tag.as_deref()).await?;
+                    let ttl = self.service_ttl(&service);
+                    Ok(self.service_answer(ctx, instances, ttl, self.cfg.only_passing, true, depth).await)
+                }
+                Lookup::Connect { dc, service } => {
+                    let instances = cat.connect_instances(dc.as_deref(), &service).await?;
                     let ttl = self.service_ttl(&service);
                     Ok(self.service_answer(ctx, instances, ttl, self.cfg.only_passing, true, depth).await)
                 }

@@ -81,6 +81,11 @@ pub trait DnsCatalog: Send + Sync + 'static {
     /// Instances of `service` in `dc` (None = the agent's own dc) with their worst check status,
     /// optionally only with `tag`.
     async fn service_instances(&self, dc: Option<&str>, service: &str, tag: Option<&str>) -> Result<Vec<Instance>, LookupError>;
+    /// The instances that accept a service's mesh connections: its sidecar proxies and its
+    /// connect-native instances (`<service>.connect.<domain>`). None by default.
+    async fn connect_instances(&self, _dc: Option<&str>, _service: &str) -> Result<Vec<Instance>, LookupError> {
+        Ok(Vec::new())
+    }
     /// The node `name` in `dc` (None = the agent's own dc), `Ok(None)` when there is no such node.
     async fn node(&self, dc: Option<&str>, name: &str) -> Result<Option<NodeInfo>, LookupError>;
     /// Nodes and service instances whose address is `ip` (for PTR), in the agent's own dc.

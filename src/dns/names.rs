@@ -16,6 +16,11 @@ pub(crate) enum Lookup {
         service: String,
         tag: Option<String>,
     },
+    /// `<service>.connect.<dc>`: the instances that accept the service's mesh connections.
+    Connect {
+        dc: Option<String>,
+        service: String,
+    },
     Node {
         dc: Option<String>,
         node: String,
@@ -42,6 +47,10 @@ pub(crate) fn parse(labels: &[String], qtype: RecordType) -> Lookup {
     };
     match kind {
         "service" => parse_service(parts, suffix),
+        "connect" => match (parts, locality(suffix)) {
+            ([service], Some(dc)) => Lookup::Connect { dc, service: service.clone() },
+            _ => Lookup::Invalid,
+        },
         "node" => {
             if parts.is_empty() {
                 return Lookup::Invalid;
@@ -63,7 +72,7 @@ fn split_kind(labels: &[String], qtype: RecordType) -> Option<(&str, &[String], 
     for i in (0..labels.len()).rev() {
         let label = labels[i].as_str();
         match label {
-            "service" | "node" | "query" | "addr" => return Some((label, &labels[..i], &labels[i + 1..])),
+            "service" | "connect" | "node" | "query" | "addr" => return Some((label, &labels[..i], &labels[i + 1..])),
             // `_web._tcp.consul` SRV: the "service" label is optional in the RFC 2782 form.
             _ if qtype == RecordType::SRV && label.starts_with('_') => return Some(("service", &labels[..=i], &labels[i + 1..])),
             _ => {}

@@ -500,6 +500,11 @@ pub enum CatalogQuery {
     Node {
         name: String,
     },
+    /// The instances that carry a service's mesh traffic (`<svc>.connect.consul`): its
+    /// sidecar proxies and connect-native instances.
+    ConnectInstances {
+        service: String,
+    },
     /// Nodes, and service instances with their own address, at this IP.
     ByAddress {
         ip: String,
@@ -542,6 +547,19 @@ impl StateData {
                 let mut out = Vec::new();
                 for ((node_name, _), s) in &self.services {
                     if !s.service.eq_ignore_ascii_case(service) || tag.as_ref().is_some_and(|t| !s.tags.iter().any(|x| x.eq_ignore_ascii_case(t))) {
+                        continue;
+                    }
+                    let Some(node) = self.nodes.get(node_name) else { continue };
+                    let checks = self.instance_checks(node_name, &s.id);
+                    out.push((node.clone(), s.clone(), checks));
+                }
+                CatalogAnswer::Instances(out)
+            }
+            CatalogQuery::ConnectInstances { service } => {
+                let mut out = Vec::new();
+                for ((node_name, _), s) in &self.services {
+                    let serves = view_keys(s).iter().any(|k| k.strip_prefix("\u{0}connect\u{0}").is_some_and(|v| v.eq_ignore_ascii_case(service)));
+                    if !serves {
                         continue;
                     }
                     let Some(node) = self.nodes.get(node_name) else { continue };

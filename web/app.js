@@ -6,6 +6,7 @@ import { errorBox } from './js/common.js';
 import { servicesList, serviceDetail } from './js/views/services.js';
 import { nodesList, nodeDetail } from './js/views/nodes.js';
 import { kvView } from './js/views/kv.js';
+import { intentionsList } from './js/views/intentions.js';
 
 const main = document.getElementById('main');
 const picker = document.getElementById('dc-picker');
@@ -27,6 +28,7 @@ function route(path) {
     const name = decodeSegment(m[1]);
     return { section: 'nodes', title: name, view: nodeDetail, params: { name } };
   }
+  if (path === '/intentions' || path === '/intentions/') return { section: 'intentions', title: 'Intentions', view: intentionsList, params: {} };
   if (path === '/kv') return { redirect: '/kv/' };
   if ((m = /^\/kv\/(.*)$/.exec(path))) {
     const p = m[1].split('/').map(decodeSegment).join('/');
@@ -92,7 +94,7 @@ function updateHeader(section) {
 
 select.addEventListener('change', () => {
   const { path } = parseHash();
-  const m = /^\/(services|nodes|kv)/.exec(path);
+  const m = /^\/(services|nodes|intentions|kv)/.exec(path);
   const section = m ? (m[1] === 'kv' ? '/kv/' : `/${m[1]}`) : '/services';
   location.hash = link(section, select.value);
 });

@@ -6,6 +6,22 @@ import { seededSuite, openPage, screenshotPath, LAPTOP, PHONE } from './lib/harn
 
 const env = seededSuite('pages');
 
+// Mesh data for the intentions page and a service page with a sidecar, added once, by the
+// first test that needs it (after the suite's seeding).
+let meshData = null;
+const addMeshData = () => (meshData ??= (async () => {
+  const calls = [
+    ['PUT', '/v1/agent/service/register', { Name: 'billing', Port: 9000, Connect: { SidecarService: { Proxy: { Upstreams: [{ DestinationName: 'postgres', LocalBindPort: 9192 }] } } } }],
+    ['PUT', '/v1/connect/intentions/exact?source=web&destination=billing', { Action: 'allow', Description: 'checkout calls billing' }],
+    ['PUT', '/v1/connect/intentions/exact?source=*&destination=billing', { Action: 'deny' }],
+    ['PUT', '/v1/connect/intentions/exact?source=billing&destination=postgres', { Action: 'allow' }],
+  ];
+  for (const [method, path, body] of calls) {
+    const r = await env.agent.call(method, path, body);
+    if (r.status !== 200) throw new Error(`${method} ${path}: ${r.status} ${r.text}`);
+  }
+})());
+
 // [name, route, a locator that shows the page has its data]
 const PAGES = [
   ['services', '#/services', 'li[data-service="web"] .status'],
@@ -14,9 +30,12 @@ const PAGES = [
   ['node', '#/nodes/db-1', '.rows li[data-service="postgres"]'],
   ['kv', '#/kv/', 'li[data-key="config/"]'],
   ['kv-key', '#/kv/config/app/settings', '.kv-value.json'],
+  ['intentions', '#/intentions', 'li[data-source="web"][data-destination="billing"] .action-allow'],
+  ['mesh-service', '#/services/billing', '.mesh:has(tr[data-upstream="postgres"]):has(li[data-source="web"]):has(.policy-note)'],
 ];
 
 async function visitAll(page, onPage) {
+  await addMeshData();
   await page.goto(`${env.agent.baseUrl}/ui/`);
   for (const [name, route, ready] of PAGES) {
     // In-app navigation (hash change), as a user clicking links would.

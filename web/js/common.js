@@ -36,7 +36,7 @@ export function errorBox(err, { retrying = true, what = 'load this page' } = {})
 }
 
 function currentSection() {
-  const m = /^\/(services|nodes|kv)/.exec(location.hash.replace(/^#/, ''));
+  const m = /^\/(services|nodes|intentions|kv)/.exec(location.hash.replace(/^#/, ''));
   return m ? `/${m[1]}${m[1] === 'kv' ? '/' : ''}` : '/services';
 }
 

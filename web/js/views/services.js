@@ -3,6 +3,7 @@ import { h, healthSummary, statusBadge, tagList, plural, worstStatus, defList, n
 import { get, watch, encodePath } from '../api.js';
 import { link } from '../router.js';
 import { pageHeader, filterBox, emptyState, Region } from '../common.js';
+import { meshSection } from './mesh.js';
 
 const instanceKey = (node, serviceId) => `${node}\u0000${serviceId}`;
 
@@ -121,7 +122,8 @@ export function serviceDetail({ root, signal, params }) {
   const { header } = pageHeader(name, [['Services', link('/services')], [name]]);
   const summary = h('div', { class: 'summary' });
   const body = h('div', { class: 'list-region' });
-  root.append(header, summary, body);
+  const mesh = meshSection(name, signal);
+  root.append(header, summary, mesh.el, body);
   const region = new Region(body);
 
   watch(`health/service/${encodePath(name)}`, {
@@ -135,7 +137,9 @@ export function serviceDetail({ root, signal, params }) {
     const allChecks = entries.flatMap((e) => e.Checks || []);
     summary.replaceChildren(
       h('span', { class: 'summary-item' }, plural(entries.length, 'instance')),
-      h('span', { class: 'summary-item' }, healthSummary(allChecks)));
+      h('span', { class: 'summary-item' }, healthSummary(allChecks)),
+      mesh.badge);
+    mesh.update(entries);
     if (!entries.length) {
       return region.show(emptyState(`No instances of “${name}” are registered in this datacenter.`));
     }
@@ -157,6 +161,11 @@ function instanceCard(e) {
     defList([
       ['Node', h('a', { href: link(`/nodes/${encodeURIComponent(node.Node || '')}`) }, node.Node || '')],
       ['Address', address ? `${address}${svc.Port ? `:${svc.Port}` : ''}` : (svc.Port ? `port ${svc.Port}` : '')],
+      ['Kind', svc.Kind || null],
+      ['Proxy for', svc.Kind === 'connect-proxy' && svc.Proxy?.DestinationServiceName
+        ? h('a', { href: link(`/services/${encodeURIComponent(svc.Proxy.DestinationServiceName)}`) }, svc.Proxy.DestinationServiceName)
+        : null],
+      ['Connect', svc.Connect?.Native ? 'connect-native' : null],
       ['Tags', tagList(svc.Tags)],
       ['Meta', metaList(svc.Meta)],
     ]),

@@ -12,14 +12,14 @@ use serde_json::json;
 
 use crate::harness::{Cluster, SOON, eventually};
 
-async fn ask(addr: SocketAddr, name: &str, qtype: RecordType) -> Option<Message> {
+pub async fn ask(addr: SocketAddr, name: &str, qtype: RecordType) -> Option<Message> {
     let conn = UdpClientStream::builder(addr, TokioRuntimeProvider::default()).with_timeout(Some(Duration::from_secs(5))).build();
     let (mut client, bg) = Client::<TokioRuntimeProvider>::from_sender(conn);
     tokio::spawn(bg);
     client.query(Name::from_ascii(name).ok()?, DNSClass::IN, qtype).await.ok().map(|r| r.into_message())
 }
 
-fn a_records(m: &Message) -> Vec<String> {
+pub fn a_records(m: &Message) -> Vec<String> {
     let mut v: Vec<String> = m.answers.iter().filter_map(|r| if let RData::A(a) = &r.data { Some(a.0.to_string()) } else { None }).collect();
     v.sort();
     v

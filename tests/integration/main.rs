@@ -10,5 +10,6 @@ mod dns;
 mod federation;
 mod harness;
 mod limits;
+mod mesh;
 mod snapshot;
 mod trust;

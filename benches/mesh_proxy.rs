@@ -272,7 +272,9 @@ fn main() {
         r#"{{"ID":"db","Name":"db","Port":{},"Connect":{{"SidecarService":{{"Proxy":{{"LocalServiceAddress":"127.0.0.1"}}}}}}}}"#,
         app.port()
     );
-    let web = format!(r#"{{"ID":"web","Name":"web","Port":1,"Connect":{{"SidecarService":{{"Proxy":{{"Upstreams":[{{"DestinationName":"db","LocalBindAddress":"{ip}","LocalBindPort":19500}}]}}}}}}}}"#);
+    let web = format!(
+        r#"{{"ID":"web","Name":"web","Port":1,"Connect":{{"SidecarService":{{"Proxy":{{"Upstreams":[{{"DestinationName":"db","LocalBindAddress":"{ip}","LocalBindPort":19500}}]}}}}}}}}"#
+    );
     for def in [&db, &web] {
         let r = http_put(api, "/v1/agent/service/register", def).unwrap_or_default();
         assert!(r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"), "register: {r}");
@@ -293,18 +295,21 @@ fn main() {
     wait_until("the trellis sidecar path", Duration::from_secs(60), || path_works(upstream));
 
     // HAProxy: the same pair with the mesh's certificates.
-    let leaf = |svc: &str| -> serde_json::Value { serde_json::from_str(&http_get(api, &format!("/v1/agent/connect/ca/leaf/{svc}")).unwrap()).unwrap() };
+    let leaf =
+        |svc: &str| -> serde_json::Value { serde_json::from_str(&http_get(api, &format!("/v1/agent/connect/ca/leaf/{svc}")).unwrap()).unwrap() };
     let roots: serde_json::Value = serde_json::from_str(&http_get(api, "/v1/agent/connect/ca/roots").unwrap()).unwrap();
     let roots_pem: String = roots["Roots"].as_array().unwrap().iter().map(|r| r["RootCert"].as_str().unwrap().to_string()).collect();
     std::fs::write(dir.path().join("roots.pem"), roots_pem).unwrap();
     for svc in ["web", "db"] {
         let l = leaf(svc);
-        std::fs::write(dir.path().join(format!("{svc}.pem")), format!("{}{}", l["CertPEM"].as_str().unwrap(), l["PrivateKeyPEM"].as_str().unwrap())).unwrap();
+        std::fs::write(dir.path().join(format!("{svc}.pem")), format!("{}{}", l["CertPEM"].as_str().unwrap(), l["PrivateKeyPEM"].as_str().unwrap()))
+            .unwrap();
     }
     let hip = "127.0.0.72";
     let (h_up, h_pub): (SocketAddr, SocketAddr) = (format!("{hip}:19500").parse().unwrap(), format!("{hip}:21500").parse().unwrap());
     let d = dir.path().display();
-    let common = "global\n  log stderr format raw local0 emerg\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+    let common =
+        "global\n  log stderr format raw local0 emerg\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
     let hdb = format!(
         "{common}frontend public\n  bind {h_pub} ssl crt {d}/db.pem ca-file {d}/roots.pem verify required\n  default_backend app\nbackend app\n  server app {app}\n"
     );

@@ -49,7 +49,7 @@ pub fn decode_entry(body: &[u8]) -> Result<Value, ApiError> {
                     ApiError::BadRequest(format!("Request decoding failed: {hcl_err}"))
                 }
             })
-            .map(|v| unwrap_hcl_blocks(v)),
+            .map(unwrap_hcl_blocks),
     }
 }
 

@@ -129,7 +129,8 @@ pub async fn connect(http: &HttpOpts, cmd: ConnectCommand) -> Result<()> {
 /// Find the proxy to run: `id` itself when it is a proxy, else the proxy whose
 /// `DestinationServiceID` is `id`.
 async fn proxy_id_for(api: &Api, id: &str) -> Result<String> {
-    let services: serde_json::Map<String, Value> = api.json(Method::GET, "agent/services", &[], None).await.context("Error listing the agent's services")?;
+    let services: serde_json::Map<String, Value> =
+        api.json(Method::GET, "agent/services", &[], None).await.context("Error listing the agent's services")?;
     if services.get(id).is_some_and(|s| s["Kind"] == "connect-proxy") {
         return Ok(id.to_string());
     }
@@ -206,7 +207,8 @@ pub async fn config(http: &HttpOpts, cmd: ConfigCommand) -> Result<()> {
             Ok(())
         }
         ConfigCommand::List { kind } => {
-            let v: Vec<Value> = api.json(Method::GET, &format!("config/{}", escape(&kind, false)), &[], None).await.context("Error listing config entries")?;
+            let v: Vec<Value> =
+                api.json(Method::GET, &format!("config/{}", escape(&kind, false)), &[], None).await.context("Error listing config entries")?;
             for e in v {
                 println!("{}", str_field(&e, "Name"));
             }
@@ -265,8 +267,13 @@ pub async fn intention(http: &HttpOpts, cmd: IntentionCommand) -> Result<Option<
                 .json(Method::GET, "connect/intentions/exact", &pair(&source, &destination), None)
                 .await
                 .map_err(|e| if is_not_found(&e) { anyhow!("Intention not found: {source} => {destination}") } else { e })?;
-            for (k, label) in [("SourceName", "Source"), ("DestinationName", "Destination"), ("Action", "Action"), ("Description", "Description"), ("Precedence", "Precedence")]
-            {
+            for (k, label) in [
+                ("SourceName", "Source"),
+                ("DestinationName", "Destination"),
+                ("Action", "Action"),
+                ("Description", "Description"),
+                ("Precedence", "Precedence"),
+            ] {
                 let val = match &v[k] {
                     Value::String(s) => s.clone(),
                     Value::Null => String::new(),
@@ -285,7 +292,10 @@ pub async fn intention(http: &HttpOpts, cmd: IntentionCommand) -> Result<Option<
             Ok(None)
         }
         IntentionCommand::Check { source, destination } => {
-            let v: Value = api.json(Method::GET, "connect/intentions/check", &pair(&source, &destination), None).await.context("Error checking the connection")?;
+            let v: Value = api
+                .json(Method::GET, "connect/intentions/check", &pair(&source, &destination), None)
+                .await
+                .context("Error checking the connection")?;
             if v["Allowed"] == true {
                 println!("Allowed");
                 Ok(None)
@@ -316,9 +326,13 @@ fn print_intentions(list: &[Value]) {
         println!("No intentions found.");
         return;
     }
-    println!("{:<24} {:<8} {:<24} {}", "Source", "Action", "Destination", "Precedence");
+    println!("{:<24} {:<8} {:<24} Precedence", "Source", "Action", "Destination");
     for i in list {
-        let action = if i["Permissions"].as_array().is_some_and(|p| !p.is_empty()) { "(L7)".to_string() } else { i["Action"].as_str().unwrap_or_default().to_string() };
+        let action = if i["Permissions"].as_array().is_some_and(|p| !p.is_empty()) {
+            "(L7)".to_string()
+        } else {
+            i["Action"].as_str().unwrap_or_default().to_string()
+        };
         println!(
             "{:<24} {:<8} {:<24} {}",
             i["SourceName"].as_str().unwrap_or_default(),
@@ -423,7 +437,13 @@ pub async fn services(http: &HttpOpts, cmd: ServicesCommand) -> Result<()> {
                     let mut ids = Vec::new();
                     for f in &files {
                         for d in service_definitions(f)? {
-                            let get = |k: &str| d.as_object().and_then(|o| o.iter().find(|(key, _)| key.eq_ignore_ascii_case(k))).and_then(|(_, v)| v.as_str()).filter(|s| !s.is_empty()).map(str::to_string);
+                            let get = |k: &str| {
+                                d.as_object()
+                                    .and_then(|o| o.iter().find(|(key, _)| key.eq_ignore_ascii_case(k)))
+                                    .and_then(|(_, v)| v.as_str())
+                                    .filter(|s| !s.is_empty())
+                                    .map(str::to_string)
+                            };
                             ids.push(get("id").or_else(|| get("name")).ok_or_else(|| anyhow!("{f}: a service without a name or ID"))?);
                         }
                     }

@@ -2,8 +2,8 @@
 //! beyond turning flags into configuration and errors into exit codes.
 
 pub mod client;
-pub mod mesh;
 mod dev_cluster;
+pub mod mesh;
 pub mod tls;
 
 use std::net::IpAddr;

@@ -788,10 +788,10 @@ pub fn merge_central_config(entries: &BTreeMap<(String, String), crate::state::m
         }
     }
     for key in ["Mode", "Expose", "TransparentProxy"] {
-        if empty(p.get(key)) {
-            if let Some(v) = [&sd[key], &pd[key]].into_iter().find(|v| !empty(Some(v))) {
-                p.insert(key.into(), v.clone());
-            }
+        if empty(p.get(key))
+            && let Some(v) = [&sd[key], &pd[key]].into_iter().find(|v| !empty(Some(v)))
+        {
+            p.insert(key.into(), v.clone());
         }
     }
     if let Some(ups) = p.get_mut("Upstreams").and_then(Value::as_array_mut) {

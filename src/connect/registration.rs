@@ -180,7 +180,7 @@ pub fn upstream_json(u: &Upstream) -> Value {
         "MeshGateway": mesh_gateway_json(&u.mesh_gateway),
     });
     for (k, val) in [("DestinationNamespace", &u.destination_namespace), ("Datacenter", &u.datacenter), ("LocalBindAddress", &u.local_bind_address)] {
-        if !val.is_empty() && !(k == "DestinationNamespace" && val == "default") {
+        if !val.is_empty() && (k != "DestinationNamespace" || val != "default") {
             v[k] = serde_json::json!(val);
         }
     }

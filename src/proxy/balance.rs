@@ -94,7 +94,8 @@ impl Balancer {
         let now = Instant::now();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let order = (0..list.len()).map(|i| &list[(start + i) % list.len()]);
-        let healthy: Vec<Endpoint> = order.clone().filter(|(_, h)| h.ejected_until.is_none_or(|t| t <= now)).map(|(e, _)| e.clone()).take(n).collect();
+        let healthy: Vec<Endpoint> =
+            order.clone().filter(|(_, h)| h.ejected_until.is_none_or(|t| t <= now)).map(|(e, _)| e.clone()).take(n).collect();
         if healthy.is_empty() { order.map(|(e, _)| e.clone()).take(n).collect() } else { healthy }
     }
 

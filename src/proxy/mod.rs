@@ -89,7 +89,11 @@ pub fn parse_def(svc: &Value, node_address: IpAddr) -> Result<ProxyDef, ProxyErr
     }
     let p = &svc["Proxy"];
     let bad = |m: String| ProxyError::Config(format!("service {id:?}: {m}"));
-    let destination = p["DestinationServiceName"].as_str().filter(|s| !s.is_empty()).ok_or_else(|| bad("Proxy.DestinationServiceName is empty".into()))?.to_string();
+    let destination = p["DestinationServiceName"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("Proxy.DestinationServiceName is empty".into()))?
+        .to_string();
     let ip = |s: Option<&str>, default: IpAddr| -> Result<IpAddr, ProxyError> {
         match s.filter(|s| !s.is_empty()) {
             None => Ok(default),
@@ -98,16 +102,20 @@ pub fn parse_def(svc: &Value, node_address: IpAddr) -> Result<ProxyDef, ProxyErr
     };
     let config = &p["Config"];
     let bind_ip = ip(config["bind_address"].as_str().or(svc["Address"].as_str()), node_address)?;
-    let port = config["bind_port"].as_u64().or(svc["Port"].as_u64()).filter(|p| *p > 0 && *p <= 65535).ok_or_else(|| bad("no public port".into()))? as u16;
+    let port =
+        config["bind_port"].as_u64().or(svc["Port"].as_u64()).filter(|p| *p > 0 && *p <= 65535).ok_or_else(|| bad("no public port".into()))? as u16;
     let local_ip = ip(p["LocalServiceAddress"].as_str(), IpAddr::from([127, 0, 0, 1]))?;
-    let local_port = p["LocalServicePort"].as_u64().filter(|p| *p > 0 && *p <= 65535).ok_or_else(|| bad("Proxy.LocalServicePort is not set".into()))? as u16;
+    let local_port =
+        p["LocalServicePort"].as_u64().filter(|p| *p > 0 && *p <= 65535).ok_or_else(|| bad("Proxy.LocalServicePort is not set".into()))? as u16;
     let mut upstreams = Vec::new();
     for u in p["Upstreams"].as_array().into_iter().flatten() {
         let name = u["DestinationName"].as_str().unwrap_or_default().to_string();
         if u["DestinationType"].as_str().is_some_and(|t| t == "prepared_query") {
             return Err(bad(format!("upstream {name:?}: prepared-query upstreams are not supported by this proxy; use a service upstream")));
         }
-        let bind_port = u["LocalBindPort"].as_u64().filter(|p| *p > 0 && *p <= 65535).ok_or_else(|| bad(format!("upstream {name:?} has no LocalBindPort")))? as u16;
+        let bind_port =
+            u["LocalBindPort"].as_u64().filter(|p| *p > 0 && *p <= 65535).ok_or_else(|| bad(format!("upstream {name:?} has no LocalBindPort")))?
+                as u16;
         let bind_ip = ip(u["LocalBindAddress"].as_str(), IpAddr::from([127, 0, 0, 1]))?;
         upstreams.push(UpstreamDef {
             name,
@@ -264,11 +272,13 @@ impl Proxy {
     async fn follow_identity(&self, shared: &Arc<Shared>, destination: &str, stop: CancellationToken) {
         let mut roots = follow(self.api.clone(), "/v1/agent/connect/ca/roots".into(), false, stop.clone());
         let mut leaf = follow(self.api.clone(), format!("/v1/agent/connect/ca/leaf/{}", enc(destination)), false, stop.clone());
-        let mut ints = follow(self.api.clone(), format!("/v1/connect/intentions/match?by=destination&name={}", enc(destination)), false, stop.clone());
+        let mut ints =
+            follow(self.api.clone(), format!("/v1/connect/intentions/match?by=destination&name={}", enc(destination)), false, stop.clone());
         let apply_roots = |shared: &Shared, r: &ApiResponse| {
             let Ok(v) = r.json() else { return };
             // Intermediates are presented by peers; only the roots are trust anchors.
-            let roots_only: Vec<String> = v["Roots"].as_array().into_iter().flatten().filter_map(|r| r["RootCert"].as_str().map(str::to_string)).collect();
+            let roots_only: Vec<String> =
+                v["Roots"].as_array().into_iter().flatten().filter_map(|r| r["RootCert"].as_str().map(str::to_string)).collect();
             if let Err(e) = shared.tls.set_roots(&roots_only, v["TrustDomain"].as_str().unwrap_or_default()) {
                 warn!(error = %e, "cannot use the mesh roots");
             }
@@ -316,9 +326,18 @@ impl Proxy {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = roots.changed() => { if r.is_err() { return } if let Some(x) = roots.borrow_and_update().clone() { apply_roots(&shared, &x) } }
-                    r = leaf.changed() => { if r.is_err() { return } if let Some(x) = leaf.borrow_and_update().clone() { apply_leaf(&shared, &x) } }
-                    r = ints.changed() => { if r.is_err() { return } if let Some(x) = ints.borrow_and_update().clone() { apply_intentions(&shared, &x) } }
+                    r = roots.changed() => {
+                        if r.is_err() { return }
+                        if let Some(x) = roots.borrow_and_update().clone() { apply_roots(&shared, &x) }
+                    }
+                    r = leaf.changed() => {
+                        if r.is_err() { return }
+                        if let Some(x) = leaf.borrow_and_update().clone() { apply_leaf(&shared, &x) }
+                    }
+                    r = ints.changed() => {
+                        if r.is_err() { return }
+                        if let Some(x) = ints.borrow_and_update().clone() { apply_intentions(&shared, &x) }
+                    }
                 }
             }
         });
@@ -359,7 +378,11 @@ impl Listeners {
             let l = bind(addr).await?;
             let t = stop.child_token();
             let dc = if u.datacenter.is_empty() { shared.settings.datacenter.clone() } else { u.datacenter.clone() };
-            let path = format!("/v1/health/connect/{}?passing{}", enc(&u.name), if u.datacenter.is_empty() { String::new() } else { format!("&dc={}", enc(&u.datacenter)) });
+            let path = format!(
+                "/v1/health/connect/{}?passing{}",
+                enc(&u.name),
+                if u.datacenter.is_empty() { String::new() } else { format!("&dc={}", enc(&u.datacenter)) }
+            );
             let endpoints = follow(proxy.api.clone(), path, false, t.clone());
             tokio::spawn(outbound(l, u.clone(), dc, endpoints, shared.clone(), t.clone()));
             self.upstreams.insert(addr, (u.clone(), t));
@@ -382,7 +405,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     // socket still closing: retry briefly.
     let mut last = None;
     for _ in 0..20 {
-        let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(|error| ProxyError::Bind { addr, error })?;
+        let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+            .map_err(|error| ProxyError::Bind { addr, error })?;
         let _ = s.set_reuseaddr(true);
         match s.bind(addr).and_then(|_| s.listen(1024)) {
             Ok(l) => return Ok(l),
@@ -482,7 +506,8 @@ async fn outbound(
             },
         };
         let _ = local.set_nodelay(true);
-        let (balancer, connector, shared, stop, up, dc) = (balancer.clone(), connector.clone(), shared.clone(), stop.clone(), up.clone(), datacenter.clone());
+        let (balancer, connector, shared, stop, up, dc) =
+            (balancer.clone(), connector.clone(), shared.clone(), stop.clone(), up.clone(), datacenter.clone());
         tokio::spawn(async move {
             let Some(remote) = dial(&balancer, &connector, &shared, &up, &dc).await else {
                 let mut local = local;
@@ -496,7 +521,13 @@ async fn outbound(
 
 /// Connect to an instance of the upstream: up to [`CONNECT_ATTEMPTS`] instances, each failure
 /// counted towards its ejection.
-async fn dial(balancer: &Balancer, connector: &tokio_rustls::TlsConnector, shared: &Shared, up: &UpstreamDef, dc: &str) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+async fn dial(
+    balancer: &Balancer,
+    connector: &tokio_rustls::TlsConnector,
+    shared: &Shared,
+    up: &UpstreamDef,
+    dc: &str,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
     let candidates = balancer.pick(CONNECT_ATTEMPTS);
     if candidates.is_empty() {
         warn!(upstream = %up.name, "no healthy instance of the upstream");
@@ -560,13 +591,8 @@ impl SidecarManager {
         let mut running: HashMap<String, CancellationToken> = HashMap::new();
         loop {
             let services = (self.services)();
-            let proxies: Vec<String> = services
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(_, s)| s["Kind"] == "connect-proxy")
-                .map(|(id, _)| id.clone())
-                .collect();
+            let proxies: Vec<String> =
+                services.as_object().into_iter().flatten().filter(|(_, s)| s["Kind"] == "connect-proxy").map(|(id, _)| id.clone()).collect();
             running.retain(|id, t| {
                 let keep = proxies.contains(id) && !t.is_cancelled();
                 if !keep {

@@ -245,7 +245,13 @@ async fn sidecars_carry_mesh_traffic_and_refuse_everything_else() {
         .output();
     let out = tokio::time::timeout(Duration::from_secs(20), out).await.expect("openssl s_client hung").expect("openssl is installed");
     let shown = String::from_utf8_lossy(&out.stdout).to_string();
-    let first_cert: String = shown.split("-----BEGIN CERTIFICATE-----").nth(1).map(|b| format!("-----BEGIN CERTIFICATE-----{}", b.split("-----END CERTIFICATE-----").next().unwrap_or_default()) + "-----END CERTIFICATE-----\n").expect("s_client printed the server certificate");
+    let first_cert: String = shown
+        .split("-----BEGIN CERTIFICATE-----")
+        .nth(1)
+        .map(|b| {
+            format!("-----BEGIN CERTIFICATE-----{}", b.split("-----END CERTIFICATE-----").next().unwrap_or_default()) + "-----END CERTIFICATE-----\n"
+        })
+        .expect("s_client printed the server certificate");
     let mut x509 = std::process::Command::new("openssl")
         .args(["x509", "-noout", "-ext", "subjectAltName"])
         .stdin(std::process::Stdio::piped())
@@ -345,7 +351,8 @@ async fn a_root_rotation_under_traffic_loses_no_request() {
         })
     };
     let url = format!("{}/v1/connect/ca/configuration", c.servers[0].http());
-    let (status, body) = c.put(&url, json!({"Provider": "consul", "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384}}).to_string()).await.unwrap();
+    let (status, body) =
+        c.put(&url, json!({"Provider": "consul", "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384}}).to_string()).await.unwrap();
     assert_eq!(status, 200, "{body}");
     let roots = c.get_json(&format!("{}/v1/connect/ca/roots", c.servers[0].http())).await.unwrap();
     assert_eq!(roots["Roots"].as_array().unwrap().len(), 2, "the old root stays trusted: {roots}");
@@ -371,7 +378,7 @@ async fn a_root_rotation_under_traffic_loses_no_request() {
 async fn a_service_calls_another_datacenter_through_the_mesh() {
     let dcs = Cluster::start_federation(&[("dc1", 1, 0), ("dc2", 1, 0)], &["--primary-datacenter", "dc1"]).await;
     let (dc1, dc2) = (&dcs[0], &dcs[1]);
-    let (ip1, ip2) = (dc1.servers[0].ip.clone(), dc2.servers[0].ip.clone());
+    let ip1 = dc1.servers[0].ip.clone();
     let db = echo_app("db-dc2").await;
     register(dc2, 0, json!({"Name": "db", "Port": db, "Connect": {"SidecarService": {}}})).await;
     register(
@@ -438,7 +445,55 @@ async fn standalone_sidecar_processes_carry_traffic() {
     };
     let _procs = Killed(vec![spawn("db"), spawn("web")]);
     wait_for_path(upstream, "db:").await;
-    let out = std::process::Command::new(BIN).args(["connect", "proxy", "--sidecar-for", "nope", "--http-addr", &c.servers[0].http()]).output().unwrap();
+    let out =
+        std::process::Command::new(BIN).args(["connect", "proxy", "--sidecar-for", "nope", "--http-addr", &c.servers[0].http()]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no sidecar proxy is registered for service \"nope\""), "{out:?}");
+}
+
+/// What this test does: config entries belong to the primary datacenter. A write sent to dc2
+/// is forwarded to dc1 and replicated back into dc2's own state; with dc1's server stopped,
+/// dc2 keeps serving what it has and refuses writes with an error; when dc1 returns, an entry
+/// written there and a deletion reach dc2.
+#[tokio::test(flavor = "multi_thread")]
+async fn config_entries_are_owned_by_the_primary_and_replicated_to_secondaries() {
+    let mut dcs = Cluster::start_federation(&[("dc1", 1, 0), ("dc2", 1, 0)], &["--primary-datacenter", "dc1"]).await;
+    let (h1, h2) = (dcs[0].servers[0].http(), dcs[1].servers[0].http());
+    let entry = |name: &str, protocol: &str| json!({"Kind": "service-defaults", "Name": name, "Protocol": protocol}).to_string();
+    let (status, body) = dcs[1].put(&format!("{h2}/v1/config"), entry("web", "http")).await.unwrap();
+    assert_eq!((status, body.trim()), (200, "true"));
+    let written = Instant::now();
+    let in_primary = dcs[0].get_json(&format!("{h1}/v1/config/service-defaults/web")).await.unwrap();
+    assert_eq!(in_primary["Protocol"], "http", "the write did not land in the primary");
+    eventually("dc2 to replicate the entry", SOON, || async {
+        let v = dcs[1].get_json(&format!("{h2}/v1/config/service-defaults/web")).await.ok()?;
+        (v["Protocol"] == "http").then_some(())
+    })
+    .await;
+    eprintln!("dc2 served the entry written through it {:?} after the write", written.elapsed());
+
+    // The primary away: reads still answered from dc2's own state, writes refused.
+    dcs[0].stop(0);
+    let v = dcs[1].get_json(&format!("{h2}/v1/config/service-defaults/web")).await.unwrap();
+    assert_eq!(v["Protocol"], "http");
+    let (status, body) = dcs[1].put(&format!("{h2}/v1/config"), entry("api", "grpc")).await.unwrap();
+    assert!(status >= 500, "a write with the primary down answered {status} {body}");
+    assert!(!body.trim().is_empty(), "the refusal says nothing");
+
+    // The primary back: new entries and deletions reach dc2.
+    dcs[0].spawn(0);
+    dcs[0].wait_for_leader().await;
+    eventually("dc1 to accept writes again", SOON, || async {
+        let (s, b) = dcs[0].put(&format!("{h1}/v1/config"), entry("api", "grpc")).await.ok()?;
+        (s == 200 && b.trim() == "true").then_some(())
+    })
+    .await;
+    let del = dcs[0].http.delete(format!("{h1}/v1/config/service-defaults/web")).send().await.unwrap();
+    assert!(del.status().is_success());
+    eventually("dc2 to catch up with the primary", SOON, || async {
+        let list = dcs[1].get_json(&format!("{h2}/v1/config/service-defaults")).await.ok()?;
+        let names: Vec<&str> = list.as_array()?.iter().filter_map(|e| e["Name"].as_str()).collect();
+        (names == ["api"]).then_some(())
+    })
+    .await;
 }

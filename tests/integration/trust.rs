@@ -61,6 +61,9 @@ async fn every_request_kind_is_refused_from_peers_that_may_not_send_it() {
         apply(Command::SessionDestroy { id: "x".into() }),
         ClusterRpc::Ping,
         ClusterRpc::Elect,
+        // The mesh: only another datacenter's leader gets an intermediate or follows the CA.
+        ClusterRpc::SignIntermediate { datacenter: "dc1".into(), csr: Vec::new() },
+        ClusterRpc::MeshState { min_index: 0 },
     ];
     let refused_for_other_dcs = vec![
         ClusterRpc::Join { id: 7, node: Default::default() },
@@ -70,12 +73,18 @@ async fn every_request_kind_is_refused_from_peers_that_may_not_send_it() {
         ClusterRpc::LanPing,
         ClusterRpc::NodeState { node: "s1".into() },
         ClusterRpc::Elect,
+        // Leaves are signed by the servers of the service's own datacenter.
+        ClusterRpc::SignLeaf { csr: Vec::new() },
     ];
     let refused_for_strangers = vec![
         ClusterRpc::Hello,
         ClusterRpc::Read { dc: None, query: trellis::state::catalog::CatalogQuery::Node { name: "s1".into() } },
         ClusterRpc::Keyring { op: KeyringOp::Use, key: "x".into() },
         apply(Command::Register(Registration::default())),
+        ClusterRpc::SignLeaf { csr: Vec::new() },
+        ClusterRpc::CaRoots,
+        ClusterRpc::SignIntermediate { datacenter: "dc2".into(), csr: Vec::new() },
+        ClusterRpc::MeshState { min_index: 0 },
     ];
     for (who, rpc, requests) in [
         ("client agent", &client, refused_for_clients),

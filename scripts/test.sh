@@ -16,6 +16,7 @@ apt_install() {
 command -v chromium >/dev/null || apt_install chromium
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+command -v openssl >/dev/null || apt_install openssl
 
 echo "==> Python test dependencies"
 if [ ! -x target/pyenv/bin/python ]; then python3 -m venv target/pyenv; fi

@@ -103,6 +103,19 @@ impl Handler for ClusterHandler {
                     ClusterReply::Intermediate { cert_pem: signer.sign_intermediate(&datacenter, &csr)? }
                 }
                 ClusterRpc::MeshState { min_index } => ClusterReply::MeshState(Box::new(signer.mesh_state(min_index).await)),
+                ClusterRpc::FederationStateSet { state } => {
+                    if !primary {
+                        return Err(RpcError::new(
+                            ErrorCode::BadRequest,
+                            format!("datacenter {dc} is not the primary: federation states are stored there"),
+                        ));
+                    }
+                    let (outcome, index) = node.write(crate::state::Command::FederationStateSet { state }).await.map_err(|e| match e {
+                        WriteError::NoLeader => RpcError::new(ErrorCode::NoLeader, "No cluster leader"),
+                        other => RpcError::new(ErrorCode::Internal, other.to_string()),
+                    })?;
+                    ClusterReply::Applied { outcome, index }
+                }
                 ClusterRpc::Keyring { op, key } => {
                     // A change another datacenter's server passes on stays in this datacenter.
                     let fan_out = !matches!(peer.role, Role::RemoteServer(_));

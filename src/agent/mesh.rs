@@ -139,15 +139,16 @@ impl Signer {
     pub async fn mesh_state(&self, min_index: u64) -> MeshState {
         let deadline = tokio::time::Instant::now() + REPLICATION_WAIT;
         loop {
-            let (mut ca_watch, mut entries_watch, state) = {
+            let (mut ca_watch, mut entries_watch, mut states_watch, state) = {
                 let store = self.node.store.read();
                 let d = store.data();
                 let state = MeshState {
                     ca: d.connect_ca.as_ref().map(public_ca),
                     entries: d.config_entries.values().cloned().collect(),
-                    index: d.index_of(&[Table::ConnectCa, Table::ConfigEntries]),
+                    federation_states: d.federation_states.values().cloned().collect(),
+                    index: d.index_of(&[Table::ConnectCa, Table::ConfigEntries, Table::FederationStates]),
                 };
-                (store.watch(Table::ConnectCa), store.watch(Table::ConfigEntries), state)
+                (store.watch(Table::ConnectCa), store.watch(Table::ConfigEntries), store.watch(Table::FederationStates), state)
             };
             if state.index > min_index || tokio::time::Instant::now() >= deadline {
                 return state;
@@ -156,6 +157,7 @@ impl Signer {
                 tokio::select! {
                     _ = ca_watch.changed() => {}
                     _ = entries_watch.changed() => {}
+                    _ = states_watch.changed() => {}
                 }
             };
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -196,6 +198,43 @@ pub struct MeshLeader {
     replicated: AtomicU64,
     last_prune: Mutex<Option<Instant>>,
     replicating: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The gateways last sent to the primary, when, and the send in flight.
+    published: Mutex<(String, Option<Instant>)>,
+    publishing: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// How often a datacenter republishes unchanged gateways that the primary does not show yet.
+const REPUBLISH: Duration = Duration::from_secs(5);
+
+/// This datacenter's mesh gateways as a federation state lists them: Consul's
+/// `CheckServiceNode`s without indexes or check output (so that only real changes count).
+pub fn gateways_json(d: &crate::state::StateData, dc: &str) -> String {
+    let list: Vec<serde_json::Value> = d
+        .instances_of_kind("mesh-gateway")
+        .iter()
+        .map(|i| {
+            let mut svc = crate::api::catalog::service_json(&i.service);
+            if let Some(o) = svc.as_object_mut() {
+                o.remove("CreateIndex");
+                o.remove("ModifyIndex");
+            }
+            let mut node = crate::api::catalog::node_json(&i.node, dc);
+            if let Some(o) = node.as_object_mut() {
+                o.remove("CreateIndex");
+                o.remove("ModifyIndex");
+            }
+            let checks: Vec<serde_json::Value> = i
+                .checks
+                .iter()
+                .map(|c| {
+                    serde_json::json!({"Node": c.node, "CheckID": c.check_id, "Name": c.name, "Status": c.status,
+                        "ServiceID": c.service_id, "ServiceName": c.service_name})
+                })
+                .collect();
+            serde_json::json!({ "Node": node, "Service": svc, "Checks": checks })
+        })
+        .collect();
+    serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())
 }
 
 impl MeshLeader {
@@ -215,6 +254,8 @@ impl MeshLeader {
             replicated: AtomicU64::new(0),
             last_prune: Mutex::new(None),
             replicating: Mutex::new(None),
+            published: Mutex::new((String::new(), None)),
+            publishing: Mutex::new(None),
         })
     }
 
@@ -234,6 +275,7 @@ impl MeshLeader {
             }
             return;
         }
+        self.publish_gateways();
         if self.is_primary() {
             self.seed_ca().await;
             self.prune_roots().await;
@@ -245,6 +287,58 @@ impl MeshLeader {
                 *r = Some(tokio::spawn(async move { me.replicate(stop).await }));
             }
         }
+    }
+
+    /// Publish this datacenter's gateways to the primary when they differ from what the
+    /// primary holds (as replicated here), at most every [`REPUBLISH`] for the same set.
+    fn publish_gateways(self: &Arc<Self>) {
+        let (gateways, stored) = {
+            let store = self.node.store.read();
+            let d = store.data();
+            let stored = d.federation_states.get(&self.datacenter.to_ascii_lowercase()).map(|s| s.mesh_gateways.clone());
+            (gateways_json(d, &self.datacenter), stored)
+        };
+        if stored.as_deref() == Some(gateways.as_str()) || (stored.is_none() && gateways == "[]") {
+            return;
+        }
+        {
+            let published = self.published.lock();
+            if published.0 == gateways && published.1.is_some_and(|t| t.elapsed() < REPUBLISH) {
+                return;
+            }
+        }
+        let mut inflight = self.publishing.lock();
+        if inflight.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        *self.published.lock() = (gateways.clone(), Some(Instant::now()));
+        let me = self.clone();
+        *inflight = Some(tokio::spawn(async move {
+            let state = crate::state::federation::FederationState {
+                datacenter: me.datacenter.clone(),
+                mesh_gateways: gateways,
+                updated_at: crate::duration::rfc3339(SystemTime::now()),
+                ..Default::default()
+            };
+            let result = if me.is_primary() {
+                me.node.write(Command::FederationStateSet { state }).await.map(|_| ()).map_err(|e| e.to_string())
+            } else {
+                let call = async {
+                    let body = crate::rpc::encode(&ClusterRpc::FederationStateSet { state })?;
+                    let reply = me.federation.call(&me.primary, Service::Cluster, body, RPC_TIMEOUT).await?;
+                    crate::rpc::decode::<ClusterReply>(&reply)
+                };
+                match call.await {
+                    Ok(ClusterReply::Applied { .. }) => Ok(()),
+                    Ok(other) => Err(format!("unexpected reply {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match result {
+                Ok(()) => info!(datacenter = %me.datacenter, "published this datacenter's mesh gateways"),
+                Err(e) => warn!(primary = %me.primary, error = %e, "publishing this datacenter's mesh gateways failed; retrying"),
+            }
+        }));
     }
 
     async fn seed_ca(&self) {
@@ -334,6 +428,16 @@ impl MeshLeader {
             && local.iter().zip(&state.entries).all(|(a, b)| a.kind == b.kind && a.name == b.name && a.json == b.json);
         if !same {
             self.node.write(Command::ConfigReplicate { entries: state.entries.clone() }).await.map_err(|e| e.to_string())?;
+        }
+        // Federation states: the primary's whole set.
+        let local: Vec<_> = self.node.store.read().data().federation_states.values().cloned().collect();
+        let same = local.len() == state.federation_states.len()
+            && local
+                .iter()
+                .zip(&state.federation_states)
+                .all(|(a, b)| a.datacenter.eq_ignore_ascii_case(&b.datacenter) && a.mesh_gateways == b.mesh_gateways && a.primary_modify_index == b.modify_index);
+        if !same {
+            self.node.write(Command::FederationReplicate { states: state.federation_states.clone() }).await.map_err(|e| e.to_string())?;
         }
         if let Some(primary_ca) = &state.ca {
             self.follow_ca(primary_ca).await?;

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod agent_cache;
 pub mod catalog;
 pub mod config;
+pub mod federation_state;
 pub mod connect;
 pub mod coordinate;
 pub mod error;
@@ -107,6 +108,7 @@ pub fn router(ctx: Ctx) -> Router {
         .merge(status::routes())
         .merge(catalog::routes())
         .merge(config::routes())
+        .merge(federation_state::routes())
         .merge(connect::routes())
         .merge(health::routes())
         .merge(kv::routes())

@@ -23,7 +23,7 @@ const META: &str = "meta.json";
 const STATE: &str = "state.bin";
 const SUMS: &str = "SHA256SUMS";
 /// Bumped when `state.bin`'s encoding changes incompatibly.
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
 
 pub fn routes() -> Router<Ctx> {
     Router::new().route("/v1/snapshot", get(save).put(restore))

@@ -16,6 +16,7 @@
 //! | `SignLeaf` | yes | yes | no |
 //! | `CaRoots` | yes | yes | yes |
 //! | `SignIntermediate`, `MeshState` | yes | no | yes (a secondary's leader) |
+//! | `FederationStateSet` | yes | no | yes (its own datacenter's state only) |
 //!
 //! Anonymous peers (auto-encrypt) and certificates naming no agent of this cluster get nothing.
 //!
@@ -77,6 +78,8 @@ pub enum ClusterRpc {
     /// The primary's CA (roots and configuration, no keys) and its config entries, for a
     /// secondary's replication; `min_index` blocks until the primary has newer.
     MeshState { min_index: u64 },
+    /// A datacenter's mesh gateways, sent by its leader to the primary (which stores them).
+    FederationStateSet { state: crate::state::federation::FederationState },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +107,7 @@ impl ClusterRpc {
             ClusterRpc::CaRoots => "CaRoots",
             ClusterRpc::SignIntermediate { .. } => "SignIntermediate",
             ClusterRpc::MeshState { .. } => "MeshState",
+            ClusterRpc::FederationStateSet { .. } => "FederationStateSet",
         }
     }
 
@@ -115,13 +119,16 @@ impl ClusterRpc {
             Role::Client => match self {
                 Apply { req, .. } => client_may_apply(&req.command),
                 Read { .. } | Datacenters | LanPing | NodeState { .. } | Keyring { .. } | SignLeaf { .. } | CaRoots => true,
-                Hello | Join { .. } | Ping | Elect | SignIntermediate { .. } | MeshState { .. } => false,
+                Hello | Join { .. } | Ping | Elect | SignIntermediate { .. } | MeshState { .. } | FederationStateSet { .. } => false,
             },
             // Another datacenter may read, probe, pass on keyring changes, and (a secondary's
             // leader) have its intermediate signed and replicate the mesh's state.
-            Role::RemoteServer(_) => {
-                matches!(self, Hello | Read { .. } | Ping | Keyring { .. } | SignIntermediate { .. } | MeshState { .. } | CaRoots)
-            }
+            Role::RemoteServer(dc) => match self {
+                Hello | Read { .. } | Ping | Keyring { .. } | SignIntermediate { .. } | MeshState { .. } | CaRoots => true,
+                // A datacenter publishes its own gateways, nobody else's.
+                FederationStateSet { state } => state.datacenter.eq_ignore_ascii_case(dc),
+                _ => false,
+            },
             Role::Anonymous | Role::Other => false,
         }
     }
@@ -202,6 +209,9 @@ pub struct MeshState {
     /// The primary's CA, keys removed.
     pub ca: Option<crate::state::mesh::ConnectCa>,
     pub entries: Vec<crate::state::mesh::ConfigEntry>,
+    /// Every datacenter's federation state.
+    #[serde(default)]
+    pub federation_states: Vec<crate::state::federation::FederationState>,
     /// The primary's index of these tables.
     pub index: u64,
 }
@@ -243,6 +253,7 @@ mod tests {
             ClusterRpc::SignIntermediate { datacenter: "dc2".into(), csr: Vec::new() },
             ClusterRpc::MeshState { min_index: 0 },
             ClusterRpc::CaRoots,
+            ClusterRpc::FederationStateSet { state: crate::state::federation::FederationState { datacenter: "dc2".into(), ..Default::default() } },
         ]
     }
 
@@ -272,6 +283,9 @@ mod tests {
     fn other_datacenters_may_only_read_probe_and_change_keys() {
         let remote = Role::RemoteServer("dc2".into());
         let allowed: Vec<&str> = every_request().iter().filter(|r| r.allowed_from(&remote)).map(|r| r.name()).collect();
-        assert_eq!(allowed, ["Hello", "Read", "Ping", "Keyring", "SignIntermediate", "MeshState", "CaRoots"]);
+        assert_eq!(allowed, ["Hello", "Read", "Ping", "Keyring", "SignIntermediate", "MeshState", "CaRoots", "FederationStateSet"]);
+        // Another datacenter's state is not dc2's to publish.
+        let forged = ClusterRpc::FederationStateSet { state: crate::state::federation::FederationState { datacenter: "dc3".into(), ..Default::default() } };
+        assert!(!forged.allowed_from(&remote));
     }
 }

@@ -340,6 +340,18 @@ impl StateData {
         (out, self.service_view_index(&lookup))
     }
 
+    /// Every instance of services of `kind` (e.g. "mesh-gateway"), in node order.
+    pub fn instances_of_kind(&self, kind: &str) -> Vec<ServiceInstance> {
+        self.services
+            .iter()
+            .filter(|(_, s)| s.kind == kind)
+            .filter_map(|((node, id), s)| {
+                let n = self.nodes.get(node)?;
+                Some(ServiceInstance { node: n.clone(), service: s.clone(), checks: self.instance_checks(node, id) })
+            })
+            .collect()
+    }
+
     /// The checks that decide an instance's health: the node's own and the service's.
     pub(super) fn instance_checks(&self, node: &str, service_id: &str) -> Vec<HealthCheck> {
         self.checks.range(node_range(node)).map(|(_, c)| c).filter(|c| c.service_id.is_empty() || c.service_id == service_id).cloned().collect()

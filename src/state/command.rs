@@ -65,6 +65,17 @@ pub enum Command {
     ConfigReplicate {
         entries: Vec<super::mesh::ConfigEntry>,
     },
+    /// A datacenter's mesh gateways (the primary's own, or a secondary's via the primary).
+    FederationStateSet {
+        state: super::federation::FederationState,
+    },
+    FederationStateDelete {
+        datacenter: String,
+    },
+    /// A secondary's copy of the primary's federation states: the whole set.
+    FederationReplicate {
+        states: Vec<super::federation::FederationState>,
+    },
     /// Create the auto-encrypt CA unless one exists.
     AgentCaInit(AgentCa),
     /// One piece of a snapshot being restored (the postcard encoding of a `StateData`, split so
@@ -102,6 +113,9 @@ impl Command {
             Command::ConfigSet { .. } => "ConfigSet",
             Command::ConfigDelete { .. } => "ConfigDelete",
             Command::ConfigReplicate { .. } => "ConfigReplicate",
+            Command::FederationStateSet { .. } => "FederationStateSet",
+            Command::FederationStateDelete { .. } => "FederationStateDelete",
+            Command::FederationReplicate { .. } => "FederationReplicate",
             Command::AgentCaInit(_) => "AgentCaInit",
             Command::RestoreChunk { .. } => "RestoreChunk",
             Command::RestoreCommit { .. } => "RestoreCommit",

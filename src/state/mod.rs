@@ -8,6 +8,7 @@
 
 pub mod catalog;
 pub mod command;
+pub mod federation;
 pub mod kv;
 pub mod mesh;
 pub mod query;
@@ -41,9 +42,11 @@ pub enum Table {
     /// The Connect CA: roots, signing material and configuration.
     ConnectCa = 9,
     ConfigEntries = 10,
+    /// Each datacenter's mesh gateways (owned by the primary, replicated to secondaries).
+    FederationStates = 11,
 }
 
-pub(crate) const TABLE_COUNT: usize = 11;
+pub(crate) const TABLE_COUNT: usize = 12;
 
 /// Everything replicated, in a form that snapshots serialize as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -78,6 +81,9 @@ pub struct StateData {
     /// Config entries by (kind, name).
     #[serde(default)]
     pub config_entries: BTreeMap<(String, String), mesh::ConfigEntry>,
+    /// Federation states by lower-cased datacenter name.
+    #[serde(default)]
+    pub federation_states: BTreeMap<String, federation::FederationState>,
     /// A snapshot restore in progress: chunks applied so far (part of the replicated state, so
     /// a Raft snapshot taken mid-restore carries it).
     pub restore_staging: Option<RestoreStaging>,
@@ -226,6 +232,9 @@ impl Store {
             Command::ConfigSet { entry, cas } => self.config_set(index, entry, *cas),
             Command::ConfigDelete { kind, name, cas } => self.config_delete(kind, name, *cas),
             Command::ConfigReplicate { entries } => self.config_replicate(index, entries),
+            Command::FederationStateSet { state } => self.federation_state_set(index, state),
+            Command::FederationStateDelete { datacenter } => self.federation_state_delete(datacenter),
+            Command::FederationReplicate { states } => self.federation_replicate(index, states),
             Command::QuerySet(q) => self.query_set(index, q),
             Command::QueryUpdate(q) if !self.data.prepared_queries.contains_key(&q.id) => Outcome::Rejected(query::NOT_FOUND.into()),
             Command::QueryUpdate(q) => self.query_set(index, q),

@@ -160,6 +160,7 @@ const TABLES: [Table; TABLE_COUNT] = [
     Table::Coordinates,
     Table::ConnectCa,
     Table::ConfigEntries,
+    Table::FederationStates,
 ];
 
 #[cfg(test)]

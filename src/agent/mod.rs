@@ -510,6 +510,29 @@ impl Agent {
                 tasks.spawn(auto_encrypt::trust_agent_ca(node.clone(), verifier, shutdown.clone()).map_name("agent-ca"));
                 rpc_server.register(Service::Raft, Arc::new(RaftHandler { raft: node.raft.clone(), contacts: node.contacts.clone() }));
                 let dc_router = federation.clone().expect("servers have a federation router");
+                if cfg.connect.mesh_gateway_wan_federation {
+                    let (store, dc) = (node.store.clone(), cfg.datacenter.clone());
+                    let view = Arc::new(move || {
+                        let st = store.read();
+                        let d = st.data();
+                        let local = mesh::gateways_json(d, &dc);
+                        let mut v = crate::federation::GatewayView {
+                            local: crate::federation::gateway_addresses(&serde_json::from_str::<Vec<serde_json::Value>>(&local).unwrap_or_default(), false),
+                            ..Default::default()
+                        };
+                        for s in d.federation_states.values().filter(|s| !s.datacenter.eq_ignore_ascii_case(&dc)) {
+                            v.remote.insert(s.datacenter.clone(), crate::federation::gateway_addresses(&s.gateways(), true));
+                        }
+                        v
+                    });
+                    dc_router.set_gateways(crate::federation::Gateways::new(
+                        cfg.primary_datacenter.clone(),
+                        view,
+                        cfg.primary_gateways.clone(),
+                        cfg.primary_gateways_interval,
+                    ));
+                    tasks.spawn(dc_router.clone().run_fallback_resolver(shutdown.clone()).map_name("primary-gateways"));
+                }
                 rpc_server.register(
                     Service::Cluster,
                     Arc::new(cluster::ClusterHandler {

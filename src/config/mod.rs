@@ -141,6 +141,25 @@ pub struct RawConfig {
     pub connect: Option<RawConnect>,
     /// Consul's top-level spelling of `connect.default_intention_policy`.
     pub default_intention_policy: Option<String>,
+    /// Secondaries federating through mesh gateways: the primary's gateways (`host:port`;
+    /// names are re-resolved), used until federation states list them and whenever all of
+    /// those fail.
+    pub primary_gateways: Option<Vec<String>>,
+    /// How often `primary_gateways` names are re-resolved (default 30s).
+    pub primary_gateways_interval: Option<String>,
+    /// `trellis gateway mesh`: where the gateway listens.
+    pub gateway: Option<RawGateway>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    /// `ip:port` the datacenter's services and servers reach the gateway at (default port 8443).
+    pub address: Option<String>,
+    /// `ip:port` other datacenters' gateways reach it at (TCP, and UDP for QUIC).
+    pub wan_address: Option<String>,
+    /// The gateway's service name (default "mesh-gateway").
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -443,6 +462,30 @@ pub struct Config {
     pub sidecar_ports: (u16, u16),
     /// The HTTPS API, when `ports.https` is set.
     pub https: Option<HttpsConfig>,
+    /// `primary_gateways` (secondaries federating through gateways).
+    pub primary_gateways: Vec<String>,
+    pub primary_gateways_interval: std::time::Duration,
+    /// The `gateway` block (only `trellis gateway mesh` uses it).
+    pub gateway: GatewaySettings,
+}
+
+/// Where a mesh gateway listens; unset addresses come from flags or defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GatewaySettings {
+    pub address: Option<SocketAddr>,
+    pub wan_address: Option<SocketAddr>,
+    pub service: String,
+}
+
+/// The mesh gateway's default port (Consul's).
+pub const DEFAULT_GATEWAY_PORT: u16 = 8443;
+
+/// `ip:port`, or a bare IP with the gateway's default port.
+pub fn gateway_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, DEFAULT_GATEWAY_PORT)).map_err(|_| format!("{s:?} is not an ip:port address"))
 }
 
 impl Config {
@@ -531,7 +574,10 @@ impl RawConfig {
             auto_encrypt,
             limits,
             connect,
-            default_intention_policy
+            default_intention_policy,
+            primary_gateways,
+            primary_gateways_interval,
+            gateway
         );
         take!(
             self,
@@ -858,6 +904,32 @@ impl RawConfig {
                     .into(),
             );
         }
+        let server = self.server.unwrap_or(false) || dev;
+        if wan_fed && !retry_join_wan.is_empty() {
+            errs.push("retry_join_wan: 'retry_join_wan' is incompatible with 'connect.enable_mesh_gateway_wan_federation = true'".into());
+        }
+        let primary_gateways = self.primary_gateways.unwrap_or_default();
+        if !primary_gateways.is_empty() {
+            if !server {
+                errs.push("primary_gateways: 'primary_gateways' requires 'server = true'".into());
+            }
+            if primary_datacenter.eq_ignore_ascii_case(&datacenter) {
+                errs.push("primary_gateways: 'primary_gateways' should only be configured in a secondary datacenter".into());
+            }
+        }
+        let primary_gateways_interval = duration("primary_gateways_interval", self.primary_gateways_interval, std::time::Duration::from_secs(30), &mut errs);
+        if primary_gateways_interval < std::time::Duration::from_secs(1) {
+            errs.push("primary_gateways_interval: the minimum allowed value is 1 second".into());
+        }
+        let g = self.gateway.unwrap_or_default();
+        let gaddr = |key: &str, v: Option<String>, errs: &mut Vec<String>| {
+            v.filter(|s| !s.is_empty()).and_then(|s| gateway_addr(&s).map_err(|e| errs.push(format!("gateway.{key}: {e}"))).ok())
+        };
+        let gateway = GatewaySettings {
+            address: gaddr("address", g.address, &mut errs),
+            wan_address: gaddr("wan_address", g.wan_address, &mut errs),
+            service: g.service.filter(|s| !s.is_empty()).unwrap_or_else(|| "mesh-gateway".into()),
+        };
         let ca = rc.ca_config.unwrap_or_default();
         for (key, v) in
             [("leaf_cert_ttl", &ca.leaf_cert_ttl), ("intermediate_cert_ttl", &ca.intermediate_cert_ttl), ("root_cert_ttl", &ca.root_cert_ttl)]
@@ -922,7 +994,9 @@ impl RawConfig {
             dns_port,
             server_port,
             serf_lan_port,
-            serf_wan_port,
+            // Federated through gateways, servers keep no WAN gossip pool: federation states
+            // say which datacenters exist and where their gateways are.
+            serf_wan_port: serf_wan_port.filter(|_| !connect.mesh_gateway_wan_federation),
             encrypt,
             dns,
             enable_script_checks: self.enable_script_checks.unwrap_or(false),
@@ -941,6 +1015,9 @@ impl RawConfig {
             tombstone_ttl,
             connect,
             sidecar_ports,
+            primary_gateways,
+            primary_gateways_interval,
+            gateway,
             https,
         })
     }

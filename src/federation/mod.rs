@@ -1,7 +1,16 @@
-//! Cross-datacenter routing for WAN ("traditional") federation: which servers each datacenter
-//! has, as the WAN gossip pool of servers tells; how far each datacenter is; and the one call
-//! every cross-datacenter request goes through ([`Router::call`]: "any healthy server of dc2").
-//! Federation through mesh gateways will replace what that call dials, nothing else.
+//! Cross-datacenter routing: which servers each datacenter has; how far each datacenter is;
+//! and the one call every cross-datacenter request goes through ([`Router::call`]: "any
+//! healthy server of dc2").
+//!
+//! Two ways to reach another datacenter, chosen by configuration:
+//! - **WAN federation** (traditional): the WAN gossip pool of servers lists every server of every
+//!   datacenter, and calls dial them directly;
+//! - **through mesh gateways** ([`Gateways`]): servers see no other datacenter's servers. A call
+//!   dials a gateway instead (this datacenter's own, else the target datacenter's gateways from
+//!   its federation state, else for the primary the `primary_gateways` fallback) with the very
+//!   same TLS, SNI `server.<dc>.<domain>`; the gateways route by that name and the TLS session
+//!   stays end to end between the two servers. Addresses that just failed for a datacenter are
+//!   tried last for a while, so a dead gateway is skipped.
 //!
 //! Distances: every [`PROBE_INTERVAL`] this server pings every other server of the WAN pool
 //! (`ClusterRpc::Ping`, whose answer carries the other's network coordinate) and feeds the
@@ -48,6 +57,98 @@ struct Inner {
     coord: Mutex<crate::coordinate::Client>,
     /// The last coordinate each other server reported: WAN name -> (datacenter, coordinate).
     known: Mutex<HashMap<String, (String, Coordinate)>>,
+    /// Set when datacenters federate through mesh gateways.
+    gateways: std::sync::OnceLock<Gateways>,
+}
+
+/// How long an address that failed for a datacenter goes to the end of the list.
+const FAILED_FOR: Duration = Duration::from_secs(30);
+
+/// What this datacenter knows about gateways: its own (LAN addresses) and every other
+/// datacenter's (WAN addresses, from federation states).
+#[derive(Debug, Clone, Default)]
+pub struct GatewayView {
+    pub local: Vec<SocketAddr>,
+    pub remote: HashMap<String, Vec<SocketAddr>>,
+}
+
+/// Federation through mesh gateways.
+#[derive(Clone)]
+pub struct Gateways {
+    pub primary: String,
+    /// Reads the replicated state: this datacenter's gateways and the federation states.
+    pub view: Arc<dyn Fn() -> GatewayView + Send + Sync>,
+    /// `primary_gateways` as configured (`host:port`, names allowed).
+    pub fallback: Vec<String>,
+    pub fallback_interval: Duration,
+    resolved: Arc<Mutex<Vec<SocketAddr>>>,
+    failed: Arc<Mutex<HashMap<(String, SocketAddr), Instant>>>,
+}
+
+impl Gateways {
+    pub fn new(primary: String, view: Arc<dyn Fn() -> GatewayView + Send + Sync>, fallback: Vec<String>, fallback_interval: Duration) -> Gateways {
+        Gateways { primary, view, fallback, fallback_interval, resolved: Arc::default(), failed: Arc::default() }
+    }
+
+    /// Resolve `primary_gateways` (names may move) now.
+    pub async fn resolve_fallback(&self) {
+        let mut out = Vec::new();
+        for g in &self.fallback {
+            let target = if g.contains(':') { g.clone() } else { format!("{g}:{}", crate::config::DEFAULT_GATEWAY_PORT) };
+            match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(target.clone())).await {
+                Ok(Ok(addrs)) => out.extend(addrs),
+                Ok(Err(e)) => debug!(gateway = %g, error = %e, "cannot resolve a primary gateway"),
+                Err(_) => debug!(gateway = %g, "resolving a primary gateway timed out"),
+            }
+        }
+        out.sort();
+        out.dedup();
+        let mut r = self.resolved.lock();
+        if *r != out {
+            tracing::info!(gateways = ?out, "updated the fallback list of primary mesh gateways");
+            *r = out;
+        }
+    }
+
+    /// Addresses to dial for `dc`, best first: this datacenter's gateways, then `dc`'s own, then
+    /// (for the primary) the configured fallback; each group shuffled, recent failures last.
+    fn addresses(&self, dc: &str) -> Vec<SocketAddr> {
+        let view = (self.view)();
+        let mut rng = rand::rng();
+        let mut out: Vec<SocketAddr> = Vec::new();
+        let mut push_group = |mut group: Vec<SocketAddr>, out: &mut Vec<SocketAddr>| {
+            group.shuffle(&mut rng);
+            for a in group {
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        };
+        push_group(view.local.clone(), &mut out);
+        let remote = view.remote.iter().find(|(d, _)| d.eq_ignore_ascii_case(dc)).map(|(_, a)| a.clone()).unwrap_or_default();
+        push_group(remote, &mut out);
+        if dc.eq_ignore_ascii_case(&self.primary) {
+            push_group(self.resolved.lock().clone(), &mut out);
+        }
+        let failed = self.failed.lock();
+        let key = dc.to_ascii_lowercase();
+        out.sort_by_key(|a| failed.get(&(key.clone(), *a)).is_some_and(|t| t.elapsed() < FAILED_FOR));
+        out
+    }
+
+    fn failed(&self, dc: &str, addr: SocketAddr) {
+        self.failed.lock().insert((dc.to_ascii_lowercase(), addr), Instant::now());
+    }
+
+    fn succeeded(&self, dc: &str, addr: SocketAddr) {
+        self.failed.lock().remove(&(dc.to_ascii_lowercase(), addr));
+    }
+
+    fn datacenters(&self) -> Vec<String> {
+        let mut v: Vec<String> = (self.view)().remote.keys().cloned().collect();
+        v.push(self.primary.clone());
+        v
+    }
 }
 
 impl Router {
@@ -62,7 +163,32 @@ impl Router {
                 clients: Mutex::default(),
                 coord: Mutex::default(),
                 known: Mutex::default(),
+                gateways: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Federate through mesh gateways from now on (set once, at start).
+    pub fn set_gateways(&self, g: Gateways) {
+        let _ = self.inner.gateways.set(g);
+    }
+
+    pub fn through_gateways(&self) -> bool {
+        self.inner.gateways.get().is_some()
+    }
+
+    /// Keep the `primary_gateways` fallback resolved until `shutdown`.
+    pub async fn run_fallback_resolver(self, shutdown: CancellationToken) {
+        let Some(g) = self.inner.gateways.get().cloned() else { return };
+        if g.fallback.is_empty() {
+            return;
+        }
+        loop {
+            g.resolve_fallback().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(g.fallback_interval) => {}
+            }
         }
     }
 
@@ -108,8 +234,12 @@ impl Router {
         dc.is_empty() || dc.eq_ignore_ascii_case(&self.inner.local_dc)
     }
 
-    /// RPC addresses of the alive servers of `dc`, as the WAN pool sees them.
+    /// Where to dial for `dc`: its alive servers as the WAN pool sees them, or through
+    /// gateways, the gateways to try in order.
     pub fn servers(&self, dc: &str) -> Vec<SocketAddr> {
+        if let Some(g) = self.inner.gateways.get() {
+            return g.addresses(dc);
+        }
         let Some(wan) = &self.inner.wan else { return Vec::new() };
         wan.members()
             .into_iter()
@@ -122,6 +252,9 @@ impl Router {
     /// first, then by measured round trip, unmeasured ones last, ties by name.
     pub fn datacenters(&self) -> Vec<String> {
         let mut dcs: BTreeSet<String> = BTreeSet::from([self.inner.local_dc.clone()]);
+        if let Some(g) = self.inner.gateways.get() {
+            dcs.extend(g.datacenters());
+        }
         if let Some(wan) = &self.inner.wan {
             dcs.extend(wan.members().into_iter().filter_map(|m| m.tags.get("dc").cloned()));
         }
@@ -146,17 +279,28 @@ impl Router {
     /// Send one request to a server of `dc`: the alive ones in random order, moving on while a
     /// server cannot be reached. With none left, the error says "No path to datacenter".
     pub async fn call(&self, dc: &str, service: Service, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, RpcError> {
+        let gateways = self.inner.gateways.get();
         let mut servers = self.servers(dc);
-        servers.shuffle(&mut rand::rng());
+        if gateways.is_none() {
+            servers.shuffle(&mut rand::rng());
+        }
         let client = self.client(dc);
-        let mut last = String::from("no known server");
+        let mut last = String::from(if gateways.is_some() { "no known mesh gateway" } else { "no known server" });
         for addr in servers {
             match client.call(addr, service, body.clone(), timeout).await {
                 Err(e) if e.code == ErrorCode::Unreachable => {
                     debug!(%dc, %addr, error = %e, "remote server unreachable; trying another");
+                    if let Some(g) = gateways {
+                        g.failed(dc, addr);
+                    }
                     last = e.message;
                 }
-                other => return other,
+                other => {
+                    if let Some(g) = gateways {
+                        g.succeeded(dc, addr);
+                    }
+                    return other;
+                }
             }
         }
         Err(RpcError::new(ErrorCode::Unreachable, format!("No path to datacenter {dc} ({last})")))
@@ -185,6 +329,9 @@ impl Router {
     /// Ping every other alive server of the pool once: update our coordinate, and theirs as we
     /// know it.
     async fn probe_all(&self) {
+        if self.inner.gateways.get().is_some() {
+            return self.probe_through_gateways().await;
+        }
         let Some(wan) = &self.inner.wan else { return };
         let body = match rpc::encode(&ClusterRpc::Ping) {
             Ok(b) => b,
@@ -208,6 +355,51 @@ impl Router {
             self.inner.known.lock().insert(node, (datacenter, coord));
         }
     }
+}
+
+impl Router {
+    /// Through gateways there is no member list: ping one server of each other datacenter.
+    async fn probe_through_gateways(&self) {
+        let Ok(body) = rpc::encode(&ClusterRpc::Ping) else { return };
+        let mut alive = BTreeSet::new();
+        for dc in self.datacenters().into_iter().filter(|d| !self.is_local(d)) {
+            let started = Instant::now();
+            let reply = self.call(&dc, Service::Cluster, body.clone(), PROBE_TIMEOUT).await.and_then(|b| rpc::decode::<ClusterReply>(&b));
+            let rtt = started.elapsed();
+            let Ok(ClusterReply::Pong { node, datacenter, coord }) = reply else {
+                debug!(%dc, "probe through the mesh gateways failed");
+                continue;
+            };
+            self.inner.coord.lock().update(&node, &coord, rtt);
+            alive.insert(node.clone());
+            self.inner.known.lock().insert(node, (datacenter, coord));
+        }
+        let dcs: BTreeSet<String> = self.datacenters().into_iter().map(|d| d.to_ascii_lowercase()).collect();
+        self.inner.known.lock().retain(|_, (dc, _)| dcs.contains(&dc.to_ascii_lowercase()));
+    }
+}
+
+/// The addresses of the healthy gateways in a list of Consul `CheckServiceNode`s: with `wan`,
+/// the `wan` tagged address (other datacenters' view), else the `lan` one; else the service's
+/// address, else its node's. Gateways with a failing check are left out.
+pub fn gateway_addresses(list: &[serde_json::Value], wan: bool) -> Vec<SocketAddr> {
+    list.iter()
+        .filter(|g| g["Checks"].as_array().is_none_or(|cs| cs.iter().all(|c| c["Status"] == "passing")))
+        .filter_map(|g| gateway_address(g, wan))
+        .collect()
+}
+
+/// One gateway's address as [`gateway_addresses`] picks it.
+pub fn gateway_address(g: &serde_json::Value, wan: bool) -> Option<SocketAddr> {
+    let svc = &g["Service"];
+    let tagged = &svc["TaggedAddresses"][if wan { "wan" } else { "lan" }];
+    let port = |p: &serde_json::Value| p.as_u64().filter(|p| *p > 0 && *p <= 65535).map(|p| p as u16);
+    if let (Some(a), Some(p)) = (tagged["Address"].as_str().and_then(|a| a.parse().ok()), port(&tagged["Port"])) {
+        return Some(SocketAddr::new(a, p));
+    }
+    let p = port(&svc["Port"])?;
+    let a = svc["Address"].as_str().filter(|a| !a.is_empty()).or_else(|| g["Node"]["Address"].as_str())?;
+    Some(SocketAddr::new(a.parse().ok()?, p))
 }
 
 /// Where a prepared query fails over to, in order: the `NearestN` nearest other datacenters of

@@ -11,5 +11,6 @@ mod federation;
 mod harness;
 mod limits;
 mod mesh;
+mod netns;
 mod snapshot;
 mod trust;

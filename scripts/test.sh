@@ -17,6 +17,7 @@ command -v chromium >/dev/null || apt_install chromium
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 command -v openssl >/dev/null || apt_install openssl
+command -v nft >/dev/null || apt_install nftables
 
 echo "==> Python test dependencies"
 if [ ! -x target/pyenv/bin/python ]; then python3 -m venv target/pyenv; fi

@@ -12,6 +12,7 @@ pub mod coordinate;
 pub mod dns;
 pub mod duration;
 pub mod federation;
+pub mod gateway;
 pub mod fuzz;
 pub mod logging;
 pub mod membership;

@@ -105,8 +105,9 @@ pub struct Agent {
     tasks: JoinSet<&'static str>,
     shutdown: CancellationToken,
     http_addr: std::net::SocketAddr,
-    /// The HTTP API, for callers in this process (fuzzing, tests).
+    /// The HTTP API, for callers in this process (fuzzing, tests, a gateway's own agent).
     router: axum::Router,
+    ctx: api::Ctx,
 }
 
 /// The server-only parts: Raft on sled, and the RPC listener other agents call.
@@ -330,7 +331,7 @@ impl Agent {
             agent_cache: (!cfg.server).then(|| api::agent_cache::AgentCache::new(shutdown.clone())),
             started: Instant::now(),
         });
-        let router = api::router(ctx);
+        let router = api::router(ctx.clone());
 
         let mut tasks = JoinSet::new();
         let token = shutdown.clone();
@@ -588,7 +589,7 @@ impl Agent {
         let readiness = notify::Readiness { raft: node.clone(), gossip: gossip.clone(), has_join_targets: !cfg.retry_join.is_empty() };
         tasks.spawn(readiness.run(shutdown.clone()).map_name("readiness"));
         info!(node = %cfg.node_name, dc = %cfg.datacenter, mode = if cfg.server { "server" } else { "client" }, http = %http_addr, rpc = %rpc_addr, gossip = %gossip_addr, data_dir = %dd.display(), "trellis agent running");
-        Ok(Agent { node, reload, storage, gossip, wan: wan_gossip, tasks, shutdown, http_addr, router: serve_router })
+        Ok(Agent { node, reload, storage, gossip, wan: wan_gossip, tasks, shutdown, http_addr, router: serve_router, ctx })
     }
 
     pub fn http_addr(&self) -> std::net::SocketAddr {
@@ -596,6 +597,11 @@ impl Agent {
     }
 
     /// The HTTP API as a service, for requests made in this process.
+    /// Report counters kept elsewhere in this process in `/v1/agent/metrics`.
+    pub fn add_counters(&self, source: api::metrics::CounterSource) {
+        self.ctx.metrics.sources.lock().push(source);
+    }
+
     pub fn router(&self) -> axum::Router {
         self.router.clone()
     }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::Ctx;
 
-type Labels = Vec<(&'static str, String)>;
+pub type Labels = Vec<(&'static str, String)>;
 /// One metric series: its name, labels and what was recorded.
 type Series = (&'static str, Labels, Stats);
 
@@ -65,7 +65,12 @@ pub struct Registry {
     durations: [Mutex<Stats>; METHODS.len()],
     /// Parked blocking queries woken by a change of what they watch.
     pub blocking_wakeups: std::sync::atomic::AtomicU64,
+    /// Counters kept by other parts of the process (the mesh gateway's).
+    pub sources: Mutex<Vec<CounterSource>>,
 }
+
+/// Counters some other part of the process keeps: (name, labels, value) each.
+pub type CounterSource = std::sync::Arc<dyn Fn() -> Vec<(&'static str, Labels, u64)> + Send + Sync>;
 
 impl Default for Registry {
     fn default() -> Self {
@@ -73,6 +78,7 @@ impl Default for Registry {
             counts: (0..METHODS.len() * CODES).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
             durations: std::array::from_fn(|_| Mutex::new(Stats::default())),
             blocking_wakeups: std::sync::atomic::AtomicU64::new(0),
+            sources: Mutex::new(Vec::new()),
         }
     }
 }
@@ -95,6 +101,12 @@ impl Registry {
             let (m, code) = (METHODS[i / CODES], i % CODES + 100);
             let st = Stats { count: n, sum: n as f64, sum_sq: n as f64, min: 1.0, max: 1.0 };
             counters.push(("consul.http.request", vec![("method", m.to_string()), ("code", code.to_string())], st));
+        }
+        for source in self.sources.lock().iter() {
+            for (name, labels, n) in source() {
+                let n = n as f64;
+                counters.push((name, labels, Stats { count: n as u64, sum: n, sum_sq: n, min: 1.0, max: 1.0 }));
+            }
         }
         let mut samples = Vec::new();
         for (i, d) in self.durations.iter().enumerate() {

@@ -29,6 +29,9 @@ pub enum Command {
     Agent(AgentArgs),
     /// Run a local development cluster with the UI (one server on 127.0.0.1:8500)
     Dev(DevArgs),
+    /// Run a gateway: `trellis gateway mesh` routes cross-datacenter traffic by SNI
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
     /// Read and write the key-value store
     Kv {
         #[command(flatten)]
@@ -253,6 +256,36 @@ pub struct AgentArgs {
     pub config_dir: Vec<PathBuf>,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum GatewayCommand {
+    /// A mesh gateway: joins the LAN pool like a client agent (or registers through an
+    /// existing agent with --agent), registers a `mesh-gateway` service and routes by SNI
+    /// over TCP and QUIC
+    Mesh(GatewayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// Where this datacenter's services and servers reach the gateway (ip:port; port 8443 by
+    /// default)
+    #[arg(long)]
+    pub address: Option<String>,
+    /// Where other datacenters' gateways reach it (ip:port, TCP and UDP; default: --address)
+    #[arg(long = "wan-address")]
+    pub wan_address: Option<String>,
+    /// A server or agent of this datacenter to join (repeatable; retried until one answers)
+    #[arg(long = "join")]
+    pub join: Vec<String>,
+    /// Register and learn through this existing agent's HTTP API instead of running an agent
+    #[arg(long = "agent")]
+    pub agent_http: Option<String>,
+    /// The gateway's service name and ID
+    #[arg(long = "service")]
+    pub service: Option<String>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
 #[derive(Args, Debug)]
 pub struct DevArgs {
     /// HTTP API and UI port
@@ -371,6 +404,7 @@ pub fn main() -> i32 {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => run_agent(a).await,
+        Command::Gateway(GatewayCommand::Mesh(g)) => run_gateway(g).await,
         Command::Dev(d) if d.datacenters.is_some() || d.servers.is_some() || d.clients.is_some() => {
             init_logging("warn");
             dev_cluster::run(dev_cluster::Plan {
@@ -435,6 +469,80 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_gateway(mut g: GatewayArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    g.agent.retry_join.extend(g.join.drain(..));
+    // Files and flags as for an agent; the gateway block and flags say where it listens.
+    let mut raw = config::load_files(&g.agent.config_file, &g.agent.config_dir)?;
+    let file_gateway = raw.gateway.clone().unwrap_or_default();
+    let address = g.address.clone().or(file_gateway.address.clone()).filter(|a| !a.is_empty());
+    let address = address.ok_or_else(|| anyhow::anyhow!("gateway.address: set --address (ip:port) or `gateway {{ address = ... }}`"))?;
+    let lan = config::gateway_addr(&address).map_err(|e| anyhow::anyhow!("--address: {e}"))?;
+    let wan = match g.wan_address.clone().or(file_gateway.wan_address.clone()).filter(|a| !a.is_empty()) {
+        Some(w) => config::gateway_addr(&w).map_err(|e| anyhow::anyhow!("--wan-address: {e}"))?,
+        None => lan,
+    };
+    let service = g.service.clone().or(file_gateway.service.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| "mesh-gateway".into());
+    if let Some(http) = &g.agent_http {
+        init_logging(g.agent.log_level.as_deref().unwrap_or("info"));
+        let base = client::base_url(http)?;
+        let api = std::sync::Arc::new(crate::proxy::source::OverHttp { client: reqwest::Client::new(), base: base.clone() });
+        let gateway =
+            crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, service, deregister_on_stop: true });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            signal().await;
+            on_signal.cancel();
+        });
+        eprintln!("==> Trellis mesh gateway on {lan} (WAN {wan}) through the agent at {base}");
+        crate::agent::notify::ready("mesh gateway routing");
+        let r = gateway.run(stop).await;
+        crate::agent::notify::stopping();
+        return r.context("mesh gateway");
+    }
+    // Its own agent: a client of this datacenter, on the gateway's LAN address by default.
+    if g.agent.bind.is_none() {
+        g.agent.bind = Some(lan.ip());
+    }
+    if g.agent.client.is_none() {
+        g.agent.client = Some(lan.ip());
+    }
+    if g.agent.server {
+        anyhow::bail!("a gateway is not a server: drop --server (run the gateway beside a server with --agent)");
+    }
+    raw.merge(g.agent.as_raw());
+    let cfg = raw.validate(false)?;
+    init_logging(&cfg.log_level);
+    let agent = crate::agent::Agent::start(cfg).await?;
+    let api = std::sync::Arc::new(crate::proxy::source::InProcess(agent.router()));
+    let gateway = crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, service, deregister_on_stop: false });
+    let metrics = gateway.metrics.clone();
+    agent.add_counters(std::sync::Arc::new(move || metrics.counters()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gw_stop = stop.clone();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        let r = gateway.run(gw_stop).await;
+        let _ = ended_tx.send(());
+        r
+    });
+    eprintln!("==> Trellis mesh gateway on {lan} (WAN {wan}), agent HTTP API at http://{}", agent.http_addr());
+    // The agent stops on a signal, or when the gateway cannot run (its error is reported).
+    let result = agent
+        .run_until(async {
+            tokio::select! {
+                _ = signal() => {}
+                _ = ended => {}
+            }
+        })
+        .await;
+    stop.cancel();
+    let gw = running.await.unwrap_or(Ok(()));
+    result?;
+    gw.context("mesh gateway")
 }
 
 fn init_logging(level: &str) {

@@ -64,6 +64,9 @@ pub struct UpstreamDef {
     pub datacenter: String,
     pub bind: SocketAddr,
     pub connect_timeout: Duration,
+    /// `MeshGateway.Mode` of the upstream, else of the proxy ("" when neither sets one: config
+    /// entries decide, else "none").
+    pub mesh_gateway: String,
 }
 
 /// The proxy's registration, as the agent holds it.
@@ -107,6 +110,7 @@ pub fn parse_def(svc: &Value, node_address: IpAddr) -> Result<ProxyDef, ProxyErr
     let local_ip = ip(p["LocalServiceAddress"].as_str(), IpAddr::from([127, 0, 0, 1]))?;
     let local_port =
         p["LocalServicePort"].as_u64().filter(|p| *p > 0 && *p <= 65535).ok_or_else(|| bad("Proxy.LocalServicePort is not set".into()))? as u16;
+    let proxy_mode = p["MeshGateway"]["Mode"].as_str().unwrap_or_default().to_ascii_lowercase();
     let mut upstreams = Vec::new();
     for u in p["Upstreams"].as_array().into_iter().flatten() {
         let name = u["DestinationName"].as_str().unwrap_or_default().to_string();
@@ -122,6 +126,7 @@ pub fn parse_def(svc: &Value, node_address: IpAddr) -> Result<ProxyDef, ProxyErr
             datacenter: u["Datacenter"].as_str().unwrap_or_default().to_string(),
             bind: SocketAddr::new(bind_ip, bind_port),
             connect_timeout: ms(&u["Config"], "connect_timeout_ms").unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            mesh_gateway: u["MeshGateway"]["Mode"].as_str().filter(|m| !m.is_empty()).map(str::to_ascii_lowercase).unwrap_or_else(|| proxy_mode.clone()),
         });
     }
     Ok(ProxyDef {
@@ -378,13 +383,7 @@ impl Listeners {
             let l = bind(addr).await?;
             let t = stop.child_token();
             let dc = if u.datacenter.is_empty() { shared.settings.datacenter.clone() } else { u.datacenter.clone() };
-            let path = format!(
-                "/v1/health/connect/{}?passing{}",
-                enc(&u.name),
-                if u.datacenter.is_empty() { String::new() } else { format!("&dc={}", enc(&u.datacenter)) }
-            );
-            let endpoints = follow(proxy.api.clone(), path, false, t.clone());
-            tokio::spawn(outbound(l, u.clone(), dc, endpoints, shared.clone(), t.clone()));
+            tokio::spawn(outbound(l, u.clone(), dc, proxy.api.clone(), shared.clone(), t.clone()));
             self.upstreams.insert(addr, (u.clone(), t));
         }
         Ok(())
@@ -466,37 +465,15 @@ async fn inbound(listener: TcpListener, app: SocketAddr, connect_timeout: Durati
 
 /// Accept local connections for an upstream and carry each to a healthy instance over mesh
 /// TLS, trying further instances when a connect fails.
-async fn outbound(
-    listener: TcpListener,
-    up: UpstreamDef,
-    datacenter: String,
-    mut endpoints: tokio::sync::watch::Receiver<Option<Arc<ApiResponse>>>,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
+async fn outbound(listener: TcpListener, up: UpstreamDef, datacenter: String, api: Arc<dyn AgentApi>, shared: Arc<Shared>, stop: CancellationToken) {
     let balancer = Arc::new(Balancer::default());
     let expected = tls::Expected { service: up.name.clone(), datacenter: if up.datacenter.is_empty() { String::new() } else { datacenter.clone() } };
     let connector = match shared.tls.client_config(expected, Vec::new()) {
         Ok(c) => tokio_rustls::TlsConnector::from(c),
         Err(e) => return warn!(error = %e, "the upstream has no TLS configuration"),
     };
-    {
-        let b = balancer.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Some(r) = endpoints.borrow_and_update().clone()
-                    && let Ok(v) = r.json()
-                {
-                    b.set(balance::endpoints_from_health(&v));
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = endpoints.changed() => if r.is_err() { return },
-                }
-            }
-        });
-    }
+    let remote = !datacenter.eq_ignore_ascii_case(&shared.settings.datacenter);
+    tokio::spawn(follow_endpoints(api, up.clone(), datacenter.clone(), remote, balancer.clone(), stop.clone()));
     loop {
         let (local, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -516,6 +493,106 @@ async fn outbound(
             };
             splice(remote, local, &stop).await;
         });
+    }
+}
+
+/// How an upstream in another datacenter is reached (Consul's `MeshGateway.Mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayMode {
+    /// Straight to the remote instances.
+    None,
+    /// Through this datacenter's mesh gateways.
+    Local,
+    /// Through the remote datacenter's mesh gateways.
+    Remote,
+}
+
+impl GatewayMode {
+    fn parse(s: &str) -> Option<GatewayMode> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" => Some(GatewayMode::None),
+            "local" => Some(GatewayMode::Local),
+            "remote" => Some(GatewayMode::Remote),
+            _ => None,
+        }
+    }
+}
+
+/// Consul's precedence: the upstream, the proxy, the destination's `service-defaults`,
+/// `proxy-defaults`, else none.
+pub fn gateway_mode(up_or_proxy: &str, service_defaults: &Value, proxy_defaults: &Value) -> GatewayMode {
+    [up_or_proxy, service_defaults["MeshGateway"]["Mode"].as_str().unwrap_or_default(), proxy_defaults["MeshGateway"]["Mode"].as_str().unwrap_or_default()]
+        .into_iter()
+        .find_map(GatewayMode::parse)
+        .unwrap_or(GatewayMode::None)
+}
+
+type Followed = tokio::sync::watch::Receiver<Option<Arc<ApiResponse>>>;
+
+/// Keep `balancer` on the endpoints of an upstream: the destination's instances, or for
+/// another datacenter with a gateway mode, the gateways to go through (each carrying the
+/// destination's name, so the SNI and the identity check stay the destination's).
+async fn follow_endpoints(api: Arc<dyn AgentApi>, up: UpstreamDef, dc: String, remote: bool, balancer: Arc<Balancer>, stop: CancellationToken) {
+    let dc_q = if up.datacenter.is_empty() { String::new() } else { format!("&dc={}", enc(&up.datacenter)) };
+    let instances_path = format!("/v1/health/connect/{}?passing{dc_q}", enc(&up.name));
+    if !remote {
+        let mut rx = follow(api, instances_path, false, stop.clone());
+        loop {
+            if let Some(Ok(v)) = rx.borrow_and_update().clone().map(|r| r.json()) {
+                balancer.set(balance::endpoints_from_health(&v));
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    }
+    let mut pd = follow(api.clone(), "/v1/config/proxy-defaults/global".into(), false, stop.clone());
+    let mut sd = follow(api.clone(), format!("/v1/config/service-defaults/{}", enc(&up.name)), false, stop.clone());
+    let json_of = |rx: &Followed| rx.borrow().clone().filter(|r| r.status == 200).and_then(|r| r.json().ok()).unwrap_or(Value::Null);
+    let mut current: Option<(GatewayMode, Followed, CancellationToken)> = None;
+    loop {
+        let want = gateway_mode(&up.mesh_gateway, &json_of(&sd), &json_of(&pd));
+        if current.as_ref().is_none_or(|(m, _, _)| *m != want) {
+            if let Some((_, _, t)) = current.take() {
+                t.cancel();
+            }
+            let t = stop.child_token();
+            let path = match want {
+                GatewayMode::None => instances_path.clone(),
+                GatewayMode::Local => "/v1/health/service/mesh-gateway?passing".to_string(),
+                GatewayMode::Remote => format!("/v1/health/service/mesh-gateway?passing&dc={}", enc(&dc)),
+            };
+            info!(upstream = %up.name, datacenter = %dc, mode = ?want, "upstream endpoints");
+            current = Some((want, follow(api.clone(), path, false, t.clone()), t));
+        }
+        let Some((mode, rx, _)) = current.as_mut() else { return };
+        if let Some(Ok(v)) = rx.borrow_and_update().clone().map(|r| r.json()) {
+            let list = match mode {
+                GatewayMode::None => balance::endpoints_from_health(&v),
+                GatewayMode::Local | GatewayMode::Remote => v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|g| g["Service"]["Kind"] == "mesh-gateway")
+                    .filter_map(|g| {
+                        Some(balance::Endpoint {
+                            addr: crate::federation::gateway_address(g, *mode == GatewayMode::Remote)?,
+                            service: up.name.clone(),
+                            datacenter: dc.clone(),
+                            node: g["Node"]["Node"].as_str().unwrap_or_default().to_string(),
+                        })
+                    })
+                    .collect(),
+            };
+            balancer.set(list);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+            r = pd.changed() => if r.is_err() { return },
+            r = sd.changed() => if r.is_err() { return },
+        }
     }
 }
 

@@ -29,9 +29,12 @@ impl ApiResponse {
     }
 }
 
-/// A GET against the agent's HTTP API.
+/// Requests against the agent's HTTP API.
 pub trait AgentApi: Send + Sync + 'static {
-    fn get(&self, path_and_query: String) -> BoxFuture<'static, Result<ApiResponse, String>>;
+    fn get(&self, path_and_query: String) -> BoxFuture<'static, Result<ApiResponse, String>> {
+        self.request("GET", path_and_query, Vec::new())
+    }
+    fn request(&self, method: &'static str, path_and_query: String, body: Vec<u8>) -> BoxFuture<'static, Result<ApiResponse, String>>;
 }
 
 fn header_u64(h: &axum::http::HeaderMap, k: &str) -> u64 {
@@ -42,11 +45,15 @@ fn header_u64(h: &axum::http::HeaderMap, k: &str) -> u64 {
 pub struct InProcess(pub axum::Router);
 
 impl AgentApi for InProcess {
-    fn get(&self, path_and_query: String) -> BoxFuture<'static, Result<ApiResponse, String>> {
+    fn request(&self, method: &'static str, path_and_query: String, body: Vec<u8>) -> BoxFuture<'static, Result<ApiResponse, String>> {
         let router = self.0.clone();
         async move {
             use tower::ServiceExt;
-            let req = axum::http::Request::get(&path_and_query).body(axum::body::Body::empty()).map_err(|e| e.to_string())?;
+            let req = axum::http::Request::builder()
+                .method(method)
+                .uri(&path_and_query)
+                .body(axum::body::Body::from(body))
+                .map_err(|e| e.to_string())?;
             let resp = router.oneshot(req).await.map_err(|e| e.to_string())?;
             let (parts, body) = resp.into_parts();
             let body = axum::body::to_bytes(body, 64 << 20).await.map_err(|e| e.to_string())?;
@@ -69,10 +76,11 @@ pub struct OverHttp {
 }
 
 impl AgentApi for OverHttp {
-    fn get(&self, path_and_query: String) -> BoxFuture<'static, Result<ApiResponse, String>> {
+    fn request(&self, method: &'static str, path_and_query: String, body: Vec<u8>) -> BoxFuture<'static, Result<ApiResponse, String>> {
         let (client, url) = (self.client.clone(), format!("{}{path_and_query}", self.base));
         async move {
-            let r = client.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+            let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+            let r = client.request(m, &url).body(body).send().await.map_err(|e| format!("{url}: {e}"))?;
             let status = r.status().as_u16();
             let index = r.headers().get("x-consul-index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
             let hash = r.headers().get("x-consul-contenthash").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();

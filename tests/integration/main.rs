@@ -14,3 +14,6 @@ mod mesh;
 mod netns;
 mod snapshot;
 mod trust;
+// The benchmarks' simulated WAN, checked here so that `cargo test` runs its self-test.
+#[path = "../../benches/lib/wan_relay.rs"]
+mod wan_relay;

@@ -254,7 +254,13 @@ fn grow_buffers(s: &UdpSocket) {
         let set = |opt| {
             // SAFETY: an int option on our own socket, valid for the duration of the call.
             unsafe {
-                libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, opt, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) == 0
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                ) == 0
             }
         };
         if !set(forced) {
@@ -335,7 +341,14 @@ async fn relay_tcp(client: TcpStream, accepted: Instant, cfg: Arc<RelayConfig>, 
 }
 
 /// Read `r` and queue each chunk for delivery `delay` after it was read (or after `gate`).
-async fn pump(mut r: OwnedReadHalf, tx: mpsc::UnboundedSender<(Instant, Item)>, gate: Option<Instant>, cfg: Arc<RelayConfig>, counters: Arc<Counters>, up: bool) -> Ended {
+async fn pump(
+    mut r: OwnedReadHalf,
+    tx: mpsc::UnboundedSender<(Instant, Item)>,
+    gate: Option<Instant>,
+    cfg: Arc<RelayConfig>,
+    counters: Arc<Counters>,
+    up: bool,
+) -> Ended {
     let window = Arc::new(Semaphore::new(cfg.max_in_flight.max(CHUNK)));
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -509,7 +522,13 @@ impl std::fmt::Display for SelfTestReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         writeln!(f, "one-way delay {:.1} ms (round trip {:.1} ms)", ms(self.delay), ms(2 * self.delay))?;
-        writeln!(f, "tcp: new connection to first answer {:.1} ms, round trip {:.1} ms, half-close exchange {:.1} ms", ms(self.tcp_first_answer), ms(self.tcp_round_trip), ms(self.tcp_half_close))?;
+        writeln!(
+            f,
+            "tcp: new connection to first answer {:.1} ms, round trip {:.1} ms, half-close exchange {:.1} ms",
+            ms(self.tcp_first_answer),
+            ms(self.tcp_round_trip),
+            ms(self.tcp_half_close)
+        )?;
         writeln!(f, "tcp: {} bytes back in order", self.tcp_ordered_bytes)?;
         write!(f, "udp: round trip {:.1} ms; {} datagrams of two clients back to their senders in order", ms(self.udp_round_trip), self.udp_datagrams)
     }
@@ -621,7 +640,10 @@ async fn measure(delay: Duration, tcp: SocketAddr, udp: SocketAddr) -> Result<Se
     let mut dbuf = vec![0u8; 65536];
     let t = std::time::Instant::now();
     a.send_to(b"hello", udp).await.map_err(fail("send"))?;
-    let n = tokio::time::timeout(Duration::from_secs(5) + 4 * rtt, a.recv(&mut dbuf)).await.map_err(|_| "udp: no answer".to_string())?.map_err(fail("recv"))?;
+    let n = tokio::time::timeout(Duration::from_secs(5) + 4 * rtt, a.recv(&mut dbuf))
+        .await
+        .map_err(|_| "udp: no answer".to_string())?
+        .map_err(fail("recv"))?;
     let udp_round_trip = at_least("udp: a round trip", t.elapsed(), rtt)?;
     if &dbuf[..n] != b"hello" {
         return Err(format!("udp: got {:?}", String::from_utf8_lossy(&dbuf[..n])));
@@ -718,7 +740,8 @@ fn run_cli(args: &[String]) -> Result<(), String> {
     println!("wan_relay: tcp {} udp {} -> {to}, {:.1} ms each way", show(relay.tcp_addr()), show(relay.udp_addr()), delay.as_secs_f64() * 1e3);
     rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
-        let (mut term, mut int) = (signal(SignalKind::terminate()).map_err(|e| e.to_string())?, signal(SignalKind::interrupt()).map_err(|e| e.to_string())?);
+        let (mut term, mut int) =
+            (signal(SignalKind::terminate()).map_err(|e| e.to_string())?, signal(SignalKind::interrupt()).map_err(|e| e.to_string())?);
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
@@ -756,7 +779,8 @@ mod tests {
                 });
             }
         });
-        let relay = WanRelay::start(RelayConfig { udp: false, tcp_handshake_rtt: false, ..RelayConfig::new(lo, to, Duration::from_millis(25)) }).unwrap();
+        let relay =
+            WanRelay::start(RelayConfig { udp: false, tcp_handshake_rtt: false, ..RelayConfig::new(lo, to, Duration::from_millis(25)) }).unwrap();
         let t = std::time::Instant::now();
         let mut s = TcpStream::connect(relay.addr()).await.unwrap();
         s.write_all(b"x").await.unwrap();

@@ -2,6 +2,10 @@
 //! in one command. Every agent is a child process of this one (`trellis agent ...`) on its own
 //! loopback address with the default ports; they share one CA and one gossip key made for the
 //! run. Ctrl-C (or SIGTERM) stops them all, and they also die if this process is killed.
+//!
+//! With `--gateways`, every datacenter also gets a mesh gateway (`trellis gateway mesh`) and
+//! the datacenters federate through the gateways alone: servers keep no WAN pool, the
+//! secondaries find the primary through its gateway (`primary_gateways`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -29,13 +33,16 @@ pub struct Plan {
     /// Every agent's HTTP API and DNS ports (each agent has its own address).
     pub http_port: u16,
     pub dns_port: u16,
+    /// One mesh gateway per datacenter, and federation through them only.
+    pub gateways: bool,
 }
 
 struct Agent {
     name: String,
     dc: String,
     ip: IpAddr,
-    server: bool,
+    /// "server", "client" or "gateway".
+    role: &'static str,
     child: Child,
 }
 
@@ -54,8 +61,8 @@ impl Plan {
         if self.http_port == 0 || self.dns_port == 0 {
             bail!("--http-port and --dns-port: a multi-agent dev cluster needs fixed ports (each agent has its own address)");
         }
-        if self.servers + self.clients > MAX_AGENTS_PER_DC {
-            bail!("--servers plus --clients: at most {MAX_AGENTS_PER_DC} agents per datacenter");
+        if self.servers + self.clients + usize::from(self.gateways) > MAX_AGENTS_PER_DC {
+            bail!("--servers plus --clients (plus a gateway): at most {MAX_AGENTS_PER_DC} agents per datacenter");
         }
         let octets: Vec<&str> = self.prefix.split('.').collect();
         if octets.len() != 3 || octets[0] != "127" || octets[1..].iter().any(|o| o.parse::<u8>().is_err()) {
@@ -64,9 +71,14 @@ impl Plan {
         Ok(())
     }
 
-    /// Datacenter `d` (from 1) uses addresses `.20d+1` onwards: servers first, then clients.
+    /// Datacenter `d` (from 1) uses addresses `.20d+1` onwards: servers first, then clients,
+    /// then the gateway.
     fn ip(&self, d: usize, k: usize) -> IpAddr {
         format!("{}.{}", self.prefix, 20 * d + k).parse().expect("validated prefix")
+    }
+
+    fn gateway_ip(&self, d: usize) -> IpAddr {
+        self.ip(d, self.servers + self.clients + 1)
     }
 }
 
@@ -121,9 +133,17 @@ async fn spawn_all(plan: &Plan, root: &Path, shared: &Shared, agents: &mut Vec<A
         let dc = dc_name(d);
         let servers: Vec<IpAddr> = (1..=plan.servers).map(|k| plan.ip(d, k)).collect();
         let wan: Vec<IpAddr> = (1..=plan.datacenters).filter(|o| *o != d).map(|o| plan.ip(o, 1)).collect();
-        for k in 1..=plan.servers + plan.clients {
+        let gateway_port = crate::config::DEFAULT_GATEWAY_PORT;
+        for k in 1..=plan.servers + plan.clients + usize::from(plan.gateways) {
             let server = k <= plan.servers;
-            let name = if server { format!("{dc}-server-{k}") } else { format!("{dc}-client-{}", k - plan.servers) };
+            let gateway = k > plan.servers + plan.clients;
+            let name = if server {
+                format!("{dc}-server-{k}")
+            } else if gateway {
+                format!("{dc}-gateway")
+            } else {
+                format!("{dc}-client-{}", k - plan.servers)
+            };
             let ip = plan.ip(d, k);
             let dir = root.join(&name);
             std::fs::create_dir_all(&dir)?;
@@ -134,8 +154,13 @@ async fn spawn_all(plan: &Plan, root: &Path, shared: &Shared, agents: &mut Vec<A
             tls::write(&key_file, &key)?;
             let log = std::fs::File::create(root.join(format!("{name}.log")))?;
             let mut cmd = Command::new(exe);
-            cmd.arg("agent")
-                .args(["--node", &name, "--datacenter", &dc, "--primary-datacenter", "dc1"])
+            if gateway {
+                let addr = format!("{ip}:{gateway_port}");
+                cmd.args(["gateway", "mesh", "--address", &addr, "--wan-address", &addr]);
+            } else {
+                cmd.arg("agent");
+            }
+            cmd.args(["--node", &name, "--datacenter", &dc, "--primary-datacenter", "dc1"])
                 .args(["--bind", &ip.to_string(), "--client", &ip.to_string(), "--encrypt", gossip_key])
                 .args(["--http-port", &plan.http_port.to_string(), "--dns-port", &plan.dns_port.to_string()])
                 .arg("--data-dir")
@@ -151,8 +176,18 @@ async fn spawn_all(plan: &Plan, root: &Path, shared: &Shared, agents: &mut Vec<A
             }
             if server {
                 cmd.args(["--server", "--bootstrap-expect", &plan.servers.to_string()]);
-                for w in &wan {
-                    cmd.args(["--retry-join-wan", &w.to_string()]);
+                if plan.gateways {
+                    let mut hcl = String::from("connect {\n  enable_mesh_gateway_wan_federation = true\n}\n");
+                    if d != 1 {
+                        hcl.push_str(&format!("primary_gateways = [\"{}:{gateway_port}\"]\n", plan.gateway_ip(1)));
+                    }
+                    let file = dir.join("federation.hcl");
+                    std::fs::write(&file, hcl)?;
+                    cmd.arg("--config-file").arg(file);
+                } else {
+                    for w in &wan {
+                        cmd.args(["--retry-join-wan", &w.to_string()]);
+                    }
                 }
             }
             cmd.stdin(Stdio::null()).stdout(Stdio::from(log.try_clone()?)).stderr(Stdio::from(log)).kill_on_drop(true);
@@ -167,7 +202,14 @@ async fn spawn_all(plan: &Plan, root: &Path, shared: &Shared, agents: &mut Vec<A
                 });
             }
             let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-            agents.push(Agent { name, dc: dc.clone(), ip, server, child });
+            let role = if server {
+                "server"
+            } else if gateway {
+                "gateway"
+            } else {
+                "client"
+            };
+            agents.push(Agent { name, dc: dc.clone(), ip, role, child });
         }
     }
     Ok(())
@@ -181,7 +223,7 @@ async fn serve(plan: &Plan, root: &Path, agents: &mut [Agent], started: Instant)
     for d in 1..=plan.datacenters {
         let dc = dc_name(d);
         let base = format!("http://{}:{}", plan.ip(d, 1), plan.http_port);
-        let members = plan.servers + plan.clients;
+        let members = plan.servers + plan.clients + usize::from(plan.gateways);
         loop {
             if ready(&http, &base, plan.datacenters, members).await {
                 break;
@@ -202,7 +244,11 @@ async fn serve(plan: &Plan, root: &Path, agents: &mut [Agent], started: Instant)
         let (http, dns) = (plan.http_port, plan.dns_port);
         println!("    {dc}: HTTP API http://{first}:{http}  UI http://{first}:{http}/ui/  DNS {first}:{dns}");
         for a in agents.iter().filter(|a| a.dc == dc) {
-            println!("      {:<18} {:<7} {}  (pid {})", a.name, if a.server { "server" } else { "client" }, a.ip, a.child.id().unwrap_or(0));
+            println!("      {:<18} {:<7} {}  (pid {})", a.name, a.role, a.ip, a.child.id().unwrap_or(0));
+        }
+        if plan.gateways {
+            let g = plan.gateway_ip(d);
+            println!("      mesh gateway: {g}:{} (TCP and QUIC/UDP)", crate::config::DEFAULT_GATEWAY_PORT);
         }
     }
     println!("    data and logs: {}", root.display());

@@ -314,6 +314,9 @@ pub struct DevArgs {
     /// DNS port (of every agent, in a multi-agent dev cluster)
     #[arg(long = "dns-port", default_value_t = config::DEFAULT_DNS_PORT)]
     pub dns_port: u16,
+    /// Give every datacenter a mesh gateway and federate through the gateways alone
+    #[arg(long)]
+    pub gateways: bool,
 }
 
 impl AgentArgs {
@@ -405,7 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => run_agent(a).await,
         Command::Gateway(GatewayCommand::Mesh(g)) => run_gateway(g).await,
-        Command::Dev(d) if d.datacenters.is_some() || d.servers.is_some() || d.clients.is_some() => {
+        Command::Dev(d) if d.datacenters.is_some() || d.servers.is_some() || d.clients.is_some() || d.gateways => {
             init_logging("warn");
             dev_cluster::run(dev_cluster::Plan {
                 datacenters: d.datacenters.unwrap_or(1),
@@ -415,6 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: d.data_dir.map(std::path::PathBuf::from),
                 http_port: d.http_port,
                 dns_port: d.dns_port,
+                gateways: d.gateways,
             })
             .await
         }

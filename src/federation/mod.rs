@@ -179,10 +179,10 @@ impl Router {
 
     /// Keep the `primary_gateways` fallback resolved until `shutdown`.
     pub async fn run_fallback_resolver(self, shutdown: CancellationToken) {
-        let Some(g) = self.inner.gateways.get().cloned() else { return };
-        if g.fallback.is_empty() {
-            return;
-        }
+        // Agent tasks run until shutdown, also when there is nothing to resolve.
+        let Some(g) = self.inner.gateways.get().cloned().filter(|g| !g.fallback.is_empty()) else {
+            return shutdown.cancelled().await;
+        };
         loop {
             g.resolve_fallback().await;
             tokio::select! {

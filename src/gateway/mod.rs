@@ -319,6 +319,8 @@ async fn route(mut inbound: Box<dyn Io>, peer: String, from_wan: Option<Transpor
     };
     let (hello, name) = match sni::read_client_hello(&mut inbound, HELLO_TIMEOUT).await {
         Ok(x) => x,
+        // A connect-and-close (a TCP health check) is not a refusal.
+        Err(sni::HelloError::Closed) => return,
         Err(e) => return refuse(e.to_string()),
     };
     let routes = &shared.routes;

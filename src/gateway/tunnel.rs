@@ -27,8 +27,10 @@ pub const ALPN: &[u8] = b"trellis-gateway/1";
 /// How long a QUIC handshake to a remote gateway may take before UDP counts as blocked.
 const QUIC_CONNECT: Duration = Duration::from_secs(1);
 /// How long the first answer on a new stream may take before the path counts as broken (the
-/// remote gateway has to reach the service too).
-const FIRST_ANSWER: Duration = Duration::from_secs(3);
+/// remote gateway has to reach the service too): this many round trips, at least
+/// [`FIRST_ANSWER_MIN`]. A false alarm only moves the connection to TCP.
+const FIRST_ANSWER_RTTS: u32 = 8;
+const FIRST_ANSWER_MIN: Duration = Duration::from_secs(1);
 /// After UDP failed to a gateway, TCP for this long, then QUIC is probed again.
 const UDP_RETRY: Duration = Duration::from_secs(15);
 const TCP_CONNECT: Duration = Duration::from_secs(3);
@@ -250,7 +252,8 @@ impl Tunnel {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         send.write_all(hello).await.map_err(|e| e.to_string())?;
         let mut first = vec![0u8; 16 * 1024];
-        match tokio::time::timeout(FIRST_ANSWER, recv.read(&mut first)).await {
+        let wait = (conn.rtt() * FIRST_ANSWER_RTTS).max(FIRST_ANSWER_MIN);
+        match tokio::time::timeout(wait, recv.read(&mut first)).await {
             Ok(Ok(Some(n))) => {
                 first.truncate(n);
                 Ok(Some(Box::new(Prefixed { prefix: first, at: 0, inner: tokio::io::join(recv, send) })))

@@ -432,10 +432,9 @@ impl MeshLeader {
         // Federation states: the primary's whole set.
         let local: Vec<_> = self.node.store.read().data().federation_states.values().cloned().collect();
         let same = local.len() == state.federation_states.len()
-            && local
-                .iter()
-                .zip(&state.federation_states)
-                .all(|(a, b)| a.datacenter.eq_ignore_ascii_case(&b.datacenter) && a.mesh_gateways == b.mesh_gateways && a.primary_modify_index == b.modify_index);
+            && local.iter().zip(&state.federation_states).all(|(a, b)| {
+                a.datacenter.eq_ignore_ascii_case(&b.datacenter) && a.mesh_gateways == b.mesh_gateways && a.primary_modify_index == b.modify_index
+            });
         if !same {
             self.node.write(Command::FederationReplicate { states: state.federation_states.clone() }).await.map_err(|e| e.to_string())?;
         }

@@ -518,7 +518,10 @@ impl Agent {
                         let d = st.data();
                         let local = mesh::gateways_json(d, &dc);
                         let mut v = crate::federation::GatewayView {
-                            local: crate::federation::gateway_addresses(&serde_json::from_str::<Vec<serde_json::Value>>(&local).unwrap_or_default(), false),
+                            local: crate::federation::gateway_addresses(
+                                &serde_json::from_str::<Vec<serde_json::Value>>(&local).unwrap_or_default(),
+                                false,
+                            ),
                             ..Default::default()
                         };
                         for s in d.federation_states.values().filter(|s| !s.datacenter.eq_ignore_ascii_case(&dc)) {

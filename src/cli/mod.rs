@@ -477,7 +477,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_gateway(mut g: GatewayArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    g.agent.retry_join.extend(g.join.drain(..));
+    g.agent.retry_join.append(&mut g.join);
     // Files and flags as for an agent; the gateway block and flags say where it listens.
     let mut raw = config::load_files(&g.agent.config_file, &g.agent.config_dir)?;
     let file_gateway = raw.gateway.clone().unwrap_or_default();
@@ -493,8 +493,7 @@ async fn run_gateway(mut g: GatewayArgs) -> anyhow::Result<()> {
         init_logging(g.agent.log_level.as_deref().unwrap_or("info"));
         let base = client::base_url(http)?;
         let api = std::sync::Arc::new(crate::proxy::source::OverHttp { client: reqwest::Client::new(), base: base.clone() });
-        let gateway =
-            crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, service, deregister_on_stop: true });
+        let gateway = crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, service, deregister_on_stop: true });
         let stop = tokio_util::sync::CancellationToken::new();
         let on_signal = stop.clone();
         tokio::spawn(async move {

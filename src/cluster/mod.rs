@@ -285,7 +285,8 @@ mod tests {
         let allowed: Vec<&str> = every_request().iter().filter(|r| r.allowed_from(&remote)).map(|r| r.name()).collect();
         assert_eq!(allowed, ["Hello", "Read", "Ping", "Keyring", "SignIntermediate", "MeshState", "CaRoots", "FederationStateSet"]);
         // Another datacenter's state is not dc2's to publish.
-        let forged = ClusterRpc::FederationStateSet { state: crate::state::federation::FederationState { datacenter: "dc3".into(), ..Default::default() } };
+        let forged =
+            ClusterRpc::FederationStateSet { state: crate::state::federation::FederationState { datacenter: "dc3".into(), ..Default::default() } };
         assert!(!forged.allowed_from(&remote));
     }
 }

@@ -917,7 +917,8 @@ impl RawConfig {
                 errs.push("primary_gateways: 'primary_gateways' should only be configured in a secondary datacenter".into());
             }
         }
-        let primary_gateways_interval = duration("primary_gateways_interval", self.primary_gateways_interval, std::time::Duration::from_secs(30), &mut errs);
+        let primary_gateways_interval =
+            duration("primary_gateways_interval", self.primary_gateways_interval, std::time::Duration::from_secs(30), &mut errs);
         if primary_gateways_interval < std::time::Duration::from_secs(1) {
             errs.push("primary_gateways_interval: the minimum allowed value is 1 second".into());
         }

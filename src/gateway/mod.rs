@@ -64,6 +64,8 @@ pub struct GatewayConfig {
     pub deregister_on_stop: bool,
 }
 
+type Followed = tokio::sync::watch::Receiver<Option<Arc<ApiResponse>>>;
+
 /// What the gateway knows, kept current by blocking queries.
 struct Routes {
     datacenter: String,
@@ -74,7 +76,7 @@ struct Routes {
     /// This datacenter's servers: (node, RPC address).
     servers: RwLock<Vec<(String, SocketAddr)>>,
     /// Mesh endpoints of local services, followed once asked for.
-    services: Mutex<HashMap<String, (Arc<Balancer>, tokio::sync::watch::Receiver<Option<Arc<ApiResponse>>>)>>,
+    services: Mutex<HashMap<String, (Arc<Balancer>, Followed)>>,
     /// Remote gateways that just failed, tried last for a while.
     failed: Mutex<HashMap<SocketAddr, std::time::Instant>>,
 }
@@ -112,7 +114,8 @@ impl Gateway {
     pub async fn run(self, stop: CancellationToken) -> Result<(), GatewayError> {
         let c = self.config.clone();
         let lan = TcpListener::bind(c.lan).await.map_err(|error| GatewayError::Bind { addr: c.lan, error })?;
-        let wan = if c.wan == c.lan { None } else { Some(TcpListener::bind(c.wan).await.map_err(|error| GatewayError::Bind { addr: c.wan, error })?) };
+        let wan =
+            if c.wan == c.lan { None } else { Some(TcpListener::bind(c.wan).await.map_err(|error| GatewayError::Bind { addr: c.wan, error })?) };
         // Identity (for QUIC between gateways) and trust.
         let tls = MeshTls::new();
         let tunnel = Arc::new(Tunnel::new(c.wan, &tls, &c.service, self.metrics.clone()));

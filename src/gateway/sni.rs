@@ -145,9 +145,11 @@ mod tests {
             .unwrap()
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
-        let mut conn =
-            rustls::ClientConnection::new(std::sync::Arc::new(cfg), rustls::pki_types::ServerName::try_from("web.default.dc1.internal.x.consul").unwrap())
-                .unwrap();
+        let mut conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(cfg),
+            rustls::pki_types::ServerName::try_from("web.default.dc1.internal.x.consul").unwrap(),
+        )
+        .unwrap();
         let mut hello = Vec::new();
         conn.write_tls(&mut hello).unwrap();
         // Delivered in two pieces, as a slow network would.

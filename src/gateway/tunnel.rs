@@ -31,7 +31,9 @@ const QUIC_CONNECT: Duration = Duration::from_secs(1);
 /// [`FIRST_ANSWER_MIN`]. A false alarm only moves the connection to TCP.
 const FIRST_ANSWER_RTTS: u32 = 8;
 const FIRST_ANSWER_MIN: Duration = Duration::from_secs(1);
-/// After UDP failed to a gateway, TCP for this long, then QUIC is probed again.
+/// After UDP failed to a gateway, TCP while QUIC is probed again: after 1 s, then backing off
+/// to every 15 s.
+const UDP_RETRY_MIN: Duration = Duration::from_secs(1);
 const UDP_RETRY: Duration = Duration::from_secs(15);
 const TCP_CONNECT: Duration = Duration::from_secs(3);
 
@@ -108,6 +110,7 @@ struct Peer {
 
 /// The gateway's side of every gateway-to-gateway hop.
 pub struct Tunnel {
+    tls: Arc<MeshTls>,
     endpoint: Option<quinn::Endpoint>,
     client: Option<quinn::ClientConfig>,
     peers: Mutex<HashMap<SocketAddr, Peer>>,
@@ -142,10 +145,10 @@ impl Tunnel {
             Ok((endpoint, client))
         })();
         match made {
-            Ok((endpoint, client)) => Tunnel { endpoint: Some(endpoint), client: Some(client), peers: Mutex::default(), metrics },
+            Ok((endpoint, client)) => Tunnel { tls: tls.clone(), endpoint: Some(endpoint), client: Some(client), peers: Mutex::default(), metrics },
             Err(e) => {
                 tracing::warn!(error = %e, "no QUIC tunnel between gateways (TCP only)");
-                Tunnel { endpoint: None, client: None, peers: Mutex::default(), metrics }
+                Tunnel { tls: tls.clone(), endpoint: None, client: None, peers: Mutex::default(), metrics }
             }
         }
     }
@@ -156,7 +159,10 @@ impl Tunnel {
     }
 
     fn udp_allowed(&self, addr: SocketAddr) -> bool {
-        self.client.is_some() && self.peers.lock().get(&addr).and_then(|p| p.udp_blocked_until).is_none_or(|t| t <= Instant::now())
+        // Without its leaf yet, a gateway cannot authenticate on QUIC: TCP meanwhile.
+        self.client.is_some()
+            && self.tls.ready()
+            && self.peers.lock().get(&addr).and_then(|p| p.udp_blocked_until).is_none_or(|t| t <= Instant::now())
     }
 
     fn block_udp(self: &Arc<Self>, addr: SocketAddr, why: &str) {
@@ -180,8 +186,10 @@ impl Tunnel {
     /// While UDP is blocked to `addr`: try QUIC again every [`UDP_RETRY`], and switch back as
     /// soon as it works.
     async fn probe(self: Arc<Self>, addr: SocketAddr) {
+        let mut wait = UDP_RETRY_MIN;
         loop {
-            tokio::time::sleep(UDP_RETRY).await;
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(UDP_RETRY);
             match self.connect_quic(addr).await {
                 Ok(conn) => {
                     let mut peers = self.peers.lock();

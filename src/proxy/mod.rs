@@ -126,7 +126,11 @@ pub fn parse_def(svc: &Value, node_address: IpAddr) -> Result<ProxyDef, ProxyErr
             datacenter: u["Datacenter"].as_str().unwrap_or_default().to_string(),
             bind: SocketAddr::new(bind_ip, bind_port),
             connect_timeout: ms(&u["Config"], "connect_timeout_ms").unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-            mesh_gateway: u["MeshGateway"]["Mode"].as_str().filter(|m| !m.is_empty()).map(str::to_ascii_lowercase).unwrap_or_else(|| proxy_mode.clone()),
+            mesh_gateway: u["MeshGateway"]["Mode"]
+                .as_str()
+                .filter(|m| !m.is_empty())
+                .map(str::to_ascii_lowercase)
+                .unwrap_or_else(|| proxy_mode.clone()),
         });
     }
     Ok(ProxyDef {
@@ -521,10 +525,14 @@ impl GatewayMode {
 /// Consul's precedence: the upstream, the proxy, the destination's `service-defaults`,
 /// `proxy-defaults`, else none.
 pub fn gateway_mode(up_or_proxy: &str, service_defaults: &Value, proxy_defaults: &Value) -> GatewayMode {
-    [up_or_proxy, service_defaults["MeshGateway"]["Mode"].as_str().unwrap_or_default(), proxy_defaults["MeshGateway"]["Mode"].as_str().unwrap_or_default()]
-        .into_iter()
-        .find_map(GatewayMode::parse)
-        .unwrap_or(GatewayMode::None)
+    [
+        up_or_proxy,
+        service_defaults["MeshGateway"]["Mode"].as_str().unwrap_or_default(),
+        proxy_defaults["MeshGateway"]["Mode"].as_str().unwrap_or_default(),
+    ]
+    .into_iter()
+    .find_map(GatewayMode::parse)
+    .unwrap_or(GatewayMode::None)
 }
 
 type Followed = tokio::sync::watch::Receiver<Option<Arc<ApiResponse>>>;

@@ -49,11 +49,8 @@ impl AgentApi for InProcess {
         let router = self.0.clone();
         async move {
             use tower::ServiceExt;
-            let req = axum::http::Request::builder()
-                .method(method)
-                .uri(&path_and_query)
-                .body(axum::body::Body::from(body))
-                .map_err(|e| e.to_string())?;
+            let req =
+                axum::http::Request::builder().method(method).uri(&path_and_query).body(axum::body::Body::from(body)).map_err(|e| e.to_string())?;
             let resp = router.oneshot(req).await.map_err(|e| e.to_string())?;
             let (parts, body) = resp.into_parts();
             let body = axum::body::to_bytes(body, 64 << 20).await.map_err(|e| e.to_string())?;

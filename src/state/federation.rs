@@ -86,10 +86,9 @@ impl Store {
                 continue;
             }
             let create_index = existing.map_or(index, |e| e.create_index);
-            self.data.federation_states.insert(
-                k,
-                FederationState { primary_modify_index: s.modify_index, create_index, modify_index: index, ..s.clone() },
-            );
+            self.data
+                .federation_states
+                .insert(k, FederationState { primary_modify_index: s.modify_index, create_index, modify_index: index, ..s.clone() });
             changed = true;
         }
         if changed {
@@ -123,7 +122,8 @@ mod tests {
         let mut primary_copy = s.data().federation_states["dc2"].clone();
         primary_copy.modify_index = 3;
         secondary.apply(9, &req(Command::FederationReplicate { states: vec![primary_copy] }));
-        let got: Vec<(&String, u64, u64)> = secondary.data().federation_states.iter().map(|(k, v)| (k, v.primary_modify_index, v.modify_index)).collect();
+        let got: Vec<(&String, u64, u64)> =
+            secondary.data().federation_states.iter().map(|(k, v)| (k, v.primary_modify_index, v.modify_index)).collect();
         assert_eq!(got, vec![(&"dc2".to_string(), 3, 9)]);
         assert_eq!(s.apply(10, &req(Command::FederationStateDelete { datacenter: "dc2".into() })), Outcome::Applied(true));
         assert!(s.data().federation_states.is_empty());

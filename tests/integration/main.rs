@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod dns;
 mod federation;
+mod gateways;
 mod harness;
 mod limits;
 mod mesh;

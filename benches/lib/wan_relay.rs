@@ -757,6 +757,7 @@ fn run_cli(args: &[String]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)] // the bench build sees no test in this module
     use super::*;
 
     #[tokio::test]

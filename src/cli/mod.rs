@@ -273,6 +273,13 @@ pub struct GatewayArgs {
     /// Where other datacenters' gateways reach it (ip:port, TCP and UDP; default: --address)
     #[arg(long = "wan-address")]
     pub wan_address: Option<String>,
+    /// Where to listen for other gateways when that is not --wan-address (NAT, a load
+    /// balancer, a relay); default: --wan-address if it is on this host, else --address
+    #[arg(long = "wan-bind")]
+    pub wan_bind: Option<String>,
+    /// Between gateways: "auto" (QUIC when UDP gets through, else TCP) or "tcp"
+    #[arg(long = "wan-transport", default_value = "auto", value_parser = ["auto", "tcp"])]
+    pub wan_transport: String,
     /// A server or agent of this datacenter to join (repeatable; retried until one answers)
     #[arg(long = "join")]
     pub join: Vec<String>,
@@ -489,11 +496,17 @@ async fn run_gateway(mut g: GatewayArgs) -> anyhow::Result<()> {
         None => lan,
     };
     let service = g.service.clone().or(file_gateway.service.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| "mesh-gateway".into());
+    let quic = g.wan_transport == "auto";
+    let wan_bind = match g.wan_bind.clone().or(file_gateway.wan_bind.clone()).filter(|a| !a.is_empty()) {
+        Some(b) => Some(config::gateway_addr(&b).map_err(|e| anyhow::anyhow!("--wan-bind: {e}"))?),
+        None => None,
+    };
     if let Some(http) = &g.agent_http {
         init_logging(g.agent.log_level.as_deref().unwrap_or("info"));
         let base = client::base_url(http)?;
         let api = std::sync::Arc::new(crate::proxy::source::OverHttp { client: reqwest::Client::new(), base: base.clone() });
-        let gateway = crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, service, deregister_on_stop: true });
+        let gateway =
+            crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, wan_bind, quic, service, deregister_on_stop: true });
         let stop = tokio_util::sync::CancellationToken::new();
         let on_signal = stop.clone();
         tokio::spawn(async move {
@@ -521,7 +534,7 @@ async fn run_gateway(mut g: GatewayArgs) -> anyhow::Result<()> {
     init_logging(&cfg.log_level);
     let agent = crate::agent::Agent::start(cfg).await?;
     let api = std::sync::Arc::new(crate::proxy::source::InProcess(agent.router()));
-    let gateway = crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, service, deregister_on_stop: false });
+    let gateway = crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, wan_bind, quic, service, deregister_on_stop: false });
     let metrics = gateway.metrics.clone();
     agent.add_counters(std::sync::Arc::new(move || metrics.counters()));
     let stop = tokio_util::sync::CancellationToken::new();

@@ -158,6 +158,8 @@ pub struct RawGateway {
     pub address: Option<String>,
     /// `ip:port` other datacenters' gateways reach it at (TCP, and UDP for QUIC).
     pub wan_address: Option<String>,
+    /// `ip:port` it listens on for them when that is not `wan_address` (NAT, load balancer).
+    pub wan_bind: Option<String>,
     /// The gateway's service name (default "mesh-gateway").
     pub service: Option<String>,
 }

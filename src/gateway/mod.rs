@@ -56,8 +56,14 @@ pub enum GatewayError {
 pub struct GatewayConfig {
     /// This datacenter's services and servers reach the gateway here.
     pub lan: SocketAddr,
-    /// Other datacenters' gateways reach it here (TCP, and UDP for QUIC).
+    /// Other datacenters' gateways reach it here (TCP, and UDP for QUIC): what it advertises.
     pub wan: SocketAddr,
+    /// Where it listens for them, when that differs from `wan` (behind NAT or a load
+    /// balancer). `None`: `wan` if it is an address of this host, else the LAN listener
+    /// serves both sides.
+    pub wan_bind: Option<SocketAddr>,
+    /// QUIC between gateways when UDP gets through (the default); false: TCP only.
+    pub quic: bool,
     /// Its service name and ID (`mesh-gateway` by default).
     pub service: String,
     /// Deregister the service on a clean stop (a gateway registered through another agent).
@@ -114,11 +120,25 @@ impl Gateway {
     pub async fn run(self, stop: CancellationToken) -> Result<(), GatewayError> {
         let c = self.config.clone();
         let lan = TcpListener::bind(c.lan).await.map_err(|error| GatewayError::Bind { addr: c.lan, error })?;
-        let wan =
-            if c.wan == c.lan { None } else { Some(TcpListener::bind(c.wan).await.map_err(|error| GatewayError::Bind { addr: c.wan, error })?) };
+        let wan_bind = c.wan_bind.unwrap_or(c.wan);
+        let wan = if wan_bind == c.lan {
+            None
+        } else {
+            match TcpListener::bind(wan_bind).await {
+                Ok(l) => Some(l),
+                // A load balancer's address: its traffic arrives at the LAN listener.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && c.wan_bind.is_none() => {
+                    info!(wan = %c.wan, "the WAN address is not on this host (a load balancer's?); other gateways arrive at the LAN listener");
+                    None
+                }
+                Err(error) => return Err(GatewayError::Bind { addr: wan_bind, error }),
+            }
+        };
+        let udp = if wan.is_some() { wan_bind } else { c.lan };
         // Identity (for QUIC between gateways) and trust.
         let tls = MeshTls::new();
-        let tunnel = Arc::new(Tunnel::new(c.wan, &tls, &c.service, self.metrics.clone()));
+        let tunnel =
+            Arc::new(if c.quic { Tunnel::new(udp, &tls, &c.service, self.metrics.clone()) } else { Tunnel::tcp_only(&tls, self.metrics.clone()) });
 
         let me = self.self_info(&stop).await;
         let Some((datacenter, domain)) = me else { return Ok(()) };
@@ -142,7 +162,7 @@ impl Gateway {
         if let Some(ep) = tunnel.endpoint().cloned() {
             tokio::spawn(accept_quic(ep, shared.clone(), stop.clone()));
         }
-        info!(lan = %c.lan, wan = %c.wan, datacenter = %routes.datacenter, "mesh gateway routing (TCP, and QUIC on UDP {})", c.wan);
+        info!(lan = %c.lan, wan = %c.wan, datacenter = %routes.datacenter, "mesh gateway routing (TCP, and QUIC on UDP {udp})");
         stop.cancelled().await;
         if let Some(ep) = tunnel.endpoint() {
             ep.close(quinn::VarInt::from_u32(0), b"gateway stopping");

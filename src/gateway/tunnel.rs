@@ -153,6 +153,11 @@ impl Tunnel {
         }
     }
 
+    /// A tunnel that only ever uses TCP (`--wan-transport tcp`).
+    pub fn tcp_only(tls: &Arc<MeshTls>, metrics: Arc<Metrics>) -> Tunnel {
+        Tunnel { tls: tls.clone(), endpoint: None, client: None, peers: Mutex::default(), metrics }
+    }
+
     /// Incoming QUIC connections from other gateways, until the endpoint closes.
     pub fn endpoint(&self) -> Option<&quinn::Endpoint> {
         self.endpoint.as_ref()

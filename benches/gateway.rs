@@ -12,7 +12,9 @@
 //! - **direct**: straight to db's sidecar;
 //! - **trellis**: dc1's gateway, dc2's gateway (QUIC between them), db's sidecar;
 //! - **haproxy**: the same hop built from two HAProxy processes routing by SNI in TCP mode
-//!   (`req.ssl_sni`), the second one forwarding to db's sidecar.
+//!   (`req.ssl_sni`), the second one forwarding to db's sidecar;
+//! - **trellis/tcp**: a second dc1 gateway with `--wan-transport tcp`.
+//!
 //! Latency at a fixed rate (open loop, from scheduled time) p50/p99/p99.9 and the latency each
 //! hop adds over direct; throughput with 64 connections (closed loop).
 //!

@@ -434,6 +434,9 @@ impl Agent {
                 services: Arc::new(move || services_of.services_json()),
                 changes: local_agent.changes(),
             };
+            // Their HTTP upstreams' request counts and latencies, in this agent's metrics.
+            ctx.metrics.sources.lock().push(Arc::new(|| crate::proxy::http::METRICS.counters()));
+            ctx.metrics.histograms.lock().push(Arc::new(|| crate::proxy::http::METRICS.histograms()));
             let token = shutdown.clone();
             tasks.spawn(async move {
                 manager.run(token).await;

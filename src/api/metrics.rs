@@ -65,9 +65,21 @@ pub struct Registry {
     durations: [Mutex<Stats>; METHODS.len()],
     /// Parked blocking queries woken by a change of what they watch.
     pub blocking_wakeups: std::sync::atomic::AtomicU64,
-    /// Counters kept by other parts of the process (the mesh gateway's).
+    /// Counters kept by other parts of the process (the mesh gateway's, the sidecars').
     pub sources: Mutex<Vec<CounterSource>>,
+    pub histograms: Mutex<Vec<HistogramSource>>,
 }
+
+/// A histogram some other part of the process keeps (cumulative buckets by upper bound).
+pub struct Histogram {
+    pub name: &'static str,
+    pub labels: Labels,
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+pub type HistogramSource = std::sync::Arc<dyn Fn() -> Vec<Histogram> + Send + Sync>;
 
 /// Counters some other part of the process keeps: (name, labels, value) each.
 pub type CounterSource = std::sync::Arc<dyn Fn() -> Vec<(&'static str, Labels, u64)> + Send + Sync>;
@@ -79,6 +91,7 @@ impl Default for Registry {
             durations: std::array::from_fn(|_| Mutex::new(Stats::default())),
             blocking_wakeups: std::sync::atomic::AtomicU64::new(0),
             sources: Mutex::new(Vec::new()),
+            histograms: Mutex::new(Vec::new()),
         }
     }
 }
@@ -207,6 +220,24 @@ pub fn render_prometheus(ctx: &Ctx) -> String {
             last = n.clone();
         }
         let _ = writeln!(out, "{n}_sum{} {}\n{n}_count{} {}", prom_labels(l), s.sum, prom_labels(l), s.count);
+    }
+    for source in ctx.metrics.histograms.lock().iter() {
+        for h in source() {
+            let n = prom_name(h.name);
+            if n != last {
+                let _ = writeln!(out, "# TYPE {n} histogram");
+                last = n.clone();
+            }
+            for (le, count) in &h.buckets {
+                let mut l = h.labels.clone();
+                l.push(("le", le.to_string()));
+                let _ = writeln!(out, "{n}_bucket{} {count}", prom_labels(&l));
+            }
+            let mut l = h.labels.clone();
+            l.push(("le", "+Inf".into()));
+            let _ = writeln!(out, "{n}_bucket{} {}", prom_labels(&l), h.count);
+            let _ = writeln!(out, "{n}_sum{} {}\n{n}_count{} {}", prom_labels(&h.labels), h.sum, prom_labels(&h.labels), h.count);
+        }
     }
     out
 }

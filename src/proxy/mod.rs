@@ -16,6 +16,8 @@
 //! a deny intention closes the established connections it now forbids.
 
 pub mod balance;
+pub mod chain;
+pub mod http;
 pub mod source;
 pub mod tls;
 
@@ -194,9 +196,36 @@ struct Shared {
     destination: Mutex<String>,
     intentions: Mutex<Arc<Vec<Intention>>>,
     tracker: Tracker,
+    /// The destination's protocol (`tcp`, `http`, `http2`, `grpc`), from config entries.
+    protocol: Mutex<String>,
+    /// The local app as the HTTP side reaches it, per protocol.
+    local_app: Mutex<Option<(String, Arc<http::LocalApp>)>>,
 }
 
 impl Shared {
+    /// One HTTP request's decision: intentions with their L7 permissions.
+    fn decide_request(&self, source: &str, method: &str, path: &str, headers: &::http::HeaderMap) -> intention::Decision {
+        let (allow, from_config) = match self.settings.default_intention_policy {
+            Some(a) => (a, true),
+            None => (true, false),
+        };
+        let dest = self.destination.lock().clone();
+        let _ = (method, path, headers);
+        intention::decide(&self.intentions.lock(), source, &dest, allow, from_config)
+    }
+
+    fn local_app(&self, addr: SocketAddr, protocol: &str, connect_timeout: Duration) -> Arc<http::LocalApp> {
+        let mut l = self.local_app.lock();
+        if let Some((p, a)) = l.as_ref()
+            && p == protocol
+        {
+            return a.clone();
+        }
+        let a = Arc::new(http::LocalApp::new(addr, protocol, connect_timeout));
+        *l = Some((protocol.to_string(), a.clone()));
+        a
+    }
+
     fn decide(&self, source: &str) -> intention::Decision {
         let (allow, from_config) = match self.settings.default_intention_policy {
             Some(a) => (a, true),
@@ -239,6 +268,8 @@ impl Proxy {
             destination: Mutex::new(def.destination.clone()),
             intentions: Mutex::new(Arc::new(Vec::new())),
             tracker: Tracker::default(),
+            protocol: Mutex::new("tcp".into()),
+            local_app: Mutex::new(None),
         });
         let identity_stop = stop.child_token();
         self.follow_identity(&shared, &def.destination, identity_stop.clone()).await;
@@ -283,6 +314,29 @@ impl Proxy {
         let mut leaf = follow(self.api.clone(), format!("/v1/agent/connect/ca/leaf/{}", enc(destination)), false, stop.clone());
         let mut ints =
             follow(self.api.clone(), format!("/v1/connect/intentions/match?by=destination&name={}", enc(destination)), false, stop.clone());
+        // The destination's protocol, by Consul's rule: its service-defaults, else
+        // proxy-defaults' `Config.protocol`, else tcp.
+        {
+            let mut sd = follow(self.api.clone(), format!("/v1/config/service-defaults/{}", enc(destination)), false, stop.clone());
+            let mut pd = follow(self.api.clone(), "/v1/config/proxy-defaults/global".into(), false, stop.clone());
+            let (shared, stop) = (shared.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    let found = |rx: &Followed| rx.borrow().clone().filter(|r| r.status == 200).and_then(|r| r.json().ok());
+                    let protocol = match (found(&sd), found(&pd)) {
+                        (Some(e), _) => e["Protocol"].as_str().filter(|p| !p.is_empty()).unwrap_or("tcp").to_ascii_lowercase(),
+                        (None, Some(p)) => p["Config"]["protocol"].as_str().filter(|p| !p.is_empty()).unwrap_or("tcp").to_ascii_lowercase(),
+                        (None, None) => "tcp".into(),
+                    };
+                    *shared.protocol.lock() = protocol;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = sd.changed() => if r.is_err() { return },
+                        r = pd.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+        }
         let apply_roots = |shared: &Shared, r: &ApiResponse| {
             let Ok(v) = r.json() else { return };
             // Intermediates are presented by peers; only the roots are trust anchors.
@@ -387,7 +441,7 @@ impl Listeners {
             let l = bind(addr).await?;
             let t = stop.child_token();
             let dc = if u.datacenter.is_empty() { shared.settings.datacenter.clone() } else { u.datacenter.clone() };
-            tokio::spawn(outbound(l, u.clone(), dc, proxy.api.clone(), shared.clone(), t.clone()));
+            tokio::spawn(outbound(l, def.id.clone(), u.clone(), dc, proxy.api.clone(), shared.clone(), t.clone()));
             self.upstreams.insert(addr, (u.clone(), t));
         }
         Ok(())
@@ -423,7 +477,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
 /// Accept mesh connections: TLS with a client certificate from the mesh, the caller's service
 /// authorised by intentions, then spliced to the local app.
 async fn inbound(listener: TcpListener, app: SocketAddr, connect_timeout: Duration, shared: Arc<Shared>, stop: CancellationToken) {
-    let acceptor = match shared.tls.server_config(Vec::new()) {
+    let acceptor = match shared.tls.server_config(vec![b"h2".to_vec(), b"http/1.1".to_vec()]) {
         Ok(c) => tokio_rustls::TlsAcceptor::from(c),
         Err(e) => return warn!(error = %e, "the public listener has no TLS configuration"),
     };
@@ -446,6 +500,16 @@ async fn inbound(listener: TcpListener, app: SocketAddr, connect_timeout: Durati
             let Some(id) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
                 return debug!(%peer, "the peer presented no service identity");
             };
+            let protocol = shared.protocol.lock().clone();
+            if http::is_http(&protocol) {
+                // Every request is authorised on its own (L7 intentions).
+                let app = shared.local_app(app, &protocol, connect_timeout);
+                let cancel = stop.child_token();
+                let conn = shared.tracker.add(id.service.clone(), cancel.clone());
+                http::serve_inbound(tls, id.service.clone(), shared.clone(), app, protocol, cancel).await;
+                shared.tracker.remove(conn);
+                return;
+            }
             let d = shared.decide(&id.service);
             if !d.allowed {
                 info!(%peer, source = %id.service, reason = %d.reason, "connection denied by intentions");
@@ -469,7 +533,15 @@ async fn inbound(listener: TcpListener, app: SocketAddr, connect_timeout: Durati
 
 /// Accept local connections for an upstream and carry each to a healthy instance over mesh
 /// TLS, trying further instances when a connect fails.
-async fn outbound(listener: TcpListener, up: UpstreamDef, datacenter: String, api: Arc<dyn AgentApi>, shared: Arc<Shared>, stop: CancellationToken) {
+async fn outbound(
+    listener: TcpListener,
+    proxy_id: String,
+    up: UpstreamDef,
+    datacenter: String,
+    api: Arc<dyn AgentApi>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let balancer = Arc::new(Balancer::default());
     let expected = tls::Expected { service: up.name.clone(), datacenter: if up.datacenter.is_empty() { String::new() } else { datacenter.clone() } };
     let connector = match shared.tls.client_config(expected, Vec::new()) {
@@ -477,7 +549,10 @@ async fn outbound(listener: TcpListener, up: UpstreamDef, datacenter: String, ap
         Err(e) => return warn!(error = %e, "the upstream has no TLS configuration"),
     };
     let remote = !datacenter.eq_ignore_ascii_case(&shared.settings.datacenter);
-    tokio::spawn(follow_endpoints(api, up.clone(), datacenter.clone(), remote, balancer.clone(), stop.clone()));
+    tokio::spawn(follow_endpoints(api.clone(), up.clone(), datacenter.clone(), remote, balancer.clone(), stop.clone()));
+    // The upstream's discovery chain decides whether it speaks HTTP (routed per request) or
+    // TCP (spliced).
+    let http_up = http::HttpUpstream::new(&proxy_id, &up, api, shared.clone(), stop.clone());
     loop {
         let (local, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -487,6 +562,10 @@ async fn outbound(listener: TcpListener, up: UpstreamDef, datacenter: String, ap
             },
         };
         let _ = local.set_nodelay(true);
+        if http_up.protocol().is_some_and(|p| http::is_http(&p)) {
+            tokio::spawn(http_up.clone().serve(local));
+            continue;
+        }
         let (balancer, connector, shared, stop, up, dc) =
             (balancer.clone(), connector.clone(), shared.clone(), stop.clone(), up.clone(), datacenter.clone());
         tokio::spawn(async move {
@@ -541,8 +620,39 @@ type Followed = tokio::sync::watch::Receiver<Option<Arc<ApiResponse>>>;
 /// another datacenter with a gateway mode, the gateways to go through (each carrying the
 /// destination's name, so the SNI and the identity check stay the destination's).
 async fn follow_endpoints(api: Arc<dyn AgentApi>, up: UpstreamDef, dc: String, remote: bool, balancer: Arc<Balancer>, stop: CancellationToken) {
+    let spec = EndpointSpec { service: up.name.clone(), datacenter: up.datacenter.clone(), filter: None, mode: up.mesh_gateway.clone() };
+    follow_endpoint_spec(api, spec, dc, remote, balancer, stop).await
+}
+
+/// Which endpoints to follow: a service's mesh endpoints (in `datacenter`, empty for this
+/// one; only those passing `filter`, Consul's filter language), through gateways as `mode`
+/// (or config entries) say for another datacenter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub service: String,
+    pub datacenter: String,
+    pub filter: Option<String>,
+    pub mode: String,
+}
+
+pub(crate) async fn follow_endpoint_spec(
+    api: Arc<dyn AgentApi>,
+    spec: EndpointSpec,
+    dc: String,
+    remote: bool,
+    balancer: Arc<Balancer>,
+    stop: CancellationToken,
+) {
+    let up = UpstreamDef {
+        name: spec.service.clone(),
+        datacenter: spec.datacenter.clone(),
+        bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        mesh_gateway: spec.mode.clone(),
+    };
     let dc_q = if up.datacenter.is_empty() { String::new() } else { format!("&dc={}", enc(&up.datacenter)) };
-    let instances_path = format!("/v1/health/connect/{}?passing{dc_q}", enc(&up.name));
+    let filter_q = spec.filter.as_ref().map(|f| format!("&filter={}", enc(f))).unwrap_or_default();
+    let instances_path = format!("/v1/health/connect/{}?passing{dc_q}{filter_q}", enc(&up.name));
     if !remote {
         let mut rx = follow(api, instances_path, false, stop.clone());
         loop {

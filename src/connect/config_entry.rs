@@ -2,7 +2,9 @@
 //! keys refused by name), validation and normalisation per kind, and the canonical JSON the
 //! state stores and the API returns.
 //!
-//! Kinds: `proxy-defaults` (name `global`), `service-defaults` and `service-intentions`.
+//! Kinds: `proxy-defaults` (name `global`), `service-defaults`, `service-intentions`, and the
+//! discovery chain's `service-router`, `service-splitter` and `service-resolver` (decoded and
+//! checked in `chain_entry`).
 
 use std::collections::BTreeMap;
 
@@ -12,7 +14,7 @@ use serde_json::{Map, Value, json};
 use super::intention;
 
 /// Every kind this agent accepts.
-pub const KINDS: &[&str] = &["proxy-defaults", "service-defaults", "service-intentions"];
+pub const KINDS: &[&str] = &["proxy-defaults", "service-defaults", "service-intentions", "service-router", "service-splitter", "service-resolver"];
 
 /// Why an entry cannot be written: `Decode` is a malformed body (Consul's "Request decoding
 /// failed"), `Invalid` a well-formed entry that breaks a rule.
@@ -190,11 +192,11 @@ fn canonical(v: Value, errs: &mut Vec<String>, path: &str) -> Value {
     }
 }
 
-fn from<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, EntryError> {
+pub(super) fn from<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, EntryError> {
     serde_json::from_value(v).map_err(|e| EntryError::Decode(e.to_string()))
 }
 
-fn invalid(m: impl Into<String>) -> EntryError {
+pub(super) fn invalid(m: impl Into<String>) -> EntryError {
     EntryError::Invalid(m.into())
 }
 
@@ -212,7 +214,7 @@ fn mesh_gateway(m: Option<MeshGatewayIn>, key: &str) -> Result<Value, EntryError
     Ok(if mode.is_empty() { json!({}) } else { json!({ "Mode": mode }) })
 }
 
-fn meta(m: Option<BTreeMap<String, String>>) -> Result<Option<Value>, EntryError> {
+pub(super) fn meta(m: Option<BTreeMap<String, String>>) -> Result<Option<Value>, EntryError> {
     let Some(m) = m.filter(|m| !m.is_empty()) else { return Ok(None) };
     if m.len() > 64 {
         return Err(invalid("Meta: at most 64 pairs"));
@@ -397,19 +399,24 @@ pub(crate) struct HeaderIn {
     pub ignore_case: bool,
 }
 
-const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+/// Longest intention description (Consul's `metaValueMaxLength`).
+const MAX_DESCRIPTION: usize = 512;
 
-/// Check one header matcher (exactly one way of matching) into its JSON form.
+/// HTTP methods a route or permission may name (Go's `net/http` constants).
+pub(super) const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+
+/// Check one header matcher of a permission (exactly one way of matching) into its JSON form.
+/// `Contains` and `IgnoreCase` are newer Consul fields, accepted and kept.
 pub(crate) fn header_match(h: HeaderIn, key: &str) -> Result<Value, EntryError> {
     if h.name.is_empty() {
-        return Err(invalid(format!("{key}.Name is required")));
+        return Err(invalid(format!("{key} missing required Name field")));
     }
-    let ways = [h.present, !h.exact.is_empty(), !h.prefix.is_empty(), !h.suffix.is_empty(), !h.contains.is_empty(), !h.regex.is_empty()];
-    if ways.iter().filter(|w| **w).count() > 1 {
-        return Err(invalid(format!("{key} should only contain one of Present, Exact, Prefix, Suffix, Contains, or Regex")));
+    let ways = [h.present, !h.exact.is_empty(), !h.regex.is_empty(), !h.prefix.is_empty(), !h.suffix.is_empty(), !h.contains.is_empty()];
+    if ways.iter().filter(|w| **w).count() != 1 {
+        return Err(invalid(format!("{key} should only contain one of Present, Exact, Prefix, Suffix, or Regex")));
     }
     if !h.regex.is_empty() {
-        regex::Regex::new(&h.regex).map_err(|e| invalid(format!("{key}.Regex: {e}")))?;
+        regex::Regex::new(&h.regex).map_err(|e| invalid(format!("{key} Regex {:?} is not a valid regular expression: {e}", h.regex)))?;
     }
     let mut v = json!({ "Name": h.name });
     if h.present {
@@ -429,22 +436,27 @@ pub(crate) fn header_match(h: HeaderIn, key: &str) -> Result<Value, EntryError> 
     Ok(v)
 }
 
-/// Check an HTTP matcher of an intention permission.
+/// Check an HTTP matcher of an intention permission, in Consul's order and with its messages
+/// (`key` is `Sources[i].Permissions[j].HTTP`).
 fn http_permission(h: HttpIn, key: &str) -> Result<Value, EntryError> {
-    let paths = [&h.path_exact, &h.path_prefix, &h.path_regex].iter().filter(|p| !p.is_empty()).count();
-    if paths == 0 && h.header.is_empty() && h.methods.is_empty() {
-        return Err(invalid(format!("{key} should not be empty")));
+    let mut paths = 0;
+    for (k, p) in [("PathExact", &h.path_exact), ("PathPrefix", &h.path_prefix)] {
+        if !p.is_empty() {
+            paths += 1;
+            if !p.starts_with('/') {
+                return Err(invalid(format!("{key}.{k} doesn't start with '/': {p:?}")));
+            }
+        }
+    }
+    if !h.path_regex.is_empty() {
+        paths += 1;
     }
     if paths > 1 {
         return Err(invalid(format!("{key} should only contain at most one of PathExact, PathPrefix, or PathRegex")));
     }
-    for (k, p) in [("PathExact", &h.path_exact), ("PathPrefix", &h.path_prefix)] {
-        if !p.is_empty() && !p.starts_with('/') {
-            return Err(invalid(format!("{key}.{k} doesn't start with '/': {p:?}")));
-        }
-    }
     if !h.path_regex.is_empty() {
-        regex::Regex::new(&h.path_regex).map_err(|e| invalid(format!("{key}.PathRegex: {e}")))?;
+        regex::Regex::new(&h.path_regex)
+            .map_err(|e| invalid(format!("{key}.PathRegex {:?} is not a valid regular expression: {e}", h.path_regex)))?;
     }
     let mut v = Map::new();
     for (k, x) in [("PathExact", &h.path_exact), ("PathPrefix", &h.path_prefix), ("PathRegex", &h.path_regex)] {
@@ -454,18 +466,21 @@ fn http_permission(h: HttpIn, key: &str) -> Result<Value, EntryError> {
     }
     let headers: Vec<Value> =
         h.header.into_iter().enumerate().map(|(i, x)| header_match(x, &format!("{key}.Header[{i}]"))).collect::<Result<_, _>>()?;
-    if !headers.is_empty() {
-        v.insert("Header".into(), Value::Array(headers));
-    }
-    let mut methods = Vec::new();
-    for m in h.methods {
-        let up = m.to_ascii_uppercase();
-        if !METHODS.contains(&up.as_str()) {
+    let mut methods: Vec<String> = Vec::new();
+    for m in h.methods.iter().map(|m| m.to_ascii_uppercase()) {
+        if !METHODS.contains(&m.as_str()) {
             return Err(invalid(format!("{key}.Methods contains an invalid method {m:?}")));
         }
-        if !methods.contains(&up) {
-            methods.push(up);
+        if methods.contains(&m) {
+            return Err(invalid(format!("{key}.Methods contains {m:?} more than once")));
         }
+        methods.push(m);
+    }
+    if paths == 0 && headers.is_empty() && methods.is_empty() {
+        return Err(invalid(format!("{key} should not be empty")));
+    }
+    if !headers.is_empty() {
+        v.insert("Header".into(), Value::Array(headers));
     }
     if !methods.is_empty() {
         v.insert("Methods".into(), json!(methods));
@@ -481,7 +496,7 @@ fn check_wildcard(name: &str, key: &str) -> Result<(), EntryError> {
     Ok(())
 }
 
-fn enterprise_only(ns: &str, part: &str, key: &str) -> Result<(), EntryError> {
+pub(super) fn enterprise_only(ns: &str, part: &str, key: &str) -> Result<(), EntryError> {
     if !ns.is_empty() && ns != "default" {
         return Err(EntryError::Decode(format!("invalid config key \"{key}Namespace\", namespaces are a consul enterprise feature")));
     }
@@ -517,6 +532,9 @@ pub fn normalize(raw: Value) -> Result<(String, String, Value), EntryError> {
         "proxy-defaults" => proxy_defaults(from(v)?),
         "service-defaults" => service_defaults(from(v)?),
         "service-intentions" => service_intentions(from(v)?),
+        "service-router" => super::chain_entry::service_router(v),
+        "service-splitter" => super::chain_entry::service_splitter(v),
+        "service-resolver" => super::chain_entry::service_resolver(v),
         other => Err(EntryError::Decode(format!("invalid config entry kind: {other}"))),
     }
 }
@@ -664,37 +682,37 @@ fn service_intentions(e: ServiceIntentionsIn) -> Result<(String, String, Value),
         if !s.peer.is_empty() || !s.sameness_group.is_empty() {
             return Err(invalid(format!("{key}: cluster peers and sameness groups are not supported")));
         }
+        if s.description.len() > MAX_DESCRIPTION {
+            return Err(invalid(format!("{key}.Description exceeds maximum length {MAX_DESCRIPTION}")));
+        }
         for (k, set) in [
-            ("LegacyID", !s.legacy_id.is_empty()),
             ("LegacyMeta", s.legacy_meta.is_some()),
             ("LegacyCreateTime", s.legacy_create_time.is_some()),
             ("LegacyUpdateTime", s.legacy_update_time.is_some()),
+            ("LegacyID", !s.legacy_id.is_empty()),
         ] {
             if set {
                 return Err(invalid(format!("{key}.{k} must be omitted")));
             }
         }
+        let action = s.action.to_ascii_lowercase();
+        if s.permissions.is_empty() && !matches!(action.as_str(), "allow" | "deny") {
+            return Err(invalid(format!("{key}.Action must be set to 'allow' or 'deny'")));
+        }
+        if !s.permissions.is_empty() && !action.is_empty() {
+            return Err(invalid(format!("{key}.Action must be omitted if Permissions are specified")));
+        }
+        if e.name == "*" && !s.permissions.is_empty() {
+            return Err(invalid(format!("{key}.Permissions cannot be specified on intentions with wildcarded destinations")));
+        }
         let source_type = if s.source_type.is_empty() { "consul".to_string() } else { s.source_type };
         if source_type != "consul" {
             return Err(invalid(format!("{key}.Type must be set to 'consul'")));
         }
-        if !seen.insert(s.name.clone()) {
-            return Err(invalid(format!("{key} defines {:?} more than once", s.name)));
-        }
-        let action = s.action.to_ascii_lowercase();
         let mut src = json!({ "Name": s.name, "Precedence": intention::precedence(&s.name, &e.name), "Type": source_type });
         if s.permissions.is_empty() {
-            if !matches!(action.as_str(), "allow" | "deny") {
-                return Err(invalid(format!("{key}.Action must be set to 'allow' or 'deny'")));
-            }
             src["Action"] = json!(action);
         } else {
-            if !action.is_empty() {
-                return Err(invalid(format!("{key}.Action must be omitted if Permissions are specified")));
-            }
-            if e.name == "*" {
-                return Err(invalid(format!("{key}.Permissions cannot be specified on intentions with wildcarded destinations")));
-            }
             let mut perms = Vec::new();
             for (j, p) in s.permissions.into_iter().enumerate() {
                 let pk = format!("{key}.Permissions[{j}]");
@@ -702,19 +720,20 @@ fn service_intentions(e: ServiceIntentionsIn) -> Result<(String, String, Value),
                 if !matches!(pa.as_str(), "allow" | "deny") {
                     return Err(invalid(format!("{pk}.Action must be set to 'allow' or 'deny'")));
                 }
+                let http = p.http.ok_or_else(|| invalid(format!("{pk}.HTTP is required")))?;
+                let http = http_permission(http, &format!("{pk}.HTTP"))?;
                 if p.jwt.as_ref().is_some_and(|j| !j.is_null()) {
                     return Err(invalid(format!("{pk}.JWT: JWT authentication of intentions is not supported")));
                 }
-                let http = p.http.ok_or_else(|| invalid(format!("{pk}.HTTP is required")))?;
-                perms.push(json!({ "Action": pa, "HTTP": http_permission(http, &format!("{pk}.HTTP"))? }));
+                perms.push(json!({ "Action": pa, "HTTP": http }));
             }
             src["Permissions"] = Value::Array(perms);
         }
         if !s.description.is_empty() {
-            if s.description.len() > 512 {
-                return Err(invalid(format!("{key}.Description exceeds the maximum length of 512")));
-            }
             src["Description"] = json!(s.description);
+        }
+        if !seen.insert(src["Name"].as_str().unwrap_or_default().to_string()) {
+            return Err(invalid(format!("{key} defines {:?} more than once", src["Name"].as_str().unwrap_or_default())));
         }
         let _ = s.precedence;
         sources.push(src);

@@ -369,6 +369,9 @@ async fn update_intentions(
                 raw["Meta"] = m;
             }
             let (kind, name, v) = crate::connect::config_entry::normalize(raw)?;
+            // L7 permissions need an HTTP-like destination (Consul's graph validation).
+            crate::connect::chain::validate_write(&raft.store.read().data().config_entries, &kind, &name, Some(&v), &ctx.info.datacenter)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
             let entry = crate::state::mesh::ConfigEntry { kind, name, json: v.to_string(), create_index: 0, modify_index: 0 };
             raft.write(Command::ConfigSet { entry, cas: Some(cas) }).await?
         };

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod config;
 pub mod connect;
 pub mod coordinate;
+pub mod discovery_chain;
 pub mod error;
 pub mod event;
 pub mod federation_state;
@@ -108,6 +109,7 @@ pub fn router(ctx: Ctx) -> Router {
         .merge(status::routes())
         .merge(catalog::routes())
         .merge(config::routes())
+        .merge(discovery_chain::routes())
         .merge(federation_state::routes())
         .merge(connect::routes())
         .merge(health::routes())

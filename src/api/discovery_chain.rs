@@ -77,7 +77,7 @@ fn overrides(body: &[u8]) -> Result<Overrides, ApiError> {
 async fn read(State(ctx): State<Ctx>, method: Method, Path(service): Path<String>, p: Params, body: Bytes) -> Result<Response, ApiError> {
     let overrides = match method {
         Method::GET | Method::HEAD => Overrides::default(),
-        Method::POST | Method::PUT => overrides(&body)?,
+        Method::POST => overrides(&body)?,
         other => return Err(ApiError::MethodNotAllowed(other.to_string())),
     };
     if service.is_empty() {

@@ -519,6 +519,7 @@ impl HttpUpstream {
 pub(super) struct LocalApp {
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
     addr: SocketAddr,
+    http2: bool,
 }
 
 impl LocalApp {
@@ -531,7 +532,7 @@ impl LocalApp {
         if protocol != "http" {
             b.http2_only(true);
         }
-        LocalApp { client: b.build(connector), addr }
+        LocalApp { client: b.build(connector), addr, http2: protocol != "http" }
     }
 }
 
@@ -561,6 +562,7 @@ where
                 Err(_) => return Ok(status(StatusCode::BAD_REQUEST, "bad request target")),
             };
             strip_hop_by_hop(&mut parts.headers);
+            parts.version = if app.http2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
             let req = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
             Ok(match app.client.request(req).await {
                 Ok(resp) => {

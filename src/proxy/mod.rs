@@ -210,8 +210,8 @@ impl Shared {
             None => (true, false),
         };
         let dest = self.destination.lock().clone();
-        let _ = (method, path, headers);
-        intention::decide(&self.intentions.lock(), source, &dest, allow, from_config)
+        let req = intention::RequestFacts { method, path, headers };
+        intention::decide_request(&self.intentions.lock(), source, &dest, &req, allow, from_config)
     }
 
     fn local_app(&self, addr: SocketAddr, protocol: &str, connect_timeout: Duration) -> Arc<http::LocalApp> {

@@ -10,6 +10,8 @@ mod dns;
 mod federation;
 mod gateways;
 mod harness;
+mod l7;
+mod l7_config;
 mod limits;
 mod mesh;
 mod netns;

@@ -18,7 +18,11 @@ the manifest says. What the kubelet does is done from the manifests as rendered:
 - runAsUser/runAsGroup/fsGroup (and runAsNonRoot is enforced); init containers run to
   completion first; exec, tcpSocket and httpGet readiness probes;
 - cluster DNS as /etc/hosts: headless Services' pod names (<pod>.<svc>.<ns>.svc[.cluster.local])
-  and the service names, for the cluster itself and any clusters it is told to resolve.
+  and the service names, for the cluster itself and any clusters it is told to resolve;
+- hostPort (TCP and UDP): the node's address forwards the port to the pod (DNAT and
+  masquerade in the node's namespace, as the CNI portmap plugin does);
+- LoadBalancer Services with spec.loadBalancerIP: that address (a namespace of its own on the
+  network) forwards each port to the Service's pods, new connections spread over them.
 
 Everything it makes is removed by close(): processes (SIGTERM, then SIGKILL after the pod's
 grace period), namespaces and files.
@@ -70,6 +74,7 @@ class Network:
         sh("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
         self._ifaces = itertools.count()
         self._hosts = itertools.count(10)
+        self._forwarding: set[str] = set()
 
     def _netns(self, name: str) -> str:
         ns = f"trellis-{self.tag}-{name}"
@@ -78,10 +83,14 @@ class Network:
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         return ns
 
-    def attach(self, name: str) -> tuple[str, str]:
-        """A new network namespace with one address on the bridge: (netns, ip)."""
+    def allocate_ip(self) -> str:
+        """An unused address of the network (for attach, e.g. a load balancer's to render with)."""
         n = next(self._hosts)
-        ip = f"{self.prefix}.{n // 250}.{n % 250 + 1}"
+        return f"{self.prefix}.{n // 250}.{n % 250 + 1}"
+
+    def attach(self, name: str, ip: str | None = None) -> tuple[str, str]:
+        """A new network namespace with one address on the bridge: (netns, ip)."""
+        ip = ip or self.allocate_ip()
         ns = self._netns(name)
         veth = f"v{next(self._ifaces)}"
         sh("ip", "-n", self.bridge_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -89,6 +98,25 @@ class Network:
         sh("ip", "-n", ns, "addr", "add", f"{ip}/16", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         return ns, ip
+
+    def forward(self, netns: str, ip: str, proto: str, port: int, targets: list[str], target_port: int):
+        """Connections to ip:port (proto "TCP" or "UDP") arriving in `netns` go to one of the
+        targets' target_port, their source rewritten to `ip` (so replies come back this way)."""
+        if netns not in self._forwarding:
+            sh("ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.eth0.send_redirects=0")
+            rules = (
+                "add table ip kube\n"
+                "add chain ip kube pre { type nat hook prerouting priority dstnat; policy accept; }\n"
+                "add chain ip kube post { type nat hook postrouting priority srcnat; policy accept; }\n"
+                "add rule ip kube post ct status dnat masquerade\n"
+            )
+            subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+            self._forwarding.add(netns)
+        targets_map = ", ".join(f"{i} : {t}" for i, t in enumerate(targets))
+        rule = f"add rule ip kube pre ip daddr {ip} {proto.lower()} dport {port} dnat to numgen inc mod {len(targets)} map {{ {targets_map} }} : {target_port}\n"
+        r = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rule, text=True, capture_output=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nft in {netns}: {rule.strip()}: {r.stderr.strip()}")
 
     def close(self):
         for ns in reversed(self.namespaces):
@@ -150,6 +178,7 @@ class Cluster:
         self.objects: dict[str, list[dict]] = {}  # namespace -> objects
         self.pods: list[Pod] = []
         self.dns_peers: list[Cluster] = []
+        self.load_balancers: dict[str, str] = {}  # Service name -> its loadBalancerIP
 
     # --- objects --------------------------------------------------------------------------
     def find(self, namespace: str, kind: str, name: str) -> dict:
@@ -183,8 +212,33 @@ class Cluster:
                     new.append(self._pod(o, f"{o['metadata']['name']}-{h}-{i}", namespace))
         self.write_dns()
         for p in new:
+            self._host_ports(p)
+        for svc in (o for o in objs if o["kind"] == "Service" and o["spec"].get("type") == "LoadBalancer" and o["spec"].get("loadBalancerIP")):
+            self._load_balancer(svc, namespace)
+        for p in new:
             self._start(p)
         return new
+
+    def _host_ports(self, pod: Pod):
+        if pod.spec.get("hostNetwork"):
+            return
+        for c in pod.spec["containers"]:
+            for port in c.get("ports") or []:
+                if port.get("hostPort"):
+                    self.network.forward(pod.node.netns, pod.node.ip, port.get("protocol", "TCP"), port["hostPort"], [pod.ip], port["containerPort"])
+
+    def _load_balancer(self, svc: dict, namespace: str):
+        spec, name = svc["spec"], svc["metadata"]["name"]
+        pods = [p for p in self.pods if p.namespace == namespace and all(p.labels.get(k) == v for k, v in spec["selector"].items())]
+        if not pods:
+            raise AssertionError(f"LoadBalancer Service {name}: no pods match {spec['selector']}")
+        netns, ip = self.network.attach(f"{self.name}-lb{len(self.load_balancers)}", ip=spec["loadBalancerIP"])
+        self.load_balancers[name] = ip
+        for port in spec["ports"]:
+            target = port.get("targetPort", port["port"])
+            if not isinstance(target, int):
+                raise NotImplementedError(f"Service {name}: named targetPort {target}")
+            self.network.forward(netns, ip, port.get("protocol", "TCP"), port["port"], [p.ip for p in pods], target)
 
     # --- pods -----------------------------------------------------------------------------
     def _place(self, workload: dict, spec: dict, labels: dict) -> Node:
@@ -397,7 +451,8 @@ class Cluster:
             return True
         timeout = rp.get("timeoutSeconds", 1) + 2
         if "exec" in rp:
-            env = [f"{k}={v}" for k, v in self.image["env"].items()]
+            # The probe runs in the container, with the container's environment.
+            env = [f"{k}={v}" for k, v in self._env(pod, ct.spec).items()]
             argv = ["nsenter", "-t", str(ct.proc.pid), "-m", "-n", "-r", "-w", "-S", str(ct.uid), "-G", str(ct.gid), "--", "/usr/bin/env", "-i", *env, *rp["exec"]["command"]]
         elif "tcpSocket" in rp:
             argv = ["nsenter", f"--net=/run/netns/{pod.netns}", "--", "bash", "-c", f"exec 3<>/dev/tcp/{pod.ip}/{rp['tcpSocket']['port']}"]

@@ -141,6 +141,9 @@ def test_mesh_gateway_is_a_deployment_behind_a_tcp_and_udp_load_balancer():
     assert cmd[:3] == ["trellis", "gateway", "mesh"]
     assert "--address=$(POD_IP):8443" in cmd and "--wan-address=198.51.100.10:8443" in cmd
     assert [a for a in cmd if a.startswith("--join=")] == [f"--join=dc1-trellis-server-{i}.dc1-trellis-server.default.svc" for i in range(3)]
+    # Ready when its agent knows the leader and the gateway's own check passes.
+    probe = c["readinessProbe"]["exec"]["command"][-1]
+    assert "/v1/status/leader" in probe and "/v1/agent/health/service/id/mesh-gateway" in probe, probe
     svc = find(objs, "Service", "dc1-trellis-mesh-gateway")["spec"]
     assert svc["type"] == "LoadBalancer"
     assert sorted((p["port"], p["protocol"]) for p in svc["ports"]) == [(8443, "TCP"), (8443, "UDP")]
@@ -149,8 +152,27 @@ def test_mesh_gateway_is_a_deployment_behind_a_tcp_and_udp_load_balancer():
 
 
 def test_gateway_wan_address_from_the_load_balancer_waits_for_it():
-    text = notes({"meshGateway": {"enabled": True}})
-    assert "dc1-trellis-mesh-gateway.default.svc:8443" in text and "helm upgrade" in text
+    # Rendered without a cluster, the Service has no load balancer address: the gateways
+    # advertise their pods' addresses (the command takes an IP), a primary's federation secret
+    # names the Service, and the notes say to upgrade once the load balancer has an address.
+    values = {"meshGateway": {"enabled": True}, "global": {"federation": {"enabled": True, "createFederationSecret": True}}}
+    text = notes(values)
+    assert "<each gateway pod's IP>:8443" in text and "helm upgrade" in text, text
+    objs = render(values)
+    cmd = container(find(objs, "Deployment", "dc1-trellis-mesh-gateway")["spec"]["template"]["spec"])["command"]
+    assert "--wan-address=$(POD_IP):8443" in cmd, cmd
+    fed = json.loads(secret_data(find(objs, "Secret", "dc1-trellis-federation"))["serverConfigJSON"])
+    assert fed["primary_gateways"] == ["dc1-trellis-mesh-gateway.default.svc:8443"], fed
+
+
+def test_gateway_wan_address_from_the_node_and_static_ipv6():
+    objs = render(values_file("secondary-gateway"), release="dc2")
+    c = container(find(objs, "Deployment", "dc2-trellis-mesh-gateway")["spec"]["template"]["spec"])
+    assert "--wan-address=$(HOST_IP):8443" in c["command"]
+    assert {(p["protocol"], p.get("hostPort")) for p in c["ports"]} == {("TCP", 8443), ("UDP", 8443)}
+    objs = render({"meshGateway": {"enabled": True, "wanAddress": {"source": "Static", "static": "2001:db8::10"}}})
+    cmd = container(find(objs, "Deployment", "dc1-trellis-mesh-gateway")["spec"]["template"]["spec"])["command"]
+    assert "--wan-address=[2001:db8::10]:8443" in cmd, cmd
 
 
 @pytest.mark.parametrize(
@@ -159,6 +181,12 @@ def test_gateway_wan_address_from_the_load_balancer_waits_for_it():
         ({"global": {"tls": {"caCert": {"secretName": "ca"}}}}, "global.tls.caKey.secretName is required"),
         ({"meshGateway": {"enabled": True, "wanAddress": {"source": "Elsewhere"}}}, "must be Service, NodeIP or Static"),
         ({"meshGateway": {"enabled": True, "wanAddress": {"source": "Static"}}}, "meshGateway.wanAddress.static is required"),
+        ({"meshGateway": {"enabled": True, "wanAddress": {"source": "Static", "static": "gw.example.com"}}}, "must be an IP address"),
+        (
+            {"meshGateway": {"enabled": True, "wanAddress": {"source": "NodeIP"}}, "global": {"federation": {"enabled": True, "createFederationSecret": True}}},
+            "cannot name them in primary_gateways",
+        ),
+        ({"meshGateway": {"enabled": True}, "global": {"federation": {"enabled": True, "retryJoinWan": ["10.1.0.11"]}}}, "retryJoinWan is for traditional WAN federation"),
         ({"global": {"federation": {"createFederationSecret": True}}}, "needs global.federation.enabled"),
         ({"global": {"federation": {"enabled": True, "createFederationSecret": True}, "tls": {"caCert": {"secretName": "ca"}, "caKey": {"secretName": "ca"}}}}, "create the federation secret by hand"),
         ({"server": {"extraVolumes": [{"type": "hostPath", "name": "x"}]}}, "type must be secret or configMap"),

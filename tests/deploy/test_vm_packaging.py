@@ -8,11 +8,18 @@
   examples, and report readiness through sd_notify on a socket the test listens on: a
   client reports nothing until it has joined, a server READY=1 once it has a leader; reload
   is RELOADING=1 then READY=1; SIGTERM gives STOPPING=1 and a clean exit;
+- the gateway unit, configured from its shipped example, against a server from the same root:
+  not ready while nobody answers its retry_join, READY=1 once joined; it registers the
+  mesh-gateway service (LAN and WAN addresses, passing check) and routes a TLS connection by
+  SNI to the server; reload and stop as above, its node leaving the catalog; then with the
+  --agent drop-in of docs/deploy-vms.md: ready when routing, registered through the server's
+  agent, deregistered on stop;
 - purge removes the data directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -206,6 +213,131 @@ def test_units_run_in_the_root_and_report_readiness_through_sd_notify(trellis, r
         procs.stop_all()
         server_sock.close()
         client_sock.close()
+
+
+GW_SERVER_IP, GATEWAY_IP, GATEWAY_WAN_IP = "127.0.16.11", "127.0.16.12", "127.0.16.13"
+
+
+def _docs_dropin(path: str) -> str:
+    """The drop-in that docs/deploy-vms.md shows under the comment naming `path`."""
+    text = (REPO / "docs/deploy-vms.md").read_text()
+    m = re.search(r"```ini\n# " + re.escape(path) + r"\n(.*?)```", text, re.S)
+    assert m, f"docs/deploy-vms.md shows no drop-in {path}"
+    return m.group(1)
+
+
+def _catalog_gateways() -> list[dict]:
+    code, body = http_get(f"http://{GW_SERVER_IP}:8500/v1/health/service/mesh-gateway")
+    assert code == 200, body
+    return json.loads(body)
+
+
+def _routes_to_the_server() -> bool:
+    """A TLS connection to the gateway for server.dc1.consul gets the server's certificate."""
+    r = subprocess.run(["openssl", "s_client", "-connect", f"{GATEWAY_IP}:8443", "-servername", "server.dc1.consul"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=15)
+    return "subject=CN = server.dc1.consul" in r.stdout
+
+
+def test_gateway_unit_joins_registers_and_routes(trellis, deb, tmp_path):
+    root = make_root(tmp_path / "root")
+    dpkg_root(root, "-i", str(deb))
+    gid = int(account(root, "trellis", "group")[2])
+    _tls(trellis, root, gid)
+    key = run([str(trellis), "keygen"]).stdout.strip()
+    (root / "etc/trellis.d/server.hcl").write_text(
+        edit(
+            (root / "etc/trellis.d/server.hcl.example").read_text(),
+            {
+                r'^# node_name = ".*"$': 'node_name = "srv1"',
+                r'^bind_addr = "10\.0\.0\.11"$': f'bind_addr = "{GW_SERVER_IP}"',
+                r'^client_addr = "127\.0\.0\.1"$': f'client_addr = "{GW_SERVER_IP}"',
+                r"^bootstrap_expect = 3$": "bootstrap_expect = 1",
+                r"^retry_join = \[.*\]$": f'retry_join = ["{GW_SERVER_IP}"]',
+                r'^encrypt = ".*"$': f'encrypt = "{key}"',
+            },
+        )
+    )
+    (root / "etc/trellis.d/gateway/gateway.hcl").write_text(
+        edit(
+            (root / "etc/trellis.d/gateway/gateway.hcl.example").read_text(),
+            {
+                r'^# node_name = ".*"$': 'node_name = "gw1"',
+                r"^retry_join = \[.*\]$": f'retry_join = ["{GW_SERVER_IP}"]',
+                r'^encrypt = ".*"$': f'encrypt = "{key}"',
+                r'^  address = "10\.0\.0\.31:8443"$': f'  address = "{GATEWAY_IP}:8443"',
+                r'^  wan_address = "203\.0\.113\.31:8443"$': f'  wan_address = "{GATEWAY_WAN_IP}:8443"',
+            },
+        )
+    )
+    procs = Procs()
+    server_sock = NotifyListener(f"@trellis-test-notify-{uuid.uuid4().hex}")
+    gw_sock = NotifyListener(f"@trellis-test-notify-{uuid.uuid4().hex}")
+    try:
+        # The gateway first: its agent has nobody to join yet, so it is not ready.
+        nofile, gw, gw_svc = run_unit(root, "trellis-gateway.service", gw_sock.address, tmp_path / "gateway.log", procs, "gateway")
+        gw_sock.wait_for("STATUS", "serving; joining the LAN pool", 30, "the gateway")
+        _, server, _ = run_unit(root, "trellis-server.service", server_sock.address, tmp_path / "server.log", procs, "server")
+        assert not [m for m in gw_sock.messages if m.get("READY") == "1"], f"the gateway claimed readiness before joining: {gw_sock.messages}"
+        server_sock.wait_for("READY", "1", 60, "the server")
+        ready = gw_sock.wait_for("READY", "1", 60, "the gateway after the server came up")
+        assert ready["STATUS"].startswith("serving; joined the LAN pool"), ready
+        st = Path(f"/proc/{gw.pid}/status").read_text()
+        assert int(re.search(r"^Uid:\s+(\d+)", st, re.M).group(1)) == int(account(root, "trellis")[2]), st
+        assert re.search(rf"Max open files\s+{nofile}\s+{nofile}", Path(f"/proc/{gw.pid}/limits").read_text())
+        assert (root / "var/lib/trellis/gateway/node-id").exists(), "the gateway's data_dir is not its state directory"
+
+        def registered():
+            entries = _catalog_gateways()
+            return [
+                (
+                    e["Node"]["Node"],
+                    e["Service"]["Kind"],
+                    e["Service"]["ID"],
+                    e["Service"]["TaggedAddresses"]["lan"],
+                    e["Service"]["TaggedAddresses"]["wan"],
+                    sorted({c["Status"] for c in e["Checks"]}),
+                )
+                for e in entries
+            ] == [("gw1", "mesh-gateway", "mesh-gateway", {"Address": GATEWAY_IP, "Port": 8443}, {"Address": GATEWAY_WAN_IP, "Port": 8443}, ["passing"])]
+
+        wait_until(registered, 30, "the mesh-gateway service in the catalog, passing")
+        wait_until(_routes_to_the_server, 30, "a TLS connection through the gateway to reach the server")
+
+        reload = shlex.split(gw_svc["ExecReload"][-1].replace("$MAINPID", str(gw.pid)))
+        run(reload)
+        gw_sock.wait_for("RELOADING", "1", 10, "the gateway on reload")
+        gw_sock.wait_for("READY", "1", 10, "the gateway after reload")
+        assert registered(), _catalog_gateways()
+
+        gw.terminate()
+        gw_sock.wait_for("STOPPING", "1", 10, "the gateway on SIGTERM")
+        assert gw.wait(int(gw_svc["TimeoutStopSec"][-1])) == 0, procs.all_logs()
+        wait_until(lambda: _catalog_gateways() == [], 30, "the stopped gateway's service to leave the catalog")
+
+        # Beside an agent: the drop-in the docs give, pointed at this test's server agent.
+        dropin = root / "etc/systemd/system/trellis-gateway.service.d/agent.conf"
+        dropin.parent.mkdir(parents=True)
+        dropin.write_text(_docs_dropin("/etc/systemd/system/trellis-gateway.service.d/agent.conf").replace("127.0.0.1:8500", f"{GW_SERVER_IP}:8500"))
+        agent_sock = NotifyListener(f"@trellis-test-notify-{uuid.uuid4().hex}")
+        try:
+            _, gw2, gw2_svc = run_unit(root, "trellis-gateway.service", agent_sock.address, tmp_path / "gateway-agent.log", procs, "gateway-agent")
+            assert "ExecReload" not in gw2_svc or gw2_svc["ExecReload"] == [], gw2_svc
+            assert agent_sock.wait_for("READY", "1", 30, "the gateway through the agent")["STATUS"] == "mesh gateway routing"
+            wait_until(lambda: [(e["Node"]["Node"], e["Service"]["Address"]) for e in _catalog_gateways()] == [("srv1", GATEWAY_IP)], 30, "the gateway registered on the server's node")
+            wait_until(_routes_to_the_server, 30, "routing through the gateway beside the agent")
+            gw2.terminate()
+            agent_sock.wait_for("STOPPING", "1", 10, "the gateway through the agent on SIGTERM")
+            assert gw2.wait(30) == 0, procs.all_logs()
+            assert _catalog_gateways() == [], "the gateway did not deregister on stop"
+        finally:
+            agent_sock.close()
+    except BaseException:
+        print(procs.all_logs(60))
+        raise
+    finally:
+        procs.stop_all()
+        server_sock.close()
+        gw_sock.close()
 
 
 def test_purge_removes_the_data_directory(deb, tmp_path):

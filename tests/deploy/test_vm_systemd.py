@@ -9,11 +9,16 @@ What this test does:
   status line is the agent's;
 - checks the main process runs with the unit's sandbox for real: the trellis user, only
   CAP_NET_BIND_SERVICE, no_new_privs, a seccomp filter, a read-only root; DNS answers on 53;
-- reload (RELOADING=1/READY=1) and stop (a clean exit) through systemctl.
+- reload (RELOADING=1/READY=1) and stop (a clean exit) through systemctl;
+- trellis-gateway.service beside it, configured from its example: `systemctl start` returns
+  once its agent has joined, inside the same sandbox; the mesh-gateway service is registered
+  and passing, the gateway listens on TCP and UDP (QUIC) and routes a TLS connection by SNI to
+  the server; reload and stop through systemctl.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -156,6 +161,8 @@ def test_the_deb_under_systemd_reaches_readiness_inside_its_sandbox(trellis, con
     # DNS on port 53, as the trellis user, through the ambient capability.
     assert dns_query(["-t", str(container.pid), "-n"], "consul.service.consul", "127.0.0.1", 53) == (0, 1)
 
+    check_gateway_unit(container, key, gid, hard)
+
     container.sh("timeout 30 systemctl reload trellis-server")
     st = container.show("trellis-server", "ActiveState", "StatusText", "MainPID")
     assert st == {"ActiveState": "active", "StatusText": "configuration reloaded", "MainPID": pid}, st
@@ -165,3 +172,57 @@ def test_the_deb_under_systemd_reaches_readiness_inside_its_sandbox(trellis, con
     st = container.show("trellis-server", "ActiveState", "Result", "ExecMainStatus")
     assert st == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (st, journal())
     assert "shutdown complete" in journal()
+
+
+def check_gateway_unit(container: Container, key: str, gid: int, nofile: int):
+    """trellis-gateway.service against the running server: LAN 127.0.0.2, WAN 127.0.0.3."""
+    m = container.merged
+    hcl = edit(
+        (m / "etc/trellis.d/gateway/gateway.hcl.example").read_text(),
+        {
+            r'^# node_name = ".*"$': 'node_name = "gw1"',
+            r"^retry_join = \[.*\]$": 'retry_join = ["127.0.0.1"]',
+            r'^encrypt = ".*"$': f'encrypt = "{key}"',
+            r'^  address = "10\.0\.0\.31:8443"$': '  address = "127.0.0.2:8443"',
+            r'^  wan_address = "203\.0\.113\.31:8443"$': '  wan_address = "127.0.0.3:8443"',
+        },
+    )
+    (m / "etc/trellis.d/gateway/gateway.hcl").write_text(hcl)
+    os.chown(m / "etc/trellis.d/gateway/gateway.hcl", 0, gid)
+    dropin = m / "etc/systemd/system/trellis-gateway.service.d"
+    dropin.mkdir(parents=True)
+    (dropin / "nofile.conf").write_text(f"[Service]\nLimitNOFILE={min(nofile, 65536)}\n")
+    container.sh("systemctl daemon-reload")
+    journal = lambda: container.sh("journalctl -u trellis-gateway --no-pager -o cat", check=False).stdout  # noqa: E731
+
+    r = container.sh("timeout 90 systemctl start trellis-gateway", check=False)
+    assert r.returncode == 0, f"systemctl start trellis-gateway failed: {r.stderr}\n{journal()}"
+    st = container.show("trellis-gateway", "ActiveState", "SubState", "StatusText", "MainPID", "NRestarts")
+    assert (st["ActiveState"], st["SubState"], st["NRestarts"]) == ("active", "running", "0"), (st, journal())
+    assert st["StatusText"].startswith("serving; joined the LAN pool"), st
+    pid = st["MainPID"]
+    status = container.sh(f"cat /proc/{pid}/status").stdout
+    assert re.search(r"^NoNewPrivs:\s+1$", status, re.M) and re.search(r"^Seccomp:\s+2$", status, re.M), status
+    mounts = container.sh(f"cat /proc/{pid}/mountinfo").stdout
+    opts = {line.split()[4]: line.split()[5].split(",") for line in mounts.splitlines()}
+    assert "ro" in opts["/"] and "rw" in opts["/var/lib/trellis/gateway"], mounts
+
+    def passing():
+        out = container.sh("curl -s http://127.0.0.1:8500/v1/health/service/mesh-gateway?passing").stdout
+        return [(e["Node"]["Node"], e["Service"]["TaggedAddresses"]["wan"]["Address"]) for e in json.loads(out)] == [("gw1", "127.0.0.3")]
+
+    wait_until(passing, 30, "the gateway registered and passing")
+    # TCP on the LAN and WAN addresses, and QUIC (UDP) on the WAN one, inside the sandbox.
+    tcp = container.sh("ss -Hltn 'sport = :8443'").stdout
+    udp = container.sh("ss -Hlun 'sport = :8443'").stdout
+    assert "127.0.0.2:8443" in tcp and "127.0.0.3:8443" in tcp and "127.0.0.3:8443" in udp, (tcp, udp)
+    routed = lambda: "subject=CN = server.dc1.consul" in container.sh("timeout 10 openssl s_client -connect 127.0.0.2:8443 -servername server.dc1.consul </dev/null", check=False).stdout  # noqa: E731
+    wait_until(routed, 30, "a TLS connection through the gateway to reach the server")
+
+    container.sh("timeout 30 systemctl reload trellis-gateway")
+    st = container.show("trellis-gateway", "ActiveState", "StatusText", "MainPID")
+    assert st == {"ActiveState": "active", "StatusText": "configuration reloaded", "MainPID": pid}, st
+    container.sh("timeout 60 systemctl stop trellis-gateway")
+    st = container.show("trellis-gateway", "ActiveState", "Result", "ExecMainStatus")
+    assert st == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (st, journal())
+    assert "ERROR" not in journal(), journal()

@@ -1,6 +1,6 @@
 """The VM side of the deploy tests: build the .deb, install it into a scratch root the way
 dpkg does for another root (maintainer scripts run chroot-less with $DPKG_ROOT), and run a
-unit's ExecStart inside that root the way systemd would (its User, LimitNOFILE, UMask,
+unit's ExecStart inside that root the way systemd would (its drop-ins, User, LimitNOFILE, UMask,
 StateDirectory, $NOTIFY_SOCKET), in a private mount namespace chrooted into the root."""
 
 from __future__ import annotations
@@ -84,6 +84,20 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
+def effective_unit(root: Path, unit: str) -> dict[str, dict[str, list[str]]]:
+    """The unit as systemd loads it: the packaged file, then the drop-ins of
+    /etc/systemd/system/<unit>.d/*.conf in name order; an empty assignment (ExecStart=)
+    resets the list, as in systemd."""
+    u = parse_unit(root / "lib/systemd/system" / unit)
+    for dropin in sorted((root / "etc/systemd/system" / f"{unit}.d").glob("*.conf")):
+        for section, keys in parse_unit(dropin).items():
+            target = u.setdefault(section, {})
+            for key, values in keys.items():
+                for v in values:
+                    target[key] = [] if v == "" else target.get(key, []) + [v]
+    return u
+
+
 def edit(text: str, changes: dict[str, str]) -> str:
     """Apply regex replacements to an example file, each of which must match exactly once (so
     the test notices when the example changes shape)."""
@@ -96,7 +110,7 @@ def edit(text: str, changes: dict[str, str]) -> str:
 def run_unit(root: Path, unit: str, notify_socket: str, log: Path, procs, name: str):
     """Start a unit's ExecStart as systemd would, inside `root`. `notify_socket` is the
     $NOTIFY_SOCKET value as seen inside the root (a path under root/run, or '@abstract')."""
-    svc = parse_unit(root / "lib/systemd/system" / unit)["Service"]
+    svc = effective_unit(root, unit)["Service"]
     argv = shlex.split(svc["ExecStart"][-1])
     assert svc["Type"] == ["notify"], f"{unit} must be Type=notify"
     pw = account(root, svc["User"][-1])

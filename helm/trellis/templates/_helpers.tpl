@@ -51,24 +51,60 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- define "trellis.gossipKey" -}}{{ if .Values.global.gossipEncryption.secretName }}{{ .Values.global.gossipEncryption.secretKey }}{{ else }}key{{ end }}{{- end -}}
 
-{{/* The mesh gateway's address for other datacenters ("host:port"). */}}
+{{/* "ip:port" with IPv6 addresses in brackets. */}}
+{{- define "trellis.hostPort" -}}
+{{- if and (contains ":" .host) (not (hasPrefix "[" .host)) -}}[{{ .host }}]:{{ .port }}{{- else -}}{{ .host }}:{{ .port }}{{- end -}}
+{{- end -}}
+
+{{/* The load balancer's address of the mesh gateway Service (an IP, else a host name), read
+from the cluster; empty when it has none yet or when rendering without a cluster. */}}
+{{- define "trellis.gatewayLoadBalancer" -}}
+{{- $svc := lookup "v1" "Service" .Release.Namespace (printf "%s-mesh-gateway" (include "trellis.fullname" .)) -}}
+{{- $ingress := dig "status" "loadBalancer" "ingress" list $svc -}}
+{{- if $ingress -}}
+{{- $first := first $ingress -}}{{ $first.ip | default $first.hostname }}
+{{- end -}}
+{{- end -}}
+
+{{/* The address the gateways advertise to other datacenters (--wan-address): an IP and port,
+since `trellis gateway mesh` takes no host name there. With source Service and no load
+balancer IP yet (or a load balancer known by name only), the pod's own address, until a
+helm upgrade finds one (NOTES.txt says so). */}}
 {{- define "trellis.gatewayWanAddress" -}}
 {{- $gw := .Values.meshGateway -}}
-{{- $svcName := printf "%s-mesh-gateway" (include "trellis.fullname" .) -}}
 {{- if eq $gw.wanAddress.source "Static" -}}
-{{- required "meshGateway.wanAddress.static is required with source Static" $gw.wanAddress.static -}}:{{ $gw.wanAddress.port }}
+{{- $ip := required "meshGateway.wanAddress.static is required with source Static" $gw.wanAddress.static -}}
+{{- if not (regexMatch "^([0-9]{1,3}[.]){3}[0-9]{1,3}$|^[0-9a-fA-F:]*:[0-9a-fA-F:.]*$" $ip) -}}
+{{- fail (printf "meshGateway.wanAddress.static must be an IP address (the gateway advertises an IP), not %q" $ip) -}}
+{{- end -}}
+{{- include "trellis.hostPort" (dict "host" $ip "port" $gw.wanAddress.port) -}}
 {{- else if eq $gw.wanAddress.source "NodeIP" -}}
 $(HOST_IP):{{ $gw.wanAddress.port }}
 {{- else if eq $gw.wanAddress.source "Service" -}}
-{{- $svc := lookup "v1" "Service" .Release.Namespace $svcName -}}
-{{- $ingress := dig "status" "loadBalancer" "ingress" list $svc -}}
-{{- if $ingress -}}
-{{- $first := first $ingress -}}{{ $first.ip | default $first.hostname }}:{{ $gw.service.port }}
+{{- $lb := include "trellis.gatewayLoadBalancer" . -}}
+{{- if and $lb (regexMatch "^[0-9.]+$|:" $lb) -}}
+{{- include "trellis.hostPort" (dict "host" $lb "port" $gw.service.port) -}}
 {{- else -}}
-{{ $svcName }}.{{ .Release.Namespace }}.svc:{{ $gw.service.port }}
+$(POD_IP):{{ $gw.containerPort }}
 {{- end -}}
 {{- else -}}
 {{- fail (printf "meshGateway.wanAddress.source must be Service, NodeIP or Static, not %q" $gw.wanAddress.source) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where secondaries find this (primary) datacenter's gateways: primary_gateways of the
+federation secret ("host:port"; names are allowed and re-resolved). */}}
+{{- define "trellis.gatewayFederationAddress" -}}
+{{- $gw := .Values.meshGateway -}}
+{{- if eq $gw.wanAddress.source "Static" -}}
+{{- include "trellis.gatewayWanAddress" . -}}
+{{- else if eq $gw.wanAddress.source "Service" -}}
+{{- $lb := include "trellis.gatewayLoadBalancer" . -}}
+{{- include "trellis.hostPort" (dict "host" ($lb | default (printf "%s-mesh-gateway.%s.svc" (include "trellis.fullname" .) .Release.Namespace)) "port" $gw.service.port) -}}
+{{- else if eq $gw.wanAddress.source "NodeIP" -}}
+{{- fail "global.federation.createFederationSecret with meshGateway.wanAddress.source NodeIP: the nodes the gateways will run on are not known when rendering, so the secret cannot name them in primary_gateways; use source Static or Service in the primary, or create the federation secret by hand (docs/federation-vm-kubernetes.md)" -}}
+{{- else -}}
+{{- include "trellis.gatewayWanAddress" . -}}
 {{- end -}}
 {{- end -}}
 

@@ -119,8 +119,10 @@ pub struct Tunnel {
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(4)).expect("small timeout")));
+    // A dead peer shows within 3 s (its streams fail then, and the next connections go
+    // elsewhere).
+    t.keep_alive_interval(Some(Duration::from_millis(750)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(3)).expect("small timeout")));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(100_000));
     Arc::new(t)
 }

@@ -218,8 +218,14 @@ struct TargetPool {
     sni: String,
     conns: Mutex<HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>>,
     connect_timeout: Duration,
+    /// After every instance failed, the target is passed over (for its failover targets)
+    /// until then, and tried again after.
+    down_until: Mutex<Option<Instant>>,
     _stop: tokio_util::sync::DropGuard,
 }
+
+/// How long a target whose instances all failed is passed over before it is tried again.
+const TARGET_DOWN: Duration = Duration::from_secs(2);
 
 /// An HTTP upstream: its chain and target pools.
 pub(super) struct HttpUpstream {
@@ -301,6 +307,7 @@ impl HttpUpstream {
             sni: t.sni.clone(),
             conns: Mutex::default(),
             connect_timeout: t.connect_timeout,
+            down_until: Mutex::new(None),
             _stop: stop.drop_guard(),
         });
         self.pools.lock().insert(id.to_string(), pool.clone());
@@ -469,11 +476,17 @@ impl HttpUpstream {
     async fn send_once(&self, chain: &Chain, routed: &Routed, req: Request<Body>) -> Result<Response<Body>, String> {
         let mut errors = Vec::new();
         let mut req = Some(req);
-        for id in &routed.targets {
+        let last = routed.targets.len().saturating_sub(1);
+        for (n, id) in routed.targets.iter().enumerate() {
             let Some(pool) = self.pool(chain, id) else {
                 errors.push(format!("{id}: unknown target"));
                 continue;
             };
+            // A target that just failed is skipped while it has failover targets left.
+            if n < last && pool.down_until.lock().is_some_and(|t| t > Instant::now()) {
+                errors.push(format!("{id}: down"));
+                continue;
+            }
             let endpoints = Self::endpoints(&pool).await;
             if endpoints.is_empty() {
                 errors.push(format!("{id}: no healthy instance"));
@@ -506,6 +519,9 @@ impl HttpUpstream {
                         return Err(format!("{id} at {}: {err}", e.addr));
                     }
                 }
+            }
+            if req.is_some() {
+                *pool.down_until.lock() = Some(Instant::now() + TARGET_DOWN);
             }
         }
         Err(format!("no healthy upstream: {}", errors.join("; ")))

@@ -438,3 +438,52 @@ async fn federation_heals_when_the_primary_gateways_move() {
     eprintln!("federation healed {:?} after the primary's gateway moved", healed.elapsed());
     let _ = &f.topo;
 }
+
+/// What this test does: `api` runs in dc1 and in dc2 (HTTP, with sidecars); `web` in dc2 calls
+/// api in dc1 through the gateways, with a resolver failing over to dc2 (written in dc1, the
+/// primary). Requests go to dc1; with dc1's api instance gone (its agent killed) they go to
+/// dc2, and back to dc1 when it returns; then with dc1's gateway killed they go to dc2 again,
+/// and back when it returns. Each switch is timed from the failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn http_requests_fail_over_to_another_datacenter_and_come_back() {
+    let mut f = Federation::start().await;
+    let b = crate::l7::Behaviour::default();
+    let p1 = f.dc1.ns.run(crate::l7::backend("api-dc1", b.clone())).await;
+    let p2 = f.dc2.ns.run(crate::l7::backend("api-dc2", b)).await;
+    f.register(&f.dc1, json!({"Name": "api", "Port": p1, "Connect": {"SidecarService": {}}})).await;
+    f.register(&f.dc2, json!({"Name": "api", "Port": p2, "Connect": {"SidecarService": {}}})).await;
+    let (ns1, config_url) = (f.dc1.ns.clone(), f.dc1.http(SERVER, "/v1/config"));
+    let put = |entry: Value| {
+        let (ns, url) = (ns1.clone(), config_url.clone());
+        async move {
+            let (status, body) = ns.put(&url, entry.to_string()).await.unwrap();
+            assert_eq!((status, body.trim()), (200, "true"));
+        }
+    };
+    put(json!({"Kind": "service-defaults", "Name": "api", "Protocol": "http"})).await;
+    put(json!({"Kind": "service-resolver", "Name": "api", "Failover": {"*": {"Datacenters": ["dc2"]}}})).await;
+    f.register(
+        &f.dc2,
+        json!({"Name": "web", "Port": 1, "Connect": {"SidecarService": {"Proxy": {"Upstreams": [
+            {"DestinationName": "api", "Datacenter": "dc1", "LocalBindAddress": CLIENT, "LocalBindPort": 19400, "MeshGateway": {"Mode": "local"}}
+        ]}}}}),
+    )
+    .await;
+    let url = format!("http://{CLIENT}:19400/x");
+    let answer = |want: &'static str| {
+        let (ns, url) = (f.dc2.ns.clone(), url.clone());
+        async move { ns.get(&url).await.ok().filter(|(s, b)| *s == 200 && b == &format!("{want} /x")).map(|_| ()) }
+    };
+    eventually("web in dc2 to reach api in dc1 over HTTP", Duration::from_secs(60), || answer("api-dc1")).await;
+
+    for (what, name) in [("dc1's api instance", "client"), ("dc1's gateway", "gwa")] {
+        f.dc1.proc(name).kill();
+        let failed = Instant::now();
+        eventually(&format!("requests to fail over to dc2 once {what} is gone"), SOON, || answer("api-dc2")).await;
+        eprintln!("{what} gone: requests failed over to dc2 after {:?}", failed.elapsed());
+        f.dc1.proc(name).start();
+        let back = Instant::now();
+        eventually(&format!("requests to come back to dc1 once {what} returns"), Duration::from_secs(90), || answer("api-dc1")).await;
+        eprintln!("{what} back: requests returned to dc1 after {:?}", back.elapsed());
+    }
+}

@@ -16,16 +16,16 @@ use crate::harness::{Cluster, SOON, eventually};
 
 /// How a test backend behaves.
 #[derive(Clone, Default)]
-struct Behaviour {
+pub(crate) struct Behaviour {
     /// Answer 503 to every `n`th request.
-    fail_every: Option<u64>,
+    pub fail_every: Option<u64>,
     /// gRPC over HTTP/2 (h2c) instead of HTTP/1.1.
-    grpc: bool,
+    pub grpc: bool,
 }
 
 /// An HTTP backend on 127.0.0.1 answering `<name> <path>` (and header `x-backend`); `/slow`
 /// answers after 2 s. Returns its port.
-async fn backend(name: &'static str, b: Behaviour) -> u16 {
+pub(crate) async fn backend(name: &'static str, b: Behaviour) -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     let count = Arc::new(AtomicU64::new(0));

@@ -503,27 +503,38 @@ async fn run_gateway(mut g: GatewayArgs) -> anyhow::Result<()> {
     };
     if let Some(http) = &g.agent_http {
         init_logging(g.agent.log_level.as_deref().unwrap_or("info"));
-        let base = client::base_url(http)?;
+        let base =
+            client::base_url(http).map_err(|e| anyhow::anyhow!("--agent {http:?}: {}", e.to_string().replace("--http-addr", "the address")))?;
         let api = std::sync::Arc::new(crate::proxy::source::OverHttp { client: reqwest::Client::new(), base: base.clone() });
-        let gateway =
+        let mut gateway =
             crate::gateway::Gateway::new(api, crate::gateway::GatewayConfig { lan, wan, wan_bind, quic, service, deregister_on_stop: true });
+        // Ready once it listens and is registered.
+        gateway.on_ready = Some(Box::new(|| crate::agent::notify::ready("mesh gateway routing")));
         let stop = tokio_util::sync::CancellationToken::new();
         let on_signal = stop.clone();
         tokio::spawn(async move {
             signal().await;
             on_signal.cancel();
         });
+        // SIGHUP (systemctl reload): nothing to reload without an agent of its own.
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: a gateway using another agent has nothing to reload");
+                }
+            });
+        }
         eprintln!("==> Trellis mesh gateway on {lan} (WAN {wan}) through the agent at {base}");
-        crate::agent::notify::ready("mesh gateway routing");
         let r = gateway.run(stop).await;
         crate::agent::notify::stopping();
         return r.context("mesh gateway");
     }
     // Its own agent: a client of this datacenter, on the gateway's LAN address by default.
-    if g.agent.bind.is_none() {
+    // Unless a flag or a file says otherwise.
+    if g.agent.bind.is_none() && raw.bind_addr.is_none() {
         g.agent.bind = Some(lan.ip());
     }
-    if g.agent.client.is_none() {
+    if g.agent.client.is_none() && raw.client_addr.is_none() {
         g.agent.client = Some(lan.ip());
     }
     if g.agent.server {

@@ -91,11 +91,13 @@ pub struct Gateway {
     pub api: Arc<dyn AgentApi>,
     pub config: GatewayConfig,
     pub metrics: Arc<tunnel::Metrics>,
+    /// Called once the gateway listens and is registered (readiness).
+    pub on_ready: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl Gateway {
     pub fn new(api: Arc<dyn AgentApi>, config: GatewayConfig) -> Gateway {
-        Gateway { api, config, metrics: Arc::default() }
+        Gateway { api, config, metrics: Arc::default(), on_ready: None }
     }
 
     /// The registration Consul's `-gateway=mesh -register -expose-servers` makes.
@@ -117,7 +119,7 @@ impl Gateway {
     }
 
     /// Listen, register, route until `stop`.
-    pub async fn run(self, stop: CancellationToken) -> Result<(), GatewayError> {
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), GatewayError> {
         let c = self.config.clone();
         let lan = TcpListener::bind(c.lan).await.map_err(|error| GatewayError::Bind { addr: c.lan, error })?;
         let wan_bind = c.wan_bind.unwrap_or(c.wan);
@@ -153,6 +155,9 @@ impl Gateway {
         });
         self.register(&stop).await?;
         self.follow_everything(&routes, &tls, &stop);
+        if let Some(ready) = self.on_ready.take() {
+            ready();
+        }
 
         let shared = Arc::new(Shared { api: self.api.clone(), routes: routes.clone(), tunnel: tunnel.clone(), metrics: self.metrics.clone() });
         tokio::spawn(accept_tcp(lan, false, shared.clone(), stop.clone()));

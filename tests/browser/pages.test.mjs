@@ -6,8 +6,8 @@ import { seededSuite, openPage, screenshotPath, LAPTOP, PHONE } from './lib/harn
 
 const env = seededSuite('pages');
 
-// Mesh data for the intentions page and a service page with a sidecar, added once, by the
-// first test that needs it (after the suite's seeding).
+// Mesh data for the intentions page, a service page with a sidecar and a routed service,
+// added once, by the first test that needs it (after the suite's seeding).
 let meshData = null;
 const addMeshData = () => (meshData ??= (async () => {
   const calls = [
@@ -15,6 +15,12 @@ const addMeshData = () => (meshData ??= (async () => {
     ['PUT', '/v1/connect/intentions/exact?source=web&destination=billing', { Action: 'allow', Description: 'checkout calls billing' }],
     ['PUT', '/v1/connect/intentions/exact?source=*&destination=billing', { Action: 'deny' }],
     ['PUT', '/v1/connect/intentions/exact?source=billing&destination=postgres', { Action: 'allow' }],
+    // A routed service for the Routing diagram: a router, a 90/10 split, subsets, failover.
+    ['PUT', '/v1/config', { Kind: 'service-defaults', Name: 'web', Protocol: 'http' }],
+    ['PUT', '/v1/config', { Kind: 'service-defaults', Name: 'admin', Protocol: 'http' }],
+    ['PUT', '/v1/config', { Kind: 'service-resolver', Name: 'web', DefaultSubset: 'v1', Subsets: { v1: { Filter: 'Service.Meta.version == v1' }, v2: { Filter: 'Service.Meta.version == v2' } }, Failover: { '*': { Datacenters: ['dc2'] } } }],
+    ['PUT', '/v1/config', { Kind: 'service-splitter', Name: 'web', Splits: [{ Weight: 90, ServiceSubset: 'v1' }, { Weight: 10, ServiceSubset: 'v2' }] }],
+    ['PUT', '/v1/config', { Kind: 'service-router', Name: 'web', Routes: [{ Match: { HTTP: { PathPrefix: '/admin' } }, Destination: { Service: 'admin' } }, { Match: { HTTP: { Header: [{ Name: 'x-canary', Exact: '1' }] } }, Destination: { ServiceSubset: 'v2' } }] }],
   ];
   for (const [method, path, body] of calls) {
     const r = await env.agent.call(method, path, body);
@@ -32,6 +38,7 @@ const PAGES = [
   ['kv-key', '#/kv/config/app/settings', '.kv-value.json'],
   ['intentions', '#/intentions', 'li[data-source="web"][data-destination="billing"] .action-allow'],
   ['mesh-service', '#/services/billing', '.mesh:has(tr[data-upstream="postgres"]):has(li[data-source="web"]):has(.policy-note)'],
+  ['routing', '#/services/web', '.routing:has(path.edge[data-kind="failover"]) li[data-target-id][data-role="failover"]'],
 ];
 
 async function visitAll(page, onPage) {

@@ -4,6 +4,7 @@ import { get, watch, encodePath } from '../api.js';
 import { link } from '../router.js';
 import { pageHeader, filterBox, emptyState, Region } from '../common.js';
 import { meshSection } from './mesh.js';
+import { routingSection } from './routing.js';
 
 const instanceKey = (node, serviceId) => `${node}\u0000${serviceId}`;
 
@@ -123,7 +124,8 @@ export function serviceDetail({ root, signal, params }) {
   const summary = h('div', { class: 'summary' });
   const body = h('div', { class: 'list-region' });
   const mesh = meshSection(name, signal);
-  root.append(header, summary, mesh.el, body);
+  const routing = routingSection(name, signal);
+  root.append(header, summary, mesh.el, routing.el, body);
   const region = new Region(body);
 
   watch(`health/service/${encodePath(name)}`, {
@@ -140,6 +142,7 @@ export function serviceDetail({ root, signal, params }) {
       h('span', { class: 'summary-item' }, healthSummary(allChecks)),
       mesh.badge);
     mesh.update(entries);
+    routing.update(entries);
     if (!entries.length) {
       return region.show(emptyState(`No instances of “${name}” are registered in this datacenter.`));
     }

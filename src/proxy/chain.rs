@@ -3,9 +3,12 @@
 //! (weighted), resolver (a target and its failover targets).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+
+use super::balance::LoadBalancing;
 
 /// What a request is routed to: the targets to try in order (the resolver's, then its
 /// failover targets), and what the route says about the request.
@@ -140,6 +143,9 @@ pub struct Chain {
     start: String,
     nodes: HashMap<String, Node>,
     pub targets: HashMap<String, Target>,
+    /// Each target's load balancing: its resolver's `LoadBalancer`; a failover target
+    /// without a resolver of its own takes that of the resolver failing over to it.
+    lb: HashMap<String, Arc<LoadBalancing>>,
 }
 
 /// Consul's durations in chain JSON: "5s" strings, or integer nanoseconds.
@@ -168,6 +174,8 @@ impl Chain {
         let c = if v.get("Chain").is_some() { &v["Chain"] } else { v };
         let start = c["StartNode"].as_str().filter(|s| !s.is_empty()).ok_or("the chain has no StartNode")?.to_string();
         let mut nodes = HashMap::new();
+        let mut lb: HashMap<String, Arc<LoadBalancing>> = HashMap::new();
+        let mut failover_lb: Vec<(String, Arc<LoadBalancing>)> = Vec::new();
         for (key, n) in c["Nodes"].as_object().into_iter().flatten() {
             let node = match n["Type"].as_str() {
                 Some("router") => {
@@ -238,6 +246,15 @@ impl Chain {
                 ),
                 Some("resolver") => {
                     let r = &n["Resolver"];
+                    if n["LoadBalancer"].is_object() {
+                        let l = Arc::new(LoadBalancing::parse(&n["LoadBalancer"]));
+                        if let Some(t) = r["Target"].as_str() {
+                            lb.insert(t.to_string(), l.clone());
+                        }
+                        for t in r["Failover"]["Targets"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                            failover_lb.push((t.to_string(), l.clone()));
+                        }
+                    }
                     Node::Resolver {
                         target: r["Target"].as_str().unwrap_or_default().to_string(),
                         failover: r["Failover"]["Targets"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(str::to_string)).collect(),
@@ -267,7 +284,15 @@ impl Chain {
         if !nodes.contains_key(&start) {
             return Err(format!("the start node {start} is not in the chain"));
         }
-        Ok(Chain { protocol: c["Protocol"].as_str().unwrap_or("tcp").to_string(), start, nodes, targets })
+        for (t, l) in failover_lb {
+            lb.entry(t).or_insert(l);
+        }
+        Ok(Chain { protocol: c["Protocol"].as_str().unwrap_or("tcp").to_string(), start, nodes, targets, lb })
+    }
+
+    /// How the instances of `target` are chosen (round robin unless its resolver says).
+    pub fn load_balancing(&self, target: &str) -> Arc<LoadBalancing> {
+        self.lb.get(target).cloned().unwrap_or_default()
     }
 
     /// Route one request. `pick` chooses a split: given a number in [0, 100).
@@ -379,7 +404,7 @@ fn matches(m: &RouteMatch, method: &str, path: &str, query: &str, headers: &http
 }
 
 /// `a=1&b=x%20y` as decoded pairs.
-fn url_pairs(q: &str) -> Vec<(String, String)> {
+pub(super) fn url_pairs(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {

@@ -26,8 +26,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::balance::{Balancer, Endpoint};
-use super::chain::{Chain, Routed};
+use super::balance::{Balancer, Endpoint, HashOn, LoadBalancing, hash64};
+use super::chain::{Chain, Routed, url_pairs};
 use super::source::{AgentApi, enc, follow};
 use super::{EndpointSpec, Shared, UpstreamDef, follow_endpoint_spec, tls};
 
@@ -263,7 +263,10 @@ impl HttpUpstream {
                     match r.json().and_then(|v| Chain::parse(&v)) {
                         Ok(c) if r.status == 200 => {
                             // Targets no longer in the chain stop being followed.
-                            me.pools.lock().retain(|id, _| c.targets.contains_key(id));
+                            me.pools.lock().retain(|id, pool| {
+                                pool.balancer.set_policy(c.load_balancing(id).policy.clone());
+                                c.targets.contains_key(id)
+                            });
                             *me.chain.write() = Some(Arc::new(c));
                         }
                         Ok(_) => {}
@@ -296,6 +299,7 @@ impl HttpUpstream {
             mode: if self.up.mesh_gateway.is_empty() { t.mesh_gateway.clone() } else { self.up.mesh_gateway.clone() },
         };
         let balancer = Arc::new(Balancer::default());
+        balancer.set_policy(chain.load_balancing(id).policy.clone());
         let stop = self.stop.child_token();
         let dc = if local { self.local_dc.clone() } else { t.datacenter.clone() };
         tokio::spawn(follow_endpoint_spec(self.api.clone(), spec, dc.clone(), !local, balancer.clone(), stop.clone()));
@@ -316,10 +320,10 @@ impl HttpUpstream {
 
     /// Wait briefly for the first endpoints of a new pool (a first request should not fail
     /// only because the catalog answer is still on its way).
-    async fn endpoints(pool: &TargetPool) -> Vec<Endpoint> {
+    async fn endpoints(pool: &TargetPool, hash: Option<u64>) -> Vec<Endpoint> {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let e = pool.balancer.pick(CONNECT_ATTEMPTS);
+            let e = pool.balancer.pick_for(CONNECT_ATTEMPTS, hash);
             if !e.is_empty() || Instant::now() > deadline {
                 return e;
             }
@@ -359,9 +363,10 @@ impl HttpUpstream {
     /// Serve the app's HTTP on one accepted connection.
     pub(super) async fn serve(self: Arc<Self>, tcp: TcpStream) {
         let me = self.clone();
+        let peer = tcp.peer_addr().ok().map(|a| a.ip());
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let me = me.clone();
-            async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+            async move { Ok::<_, std::convert::Infallible>(me.handle(req, peer).await) }
         });
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
@@ -369,7 +374,7 @@ impl HttpUpstream {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: Option<std::net::IpAddr>) -> Response<Body> {
         let started = Instant::now();
         let Some(chain) = self.chain.read().clone() else {
             return status(StatusCode::SERVICE_UNAVAILABLE, "no discovery chain for this upstream yet");
@@ -383,6 +388,9 @@ impl HttpUpstream {
             return status(StatusCode::NOT_FOUND, "no route matches this request");
         };
         self.budget.request();
+        // The request's hash for the first target's hash policies (ring hash, maglev).
+        let lb = routed.targets.first().map(|t| chain.load_balancing(t)).unwrap_or_default();
+        let (hash, set_cookie) = request_hash(&lb, &parts.headers, &query, peer);
         // Path rewrite, hop-by-hop headers, route headers.
         let new_path = match &routed.prefix_rewrite {
             Some((prefix, to)) if path.starts_with(prefix.as_str()) => {
@@ -430,7 +438,7 @@ impl HttpUpstream {
                 };
                 let mut req = Request::from_parts(parts.clone(), body);
                 *req.version_mut() = http::Version::HTTP_2;
-                match self.send_once(&chain, &routed, req).await {
+                match self.send_once(&chain, &routed, req, hash).await {
                     Ok(resp) => {
                         let code = resp.status().as_u16();
                         if retries_left > 0 && routed.retry_on_status_codes.contains(&code) && kept.is_some() && self.budget.try_retry() {
@@ -466,6 +474,9 @@ impl HttpUpstream {
             None => send.await,
         };
         routed.response_headers.apply(resp.headers_mut());
+        if let Some(c) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            resp.headers_mut().append(http::header::SET_COOKIE, c);
+        }
         let code = resp.status();
         self.stats.record(Some(code), started.elapsed());
         resp
@@ -473,7 +484,7 @@ impl HttpUpstream {
 
     /// Send one request to the first target (in failover order) that has a reachable
     /// instance; an error when none does.
-    async fn send_once(&self, chain: &Chain, routed: &Routed, req: Request<Body>) -> Result<Response<Body>, String> {
+    async fn send_once(&self, chain: &Chain, routed: &Routed, req: Request<Body>, hash: Option<u64>) -> Result<Response<Body>, String> {
         let mut errors = Vec::new();
         let mut req = Some(req);
         let last = routed.targets.len().saturating_sub(1);
@@ -487,7 +498,7 @@ impl HttpUpstream {
                 errors.push(format!("{id}: down"));
                 continue;
             }
-            let endpoints = Self::endpoints(&pool).await;
+            let endpoints = Self::endpoints(&pool, hash).await;
             if endpoints.is_empty() {
                 errors.push(format!("{id}: no healthy instance"));
                 continue;
@@ -508,10 +519,18 @@ impl HttpUpstream {
                     continue;
                 }
                 let r = req.take().expect("one request per send");
+                // In flight (for least request) until the response body is done with.
+                let active = pool.balancer.active(&e);
                 match conn.send_request(r).await {
                     Ok(resp) => {
                         pool.balancer.success(&e);
-                        return Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()));
+                        return Ok(resp.map(|b| {
+                            b.map_err(move |e| {
+                                let _in_flight = &active;
+                                Box::new(e) as BoxError
+                            })
+                            .boxed()
+                        }));
                     }
                     // The request is gone with the connection: the caller may retry.
                     Err(err) => {
@@ -526,6 +545,59 @@ impl HttpUpstream {
         }
         Err(format!("no healthy upstream: {}", errors.join("; ")))
     }
+}
+
+/// The hash of one request under `lb`'s hash policies (Envoy's way: each policy that finds its
+/// value is folded in, and a terminal one that did ends the list), and a `Set-Cookie` value
+/// when a cookie policy generates the cookie the request lacked.
+fn request_hash(lb: &LoadBalancing, headers: &HeaderMap, query: &str, peer: Option<std::net::IpAddr>) -> (Option<u64>, Option<String>) {
+    let mut hash: Option<u64> = None;
+    let mut set_cookie = None;
+    for (on, terminal) in &lb.hash {
+        let h = match on {
+            HashOn::Header(name) => {
+                let values: Vec<&[u8]> = headers.get_all(name.as_str()).iter().map(|v| v.as_bytes()).collect();
+                (!values.is_empty()).then(|| hash64(&values))
+            }
+            HashOn::Query(name) => url_pairs(query).into_iter().find(|(k, _)| k == name).map(|(_, v)| hash64(&[v.as_bytes()])),
+            HashOn::SourceIp => peer.map(|ip| hash64(&[ip.to_string().as_bytes()])),
+            HashOn::Cookie { name, generate } => match cookie(headers, name) {
+                Some(v) => Some(hash64(&[v.as_bytes()])),
+                None => generate.as_ref().map(|spec| {
+                    let v = format!("{:016x}", rand::random::<u64>());
+                    let mut c = format!("{name}={v}");
+                    if let Some(ttl) = spec.ttl {
+                        c.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+                    }
+                    if !spec.path.is_empty() {
+                        c.push_str(&format!("; Path={}", spec.path));
+                    }
+                    c.push_str("; HttpOnly");
+                    set_cookie = Some(c);
+                    hash64(&[v.as_bytes()])
+                }),
+            },
+        };
+        if let Some(h) = h {
+            hash = Some(hash.map_or(h, |acc| acc.rotate_left(1) ^ h));
+            if *terminal {
+                break;
+            }
+        }
+    }
+    (hash, set_cookie)
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"').to_string())
 }
 
 // ---------------------------------------------------------------------------------------

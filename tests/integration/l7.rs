@@ -250,6 +250,96 @@ async fn http_traffic_is_routed_split_retried_timed_and_authorised_per_request()
     }
 }
 
+/// What this test does: `cache` has three instances; its resolver balances by
+/// - ring hash on header `x-user`: every request of one user lands on one instance, and
+///   twenty users are spread over more than one;
+/// - maglev on cookie `sticky` (TTL 60 s): a request without it gets a `Set-Cookie`, and the
+///   requests that carry it back all land on one instance;
+/// - least request: every instance is used (a policy change applies without restarts).
+#[tokio::test(flavor = "multi_thread")]
+async fn resolver_load_balancer_pins_requests_by_hash() {
+    let c = Cluster::start(1).await;
+    let ip = c.servers[0].ip.clone();
+    for name in ["c1", "c2", "c3"] {
+        let port = backend(name, Behaviour::default()).await;
+        register(&c, json!({"ID": format!("cache-{name}"), "Name": "cache", "Port": port, "Connect": {"SidecarService": {}}})).await;
+    }
+    register(
+        &c,
+        json!({"Name": "shop", "Port": 1, "Connect": {"SidecarService": {"Proxy": {"Upstreams": [
+            {"DestinationName": "cache", "LocalBindAddress": ip, "LocalBindPort": 19303}
+        ]}}}}),
+    )
+    .await;
+    config(&c, json!({"Kind": "service-defaults", "Name": "cache", "Protocol": "http"})).await;
+    config(
+        &c,
+        json!({"Kind": "service-resolver", "Name": "cache", "LoadBalancer": {"Policy": "ring_hash",
+            "RingHashConfig": {"MinimumRingSize": 1024}, "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}}),
+    )
+    .await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let url = format!("http://{ip}:19303/");
+    let backend_of = |r: reqwest::Response| r.headers().get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    // All three instances known to the sidecar (requests without the header go anywhere).
+    eventually("every cache instance reachable", SOON, || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..60 {
+            let r = http.get(&url).header("x-user", format!("warm-{i}")).send().await.ok()?;
+            seen.insert(backend_of(r));
+        }
+        (seen.len() == 3).then_some(())
+    })
+    .await;
+    let mut users = std::collections::BTreeSet::new();
+    for u in 0..20 {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let r = http.get(&url).header("x-user", format!("user-{u}")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            seen.insert(backend_of(r));
+        }
+        assert_eq!(seen.len(), 1, "user-{u} was served by {seen:?}");
+        users.extend(seen);
+    }
+    assert!(users.len() > 1, "twenty users all hashed to {users:?}");
+
+    // Maglev on a generated cookie.
+    config(
+        &c,
+        json!({"Kind": "service-resolver", "Name": "cache", "LoadBalancer": {"Policy": "maglev",
+            "HashPolicies": [{"Field": "cookie", "FieldValue": "sticky", "CookieConfig": {"TTL": "60s", "Path": "/"}}]}}),
+    )
+    .await;
+    let cookie = eventually("a generated sticky cookie", SOON, || async {
+        let r = http.get(&url).send().await.ok()?;
+        let c = r.headers().get("set-cookie")?.to_str().ok()?.to_string();
+        c.starts_with("sticky=").then_some(c)
+    })
+    .await;
+    assert!(cookie.contains("Max-Age=60") && cookie.contains("Path=/"), "{cookie}");
+    let value = cookie.split(';').next().unwrap().to_string();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let r = http.get(&url).header("cookie", format!("theme=dark; {value}")).send().await.unwrap();
+        assert!(r.headers().get("set-cookie").is_none(), "a cookie was set again");
+        seen.insert(backend_of(r));
+    }
+    assert_eq!(seen.len(), 1, "{value} was served by {seen:?}");
+
+    // Least request: with no request in flight, the choice is spread over all instances.
+    config(&c, json!({"Kind": "service-resolver", "Name": "cache", "LoadBalancer": {"Policy": "least_request"}})).await;
+    eventually("least request spreading over every instance", SOON, || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..60 {
+            let r = http.get(&url).header("cookie", value.clone()).send().await.ok()?;
+            seen.insert(backend_of(r));
+        }
+        (seen.len() == 3).then_some(())
+    })
+    .await;
+}
+
 /// One unary gRPC call over h2c; returns the `x-backend` that answered (with grpc-status 0).
 async fn grpc_call(addr: SocketAddr, method: &str) -> Result<String, String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;

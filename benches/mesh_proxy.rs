@@ -1,7 +1,12 @@
 //! The sidecar data plane, whole system, against references in the same run.
 //!
 //! Run with `benches/mesh_proxy.sh` (it installs HAProxy and wrk, builds the release binary),
-//! or `cargo bench --bench mesh_proxy -- [--seconds S] [--rounds R] [--rate N]`.
+//! or `cargo bench --bench mesh_proxy -- [--seconds S] [--rounds R] [--rate N] [--conns N] [--http]`.
+//!
+//! `--http` measures the L7 path: `db` speaks HTTP (`service-defaults`), so web's sidecar
+//! routes each request by the discovery chain over a pooled mesh HTTP/2 connection and db's
+//! sidecar authorises it and forwards it to the app over pooled HTTP/1.1; HAProxy is then the
+//! same HTTP-aware pair (`mode http`, h2 over mTLS between the two, `http-reuse always`).
 //!
 //! One app (a minimal HTTP/1.1 keep-alive responder in this process) is reached three ways:
 //! - **direct**: client -> app;
@@ -34,10 +39,15 @@ struct Opts {
     rounds: usize,
     rate: u64,
     wrk_seconds: u64,
+    /// Keep-alive connections of the fixed-rate phase.
+    conns: usize,
+    /// L7: db speaks HTTP (service-defaults), so both sidecars proxy per request over mesh
+    /// HTTP/2, and HAProxy runs as the same HTTP-aware pair (mode http, h2 between them).
+    http: bool,
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { seconds: 10, rounds: 3, rate: 1000, wrk_seconds: 10 };
+    let mut o = Opts { seconds: 10, rounds: 3, rate: 1000, wrk_seconds: 10, conns: 10, http: false };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
@@ -47,6 +57,12 @@ fn opts() -> Opts {
             "--rounds" => o.rounds = v.parse().expect("--rounds R"),
             "--rate" => o.rate = v.parse().expect("--rate N"),
             "--wrk-seconds" => o.wrk_seconds = v.parse().expect("--wrk-seconds S"),
+            "--conns" => o.conns = v.parse().expect("--conns N"),
+            "--http" => {
+                o.http = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue;
@@ -176,14 +192,21 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, seconds: u64, conns: usize) -> 
             let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let _ = s.set_nodelay(true);
             let mut lat = Vec::new();
-            let mut buf = vec![0u8; 4096];
+            let mut buf = vec![0u8; 8192];
+            let mut have = 0;
             while let Some(scheduled) = rx.recv().await {
                 s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
-                let mut got = 0;
-                while got < RESPONSE.len() {
-                    let n = s.read(&mut buf[got..]).await.expect("read");
-                    assert!(n > 0, "the path closed the connection");
-                    got += n;
+                // One whole response (a proxy may rewrite the headers): head, then the
+                // Content-Length body.
+                loop {
+                    if let Some(used) = whole_response(&buf[..have]) {
+                        buf.copy_within(used..have, 0);
+                        have -= used;
+                        break;
+                    }
+                    let n = s.read(&mut buf[have..]).await.expect("read");
+                    assert!(n > 0, "{addr} closed the connection after {}", String::from_utf8_lossy(&buf[..have]));
+                    have += n;
                 }
                 lat.push(scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32);
             }
@@ -208,6 +231,18 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, seconds: u64, conns: usize) -> 
         all.extend(t.await.unwrap());
     }
     all
+}
+
+/// The length of the first whole HTTP/1.1 response in `b` (head and Content-Length body).
+fn whole_response(b: &[u8]) -> Option<usize> {
+    let head = b.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    assert!(b.starts_with(b"HTTP/1.1 200"), "not a 200: {}", String::from_utf8_lossy(&b[..head]));
+    let len = std::str::from_utf8(&b[..head])
+        .ok()?
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).map(|(_, v)| v.trim().parse::<usize>()))?
+        .ok()?;
+    (b.len() >= head + len).then_some(head + len)
 }
 
 fn pct(sorted: &[u32], p: f64) -> f64 {
@@ -275,6 +310,10 @@ fn main() {
     let web = format!(
         r#"{{"ID":"web","Name":"web","Port":1,"Connect":{{"SidecarService":{{"Proxy":{{"Upstreams":[{{"DestinationName":"db","LocalBindAddress":"{ip}","LocalBindPort":19500}}]}}}}}}}}"#
     );
+    if o.http {
+        let r = http_put(api, "/v1/config", r#"{"Kind":"service-defaults","Name":"db","Protocol":"http"}"#).unwrap_or_default();
+        assert!(r.contains(" 200 "), "service-defaults: {r}");
+    }
     for def in [&db, &web] {
         let r = http_put(api, "/v1/agent/service/register", def).unwrap_or_default();
         assert!(r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"), "register: {r}");
@@ -310,12 +349,25 @@ fn main() {
     let d = dir.path().display();
     let common =
         "global\n  log stderr format raw local0 emerg\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
-    let hdb = format!(
-        "{common}frontend public\n  bind {h_pub} ssl crt {d}/db.pem ca-file {d}/roots.pem verify required\n  default_backend app\nbackend app\n  server app {app}\n"
-    );
-    let hweb = format!(
-        "{common}frontend upstream\n  bind {h_up}\n  default_backend db\nbackend db\n  server db {h_pub} ssl crt {d}/web.pem ca-file {d}/roots.pem verify required\n"
-    );
+    let (hdb, hweb) = if o.http {
+        (
+            format!(
+                "{common}frontend public\n  mode http\n  bind {h_pub} ssl crt {d}/db.pem ca-file {d}/roots.pem verify required alpn h2,http/1.1\n  default_backend app\nbackend app\n  mode http\n  http-reuse always\n  server app {app}\n"
+            ),
+            format!(
+                "{common}frontend upstream\n  mode http\n  bind {h_up}\n  default_backend db\nbackend db\n  mode http\n  http-reuse always\n  server db {h_pub} ssl crt {d}/web.pem ca-file {d}/roots.pem verify required alpn h2\n"
+            ),
+        )
+    } else {
+        (
+            format!(
+                "{common}frontend public\n  bind {h_pub} ssl crt {d}/db.pem ca-file {d}/roots.pem verify required\n  default_backend app\nbackend app\n  server app {app}\n"
+            ),
+            format!(
+                "{common}frontend upstream\n  bind {h_up}\n  default_backend db\nbackend db\n  server db {h_pub} ssl crt {d}/web.pem ca-file {d}/roots.pem verify required\n"
+            ),
+        )
+    };
     let haproxy = |name: &str, cfg: &str| {
         let p = dir.path().join(format!("{name}.cfg"));
         std::fs::write(&p, cfg).unwrap();
@@ -326,18 +378,25 @@ fn main() {
     wait_until("the haproxy path", Duration::from_secs(30), || path_works(h_up));
 
     let paths: [(&str, SocketAddr); 3] = [("direct", app), ("trellis", upstream), ("haproxy", h_up)];
-    println!("mesh_proxy: {} requests/s for {} s x {} rounds over 10 keep-alive connections", o.rate, o.seconds, o.rounds);
+    println!(
+        "mesh_proxy ({}): {} requests/s for {} s x {} rounds over {} keep-alive connections",
+        if o.http { "L7: HTTP-aware sidecars, HAProxy mode http" } else { "L4: TCP sidecars, HAProxy mode tcp" },
+        o.rate,
+        o.seconds,
+        o.rounds,
+        o.conns
+    );
     // Warm-up: TLS sessions, caches, allocators.
     rt.block_on(async {
         for (_, a) in &paths {
-            fixed_rate(*a, o.rate, 2, 10).await;
+            fixed_rate(*a, o.rate, 2, o.conns).await;
         }
     });
     let mut lat: Vec<Vec<u32>> = vec![Vec::new(); paths.len()];
     let mut rss = ((0u64, 0u64), (0u64, 0u64));
     for _ in 0..o.rounds {
         for (i, (_, a)) in paths.iter().enumerate() {
-            let l = rt.block_on(fixed_rate(*a, o.rate, o.seconds, 10));
+            let l = rt.block_on(fixed_rate(*a, o.rate, o.seconds, o.conns));
             lat[i].extend(l);
             if i == 1 {
                 rss.0 = rss.0.max(rss_kib(web_proxy.0.id()));

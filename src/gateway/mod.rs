@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::proxy::balance::{Balancer, endpoints_from_health};
-use crate::proxy::source::{AgentApi, ApiResponse, enc, follow};
+use crate::proxy::source::{AgentApi, enc, follow};
 use crate::proxy::tls::MeshTls;
 use sni::Target;
 use tunnel::{Io, Transport, Tunnel};
@@ -70,7 +70,8 @@ pub struct GatewayConfig {
     pub deregister_on_stop: bool,
 }
 
-type Followed = tokio::sync::watch::Receiver<Option<Arc<ApiResponse>>>;
+/// Whether a followed endpoint set has had its first answer.
+type Followed = tokio::sync::watch::Receiver<bool>;
 
 /// What the gateway knows, kept current by blocking queries.
 struct Routes {
@@ -383,8 +384,8 @@ async fn dial_local(target: &Target, hello: &[u8], shared: &Shared) -> Result<Tc
             all.truncate(ATTEMPTS);
             all
         }
-        Target::Service { service, .. } => {
-            let balancer = service_endpoints(service, shared).await;
+        Target::Service { service, subset, .. } => {
+            let balancer = service_endpoints(service, subset.as_deref(), shared).await;
             let picked = balancer.pick(ATTEMPTS);
             let mut out = Vec::new();
             for e in picked {
@@ -425,38 +426,95 @@ async fn connect_with_hello(addr: SocketAddr, hello: &[u8]) -> Result<TcpStream,
     Ok(s)
 }
 
-/// The balancer of a local service's mesh endpoints, followed from the first time it is asked
-/// for (waiting a little for the first answer).
-async fn service_endpoints(service: &str, shared: &Shared) -> Arc<Balancer> {
-    let (balancer, mut rx) = {
+/// The balancer of a local service's mesh endpoints (of one subset: the service resolver's
+/// filter for it), followed from the first time it is asked for (waiting a little for the
+/// first answer).
+async fn service_endpoints(service: &str, subset: Option<&str>, shared: &Shared) -> Arc<Balancer> {
+    let key = match subset {
+        Some(s) => format!("{s}.{service}"),
+        None => service.to_string(),
+    };
+    let (balancer, mut ready) = {
         let mut services = shared.routes.services.lock();
-        if let Some((b, rx)) = services.get(service) {
-            (b.clone(), rx.clone())
+        if let Some((b, ready)) = services.get(&key) {
+            (b.clone(), ready.clone())
         } else {
             let b = Arc::new(Balancer::default());
-            let rx = follow(shared.api.clone(), format!("/v1/health/connect/{}?passing", enc(service)), false, CancellationToken::new());
-            let (b2, mut rx2) = (b.clone(), rx.clone());
-            tokio::spawn(async move {
-                loop {
-                    if let Some(Ok(v)) = rx2.borrow_and_update().clone().map(|r| r.json()) {
-                        b2.set(endpoints_from_health(&v));
-                    }
-                    if rx2.changed().await.is_err() {
-                        return;
-                    }
+            let (tx, ready) = tokio::sync::watch::channel(false);
+            let health = format!("/v1/health/connect/{}?passing", enc(service));
+            match subset {
+                None => follow_endpoints(shared.api.clone(), health, b.clone(), tx, CancellationToken::new()),
+                Some(subset) => {
+                    tokio::spawn(follow_subset(shared.api.clone(), service.to_string(), subset.to_string(), health, b.clone(), tx));
                 }
-            });
-            services.insert(service.to_string(), (b.clone(), rx.clone()));
-            (b, rx)
+            }
+            services.insert(key, (b.clone(), ready.clone()));
+            (b, ready)
         }
     };
-    if rx.borrow().is_none() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
-        if let Some(Ok(v)) = rx.borrow().clone().map(|r| r.json()) {
-            balancer.set(endpoints_from_health(&v));
-        }
+    if !*ready.borrow() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r)).await;
     }
     balancer
+}
+
+/// Keep `balancer` set from a health path's blocking queries until `stop`.
+fn follow_endpoints(api: Arc<dyn AgentApi>, path: String, balancer: Arc<Balancer>, ready: tokio::sync::watch::Sender<bool>, stop: CancellationToken) {
+    let mut rx = follow(api, path, false, stop.clone());
+    tokio::spawn(async move {
+        loop {
+            if let Some(Ok(v)) = rx.borrow_and_update().clone().filter(|r| r.status == 200).map(|r| r.json()) {
+                balancer.set(endpoints_from_health(&v));
+                ready.send_replace(true);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    });
+}
+
+/// A subset's endpoints: the service resolver's filter for `subset`, followed, and the health
+/// query with that filter re-followed whenever it changes. A subset the resolver does not
+/// define has no endpoints (its connections are refused, never sent to other instances).
+async fn follow_subset(
+    api: Arc<dyn AgentApi>,
+    service: String,
+    subset: String,
+    health: String,
+    balancer: Arc<Balancer>,
+    ready: tokio::sync::watch::Sender<bool>,
+) {
+    let mut rx = follow(api.clone(), format!("/v1/config/service-resolver/{}", enc(&service)), false, CancellationToken::new());
+    let mut current: Option<(Option<String>, CancellationToken)> = None;
+    loop {
+        if let Some(r) = rx.borrow_and_update().clone() {
+            let entry = if r.status == 200 { r.json().ok() } else { None };
+            let def = entry.as_ref().and_then(|e| e.get("Subsets")).and_then(|s| s.get(&subset)).cloned();
+            let filter = def.as_ref().map(|d| d.get("Filter").and_then(|f| f.as_str()).unwrap_or_default().to_string());
+            if current.as_ref().map(|(f, _)| f) != Some(&filter) {
+                if let Some((_, stop)) = current.take() {
+                    stop.cancel();
+                }
+                let stop = CancellationToken::new();
+                match &filter {
+                    Some(f) if !f.is_empty() => {
+                        follow_endpoints(api.clone(), format!("{health}&filter={}", enc(f)), balancer.clone(), ready.clone(), stop.clone())
+                    }
+                    Some(_) => follow_endpoints(api.clone(), health.clone(), balancer.clone(), ready.clone(), stop.clone()),
+                    None => {
+                        balancer.set(Vec::new());
+                        ready.send_replace(true);
+                    }
+                }
+                current = Some((filter, stop));
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A connection for another datacenter: through its gateways, over the tunnel.

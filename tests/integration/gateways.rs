@@ -439,9 +439,10 @@ async fn federation_heals_when_the_primary_gateways_move() {
     let _ = &f.topo;
 }
 
-/// What this test does: `api` runs in dc1 and in dc2 (HTTP, with sidecars); `web` in dc2 calls
-/// api in dc1 through the gateways, with a resolver failing over to dc2 (written in dc1, the
-/// primary). Requests go to dc1; with dc1's api instance gone (its agent killed) they go to
+/// What this test does: `api` runs in dc1 (v1 and v2) and in dc2 (v1) (HTTP, with sidecars);
+/// `web` in dc2 calls api in dc1 through the gateways, with a resolver whose default subset is
+/// v1, failing over to dc2 (written in dc1, the primary). Requests go to dc1's v1 only (the
+/// gateway routes the subset's SNI to the subset's instances, not to v2); with dc1's api instance gone (its agent killed) they go to
 /// dc2, and back to dc1 when it returns; then with dc1's gateway killed they go to dc2 again,
 /// and back when it returns. Each switch is timed from the failure.
 #[tokio::test(flavor = "multi_thread")]
@@ -449,9 +450,11 @@ async fn http_requests_fail_over_to_another_datacenter_and_come_back() {
     let mut f = Federation::start().await;
     let b = crate::l7::Behaviour::default();
     let p1 = f.dc1.ns.run(crate::l7::backend("api-dc1", b.clone())).await;
+    let p1v2 = f.dc1.ns.run(crate::l7::backend("api-dc1-v2", b.clone())).await;
     let p2 = f.dc2.ns.run(crate::l7::backend("api-dc2", b)).await;
-    f.register(&f.dc1, json!({"Name": "api", "Port": p1, "Connect": {"SidecarService": {}}})).await;
-    f.register(&f.dc2, json!({"Name": "api", "Port": p2, "Connect": {"SidecarService": {}}})).await;
+    f.register(&f.dc1, json!({"Name": "api", "Port": p1, "Meta": {"version": "v1"}, "Connect": {"SidecarService": {}}})).await;
+    f.register(&f.dc1, json!({"ID": "api-v2", "Name": "api", "Port": p1v2, "Meta": {"version": "v2"}, "Connect": {"SidecarService": {}}})).await;
+    f.register(&f.dc2, json!({"Name": "api", "Port": p2, "Meta": {"version": "v1"}, "Connect": {"SidecarService": {}}})).await;
     let (ns1, config_url) = (f.dc1.ns.clone(), f.dc1.http(SERVER, "/v1/config"));
     let put = |entry: Value| {
         let (ns, url) = (ns1.clone(), config_url.clone());
@@ -461,7 +464,10 @@ async fn http_requests_fail_over_to_another_datacenter_and_come_back() {
         }
     };
     put(json!({"Kind": "service-defaults", "Name": "api", "Protocol": "http"})).await;
-    put(json!({"Kind": "service-resolver", "Name": "api", "Failover": {"*": {"Datacenters": ["dc2"]}}})).await;
+    put(json!({"Kind": "service-resolver", "Name": "api", "DefaultSubset": "v1",
+        "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"}, "v2": {"Filter": "Service.Meta.version == v2"}},
+        "Failover": {"*": {"Datacenters": ["dc2"]}}}))
+    .await;
     f.register(
         &f.dc2,
         json!({"Name": "web", "Port": 1, "Connect": {"SidecarService": {"Proxy": {"Upstreams": [
@@ -475,6 +481,17 @@ async fn http_requests_fail_over_to_another_datacenter_and_come_back() {
         async move { ns.get(&url).await.ok().filter(|(s, b)| *s == 200 && b == &format!("{want} /x")).map(|_| ()) }
     };
     eventually("web in dc2 to reach api in dc1 over HTTP", Duration::from_secs(60), || answer("api-dc1")).await;
+    // Both dc1 instances are up and healthy; the subset's requests reach v1 only.
+    let v2_sidecar = f.dc1.http(SERVER, "/v1/health/connect/api?passing&filter=Service.Meta.version%20%3D%3D%20v2");
+    eventually("dc1's v2 instance to be healthy", SOON, || async {
+        let (_, body) = f.dc1.ns.get(&v2_sidecar).await.ok()?;
+        body.contains("api-v2-sidecar-proxy").then_some(())
+    })
+    .await;
+    for i in 0..20 {
+        let (status, body) = f.dc2.ns.get(&url).await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "api-dc1 /x"), "request {i}");
+    }
 
     for (what, name) in [("dc1's api instance", "client"), ("dc1's gateway", "gwa")] {
         f.dc1.proc(name).kill();

@@ -94,11 +94,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        // Wake the readers of what changed once the lock is released: however many there are,
-        // the next write does not wait for them.
+        // Wake the readers of what changed once the lock is released, from the publisher
+        // thread: however many there are, neither this write's answer nor the next write
+        // waits for them.
         let changes = store.take_changes();
         drop(store);
-        watches.publish(&changes);
+        watches.publish_deferred(changes);
         Ok(out)
     }
 

@@ -10,8 +10,8 @@
 //! dropped when a publish finds no receiver left.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
 
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -48,6 +48,17 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         !self.all && !self.tables.iter().any(|t| *t) && self.services.is_empty() && self.kv_keys.is_empty()
     }
+
+    /// Fold later changes into these (one wake-up per watcher for several writes).
+    fn merge(&mut self, later: Changes) {
+        for (t, l) in self.tables.iter_mut().zip(later.tables) {
+            *t |= l;
+        }
+        self.services.extend(later.services);
+        self.kv_keys.extend(later.kv_keys);
+        self.all |= later.all;
+        self.index = self.index.max(later.index);
+    }
 }
 
 /// Publishes between two sweeps of channels nobody watches any more (each publish also drops
@@ -63,6 +74,8 @@ pub struct Watches {
     /// How many receivers publishing has notified (for tests and metrics).
     notified: AtomicU64,
     publishes: AtomicU64,
+    /// The publisher thread's queue (`publish_deferred`), started on first use.
+    deferred: OnceLock<Option<mpsc::Sender<Changes>>>,
 }
 
 impl Watches {
@@ -76,6 +89,43 @@ impl Watches {
         match key {
             WatchKey::KvPrefix(p) => self.prefixes.lock().entry(p.clone()).or_insert_with(|| watch::channel(0).0).subscribe(),
             k => self.exact.lock().entry(k.clone()).or_insert_with(|| watch::channel(0).0).subscribe(),
+        }
+    }
+
+    /// Wake the watchers of `changes` from the publisher thread, in order, instead of the
+    /// caller's. Tasks woken from outside the runtime go to its shared queue, so the write
+    /// that made the change is answered without waiting behind thousands of woken watchers
+    /// (woken on the applying worker, they would all be queued ahead of it). Changes queued
+    /// while a publish runs are merged into the next one.
+    pub fn publish_deferred(self: &Arc<Self>, changes: Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        let tx = self.deferred.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Changes>();
+            let weak = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new().name("watch-publish".into()).spawn(move || {
+                // Ends when the registry (and with it the sender) is dropped.
+                while let Ok(mut c) = rx.recv() {
+                    while let Ok(more) = rx.try_recv() {
+                        c.merge(more);
+                    }
+                    match weak.upgrade() {
+                        Some(w) => w.publish(&c),
+                        None => return,
+                    }
+                }
+            });
+            spawned.ok().map(|_| tx)
+        });
+        match tx {
+            Some(tx) => {
+                if let Err(mpsc::SendError(c)) = tx.send(changes) {
+                    self.publish(&c);
+                }
+            }
+            // No thread to be had: publish here rather than not at all.
+            None => self.publish(&changes),
         }
     }
 
@@ -189,6 +239,33 @@ mod tests {
         }));
         assert!(web.iter().all(|r| r.has_changed().unwrap()));
         assert_eq!(w.notified(), 51);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_publishes_wake_watchers_in_order_and_stop_with_the_registry() {
+        let w = Watches::new();
+        let mut web = w.subscribe(&WatchKey::Service("web".into()));
+        let db = w.subscribe(&WatchKey::Service("db".into()));
+        for i in 1..=100 {
+            w.publish_deferred(Changes { index: i, services: ["web".to_string()].into(), ..Default::default() });
+        }
+        // The watcher ends at the last index, never going back on the way.
+        let mut last = 0;
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while last < 100 {
+                web.changed().await.unwrap();
+                let now = *web.borrow_and_update();
+                assert!(now > last, "{now} after {last}");
+                last = now;
+            }
+        })
+        .await
+        .expect("the publisher thread woke the watcher");
+        assert!(!db.has_changed().unwrap());
+        // Dropping the registry ends the thread (its sender goes with it).
+        let weak = Arc::downgrade(&w);
+        drop(w);
+        assert!(weak.upgrade().is_none());
     }
 
     #[test]

@@ -36,8 +36,9 @@ fn known_kind(kind: &str) -> Result<String, ApiError> {
     if config_entry::KINDS.contains(&k.as_str()) { Ok(k) } else { Err(ApiError::BadRequest(format!("invalid config entry kind: {kind}"))) }
 }
 
-/// Decode a config entry body: JSON, or HCL as `trellis config write` also sends (HCL 2, or
-/// the HCL 1 forms of Consul's documentation: blocks inside object expressions).
+/// Decode a config entry file for `trellis config write`: JSON, or HCL (HCL 2, or the HCL 1
+/// forms of Consul's documentation: blocks inside object expressions). The HTTP API itself
+/// takes JSON only.
 pub fn decode_entry(body: &[u8]) -> Result<Value, ApiError> {
     let text = std::str::from_utf8(body).map_err(|_| ApiError::BadRequest("Request decoding failed: the body is not UTF-8".into()))?;
     match serde_json::from_str::<Value>(text) {
@@ -221,7 +222,13 @@ async fn put(State(ctx): State<Ctx>, method: Method, p: Params, body: Bytes) -> 
     if !is_primary(&ctx) {
         return super::forward::to_primary(&ctx, method.as_str(), "/v1/config", &p, body).await;
     }
-    let (kind, name, v) = config_entry::normalize(decode_entry(&body)?)?;
+    // JSON only, as Consul's API: HCL is decoded by `trellis config write` on the client side,
+    // and the HCL parser is no place for untrusted input (a crafted 605-byte body kept it busy
+    // for minutes in fuzzing).
+    let body: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!("Request decoding failed: {e} (the HTTP API takes JSON; `trellis config write` also reads HCL files)"))
+    })?;
+    let (kind, name, v) = config_entry::normalize(body)?;
     validate_graph(&ctx, &kind, &name, Some(&v))?;
     let cas = p.u64("cas")?.or(if p.has("cas") { Some(0) } else { None });
     let entry = ConfigEntry { kind, name, json: v.to_string(), create_index: 0, modify_index: 0 };

@@ -225,4 +225,15 @@ async fn l7_config_entries_compile_into_the_discovery_chain() {
     let l7 = list.as_array().unwrap().iter().find(|i| i["DestinationName"] == "web").expect("the web intention");
     assert_eq!(l7["Permissions"], json!([{"Action": "deny", "HTTP": {"PathPrefix": "/private", "Methods": ["POST"]}}]));
     assert!(l7.get("Action").is_none());
+
+    // The HTTP API takes JSON only (HCL is read by the CLI): an HCL body, and a crafted one
+    // that kept the HCL parser busy for minutes in fuzzing, are refused at once.
+    let hostile = format!("GkGk1zH=1-\u{f9}0-\u{f9}+((N2%{{-k\u{f9}Gk*2%{{-{}", "kkakGkkakG=G0%kG0%{kakGGGGGGGk0%kG0%{".repeat(20));
+    for body in ["Kind = \"service-defaults\"\nName = \"x\"\n".to_string(), hostile] {
+        let started = Instant::now();
+        let r = c.http.put(format!("{server}/v1/config")).body(body).send().await.unwrap();
+        let (status, text) = (r.status().as_u16(), r.text().await.unwrap());
+        assert!(status == 400 && text.contains("takes JSON"), "{status} {text}");
+        assert!(started.elapsed() < Duration::from_secs(5), "the body took {:?} to refuse", started.elapsed());
+    }
 }

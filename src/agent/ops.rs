@@ -13,6 +13,10 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// How long an agent endpoint that changed a service or check waits for the catalog to follow
+/// (Consul syncs before answering); past it, the request succeeds and anti-entropy goes on.
+const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 use super::local::checks::Status;
 use super::local::{LocalAgent, Origin};
 use crate::api::ApiError;
@@ -306,19 +310,39 @@ impl AgentOps for AgentHandle {
     }
 
     fn register_service(&self, body: Bytes, replace_existing_checks: bool, peer: Option<std::net::IpAddr>) -> BoxFuture<'_, Result<(), ApiError>> {
-        async move { self.local.add_service(LocalAgent::decode_body(&body)?, Origin::of_api_peer(peer), replace_existing_checks) }.boxed()
+        async move {
+            self.local.add_service(LocalAgent::decode_body(&body)?, Origin::of_api_peer(peer), replace_existing_checks)?;
+            self.local.wait_synced(SYNC_WAIT).await;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn deregister_service(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>> {
-        async move { self.local.remove_service(&id) }.boxed()
+        async move {
+            self.local.remove_service(&id)?;
+            self.local.wait_synced(SYNC_WAIT).await;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn register_check(&self, body: Bytes, peer: Option<std::net::IpAddr>) -> BoxFuture<'_, Result<(), ApiError>> {
-        async move { self.local.add_check(LocalAgent::decode_body(&body)?, Origin::of_api_peer(peer)) }.boxed()
+        async move {
+            self.local.add_check(LocalAgent::decode_body(&body)?, Origin::of_api_peer(peer))?;
+            self.local.wait_synced(SYNC_WAIT).await;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn deregister_check(&self, id: String) -> BoxFuture<'_, Result<(), ApiError>> {
-        async move { self.local.remove_check(&id) }.boxed()
+        async move {
+            self.local.remove_check(&id)?;
+            self.local.wait_synced(SYNC_WAIT).await;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn update_ttl(&self, id: &str, status: &str, output: String) -> Result<(), ApiError> {

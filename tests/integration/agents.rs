@@ -153,6 +153,36 @@ async fn services_and_checks_registered_on_a_client_follow_their_targets() {
 /// - kills -9 a client and sees its serfHealth turn critical (its services drop out of
 ///   `?passing`), then restarts it and sees it pass again;
 /// - makes another client leave gracefully and sees its node deregistered.
+/// What this test does: registers and deregisters services and a check on a client agent
+/// and reads the server's catalog right after each answer, with no waiting: as Consul's agent
+/// endpoints, ours answer once the change has been synced to the catalog.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_endpoints_answer_once_the_catalog_has_the_change() {
+    let c = Cluster::start_with(1, 1, &[]).await;
+    let (server, client) = (c.servers[0].http(), c.servers[1].http());
+    eventually("the client in the catalog", SOON, || async {
+        let nodes = c.get_json(&format!("{server}/v1/catalog/nodes")).await.ok()?;
+        nodes.as_array()?.iter().any(|n| n["Node"] == "c1").then_some(())
+    })
+    .await;
+    for i in 0..5 {
+        let name = format!("sync-{i}");
+        let (st, msg) = c.put(&format!("{client}/v1/agent/service/register"), json!({"Name": name, "Port": 80 + i}).to_string()).await.unwrap();
+        assert_eq!(st, 200, "{msg}");
+        let svc = c.get_json(&format!("{server}/v1/catalog/service/{name}")).await.unwrap();
+        assert_eq!(svc.as_array().unwrap().len(), 1, "{name} not in the catalog when its registration returned");
+        let check = json!({"CheckID": format!("{name}-ttl"), "Name": "ttl", "TTL": "60s", "ServiceID": name});
+        let (st, msg) = c.put(&format!("{client}/v1/agent/check/register"), check.to_string()).await.unwrap();
+        assert_eq!(st, 200, "{msg}");
+        let checks = c.get_json(&format!("{server}/v1/health/checks/{name}")).await.unwrap();
+        assert_eq!(checks.as_array().unwrap().len(), 1, "{name}'s check not in the catalog when its registration returned");
+        let (st, msg) = c.put(&format!("{client}/v1/agent/service/deregister/{name}"), "").await.unwrap();
+        assert_eq!(st, 200, "{msg}");
+        let svc = c.get_json(&format!("{server}/v1/catalog/service/{name}")).await.unwrap();
+        assert_eq!(svc, json!([]), "{name} still in the catalog when its deregistration returned");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_clients_turn_critical_and_leaving_clients_are_deregistered() {
     let mut c = Cluster::start_with(3, 2, &[]).await;

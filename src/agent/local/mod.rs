@@ -126,6 +126,10 @@ struct Inner {
     changed: Notify,
     /// Bumped on every local change (alias checks watch it).
     revision: tokio::sync::watch::Sender<u64>,
+    /// The last revision the syncer has tried to bring the catalog to.
+    attempted: tokio::sync::watch::Sender<u64>,
+    /// Whether a syncer runs (set when it starts).
+    syncing: std::sync::atomic::AtomicBool,
     updates: mpsc::Sender<CheckUpdate>,
     runners: Mutex<BTreeMap<String, CheckHandle>>,
     options: RunnerOptions,
@@ -205,6 +209,8 @@ impl LocalAgent {
                 state: Mutex::new(LocalState::default()),
                 changed: Notify::new(),
                 revision: tokio::sync::watch::channel(0).0,
+                attempted: tokio::sync::watch::channel(0).0,
+                syncing: std::sync::atomic::AtomicBool::new(false),
                 updates: tx,
                 runners: Mutex::new(BTreeMap::new()),
                 options,
@@ -221,6 +227,33 @@ impl LocalAgent {
 
     pub fn node(&self) -> &NodeFacts {
         &self.inner.node
+    }
+
+    /// The current revision of the local state.
+    pub fn revision(&self) -> u64 {
+        *self.inner.revision.borrow()
+    }
+
+    /// A syncer runs: agent endpoints wait for it (`wait_synced`).
+    pub fn syncer_started(&self) {
+        self.inner.syncing.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The syncer tried to bring the catalog to `revision` (successfully or not).
+    pub fn sync_attempted(&self, revision: u64) {
+        self.inner.attempted.send_modify(|a| *a = (*a).max(revision));
+    }
+
+    /// Wait (at most `timeout`) until the syncer has tried to bring the catalog to the current
+    /// revision, as Consul's agent endpoints do before answering, so that a registration is in
+    /// the catalog when its request returns. Returns at once when no syncer runs.
+    pub async fn wait_synced(&self, timeout: std::time::Duration) {
+        if !self.inner.syncing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let want = self.revision();
+        let mut rx = self.inner.attempted.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= want)).await;
     }
 
     /// Wait until something changed that the catalog should learn about.

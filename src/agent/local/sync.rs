@@ -168,6 +168,7 @@ impl SyncWorker {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
+        self.local.syncer_started();
         let mut next_full = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -179,7 +180,10 @@ impl SyncWorker {
                 warn!(service = %id, "deregistering a service whose check stayed critical past DeregisterCriticalServiceAfter");
                 let _ = self.local.remove_service(&id);
             }
-            match tokio::time::timeout(SYNC_TIMEOUT, self.sync_once()).await {
+            let revision = self.local.revision();
+            let result = tokio::time::timeout(SYNC_TIMEOUT, self.sync_once()).await;
+            self.local.sync_attempted(revision);
+            match result {
                 Ok(Ok(n)) if n > 0 => debug!(writes = n, "anti-entropy synced the catalog"),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {

@@ -295,9 +295,13 @@ impl Balancer {
         }
     }
 
-    /// Count a request in flight to `e` until the guard is dropped.
+    /// Count a request in flight to `e` until the guard is dropped (only least request looks
+    /// at the counts; other policies get no guard).
     pub fn active(&self, e: &Endpoint) -> Option<Active> {
         let st = self.state.lock();
+        if !matches!(st.policy, Policy::LeastRequest { .. }) {
+            return None;
+        }
         let (_, h) = st.endpoints.iter().find(|(x, _)| x == e)?;
         h.active.fetch_add(1, Ordering::Relaxed);
         Some(Active(h.active.clone()))

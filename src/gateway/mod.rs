@@ -31,7 +31,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::proxy::balance::{Balancer, endpoints_from_health};
+use crate::proxy::balance::Balancer;
+use crate::proxy::follow_health;
 use crate::proxy::source::{AgentApi, enc, follow};
 use crate::proxy::tls::MeshTls;
 use sni::Target;
@@ -460,19 +461,7 @@ async fn service_endpoints(service: &str, subset: Option<&str>, shared: &Shared)
 
 /// Keep `balancer` set from a health path's blocking queries until `stop`.
 fn follow_endpoints(api: Arc<dyn AgentApi>, path: String, balancer: Arc<Balancer>, ready: tokio::sync::watch::Sender<bool>, stop: CancellationToken) {
-    let mut rx = follow(api, path, false, stop.clone());
-    tokio::spawn(async move {
-        loop {
-            if let Some(Ok(v)) = rx.borrow_and_update().clone().filter(|r| r.status == 200).map(|r| r.json()) {
-                balancer.set(endpoints_from_health(&v));
-                ready.send_replace(true);
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = rx.changed() => if r.is_err() { return },
-            }
-        }
-    });
+    tokio::spawn(follow_health(api, path, balancer, Some(ready), stop));
 }
 
 /// A subset's endpoints: the service resolver's filter for `subset`, followed, and the health

@@ -635,6 +635,30 @@ pub struct EndpointSpec {
     pub mode: String,
 }
 
+/// Keep `balancer` set from the answers of a `/v1/health/connect/...` blocking query until
+/// `stop`; `answered`, when given, turns true at the first answer.
+pub(crate) async fn follow_health(
+    api: Arc<dyn AgentApi>,
+    path: String,
+    balancer: Arc<Balancer>,
+    answered: Option<tokio::sync::watch::Sender<bool>>,
+    stop: CancellationToken,
+) {
+    let mut rx = follow(api, path, false, stop.clone());
+    loop {
+        if let Some(Ok(v)) = rx.borrow_and_update().clone().filter(|r| r.status == 200).map(|r| r.json()) {
+            balancer.set(balance::endpoints_from_health(&v));
+            if let Some(a) = &answered {
+                a.send_replace(true);
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 pub(crate) async fn follow_endpoint_spec(
     api: Arc<dyn AgentApi>,
     spec: EndpointSpec,
@@ -654,16 +678,7 @@ pub(crate) async fn follow_endpoint_spec(
     let filter_q = spec.filter.as_ref().map(|f| format!("&filter={}", enc(f))).unwrap_or_default();
     let instances_path = format!("/v1/health/connect/{}?passing{dc_q}{filter_q}", enc(&up.name));
     if !remote {
-        let mut rx = follow(api, instances_path, false, stop.clone());
-        loop {
-            if let Some(Ok(v)) = rx.borrow_and_update().clone().map(|r| r.json()) {
-                balancer.set(balance::endpoints_from_health(&v));
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = rx.changed() => if r.is_err() { return },
-            }
-        }
+        return follow_health(api, instances_path, balancer, None, stop).await;
     }
     let mut pd = follow(api.clone(), "/v1/config/proxy-defaults/global".into(), false, stop.clone());
     let mut sd = follow(api.clone(), format!("/v1/config/service-defaults/{}", enc(&up.name)), false, stop.clone());

@@ -92,25 +92,32 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let body = parts.next().unwrap_or_default().to_vec();
     let param = if param.is_empty() { "x".to_string() } else { param };
     let uri = format!("{}?{}", template.replace("{}", &param), query);
-    let Ok(req) = axum::http::Request::builder().method(method).uri(&uri).body(Body::from(body)) else { return };
-    let (status, body) = f.rt.block_on(async {
-        // Blocking queries answer within their own wait; bound the whole request anyway.
-        let call = f.router.clone().oneshot(req);
-        match tokio::time::timeout(std::time::Duration::from_secs(20), call).await {
-            Ok(Ok(resp)) => {
-                let status = resp.status();
-                let body = if status.is_server_error() {
-                    axum::body::to_bytes(resp.into_body(), 64 * 1024).await.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-                } else {
-                    String::new()
-                };
-                (status, body)
+    let send = |method: &str, body: Vec<u8>| {
+        let req = axum::http::Request::builder().method(method).uri(&uri).body(Body::from(body)).ok()?;
+        Some(f.rt.block_on(async {
+            // Blocking queries answer within their own wait; bound the whole request anyway.
+            let call = f.router.clone().oneshot(req);
+            match tokio::time::timeout(std::time::Duration::from_secs(20), call).await {
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    let body = if status.is_server_error() {
+                        axum::body::to_bytes(resp.into_body(), 64 * 1024).await.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    (status, body)
+                }
+                _ => (axum::http::StatusCode::OK, String::new()),
             }
-            _ => (axum::http::StatusCode::OK, String::new()),
-        }
-    });
+        }))
+    };
+    let Some((status, mut text)) = send(method, body) else { return };
+    // A HEAD answer carries no body to say why it failed: the same request as GET does.
+    if method == "HEAD" && status.is_server_error() && text.is_empty() {
+        text = send("GET", Vec::new()).map(|(_, t)| t).unwrap_or_default();
+    }
     // Consul answers a `?dc=` naming no known datacenter with 500 "No path to datacenter";
     // any other 5xx is a bug.
-    let no_path = body.trim() == "No path to datacenter";
-    assert!(status.as_u16() < 500 || status.as_u16() == 501 || no_path, "{method} {uri} answered {status}: {body}");
+    let no_path = text.trim() == "No path to datacenter";
+    assert!(status.as_u16() < 500 || status.as_u16() == 501 || no_path, "{method} {uri} answered {status}: {text}");
 });

@@ -26,9 +26,13 @@
 #[path = "lib/wan_relay.rs"]
 mod wan_relay;
 
+#[path = "lib/common.rs"]
+mod common;
+use common::{Proc, pct, wait_until};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,15 +62,6 @@ fn opts() -> Opts {
         i += 2;
     }
     o
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -107,14 +102,6 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Option<(u16, 
     s.read_to_string(&mut out).ok()?;
     let status = out.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Two datacenters federated through gateways; dc2's gateway advertises `dc2_wan` (a relay in
@@ -424,10 +411,6 @@ async fn new_connections(c: &Caller, addr: SocketAddr, n: usize) -> Vec<f64> {
     }
     out.sort_by(f64::total_cmp);
     out
-}
-
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize] as f64 / 1000.0
 }
 
 fn pctf(sorted: &[f64], p: f64) -> f64 {

@@ -27,9 +27,13 @@
 //! - the RSS of one standalone trellis proxy and of one HAProxy process after the fixed-rate
 //!   phase.
 
+#[path = "lib/common.rs"]
+mod common;
+use common::{Proc, pct, wait_until};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -71,15 +75,6 @@ fn opts() -> Opts {
         i += 2;
     }
     o
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn repo() -> PathBuf {
@@ -148,14 +143,6 @@ fn http_put(addr: SocketAddr, path: &str, body: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// One keep-alive request through `addr` answered?
@@ -243,14 +230,6 @@ fn whole_response(b: &[u8]) -> Option<usize> {
         .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).map(|(_, v)| v.trim().parse::<usize>()))?
         .ok()?;
     (b.len() >= head + len).then_some(head + len)
-}
-
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;
-    sorted[i] as f64 / 1000.0
 }
 
 /// wrk's requests/s against `addr`.

@@ -110,9 +110,10 @@ pub struct Agent {
     ctx: api::Ctx,
 }
 
-/// The server-only parts: Raft on sled, and the RPC listener other agents call.
+/// The server-only parts: Raft on its write-ahead log, and the RPC listener other agents call.
 struct ServerParts {
     node: RaftNode,
+    network: Network,
     storage: Storage,
     rpc_listener: TcpListener,
 }
@@ -129,9 +130,9 @@ async fn start_server(cfg: &Config, node_uuid: &str, raft_id: u64, client: &RpcC
     let contacts = ContactLog::default();
     let network = Network { client: client.clone(), contacts: contacts.clone() };
     let rcfg = raft_config(&cfg.raft).map_err(|e| AgentError::Raft(e.to_string()))?;
-    let raft = Raft::new(raft_id, Arc::new(rcfg), network, log, sm).await.map_err(|e| AgentError::Raft(e.to_string()))?;
+    let raft = Raft::new(raft_id, Arc::new(rcfg), network.clone(), log, sm).await.map_err(|e| AgentError::Raft(e.to_string()))?;
     let me = ServerNode { id: node_uuid.to_string(), name: cfg.node_name.clone(), rpc_addr: rpc_addr.to_string() };
-    Ok(ServerParts { node: RaftNode { id: raft_id, me, raft, store, rpc: client.clone(), contacts }, storage, rpc_listener })
+    Ok(ServerParts { node: RaftNode { id: raft_id, me, raft, store, rpc: client.clone(), contacts }, network, storage, rpc_listener })
 }
 
 impl Agent {
@@ -496,7 +497,18 @@ impl Agent {
 
         let storage = match server {
             None => None,
-            Some(ServerParts { node, storage, rpc_listener }) => {
+            Some(ServerParts { node, network, storage, rpc_listener }) => {
+                let elections = crate::consensus::election::drive(node.id, node.raft.clone(), network, cfg.raft.clone());
+                let token = shutdown.clone();
+                tasks.spawn(
+                    async move {
+                        tokio::select! {
+                            _ = elections => {}
+                            _ = token.cancelled() => {}
+                        }
+                    }
+                    .map_name("elections"),
+                );
                 let material = material.as_ref().expect("servers always have a certificate (config validation)");
                 let verifier = material.client_verifier(cfg.auto_encrypt_allow_tls)?;
                 let identify = crate::rpc::Identify { verifier: verifier.clone(), datacenter: cfg.datacenter.clone(), domain: cfg.domain.clone() };
@@ -512,7 +524,14 @@ impl Agent {
                     }),
                 );
                 tasks.spawn(auto_encrypt::trust_agent_ca(node.clone(), verifier, shutdown.clone()).map_name("agent-ca"));
-                rpc_server.register(Service::Raft, Arc::new(RaftHandler { raft: node.raft.clone(), contacts: node.contacts.clone() }));
+                rpc_server.register(
+                    Service::Raft,
+                    Arc::new(RaftHandler {
+                        raft: node.raft.clone(),
+                        contacts: node.contacts.clone(),
+                        lease: crate::consensus::election::lease(&cfg.raft),
+                    }),
+                );
                 let dc_router = federation.clone().expect("servers have a federation router");
                 if cfg.connect.mesh_gateway_wan_federation {
                     let (store, dc) = (node.store.clone(), cfg.datacenter.clone());

@@ -1,4 +1,4 @@
-//! openraft wiring: the type configuration, the sled-backed log store, the state machine
+//! openraft wiring: the type configuration, the log store (a write-ahead log), the state machine
 //! adapter over `state::Store`, and the Raft network carried by `rpc`.
 //!
 //! Depends on `state` (what is replicated) and `rpc` (how bytes move); nothing above.
@@ -7,6 +7,7 @@
 // our helpers return the same types rather than boxing and unboxing them at every call.
 #![allow(clippy::result_large_err)]
 
+pub mod election;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
@@ -60,12 +61,17 @@ pub use crate::config::{DEFAULT_RAFT_TIMINGS, RaftTimings};
 /// Take a snapshot (and purge the log behind it) every this many entries.
 const SNAPSHOT_EVERY_ENTRIES: u64 = 8192;
 
+/// openraft's configuration. Its own election timer is off: `election::drive` holds elections,
+/// after a pre-vote. openraft derives its leader lease (how long a follower refuses to vote
+/// after hearing the leader) from `election_timeout_max`, so that is set to the lease.
 pub fn raft_config(t: &RaftTimings) -> Result<openraft::Config, openraft::ConfigError> {
+    let lease = election::lease(t).as_millis() as u64;
     openraft::Config {
         cluster_name: "trellis".into(),
         heartbeat_interval: t.heartbeat_ms,
-        election_timeout_min: t.election_min_ms,
-        election_timeout_max: t.election_max_ms,
+        election_timeout_min: lease.saturating_sub(1).max(t.heartbeat_ms + 1),
+        election_timeout_max: lease.max(t.heartbeat_ms + 2),
+        enable_elect: false,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()

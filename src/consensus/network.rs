@@ -21,6 +21,8 @@ pub enum RaftRpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Asked before an election (see `election`); never changes the receiver's state.
+    PreVote(super::election::PreVote),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -28,14 +30,22 @@ pub enum RaftReply {
     Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    PreVote(bool),
 }
 
 /// Last time each peer answered us, which autopilot reads to judge server health.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ContactLog {
     inner: Arc<Mutex<std::collections::HashMap<NodeId, Instant>>>,
     /// When this node last heard from a leader (for `X-Consul-LastContact` on followers).
     leader: Arc<Mutex<Option<Instant>>>,
+    started: Instant,
+}
+
+impl Default for ContactLog {
+    fn default() -> ContactLog {
+        ContactLog { inner: Default::default(), leader: Default::default(), started: Instant::now() }
+    }
 }
 
 impl ContactLog {
@@ -50,6 +60,11 @@ impl ContactLog {
     }
     pub fn since_leader(&self) -> Option<Duration> {
         self.leader.lock().map(|t| t.elapsed())
+    }
+    /// How long this node has gone without a leader: since the last one was heard, or since
+    /// start when none has been yet.
+    pub fn quiet_for(&self) -> Duration {
+        self.since_leader().unwrap_or_else(|| self.started.elapsed())
     }
 }
 
@@ -150,12 +165,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 pub struct RaftHandler {
     pub raft: Raft,
     pub contacts: ContactLog,
+    /// The leader lease: pre-votes are granted only after this long without a leader.
+    pub lease: Duration,
 }
 
 impl Handler for RaftHandler {
     fn handle(&self, peer: Peer, body: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
         let raft = self.raft.clone();
         let contacts = self.contacts.clone();
+        let lease = self.lease;
         async move {
             if !peer.is_server() {
                 return Err(RpcError::new(ErrorCode::Forbidden, "raft messages are accepted only from servers of this datacenter"));
@@ -170,6 +188,7 @@ impl Handler for RaftHandler {
                 }
                 RaftRpc::Vote(r) => RaftReply::Vote(raft.vote(r).await),
                 RaftRpc::Snapshot(r) => RaftReply::Snapshot(raft.install_snapshot(r).await),
+                RaftRpc::PreVote(r) => RaftReply::PreVote(super::election::answer(&raft, &contacts, lease, &r)),
             };
             rpc::encode(&reply)
         }

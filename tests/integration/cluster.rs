@@ -156,3 +156,231 @@ async fn full_restart_brings_back_all_state() {
     let svc = c.get_json(&format!("{base}/v1/catalog/service/web")).await.unwrap();
     assert_eq!(svc[0]["ServiceTags"][0], "v1");
 }
+
+/// The leader every server in `of` reports, when they all agree on a non-empty one.
+async fn leader_seen_by(c: &Cluster, of: &[usize]) -> Option<String> {
+    let mut seen: Option<String> = None;
+    for &i in of {
+        let r = c.http.get(format!("{}/v1/status/leader", c.servers[i].http())).timeout(Duration::from_secs(1)).send().await.ok()?;
+        let l: String = r.json().await.ok()?;
+        if l.is_empty() || seen.as_ref().is_some_and(|x| *x != l) {
+            return None;
+        }
+        seen = Some(l);
+    }
+    seen
+}
+
+/// An nftables rule dropping every connection to one server's Raft RPC port (TCP 8300), for
+/// as long as the value lives: the leader cannot reach it, while it can still ask the others
+/// (outgoing connections leave from 127.0.0.1, which no rule can tell apart).
+struct RaftPartition {
+    table: String,
+}
+
+impl RaftPartition {
+    fn new(ip: &str) -> RaftPartition {
+        let table = format!("trellis_partition_{}", ip.replace('.', "_"));
+        let script = format!(
+            "table inet {table} {{\n chain input {{\n type filter hook input priority 0; policy accept;\n \
+             ip daddr {ip} tcp dport 8300 drop\n }}\n}}\n"
+        );
+        let mut child = std::process::Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().expect("nft");
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft rejected: {script}");
+        RaftPartition { table }
+    }
+}
+
+impl Drop for RaftPartition {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+    }
+}
+
+/// `Stats.raft.term` of server `i`.
+async fn term_of(c: &Cluster, i: usize) -> Option<u64> {
+    let r = c.http.get(format!("{}/v1/agent/self", c.servers[i].http())).timeout(Duration::from_secs(2)).send().await.ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    v["Stats"]["raft"]["term"].as_str()?.parse().ok()
+}
+
+/// A Go duration as autopilot prints it ("850ms", "1.2s"), in milliseconds.
+fn millis(d: &str) -> Option<f64> {
+    if let Some(ms) = d.strip_suffix("ms") {
+        return ms.parse().ok();
+    }
+    d.strip_suffix('s')?.parse::<f64>().ok().map(|s| s * 1000.0)
+}
+
+/// What this test does:
+/// - keeps four writers putting distinct keys through all three servers,
+/// - six times over, kills -9 or freezes (SIGSTOP) the leader, waits for the other two to agree
+///   on a new one (and prints how long that took), checks writes go on, then restarts or thaws
+///   the old leader and waits for all three to agree again,
+/// - checks every acknowledged write is kept, and that no term was ever led by two servers
+///   (each server logs every term it leads),
+/// - then freezes a follower until the leader has not heard from it for well past the lease,
+///   thaws it, and checks the leader and its term are unchanged once the follower has caught
+///   up; then cuts the follower off from Raft traffic (nftables) for as long, and checks the
+///   same after healing, and that its term did not move while it was cut off: with pre-vote, a
+///   returning server cannot depose a healthy leader.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_crashes_and_freezes_lose_no_write_and_never_split_a_term() {
+    let mut c = Cluster::start(3).await;
+    c.wait_for_leader().await;
+    let urls: Vec<String> = c.servers.iter().map(|s| s.http()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (http, urls, stop, count) = (c.http.clone(), urls.clone(), stop.clone(), acked_count.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let key = format!("cycle/w{w}/{n}");
+                let url = format!("{}/v1/kv/{key}", urls[(n as usize + w) % urls.len()]);
+                let req = http.put(url).body(format!("v{n}")).timeout(Duration::from_secs(3)).send().await;
+                if let Ok(r) = req
+                    && r.status().is_success()
+                    && r.text().await.unwrap_or_default().trim() == "true"
+                {
+                    acked.push((key, format!("v{n}")));
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            acked
+        }));
+    }
+    let progress = |more: usize| {
+        let target = acked_count.load(Ordering::Relaxed) + more;
+        let count = acked_count.clone();
+        async move { eventually("writes to go on", SOON, || async { (count.load(Ordering::Relaxed) >= target).then_some(()) }).await }
+    };
+    progress(50).await;
+    let all = [0usize, 1, 2];
+    for cycle in 0..6 {
+        let old = eventually("all three to agree on a leader", SOON, || leader_seen_by(&c, &all)).await;
+        let victim = c.index_of_rpc(&old);
+        let others: Vec<usize> = all.iter().copied().filter(|i| *i != victim).collect();
+        let freeze = cycle % 2 == 1;
+        let at = Instant::now();
+        if freeze {
+            c.signal(victim, "STOP");
+        } else {
+            c.kill(victim);
+        }
+        let new = loop {
+            if let Some(l) = leader_seen_by(&c, &others).await.filter(|l| *l != old) {
+                break l;
+            }
+            assert!(at.elapsed() < SOON, "cycle {cycle}: no new leader within {SOON:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        eprintln!("cycle {cycle}: {} the leader; {new} leads after {:?}", if freeze { "froze" } else { "killed" }, at.elapsed());
+        progress(20).await;
+        if freeze {
+            c.signal(victim, "CONT");
+        } else {
+            c.spawn(victim);
+        }
+        eventually("the old leader to follow the new one", SOON, || async { leader_seen_by(&c, &all).await.filter(|l| *l == new) }).await;
+        // Autopilot may have removed the old leader while it was down; a returning server is a
+        // voter again only after its stabilisation time. Until then a cluster of three cannot
+        // lose another server, so wait for three voters before the next failure.
+        eventually("three voters again", Duration::from_secs(60), || async {
+            let v = c.get_json(&format!("{}/v1/operator/raft/configuration", urls[others[0]])).await.ok()?;
+            let voters = v["Servers"].as_array()?.iter().filter(|s| s["Voter"] == true).count();
+            (voters == 3).then_some(())
+        })
+        .await;
+    }
+    progress(20).await;
+
+    // Pre-vote: a follower frozen well past the lease comes back without an election.
+    let leader_rpc = eventually("all three to agree on a leader", SOON, || leader_seen_by(&c, &all)).await;
+    let leader = c.index_of_rpc(&leader_rpc);
+    let follower = (leader + 1) % 3;
+    let term = eventually("the leader's term", SOON, || term_of(&c, leader)).await;
+    c.signal(follower, "STOP");
+    let name = c.servers[follower].name.clone();
+    eventually("the leader to miss the frozen follower for 2.5 s", SOON, || async {
+        // 429 while a server is unhealthy, as in Consul; the body is the same.
+        let r = c.http.get(format!("{}/v1/operator/autopilot/health", urls[leader])).send().await.ok()?;
+        let v: serde_json::Value = r.json().await.ok()?;
+        let s = v["Servers"].as_array()?.iter().find(|s| s["Name"] == name.as_str())?.clone();
+        (millis(s["LastContact"].as_str()?)? > 2500.0).then_some(())
+    })
+    .await;
+    c.signal(follower, "CONT");
+    let (code, _) = c.put(&format!("{}/v1/kv/prevote/marker", urls[leader]), "back").await.unwrap();
+    assert_eq!(code, 200);
+    eventually("the thawed follower to catch up", SOON, || async {
+        let r = c.http.get(format!("{}/v1/kv/prevote/marker?raw&stale", urls[follower])).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    assert_eq!(leader_seen_by(&c, &all).await.as_deref(), Some(leader_rpc.as_str()), "the thawed follower deposed the leader");
+    assert_eq!(term_of(&c, leader).await, Some(term), "the thawed follower forced a new term");
+
+    // The same for a follower the leader cannot reach (gossip still flows, so autopilot keeps
+    // it): without pre-vote it would campaign in vain, term after term, and once reachable its
+    // higher term would depose the leader.
+    let cut = RaftPartition::new(&c.servers[follower].ip);
+    eventually("the leader to miss the partitioned follower for 3 s", SOON, || async {
+        let r = c.http.get(format!("{}/v1/operator/autopilot/health", urls[leader])).send().await.ok()?;
+        let v: serde_json::Value = r.json().await.ok()?;
+        let s = v["Servers"].as_array()?.iter().find(|s| s["Name"] == name.as_str())?.clone();
+        (millis(s["LastContact"].as_str()?)? > 3000.0).then_some(())
+    })
+    .await;
+    let follower_term = term_of(&c, follower).await;
+    drop(cut);
+    let (code, _) = c.put(&format!("{}/v1/kv/prevote/healed", urls[leader]), "back").await.unwrap();
+    assert_eq!(code, 200);
+    eventually("the healed follower to catch up", SOON, || async {
+        let r = c.http.get(format!("{}/v1/kv/prevote/healed?raw&stale", urls[follower])).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    assert_eq!(follower_term, Some(term), "the partitioned follower raised its term while cut off");
+    assert_eq!(leader_seen_by(&c, &all).await.as_deref(), Some(leader_rpc.as_str()), "the healed follower deposed the leader");
+    assert_eq!(term_of(&c, leader).await, Some(term), "the healed follower forced a new term");
+
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    let all_keys = c.get_json(&format!("{}/v1/kv/cycle/?recurse&consistent", urls[leader])).await.unwrap();
+    let stored: std::collections::HashMap<String, String> = all_keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            use base64::Engine;
+            let v = base64::engine::general_purpose::STANDARD.decode(e["Value"].as_str().unwrap_or("")).unwrap();
+            (e["Key"].as_str().unwrap().to_string(), String::from_utf8(v).unwrap())
+        })
+        .collect();
+    eprintln!("{} acknowledged writes over six leader failures", acked.len());
+    for (k, v) in &acked {
+        assert_eq!(stored.get(k), Some(v), "acknowledged write {k} was lost");
+    }
+    // Every term has at most one leader, by each server's own account.
+    let mut leaders: std::collections::BTreeMap<u64, std::collections::BTreeSet<String>> = Default::default();
+    for i in all {
+        for line in c.log(i).lines() {
+            if let Some(t) = line.split("leading term=").nth(1).and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next()?.parse::<u64>().ok()) {
+                leaders.entry(t).or_default().insert(c.servers[i].name.clone());
+            }
+        }
+    }
+    assert!(leaders.len() >= 7, "expected a logged leader for each of at least 7 terms: {leaders:?}");
+    for (t, who) in &leaders {
+        assert_eq!(who.len(), 1, "term {t} had two leaders: {who:?}");
+    }
+}

@@ -245,6 +245,13 @@ impl Cluster {
         }
     }
 
+    /// Send a signal (e.g. "STOP", "CONT") to a running agent.
+    pub fn signal(&self, i: usize, sig: &str) {
+        let pid = self.servers[i].child.as_ref().expect("agent is running").id();
+        let ok = Command::new("kill").args([format!("-{sig}"), pid.to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid} failed");
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.servers[i].child.take() {
@@ -312,7 +319,16 @@ impl Drop for Cluster {
                 eprintln!(
                     "---- log of {} ----\n{}",
                     s.name,
-                    self.log(i).lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+                    self.log(i)
+                        .lines()
+                        .filter(|l| !l.contains("RPCError"))
+                        .rev()
+                        .take(60)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
         }

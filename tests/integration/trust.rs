@@ -99,9 +99,12 @@ async fn every_request_kind_is_refused_from_peers_that_may_not_send_it() {
 
     // Raft messages come from servers of this datacenter only.
     let vote = RaftRpc::Vote(openraft::raft::VoteRequest { vote: openraft::Vote::new(99, 7), last_log_id: None });
+    let pre_vote = RaftRpc::PreVote(trellis::consensus::election::PreVote { candidate: 7, last_log_index: Some(u64::MAX) });
     for (who, rpc) in [("client agent", &client), ("dc2 server", &remote)] {
-        let got = rpc.call_typed::<RaftRpc, trellis::consensus::network::RaftReply>(addr, Service::Raft, &vote, T).await.map(|_| ());
-        assert_eq!(got.map_err(|e| e.code), Err(ErrorCode::Forbidden), "{who} voting");
+        for (what, req) in [("voting", &vote), ("asking for a pre-vote", &pre_vote)] {
+            let got = rpc.call_typed::<RaftRpc, trellis::consensus::network::RaftReply>(addr, Service::Raft, req, T).await.map(|_| ());
+            assert_eq!(got.map_err(|e| e.code), Err(ErrorCode::Forbidden), "{who} {what}");
+        }
     }
 
     // Relayed HTTP: nobody relays agent endpoints, snapshots or operator writes.

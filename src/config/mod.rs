@@ -14,14 +14,24 @@ pub mod dns;
 /// pre-vote, then an election. The defaults suit a LAN: a dead leader is replaced within about
 /// 1.2 s (seven missed heartbeats, then at most 0.4 s of jitter), while a live one, however
 /// busy, is never deposed by a follower that froze or restarted.
+///
+/// Also how much log a server keeps: a snapshot is taken once `snapshot_threshold` entries
+/// have been applied since the last one, and `trailing_logs` entries are kept behind it so that
+/// a follower a little behind catches up from the log rather than from a whole snapshot.
 #[derive(Debug, Clone)]
 pub struct RaftTimings {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    pub snapshot_threshold: u64,
+    pub trailing_logs: u64,
 }
 
-pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings { heartbeat_ms: 100, election_min_ms: 700, election_max_ms: 1100 };
+pub const DEFAULT_RAFT_TIMINGS: RaftTimings =
+    RaftTimings { heartbeat_ms: 100, election_min_ms: 700, election_max_ms: 1100, snapshot_threshold: 8192, trailing_logs: 1000 };
+
+/// Bounds of `raft_snapshot_threshold` and `raft_trailing_logs`.
+const RAFT_LOG_LIMITS: std::ops::RangeInclusive<u64> = 16..=10_000_000;
 
 /// Autopilot settings the first leader stores (Consul's `autopilot` block and defaults).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +114,10 @@ pub struct RawConfig {
     pub tls: Option<RawTls>,
     /// Raft timing scale.
     pub performance: Option<RawPerformance>,
+    /// Log entries applied since the last snapshot that trigger a new one (default 8192).
+    pub raft_snapshot_threshold: Option<u64>,
+    /// Log entries kept behind a snapshot, for followers slightly behind (default 1000).
+    pub raft_trailing_logs: Option<u64>,
     /// A second DNS domain answered like `domain`.
     pub alt_domain: Option<String>,
     /// Upstream resolvers for names outside the domain (address or address:port).
@@ -589,6 +603,8 @@ impl RawConfig {
             other,
             encrypt,
             tombstone_ttl,
+            raft_snapshot_threshold,
+            raft_trailing_logs,
             enable_script_checks,
             enable_local_script_checks,
             ae_interval,
@@ -854,7 +870,14 @@ impl RawConfig {
             heartbeat_ms: DEFAULT_RAFT_TIMINGS.heartbeat_ms * m,
             election_min_ms: DEFAULT_RAFT_TIMINGS.election_min_ms * m,
             election_max_ms: DEFAULT_RAFT_TIMINGS.election_max_ms * m,
+            snapshot_threshold: self.raft_snapshot_threshold.unwrap_or(DEFAULT_RAFT_TIMINGS.snapshot_threshold),
+            trailing_logs: self.raft_trailing_logs.unwrap_or(DEFAULT_RAFT_TIMINGS.trailing_logs),
         };
+        for (key, v) in [("raft_snapshot_threshold", raft.snapshot_threshold), ("raft_trailing_logs", raft.trailing_logs)] {
+            if !RAFT_LOG_LIMITS.contains(&v) {
+                errs.push(format!("{key}: {v} must be between {} and {}", RAFT_LOG_LIMITS.start(), RAFT_LOG_LIMITS.end()));
+            }
+        }
         let raw_limits = self.limits.unwrap_or_default();
         let limits = Limits {
             http_max_conns_per_client: raw_limits.http_max_conns_per_client.map_or(DEFAULT_LIMITS.http_max_conns_per_client, |n| n as usize),
@@ -1083,6 +1106,18 @@ mod tests {
         for key in ["bind_addr", "log_level", "data_dir", "tls"] {
             assert!(e.contains(key), "{key} missing from {e}");
         }
+    }
+
+    #[test]
+    fn raft_log_retention_keys_are_read_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "r.hcl", "raft_snapshot_threshold = 100\nraft_trailing_logs = 50\n");
+        let c = load_files(&[p], &[]).unwrap().validate(true).unwrap();
+        assert_eq!((c.raft.snapshot_threshold, c.raft.trailing_logs), (100, 50));
+        let raw = RawConfig { raft_snapshot_threshold: Some(0), raft_trailing_logs: Some(u64::MAX), ..Default::default() };
+        let e = raw.validate(true).unwrap_err().to_string();
+        assert!(e.contains("raft_snapshot_threshold: 0 must be between 16"), "{e}");
+        assert!(e.contains("raft_trailing_logs: 18446744073709551615 must be between"), "{e}");
     }
 
     #[test]

@@ -58,9 +58,6 @@ pub type NodeId = u64;
 
 pub use crate::config::{DEFAULT_RAFT_TIMINGS, RaftTimings};
 
-/// Take a snapshot (and purge the log behind it) every this many entries.
-const SNAPSHOT_EVERY_ENTRIES: u64 = 8192;
-
 /// openraft's configuration. Its own election timer is off: `election::drive` holds elections,
 /// after a pre-vote. openraft derives its leader lease (how long a follower refuses to vote
 /// after hearing the leader) from `election_timeout_max`, so that is set to the lease.
@@ -72,8 +69,8 @@ pub fn raft_config(t: &RaftTimings) -> Result<openraft::Config, openraft::Config
         election_timeout_min: lease.saturating_sub(1).max(t.heartbeat_ms + 1),
         election_timeout_max: lease.max(t.heartbeat_ms + 2),
         enable_elect: false,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_threshold),
+        max_in_snapshot_log_to_keep: t.trailing_logs,
         ..Default::default()
     }
     .validate()

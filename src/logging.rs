@@ -143,7 +143,7 @@ impl<S: Subscriber> Layer<S> for FeedLayer {
 /// Install the process's logging: stderr at `level` (or `TRELLIS_LOG`), plus the monitor feed.
 pub fn init(level: &str, quiet_directives: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=error,sled=warn,{quiet_directives}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},openraft=error,{quiet_directives}")));
     let stderr = tracing_subscriber::fmt::layer().with_target(false).with_filter(filter);
     // Monitors see everything at their level except the per-request chatter of libraries.
     let feed_filter =

@@ -1,4 +1,4 @@
-//! openraft's storage conformance suite, run against the sled log store and our state machine.
+//! openraft's storage conformance suite, run against the write-ahead log store and our state machine.
 
 use std::sync::Arc;
 
@@ -12,18 +12,18 @@ use trellis::consensus::storage::Storage;
 use trellis::consensus::{NodeId, TypeConfig};
 use trellis::state::Store;
 
-struct SledBuilder;
+struct WalBuilder;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for WalBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = Storage::open(dir.path()).expect("open sled");
+        let storage = Storage::open(dir.path()).expect("open storage");
         let sm = StateMachine::open(storage.clone(), Arc::new(RwLock::new(Store::new())))?;
         Ok((dir, LogStore::new(storage), sm))
     }
 }
 
 #[test]
-fn sled_store_passes_openraft_storage_suite() {
-    Suite::test_all(SledBuilder).expect("storage suite");
+fn wal_store_passes_openraft_storage_suite() {
+    Suite::test_all(WalBuilder).expect("storage suite");
 }

@@ -1,5 +1,8 @@
-//! Raft's log and vote on sled (storage-v2 `RaftLogStorage`). Entries are durable before
-//! openraft is told they are.
+//! Raft's log and vote (storage-v2 `RaftLogStorage`) on `storage`'s write-ahead log. `append`
+//! returns once entries are readable and tells openraft they are durable from the log's sync
+//! thread, after the fsync that covers them. openraft 0.9 waits for that before its next append
+//! (`RaftCore::append_to_log`), so a leader makes one fsync per client write and a follower one
+//! per AppendEntries batch; the log's group commit pays only once appends overlap.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -10,10 +13,6 @@ use openraft::{Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use super::storage::Storage;
 use super::{NodeId, TypeConfig, io_err};
 
-const VOTE: &str = "vote";
-const COMMITTED: &str = "committed";
-const LAST_PURGED: &str = "last_purged";
-
 #[derive(Clone)]
 pub struct LogStore {
     storage: Storage,
@@ -23,16 +22,14 @@ impl LogStore {
     pub fn new(storage: Storage) -> LogStore {
         LogStore { storage }
     }
+}
 
-    fn meta<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StorageError<NodeId>> {
-        let raw = self.storage.meta_get(name).map_err(|e| StorageIOError::read(io_err(&e)))?;
-        raw.map(|b| postcard::from_bytes(&b).map_err(|e| StorageIOError::read(io_err(&e)).into())).transpose()
-    }
+fn decode<T: serde::de::DeserializeOwned>(raw: Option<Vec<u8>>) -> Result<Option<T>, StorageError<NodeId>> {
+    raw.map(|b| postcard::from_bytes(&b).map_err(|e| StorageIOError::read(io_err(&e)).into())).transpose()
+}
 
-    async fn put_meta<T: serde::Serialize>(&self, name: &str, v: &T, durable: bool) -> Result<(), StorageError<NodeId>> {
-        let b = postcard::to_allocvec(v).map_err(|e| StorageIOError::write(io_err(&e)))?;
-        self.storage.meta_put(name, b, durable).await.map_err(|e| StorageIOError::write(io_err(&e)).into())
-    }
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
+    postcard::to_allocvec(v).map_err(|e| StorageIOError::write(io_err(&e)).into())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -49,7 +46,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
-        let last_purged: Option<LogId<NodeId>> = self.meta(LAST_PURGED)?;
+        let raw = self.storage.purge_point().map_err(|e| StorageIOError::read(io_err(&e)))?;
+        let last_purged: Option<LogId<NodeId>> = decode(raw)?;
         let last = match self.storage.log_last().map_err(|e| StorageIOError::read_logs(io_err(&e)))? {
             Some((_, b)) => {
                 let e: Entry<TypeConfig> = postcard::from_bytes(&b).map_err(|e| StorageIOError::read_logs(io_err(&e)))?;
@@ -65,20 +63,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(VOTE, vote, true).await
+        let b = encode(vote)?;
+        self.storage.save_vote(b).await.map_err(|e| StorageIOError::write_vote(io_err(&e)).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.meta(VOTE)
+        decode(self.storage.vote().map_err(|e| StorageIOError::read_vote(io_err(&e)))?)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
         // Not flushed: a lost committed index is only re-learned from the leader.
-        self.put_meta(COMMITTED, &committed, false).await
+        let b = encode(&committed)?;
+        self.storage.save_committed(&b).map_err(|e| StorageIOError::write(io_err(&e)).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        Ok(self.meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+        let raw = self.storage.committed().map_err(|e| StorageIOError::read(io_err(&e)))?;
+        Ok(decode::<Option<LogId<NodeId>>>(raw)?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
@@ -91,13 +92,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let b = postcard::to_allocvec(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, io_err(&err)))?;
             rows.push((e.log_id.index, b));
         }
-        let res = self.storage.log_append(rows).await.map_err(|e| std::io::Error::other(e.to_string()));
-        let failed = res.as_ref().err().map(|e| StorageIOError::write_logs(io_err(e)));
-        callback.log_io_completed(res);
-        match failed {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        self.storage.log_append(rows, Box::new(move |res| callback.log_io_completed(res))).map_err(|e| StorageIOError::write_logs(io_err(&e)).into())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
@@ -105,8 +100,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        // Record the purge point first, so that a crash in between never loses track of it.
-        self.put_meta(LAST_PURGED, &log_id, true).await?;
-        self.storage.log_purge_upto(log_id.index).map_err(|e| StorageIOError::write_logs(io_err(&e)).into())
+        // The purge point is on disk before any entry goes, so a crash in between never loses it.
+        let point = encode(&log_id)?;
+        self.storage.log_purge_upto(log_id.index, point).await.map_err(|e| StorageIOError::write_logs(io_err(&e)).into())
     }
 }

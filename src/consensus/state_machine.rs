@@ -1,6 +1,6 @@
 //! The Raft state machine: applies committed entries to the in-memory `state::Store` and keeps
-//! the latest snapshot on sled. On start it loads that snapshot; openraft then replays the log
-//! after it, so the applied state itself never needs to be written anywhere else.
+//! the latest snapshot in its file (`storage`). On start it loads that snapshot; openraft then
+//! replays the log after it, so the applied state itself never needs to be written anywhere else.
 
 use parking_lot::RwLock;
 use std::io::Cursor;

@@ -18,7 +18,10 @@
 #   BENCH_DURATION         measured run per system, wrk syntax (s/m) [20s]
 #   BENCH_WARMUP           unmeasured warm-up per system, 0 to skip [3s]
 #   BENCH_VALUE_SIZE       value size in bytes [128]
-#   BENCH_SYSTEMS          which systems, in order ["etcd trellis"]
+#   BENCH_SYSTEMS          which systems, in order ["etcd trellis"]; "catalog"
+#                          adds catalog registrations (PUT /v1/catalog/register,
+#                          a new node with a service and a node check each) on
+#                          the same 3-server Trellis cluster, after its KV run
 #   BENCH_STARTUP_TIMEOUT  seconds to wait for each cluster to elect a leader [60]
 #   BENCH_TMPDIR           parent of the temporary directory [${TMPDIR:-/tmp}]
 #   BENCH_ALLOW_ERRORS     1: exit 0 even if a run had errors [0]
@@ -67,7 +70,7 @@ DURATION_S=$(to_seconds "$DURATION")
 WARMUP_S=$(to_seconds "$WARMUP")
 (( DURATION_S > 0 )) || die "BENCH_DURATION must be > 0"
 for s in $SYSTEMS; do
-  [[ $s == etcd || $s == trellis ]] || die "unknown system '$s' in BENCH_SYSTEMS"
+  [[ $s == etcd || $s == trellis || $s == catalog ]] || die "unknown system '$s' in BENCH_SYSTEMS"
 done
 want() { [[ " $SYSTEMS " == *" $1 "* ]]; }
 
@@ -284,6 +287,17 @@ bench_trellis() {
   got=$(curl -sS --max-time 5 "$leader/v1/kv/bench/t1_2?raw") || got=""
   [[ $got == "$(expected_value)" ]] || die "trellis key bench/t1_2 holds '$got', not the value wrk sent"
   record trellis "$line" "$stored"
+  if want catalog; then
+    if (( WARMUP_S > 0 )); then
+      log "catalog warm-up ${WARMUP}"
+      run_wrk catalog "$leader" "$KV_DIR/trellis_catalog.lua" warm/ "$WARMUP"
+    fi
+    log "catalog measured run: -t$THREADS -c$CONNS -d$DURATION"
+    run_wrk catalog "$leader" "$KV_DIR/trellis_catalog.lua" bench/ "$DURATION"
+    line=$WRK_RESULT
+    stored=$(curl -sS --max-time 60 "$leader/v1/catalog/service/web" | jq -r '[.[] | select(.Node | startswith("bench-"))] | length') || stored="?"
+    record catalog "$line" "$stored"
+  fi
   stop_pids
 }
 
@@ -295,6 +309,8 @@ mkdir -p "$WORK/logs"
 log "work dir $WORK ($(df -T "$WORK" | awk 'NR==2 {print $2}')), $(nproc) cores"
 
 for s in $SYSTEMS; do
+  # Catalog registrations run on the KV benchmark's Trellis cluster.
+  [[ $s == catalog ]] && { want trellis || die "BENCH_SYSTEMS: catalog needs trellis"; continue; }
   "bench_$s"
 done
 
@@ -318,6 +334,10 @@ done
 if want etcd && want trellis; then
   printf '%-12s %10s %10s %10s\n' "trellis/etcd" "$(ratio "${RPS[trellis]}" "${RPS[etcd]}")" \
     "$(ratio "${P50[trellis]}" "${P50[etcd]}")" "$(ratio "${P99[trellis]}" "${P99[etcd]}")"
+  if want catalog; then
+    printf '%-12s %10s %10s %10s\n' "catalog/etcd" "$(ratio "${RPS[catalog]}" "${RPS[etcd]}")" \
+      "$(ratio "${P50[catalog]}" "${P50[etcd]}")" "$(ratio "${P99[catalog]}" "${P99[etcd]}")"
+  fi
   echo "(req/s ratio > 1: Trellis is faster; latency ratios < 1: Trellis is faster)"
 fi
 

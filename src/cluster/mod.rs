@@ -23,6 +23,7 @@
 //! Depends on `consensus` (Raft types), `state` (commands and reads) and `rpc`; the handler that
 //! answers these requests is wired in `agent/`, which knows every part it needs.
 
+pub mod batch;
 pub mod node;
 pub mod sessions;
 

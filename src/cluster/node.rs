@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
-
 use super::{ClusterReply, ClusterRpc, MAX_HOPS, NodeState};
 use crate::consensus::network::ContactLog;
 use crate::consensus::{NodeId, Raft, ServerNode};
@@ -37,6 +35,8 @@ pub struct RaftNode {
     pub store: Arc<RwLock<Store>>,
     pub rpc: RpcClient,
     pub contacts: ContactLog,
+    /// Group commit of this server's writes while it leads.
+    pub writes: super::batch::Batcher,
 }
 
 pub fn now_ms() -> u64 {
@@ -82,10 +82,10 @@ impl RaftNode {
     /// `write_request` for a write that has already been passed on `hops` times.
     pub async fn write_hops(&self, req: Request, hops: u8) -> Result<(Outcome, u64), WriteError> {
         let leader = if self.is_leader() {
-            match self.raft.client_write(req.clone()).await {
-                Ok(resp) => return Ok((resp.data, resp.log_id.index)),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node.and_then(|n| n.socket_addr()),
-                Err(e) => return Err(WriteError::Raft(e.to_string())),
+            match self.writes.write(req.clone()).await {
+                Ok(done) => return Ok(done),
+                Err(super::batch::BatchError::NotLeader(leader)) => leader,
+                Err(super::batch::BatchError::Raft(e)) => return Err(WriteError::Raft(e)),
             }
         } else {
             self.leader_addr()

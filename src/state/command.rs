@@ -92,6 +92,10 @@ pub enum Command {
         id: String,
         sha256: Vec<u8>,
     },
+    /// Many client writes in one log entry (group commit, `cluster::batch`): applied in order,
+    /// each with its own clock and outcome, all at the entry's index. Never nested, and never
+    /// holding restore chunks (those are sized to one entry each).
+    Batch(Vec<Request>),
 }
 
 impl Command {
@@ -119,6 +123,28 @@ impl Command {
             Command::AgentCaInit(_) => "AgentCaInit",
             Command::RestoreChunk { .. } => "RestoreChunk",
             Command::RestoreCommit { .. } => "RestoreCommit",
+            Command::Batch(_) => "Batch",
+        }
+    }
+
+    /// Whether this command may share a log entry with others.
+    pub fn batchable(&self) -> bool {
+        !matches!(self, Command::RestoreChunk { .. } | Command::RestoreCommit { .. } | Command::Batch(_))
+    }
+
+    /// Roughly how many bytes the command takes in a log entry: its payloads (values, chunks,
+    /// definitions) plus a fixed allowance. Enough to keep a batch's entry within bounds.
+    pub fn approx_bytes(&self) -> usize {
+        const BASE: usize = 256;
+        match self {
+            Command::Txn(ops) => ops.iter().map(|o| BASE + o.key.len() + o.value.as_ref().map_or(0, Vec::len)).sum(),
+            Command::Register(r) => BASE * (2 + r.checks.len()),
+            Command::RestoreChunk { bytes, .. } => BASE + bytes.len(),
+            Command::Batch(reqs) => reqs.iter().map(|r| r.command.approx_bytes()).sum(),
+            Command::CoordinateBatch(c) => BASE * (1 + c.len()),
+            Command::ConfigReplicate { entries } => BASE * (1 + entries.len()) * 4,
+            Command::FederationReplicate { states } => BASE * (1 + states.len()) * 4,
+            _ => BASE * 4,
         }
     }
 }
@@ -204,4 +230,6 @@ pub enum Outcome {
     Txn(Result<Vec<KvEntry>, Vec<TxnError>>),
     /// A refused command, with the reason users see.
     Rejected(String),
+    /// A `Command::Batch`: each request's outcome, in order.
+    Batch(Vec<Outcome>),
 }

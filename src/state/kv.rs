@@ -254,6 +254,34 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_applies_each_write_in_order_with_its_own_outcome() {
+        let mut s = Store::new();
+        set(&mut s, 5, "a", "0");
+        let mut cas_ok = op(KvVerb::Cas, "a", "1");
+        cas_ok.index = 5;
+        // The second CAS names the index the first one replaced: it must fail, as it would
+        // have in an entry of its own.
+        let mut cas_stale = op(KvVerb::Cas, "a", "2");
+        cas_stale.index = 5;
+        let chunk = Command::RestoreChunk { id: "r".into(), seq: 0, bytes: vec![1] };
+        let batch = Command::Batch(vec![
+            req(Command::Txn(vec![cas_ok])),
+            req(Command::Txn(vec![cas_stale])),
+            req(Command::Txn(vec![op(KvVerb::Set, "b", "x")])),
+            req(chunk),
+        ]);
+        let Outcome::Batch(out) = s.apply(9, &req(batch)) else { panic!("not a batch outcome") };
+        assert_eq!(out.len(), 4);
+        assert!(matches!(out[0], Outcome::Txn(Ok(_))), "{:?}", out[0]);
+        assert!(matches!(out[1], Outcome::Txn(Err(_))), "{:?}", out[1]);
+        assert!(matches!(out[3], Outcome::Rejected(_)), "{:?}", out[3]);
+        let (a, _) = s.data().kv_get("a");
+        assert_eq!((a.as_ref().map(|e| e.value.clone()), a.map(|e| e.modify_index)), (Some(Some(b"1".to_vec())), Some(9)));
+        assert_eq!(s.data().kv_get("b").1, 9);
+        assert!(s.data().restore_staging.is_none(), "a restore chunk slipped into a batch");
+    }
+
+    #[test]
     fn kv_cas_rejects_stale_index() {
         let mut s = Store::new();
         set(&mut s, 5, "a", "1");

@@ -194,6 +194,17 @@ impl Store {
     pub fn apply(&mut self, index: RaftIndex, req: &Request) -> Outcome {
         self.touched = [false; TABLE_COUNT];
         let outcome = match &req.command {
+            // Each request of a batch is applied (and marks its tables) as if alone.
+            Command::Batch(reqs) => {
+                return Outcome::Batch(
+                    reqs.iter()
+                        .map(|r| match r.command.batchable() {
+                            true => self.apply(index, r),
+                            false => Outcome::Rejected(format!("{} cannot be part of a batch", r.command.name())),
+                        })
+                        .collect(),
+                );
+            }
             Command::Register(r) => self.register(index, req.now_ms, r),
             Command::Deregister { node, service_id, check_id } => {
                 self.deregister(index, req.now_ms, node, service_id.as_deref(), check_id.as_deref())

@@ -384,3 +384,107 @@ async fn leader_crashes_and_freezes_lose_no_write_and_never_split_a_term() {
         assert_eq!(who.len(), 1, "term {t} had two leaders: {who:?}");
     }
 }
+
+/// Bytes in the files under `dir`, recursively.
+fn disk_use(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => disk_use(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// What this test does:
+/// - runs one server that snapshots every 100 entries and keeps 16 behind each snapshot,
+/// - overwrites the same 100 keys 4,000 times with 64 KiB values (250 MiB of history),
+/// - checks every key holds its last value, and that the Raft data directory holds no more than
+///   the live data a few times over (snapshots) plus a bounded log tail (whole WAL segments).
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_stays_bounded_under_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("retention.hcl");
+    std::fs::write(&cfg, "raft_snapshot_threshold = 100\nraft_trailing_logs = 16\n").unwrap();
+    let c = Cluster::start_with(1, 0, &["--config-file", cfg.to_str().unwrap()]).await;
+    c.wait_for_leader().await;
+    let http = c.servers[0].http();
+    const KEYS: usize = 100;
+    const WRITES: usize = 4000;
+    const VALUE: usize = 64 << 10;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let (client, http, next) = (c.http.clone(), http.clone(), next.clone());
+        writers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= WRITES {
+                    return;
+                }
+                // The value names its write, so the last one per key can be checked.
+                let mut body = format!("{n:08}").into_bytes();
+                body.resize(VALUE, b'x');
+                let r = client.put(format!("{http}/v1/kv/disk/k{}", n % KEYS)).body(body).timeout(Duration::from_secs(30)).send().await.unwrap();
+                assert!(r.status().is_success(), "write {n}: {}", r.status());
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Each key's value comes from one of its last writes (8 writers run out of order).
+    for k in 0..KEYS {
+        let r = c.http.get(format!("{http}/v1/kv/disk/k{k}?raw")).send().await.unwrap();
+        let b = r.bytes().await.unwrap();
+        let n: usize = std::str::from_utf8(&b[..8]).unwrap().parse().unwrap();
+        assert!(n % KEYS == k && n + 8 * KEYS >= WRITES, "key {k} holds write {n}");
+    }
+    let raft_dir = c.servers[0].data_dir.join("raft");
+    let live = (KEYS * VALUE) as u64;
+    let used = disk_use(&raft_dir);
+    let history = (WRITES * VALUE) as u64;
+    // Two snapshots (the current one, and the next being written) and a tail of at most three
+    // segments: the active one, the one before it, and one awaiting its purge.
+    let bound = 2 * live + 3 * trellis::consensus::storage::SEGMENT_BYTES + (1 << 20);
+    eprintln!("raft data dir: {} MiB after {} MiB of writes ({} MiB live)", used >> 20, history >> 20, live >> 20);
+    assert!(used <= bound, "the raft data dir holds {used} bytes after {history} bytes of overwrites (bound {bound})");
+}
+
+/// What this test does:
+/// - runs three servers that snapshot every 100 entries and keep only 16 behind each snapshot,
+/// - stops a follower, then writes 1,500 values of 64 KiB (100 keys overwritten, 100 new), so
+///   the entries it lacks are long gone from the leader's log,
+/// - restarts it and checks it catches up; the only way is the leader's snapshot, about 12 MiB,
+///   which openraft sends in chunks (3 MiB each by default).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_far_behind_catches_up_from_a_chunked_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("retention.hcl");
+    std::fs::write(&cfg, "raft_snapshot_threshold = 100\nraft_trailing_logs = 16\n").unwrap();
+    let mut c = Cluster::start_with(3, 0, &["--config-file", cfg.to_str().unwrap()]).await;
+    let leader_rpc = c.wait_for_leader().await;
+    let leader = c.index_of_rpc(&leader_rpc);
+    let behind = (leader + 1) % 3;
+    c.stop(behind);
+    let http = c.servers[leader].http();
+    let value = vec![b'v'; 64 << 10];
+    for n in 0..1500 {
+        let key = if n < 1400 { format!("far/k{}", n % 100) } else { format!("far/new{n}") };
+        let (code, body) = c.put(&format!("{http}/v1/kv/{key}"), value.clone()).await.unwrap();
+        assert_eq!(code, 200, "write {n}: {body}");
+    }
+    c.spawn(behind);
+    let url = format!("{}/v1/kv/far/?keys&stale", c.servers[behind].http());
+    eventually("the restarted follower to hold all 200 keys", SOON, || async {
+        let v = c.get_json(&url).await.ok()?;
+        (v.as_array()?.len() == 200).then_some(())
+    })
+    .await;
+    let r = c.http.get(format!("{}/v1/kv/far/new1499?raw&stale", c.servers[behind].http())).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 64 << 10);
+}

@@ -51,11 +51,11 @@ pub(crate) const TABLE_COUNT: usize = 12;
 /// Everything replicated, in a form that snapshots serialize as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct StateData {
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: imbl::OrdMap<String, Node>,
     /// Keyed by (node, service id).
-    pub services: BTreeMap<(String, String), Service>,
+    pub services: imbl::OrdMap<(String, String), Service>,
     /// Keyed by (node, check id).
-    pub checks: BTreeMap<(String, String), HealthCheck>,
+    pub checks: imbl::OrdMap<(String, String), HealthCheck>,
     /// Persistent (structurally shared) maps: a snapshot copies them in O(1) while apply is
     /// paused, instead of copying every entry (which stalled writes for tens of milliseconds).
     pub kv: imbl::OrdMap<String, KvEntry>,
@@ -64,7 +64,7 @@ pub struct StateData {
     /// The highest index of any tombstone reaped so far: prefix reads never report less, so
     /// that reaping cannot make an index go back.
     pub kv_graveyard_index: RaftIndex,
-    pub sessions: BTreeMap<String, Session>,
+    pub sessions: imbl::OrdMap<String, Session>,
     /// Key -> wall-clock millisecond until which it cannot be acquired (session lock-delay).
     pub lock_delays: BTreeMap<String, u64>,
     pub autopilot: AutopilotConfig,
@@ -74,7 +74,7 @@ pub struct StateData {
     /// Prepared queries by ID.
     pub prepared_queries: BTreeMap<String, query::PreparedQuery>,
     /// Each node's network coordinate in this datacenter, as its agent last reported it.
-    pub coordinates: BTreeMap<String, CoordinateEntry>,
+    pub coordinates: imbl::OrdMap<String, CoordinateEntry>,
     /// The Connect CA of this datacenter (None until the first leader creates it).
     #[serde(default)]
     pub connect_ca: Option<mesh::ConnectCa>,
@@ -90,7 +90,7 @@ pub struct StateData {
     /// Highest index that changed each table.
     pub table_index: [RaftIndex; TABLE_COUNT],
     /// Highest index that changed anything a service's catalog/health view shows.
-    pub service_index: BTreeMap<String, RaftIndex>,
+    pub service_index: imbl::OrdMap<String, RaftIndex>,
     /// Derived, not replicated: the instances of each service by name, so that reading one
     /// service costs its own instances, not the whole catalog.
     #[serde(skip)]
@@ -100,7 +100,7 @@ pub struct StateData {
 /// Indexes derived from the tables: rebuilt after a snapshot loads, maintained by apply, and
 /// equal whenever the tables are (they carry no information of their own).
 #[derive(Debug, Clone, Default)]
-pub struct DerivedIndex(pub BTreeMap<String, std::collections::BTreeSet<(String, String)>>);
+pub struct DerivedIndex(pub imbl::OrdMap<String, imbl::OrdSet<(String, String)>>);
 
 impl PartialEq for DerivedIndex {
     fn eq(&self, _: &Self) -> bool {
@@ -126,7 +126,7 @@ impl StateData {
                 by.entry(v).or_default().insert(key.clone());
             }
         }
-        self.by_service = DerivedIndex(by);
+        self.by_service = DerivedIndex(by.into_iter().map(|(k, v)| (k, v.into_iter().collect::<imbl::OrdSet<_>>())).collect());
     }
 
     pub fn index_of(&self, tables: &[Table]) -> RaftIndex {

@@ -27,6 +27,8 @@
 #   BENCH_ALLOW_ERRORS     1: exit 0 even if a run had errors [0]
 #   BENCH_KEEP_LOGS        directory to copy the server logs into before cleanup
 #   TRELLIS_BIN            [target/release/trellis, built with cargo if missing]
+#   BENCH_TRELLIS_CONFIG   a config file every Trellis server also reads (e.g. raft_snapshot_threshold)
+#   BENCH_PRELOAD          keys loaded into Trellis (64 per /v1/txn) before its warm-up [0]
 #
 # Exit status: 0 when every run finished without errors, 1 when a run had
 # non-2xx responses or socket errors (the table still prints), other
@@ -46,6 +48,8 @@ VALUE_SIZE=${BENCH_VALUE_SIZE:-128}
 SYSTEMS=${BENCH_SYSTEMS:-etcd trellis}
 STARTUP_TIMEOUT=${BENCH_STARTUP_TIMEOUT:-60}
 ALLOW_ERRORS=${BENCH_ALLOW_ERRORS:-0}
+TRELLIS_CONFIG=${BENCH_TRELLIS_CONFIG:-}
+PRELOAD=${BENCH_PRELOAD:-0}
 
 log() { printf '[kv-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
@@ -246,6 +250,7 @@ bench_trellis() {
       --retry-join 127.0.0.11 --retry-join 127.0.0.12 --retry-join 127.0.0.13 \
       --ca-file "$D/trellis-agent-ca.pem" --cert-file "$D/dc1-server-trellis-$n.pem" \
       --key-file "$D/dc1-server-trellis-$n-key.pem" \
+      ${TRELLIS_CONFIG:+--config-file "$TRELLIS_CONFIG"} \
       >"$WORK/logs/trellis-s$i.log" 2>&1 &
     PIDS+=($!)
   done
@@ -274,6 +279,14 @@ bench_trellis() {
   resp=$(curl -sS --max-time 5 -X PUT --data-binary ok "$leader/v1/kv/sanity") || die "trellis sanity PUT failed"
   [[ $resp == true ]] || die "trellis sanity PUT answered: $resp"
 
+  local loaded=0 chunk
+  while (( loaded < PRELOAD )); do
+    run_wrk trellis "$leader" "$KV_DIR/trellis_txn.lua" "pre$loaded/" 10s
+    chunk=$(field "$WRK_RESULT" requests)
+    (( $(field "$WRK_RESULT" non2xx) == 0 && chunk > 0 )) || die "preloading failed: $WRK_RESULT"
+    loaded=$(( loaded + chunk * 64 ))
+    log "preloaded $loaded of $PRELOAD keys"
+  done
   if (( WARMUP_S > 0 )); then
     log "trellis warm-up ${WARMUP}"
     run_wrk trellis "$leader" "$KV_DIR/trellis_put.lua" warm/ "$WARMUP"

@@ -129,7 +129,7 @@ async fn start_server(cfg: &Config, node_uuid: &str, raft_id: u64, client: &RpcC
     let log = LogStore::new(storage.clone());
     let contacts = ContactLog::default();
     let network = Network { client: client.clone(), contacts: contacts.clone() };
-    let rcfg = raft_config(&cfg.raft).map_err(|e| AgentError::Raft(e.to_string()))?;
+    let rcfg = raft_config(&cfg.raft, raft_id).map_err(|e| AgentError::Raft(e.to_string()))?;
     let raft = Raft::new(raft_id, Arc::new(rcfg), network.clone(), log, sm).await.map_err(|e| AgentError::Raft(e.to_string()))?;
     let me = ServerNode { id: node_uuid.to_string(), name: cfg.node_name.clone(), rpc_addr: rpc_addr.to_string() };
     Ok(ServerParts { node: RaftNode { id: raft_id, me, writes: crate::cluster::batch::Batcher::start(raft.clone()), raft, store, rpc: client.clone(), contacts }, network, storage, rpc_listener })

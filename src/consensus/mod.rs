@@ -61,15 +61,20 @@ pub use crate::config::{DEFAULT_RAFT_TIMINGS, RaftTimings};
 /// openraft's configuration. Its own election timer is off: `election::drive` holds elections,
 /// after a pre-vote. openraft derives its leader lease (how long a follower refuses to vote
 /// after hearing the leader) from `election_timeout_max`, so that is set to the lease.
-pub fn raft_config(t: &RaftTimings) -> Result<openraft::Config, openraft::ConfigError> {
+///
+/// Each server snapshots after its own number of entries, between the threshold and half as
+/// many again (by its Raft ID): servers that all snapshotted at the same index would all be
+/// busy at once, and none left to make the quorum that commits writes meanwhile.
+pub fn raft_config(t: &RaftTimings, id: NodeId) -> Result<openraft::Config, openraft::ConfigError> {
     let lease = election::lease(t).as_millis() as u64;
+    let snapshot_after = t.snapshot_threshold + (t.snapshot_threshold / 2) * (id % 1024) / 1024;
     openraft::Config {
         cluster_name: "trellis".into(),
         heartbeat_interval: t.heartbeat_ms,
         election_timeout_min: lease.saturating_sub(1).max(t.heartbeat_ms + 1),
         election_timeout_max: lease.max(t.heartbeat_ms + 2),
         enable_elect: false,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_threshold),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_after),
         max_in_snapshot_log_to_keep: t.trailing_logs,
         ..Default::default()
     }

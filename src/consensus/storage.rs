@@ -253,6 +253,11 @@ impl Storage {
         self.blocking(move |s| write_durably(&s.dir, SNAPSHOT_FILE, &bytes)).await
     }
 
+    /// `snapshot_put` on the calling (blocking) thread.
+    pub fn snapshot_put_sync(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        write_durably(&self.inner.dir, SNAPSHOT_FILE, bytes)
+    }
+
     pub fn snapshot_get(&self) -> Result<Option<Vec<u8>>, StorageError> {
         read_if_exists(&self.inner.dir.join(SNAPSHOT_FILE))
     }

@@ -132,7 +132,12 @@ async fn start_server(cfg: &Config, node_uuid: &str, raft_id: u64, client: &RpcC
     let rcfg = raft_config(&cfg.raft, raft_id).map_err(|e| AgentError::Raft(e.to_string()))?;
     let raft = Raft::new(raft_id, Arc::new(rcfg), network.clone(), log, sm).await.map_err(|e| AgentError::Raft(e.to_string()))?;
     let me = ServerNode { id: node_uuid.to_string(), name: cfg.node_name.clone(), rpc_addr: rpc_addr.to_string() };
-    Ok(ServerParts { node: RaftNode { id: raft_id, me, writes: crate::cluster::batch::Batcher::start(raft.clone()), raft, store, rpc: client.clone(), contacts }, network, storage, rpc_listener })
+    Ok(ServerParts {
+        node: RaftNode { id: raft_id, me, writes: crate::cluster::batch::Batcher::start(raft.clone()), raft, store, rpc: client.clone(), contacts },
+        network,
+        storage,
+        rpc_listener,
+    })
 }
 
 impl Agent {
@@ -498,16 +503,18 @@ impl Agent {
         let storage = match server {
             None => None,
             Some(ServerParts { node, network, storage, rpc_listener }) => {
+                let by_size = crate::consensus::snapshot_by_size(node.raft.clone(), storage.clone());
                 let elections = crate::consensus::election::drive(node.id, node.raft.clone(), network, cfg.raft.clone());
                 let token = shutdown.clone();
                 tasks.spawn(
                     async move {
                         tokio::select! {
                             _ = elections => {}
+                            _ = by_size => {}
                             _ = token.cancelled() => {}
                         }
                     }
-                    .map_name("elections"),
+                    .map_name("elections and snapshots"),
                 );
                 let material = material.as_ref().expect("servers always have a certificate (config validation)");
                 let verifier = material.client_verifier(cfg.auto_encrypt_allow_tls)?;

@@ -81,6 +81,32 @@ pub fn raft_config(t: &RaftTimings, id: NodeId) -> Result<openraft::Config, open
     .validate()
 }
 
+/// Snapshot (and so purge the log) once the log holds this many bytes, however few entries:
+/// with group commit one entry can carry hundreds of writes, so a count alone bounds nothing.
+pub const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
+
+/// Ask for a snapshot whenever the log outgrows `SNAPSHOT_LOG_BYTES`; runs until Raft stops.
+pub async fn snapshot_by_size(raft: Raft, storage: storage::Storage) {
+    // At most one request per this long: a snapshot under way, or a log that stays large
+    // because its kept trailing entries are large, must not bring a storm of them.
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut asked: Option<std::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        if raft.metrics().borrow().state == openraft::ServerState::Shutdown {
+            return;
+        }
+        if storage.log_bytes() > SNAPSHOT_LOG_BYTES && asked.is_none_or(|t| t.elapsed() >= EVERY) {
+            asked = Some(std::time::Instant::now());
+            tracing::debug!(bytes = storage.log_bytes(), "the Raft log passed its size limit: snapshotting");
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 pub(crate) fn io_err<E: std::error::Error + 'static>(e: &E) -> openraft::AnyError {
     openraft::AnyError::new(e)
 }

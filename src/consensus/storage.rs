@@ -179,6 +179,11 @@ impl Storage {
         tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|e| StorageError::Io { path: dir, error: io::Error::other(e) })?
     }
 
+    /// Roughly how many bytes the log takes on disk.
+    pub fn log_bytes(&self) -> u64 {
+        self.inner.wal.bytes()
+    }
+
     pub fn log_range<R: RangeBounds<u64>>(&self, range: R) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,

@@ -467,6 +467,12 @@ impl Wal {
         }
     }
 
+    /// Bytes the segments hold (the closed ones counted at the size limit they passed).
+    pub fn bytes(&self) -> u64 {
+        let st = self.state.read();
+        st.segments.len().saturating_sub(1) as u64 * self.segment_bytes + st.active_len
+    }
+
     /// The first and last live index, if there are entries.
     pub fn bounds(&self) -> Option<(u64, u64)> {
         let st = self.state.read();

@@ -23,17 +23,13 @@ IP=127.0.0.21
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 [[ -x $BIN ]] || cargo build --release
 WORK=$(mktemp -d)
-PID=
-cleanup() { [[ -n $PID ]] && kill "$PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
+DEV_PID=
+cleanup() { [[ -n $DEV_PID ]] && kill "$DEV_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
-"$BIN" agent --dev --bind "$IP" --client "$IP" --data-dir "$WORK/data" >"$WORK/agent.log" 2>&1 &
-PID=$!
-deadline=$(( SECONDS + 60 ))
-until [[ $(curl -s --max-time 2 "http://$IP:8500/v1/status/leader" || true) =~ ^\"[^\"]+\"$ ]]; do
-  (( SECONDS < deadline )) || { cat "$WORK/agent.log" >&2; echo "no leader" >&2; exit 2; }
-  kill -0 "$PID" || { cat "$WORK/agent.log" >&2; exit 2; }
-  sleep 0.2
-done
+# shellcheck source=benches/lib/dev_agent.sh
+source benches/lib/dev_agent.sh
+start_dev_agent "$BIN" "$IP" "$WORK/data" "$WORK/agent.log" || exit 2
+PID=$DEV_PID
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$PID/status"; }
 before=$(rss_kb)
 out=$(KV_BENCH_PREFIX=bench/ wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --timeout 10s --latency \

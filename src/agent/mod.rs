@@ -503,7 +503,7 @@ impl Agent {
         let storage = match server {
             None => None,
             Some(ServerParts { node, network, storage, rpc_listener }) => {
-                let by_size = crate::consensus::snapshot_by_size(node.raft.clone(), storage.clone());
+                let by_size = crate::consensus::snapshot_by_size(node.raft.clone(), storage.clone(), cfg.raft.snapshot_log_bytes);
                 let elections = crate::consensus::election::drive(node.id, node.raft.clone(), network, cfg.raft.clone());
                 let token = shutdown.clone();
                 tasks.spawn(

@@ -25,10 +25,21 @@ pub struct RaftTimings {
     pub election_max_ms: u64,
     pub snapshot_threshold: u64,
     pub trailing_logs: u64,
+    /// Snapshot once the log holds this many bytes, however few entries.
+    pub snapshot_log_bytes: u64,
 }
 
-pub const DEFAULT_RAFT_TIMINGS: RaftTimings =
-    RaftTimings { heartbeat_ms: 100, election_min_ms: 700, election_max_ms: 1100, snapshot_threshold: 8192, trailing_logs: 1000 };
+pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings {
+    heartbeat_ms: 100,
+    election_min_ms: 700,
+    election_max_ms: 1100,
+    snapshot_threshold: 8192,
+    trailing_logs: 1000,
+    snapshot_log_bytes: 64 << 20,
+};
+
+/// Bounds of `raft_snapshot_log_bytes`: 1 MiB to 64 GiB.
+const RAFT_LOG_BYTES_LIMITS: std::ops::RangeInclusive<u64> = (1 << 20)..=(64 << 30);
 
 /// Bounds of `raft_snapshot_threshold` and `raft_trailing_logs`.
 const RAFT_LOG_LIMITS: std::ops::RangeInclusive<u64> = 16..=10_000_000;
@@ -118,6 +129,8 @@ pub struct RawConfig {
     pub raft_snapshot_threshold: Option<u64>,
     /// Log entries kept behind a snapshot, for followers slightly behind (default 1000).
     pub raft_trailing_logs: Option<u64>,
+    /// Trellis's own: snapshot once the Raft log holds this many bytes (default 64 MiB).
+    pub raft_snapshot_log_bytes: Option<u64>,
     /// A second DNS domain answered like `domain`.
     pub alt_domain: Option<String>,
     /// Upstream resolvers for names outside the domain (address or address:port).
@@ -605,6 +618,7 @@ impl RawConfig {
             tombstone_ttl,
             raft_snapshot_threshold,
             raft_trailing_logs,
+            raft_snapshot_log_bytes,
             enable_script_checks,
             enable_local_script_checks,
             ae_interval,
@@ -872,7 +886,16 @@ impl RawConfig {
             election_max_ms: DEFAULT_RAFT_TIMINGS.election_max_ms * m,
             snapshot_threshold: self.raft_snapshot_threshold.unwrap_or(DEFAULT_RAFT_TIMINGS.snapshot_threshold),
             trailing_logs: self.raft_trailing_logs.unwrap_or(DEFAULT_RAFT_TIMINGS.trailing_logs),
+            snapshot_log_bytes: self.raft_snapshot_log_bytes.unwrap_or(DEFAULT_RAFT_TIMINGS.snapshot_log_bytes),
         };
+        if !RAFT_LOG_BYTES_LIMITS.contains(&raft.snapshot_log_bytes) {
+            errs.push(format!(
+                "raft_snapshot_log_bytes: {} must be between {} and {}",
+                raft.snapshot_log_bytes,
+                RAFT_LOG_BYTES_LIMITS.start(),
+                RAFT_LOG_BYTES_LIMITS.end()
+            ));
+        }
         for (key, v) in [("raft_snapshot_threshold", raft.snapshot_threshold), ("raft_trailing_logs", raft.trailing_logs)] {
             if !RAFT_LOG_LIMITS.contains(&v) {
                 errs.push(format!("{key}: {v} must be between {} and {}", RAFT_LOG_LIMITS.start(), RAFT_LOG_LIMITS.end()));
@@ -1114,8 +1137,14 @@ mod tests {
         let p = write(d.path(), "r.hcl", "raft_snapshot_threshold = 100\nraft_trailing_logs = 50\n");
         let c = load_files(&[p], &[]).unwrap().validate(true).unwrap();
         assert_eq!((c.raft.snapshot_threshold, c.raft.trailing_logs), (100, 50));
-        let raw = RawConfig { raft_snapshot_threshold: Some(0), raft_trailing_logs: Some(u64::MAX), ..Default::default() };
+        let raw = RawConfig {
+            raft_snapshot_threshold: Some(0),
+            raft_trailing_logs: Some(u64::MAX),
+            raft_snapshot_log_bytes: Some(5),
+            ..Default::default()
+        };
         let e = raw.validate(true).unwrap_err().to_string();
+        assert!(e.contains("raft_snapshot_log_bytes: 5 must be between 1048576"), "{e}");
         assert!(e.contains("raft_snapshot_threshold: 0 must be between 16"), "{e}");
         assert!(e.contains("raft_trailing_logs: 18446744073709551615 must be between"), "{e}");
     }

@@ -81,12 +81,12 @@ pub fn raft_config(t: &RaftTimings, id: NodeId) -> Result<openraft::Config, open
     .validate()
 }
 
-/// Snapshot (and so purge the log) once the log holds this many bytes, however few entries:
-/// with group commit one entry can carry hundreds of writes, so a count alone bounds nothing.
-pub const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
-
-/// Ask for a snapshot whenever the log outgrows `SNAPSHOT_LOG_BYTES`; runs until Raft stops.
-pub async fn snapshot_by_size(raft: Raft, storage: storage::Storage) {
+/// Ask for a snapshot whenever the log outgrows `limit` bytes (`raft_snapshot_log_bytes`) and
+/// the latest snapshot, however few entries it holds: with group commit one entry can carry
+/// hundreds of writes, so an entry count alone bounds nothing. Never before the log is as big
+/// as the snapshot, so that a large state is not rewritten for a small log (the disk then
+/// holds at most about twice the state). Runs until Raft stops.
+pub async fn snapshot_by_size(raft: Raft, storage: storage::Storage, limit: u64) {
     // At most one request per this long: a snapshot under way, or a log that stays large
     // because its kept trailing entries are large, must not bring a storm of them.
     const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -97,7 +97,7 @@ pub async fn snapshot_by_size(raft: Raft, storage: storage::Storage) {
         if raft.metrics().borrow().state == openraft::ServerState::Shutdown {
             return;
         }
-        if storage.log_bytes() > SNAPSHOT_LOG_BYTES && asked.is_none_or(|t| t.elapsed() >= EVERY) {
+        if storage.log_bytes() > limit.max(storage.snapshot_len()) && asked.is_none_or(|t| t.elapsed() >= EVERY) {
             asked = Some(std::time::Instant::now());
             tracing::debug!(bytes = storage.log_bytes(), "the Raft log passed its size limit: snapshotting");
             if raft.trigger().snapshot().await.is_err() {

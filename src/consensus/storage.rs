@@ -258,6 +258,11 @@ impl Storage {
         self.blocking(move |s| write_durably(&s.dir, SNAPSHOT_FILE, &bytes)).await
     }
 
+    /// The size of the latest snapshot file (0 when there is none).
+    pub fn snapshot_len(&self) -> u64 {
+        std::fs::metadata(self.inner.dir.join(SNAPSHOT_FILE)).map_or(0, |m| m.len())
+    }
+
     /// `snapshot_put` on the calling (blocking) thread.
     pub fn snapshot_put_sync(&self, bytes: &[u8]) -> Result<(), StorageError> {
         write_durably(&self.inner.dir, SNAPSHOT_FILE, bytes)

@@ -291,6 +291,18 @@ async fn resolver_load_balancer_pins_requests_by_hash() {
         (seen.len() == 3).then_some(())
     })
     .await;
+    // The resolver reaches the sidecar through its own blocking query, after the write: wait
+    // until one user's ten requests all land on one instance (round robin over three never
+    // does that), so that what follows measures the ring hash, not the policy before it.
+    eventually("the ring hash policy in effect at the sidecar", SOON, || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let r = http.get(&url).header("x-user", "probe").send().await.ok()?;
+            seen.insert(backend_of(r));
+        }
+        (seen.len() == 1).then_some(())
+    })
+    .await;
     let mut users = std::collections::BTreeSet::new();
     for u in 0..20 {
         let mut seen = std::collections::BTreeSet::new();

@@ -18,19 +18,11 @@ cd "$(dirname "$0")/.."
 CONNS=${BENCH_CONNS:-64}
 DURATION=${BENCH_DURATION:-20s}
 THREADS=${BENCH_THREADS:-2}
-BIN=${TRELLIS_BIN:-target/release/trellis}
 IP=127.0.0.21
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
-[[ -x $BIN ]] || cargo build --release
-WORK=$(mktemp -d)
-DEV_PID=
-cleanup() { [[ -n $DEV_PID ]] && kill "$DEV_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
-trap cleanup EXIT
 # shellcheck source=benches/lib/dev_agent.sh
 source benches/lib/dev_agent.sh
-start_dev_agent "$BIN" "$IP" "$WORK/data" "$WORK/agent.log" || exit 2
-PID=$DEV_PID
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$PID/status"; }
+dev_bench_init "$IP"
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$DEV_PID/status"; }
 before=$(rss_kb)
 out=$(KV_BENCH_PREFIX=bench/ wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --timeout 10s --latency \
         -s benches/kv/trellis_catalog.lua "http://$IP:8500")

@@ -13,17 +13,10 @@ cd "$(dirname "$0")/.."
 KEYS=${BENCH_KEYS:-1000}
 WRITES=${BENCH_WRITES:-1000000}
 export KV_BENCH_VALUE_SIZE=${BENCH_VALUE_SIZE:-256} KV_BENCH_KEYS=$KEYS KV_BENCH_PREFIX=over/
-BIN=${TRELLIS_BIN:-target/release/trellis}
 IP=127.0.0.22
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
-[[ -x $BIN ]] || cargo build --release
-WORK=$(mktemp -d)
-DEV_PID=
-cleanup() { [[ -n $DEV_PID ]] && kill "$DEV_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
-trap cleanup EXIT
 # shellcheck source=benches/lib/dev_agent.sh
 source benches/lib/dev_agent.sh
-start_dev_agent "$BIN" "$IP" "$WORK/data" "$WORK/agent.log" || exit 2
+dev_bench_init "$IP"
 done_writes=0
 start=$SECONDS
 while (( done_writes < WRITES )); do

@@ -43,6 +43,71 @@ async fn three_servers_form_a_cluster_and_followers_forward_writes() {
     .await;
 }
 
+/// Four writers putting distinct keys `<prefix>w<writer>/<n>` through the servers in turn until
+/// `stop`; each returns the writes that were acknowledged, and counts them in `acked`.
+fn spawn_writers(
+    c: &Cluster,
+    prefix: &str,
+    stop: &Arc<AtomicBool>,
+    acked: &Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<(String, String)>>> {
+    let urls: Vec<String> = c.servers.iter().map(|s| s.http()).collect();
+    (0..4)
+        .map(|w| {
+            let (http, urls, stop, count, prefix) = (c.http.clone(), urls.clone(), stop.clone(), acked.clone(), prefix.to_string());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("{prefix}w{w}/{n}");
+                    let url = format!("{}/v1/kv/{key}", urls[(n as usize + w) % urls.len()]);
+                    let req = http.put(url).body(format!("v{n}")).timeout(Duration::from_secs(5)).send().await;
+                    if let Ok(r) = req
+                        && r.status().is_success()
+                        && r.text().await.unwrap_or_default().trim() == "true"
+                    {
+                        acked.push((key, format!("v{n}")));
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+/// Stop the writers and check, with a consistent read through `http`, that every write they
+/// had acknowledged is stored under `prefix`. Returns those writes.
+async fn assert_acknowledged_writes_kept(
+    c: &Cluster,
+    http: &str,
+    prefix: &str,
+    stop: &AtomicBool,
+    writers: Vec<tokio::task::JoinHandle<Vec<(String, String)>>>,
+) -> Vec<(String, String)> {
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    let all = c.get_json(&format!("{http}/v1/kv/{prefix}?recurse&consistent")).await.unwrap();
+    let stored: std::collections::HashMap<String, String> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            use base64::Engine;
+            let v = base64::engine::general_purpose::STANDARD.decode(e["Value"].as_str().unwrap_or("")).unwrap();
+            (e["Key"].as_str().unwrap().to_string(), String::from_utf8(v).unwrap())
+        })
+        .collect();
+    for (k, v) in &acked {
+        assert_eq!(stored.get(k), Some(v), "acknowledged write {k} was lost");
+    }
+    acked
+}
+
 /// What this test does:
 /// - keeps four writers putting distinct keys through every server,
 /// - kills -9 the leader in the middle,
@@ -53,27 +118,7 @@ async fn leader_failover_under_concurrent_writes_loses_no_acknowledged_write() {
     let old_leader = c.wait_for_leader().await;
     let urls: Vec<String> = c.servers.iter().map(|s| s.http()).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let (http, urls, stop) = (c.http.clone(), urls.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let key = format!("load/w{w}/{n}");
-                let url = format!("{}/v1/kv/{key}", urls[n as usize % urls.len()]);
-                let req = http.put(url).body(format!("v{n}")).timeout(Duration::from_secs(10)).send().await;
-                if let Ok(r) = req
-                    && r.status().is_success()
-                    && r.text().await.unwrap_or_default().trim() == "true"
-                {
-                    acked.push((key, format!("v{n}")));
-                }
-            }
-            acked
-        }));
-    }
+    let writers = spawn_writers(&c, "load/", &stop, &Default::default());
     eventually("some writes before the crash", SOON, || async {
         let v = c.get_json(&format!("{}/v1/kv/load/?keys", urls[0])).await.ok()?;
         (v.as_array()?.len() > 20).then_some(())
@@ -96,26 +141,8 @@ async fn leader_failover_under_concurrent_writes_loses_no_acknowledged_write() {
         (v.as_array()?.len() > before + 20).then_some(())
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for w in writers {
-        acked.extend(w.await.unwrap());
-    }
+    let acked = assert_acknowledged_writes_kept(&c, &survivor, "load/", &stop, writers).await;
     assert!(acked.len() > 40, "too few acknowledged writes: {}", acked.len());
-    let all = c.get_json(&format!("{survivor}/v1/kv/load/?recurse&consistent")).await.unwrap();
-    let stored: std::collections::HashMap<String, String> = all
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            use base64::Engine;
-            let v = base64::engine::general_purpose::STANDARD.decode(e["Value"].as_str().unwrap_or("")).unwrap();
-            (e["Key"].as_str().unwrap().to_string(), String::from_utf8(v).unwrap())
-        })
-        .collect();
-    for (k, v) in &acked {
-        assert_eq!(stored.get(k), Some(v), "acknowledged write {k} was lost");
-    }
     // The crashed server comes back and catches up.
     c.spawn(killed);
     let url = format!("{}/v1/kv/{}?raw&stale", c.servers[killed].http(), acked.last().unwrap().0);
@@ -233,28 +260,7 @@ async fn leader_crashes_and_freezes_lose_no_write_and_never_split_a_term() {
     let urls: Vec<String> = c.servers.iter().map(|s| s.http()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let acked_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let (http, urls, stop, count) = (c.http.clone(), urls.clone(), stop.clone(), acked_count.clone());
-        writers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let key = format!("cycle/w{w}/{n}");
-                let url = format!("{}/v1/kv/{key}", urls[(n as usize + w) % urls.len()]);
-                let req = http.put(url).body(format!("v{n}")).timeout(Duration::from_secs(3)).send().await;
-                if let Ok(r) = req
-                    && r.status().is_success()
-                    && r.text().await.unwrap_or_default().trim() == "true"
-                {
-                    acked.push((key, format!("v{n}")));
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            acked
-        }));
-    }
+    let writers = spawn_writers(&c, "cycle/", &stop, &acked_count);
     let progress = |more: usize| {
         let target = acked_count.load(Ordering::Relaxed) + more;
         let count = acked_count.clone();
@@ -350,26 +356,8 @@ async fn leader_crashes_and_freezes_lose_no_write_and_never_split_a_term() {
     assert_eq!(leader_seen_by(&c, &all).await.as_deref(), Some(leader_rpc.as_str()), "the healed follower deposed the leader");
     assert_eq!(term_of(&c, leader).await, Some(term), "the healed follower forced a new term");
 
-    stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for w in writers {
-        acked.extend(w.await.unwrap());
-    }
-    let all_keys = c.get_json(&format!("{}/v1/kv/cycle/?recurse&consistent", urls[leader])).await.unwrap();
-    let stored: std::collections::HashMap<String, String> = all_keys
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            use base64::Engine;
-            let v = base64::engine::general_purpose::STANDARD.decode(e["Value"].as_str().unwrap_or("")).unwrap();
-            (e["Key"].as_str().unwrap().to_string(), String::from_utf8(v).unwrap())
-        })
-        .collect();
+    let acked = assert_acknowledged_writes_kept(&c, &urls[leader], "cycle/", &stop, writers).await;
     eprintln!("{} acknowledged writes over six leader failures", acked.len());
-    for (k, v) in &acked {
-        assert_eq!(stored.get(k), Some(v), "acknowledged write {k} was lost");
-    }
     // Every term has at most one leader, by each server's own account.
     let mut leaders: std::collections::BTreeMap<u64, std::collections::BTreeSet<String>> = Default::default();
     for i in all {

@@ -2,6 +2,7 @@
 //! (client agents), through the same `Upstream` anti-entropy uses.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::dns::{DnsCatalog, Health, Instance, LookupError, NodeInfo, PtrTarget, QueryResult};
 use crate::federation::{Router, fail_over};
@@ -21,14 +22,14 @@ pub struct CatalogDns {
 }
 
 impl CatalogDns {
-    fn instance(&self, dc: &str, n: crate::state::Node, s: crate::state::Service, checks: &[crate::state::HealthCheck]) -> Instance {
+    fn instance(&self, dc: &str, n: &crate::state::Node, s: &crate::state::Service, checks: &[Arc<crate::state::HealthCheck>]) -> Instance {
         Instance {
-            node: n.node,
-            node_address: n.address,
-            service_address: s.address,
+            node: n.node.to_string(),
+            node_address: n.address.to_string(),
+            service_address: s.address.to_string(),
             port: s.port,
             status: health(checks),
-            node_meta: n.meta,
+            node_meta: n.meta.clone(),
             datacenter: dc.to_string(),
         }
     }
@@ -67,7 +68,7 @@ impl CatalogDns {
     }
 }
 
-fn health(checks: &[crate::state::HealthCheck]) -> Health {
+fn health(checks: &[Arc<crate::state::HealthCheck>]) -> Health {
     match checks.iter().map(|c| c.status).max() {
         None | Some(CheckStatus::Passing) => Health::Passing,
         Some(CheckStatus::Warning) => Health::Warning,
@@ -83,7 +84,7 @@ impl DnsCatalog for CatalogDns {
         let CatalogAnswer::Instances(list) = self.read(dc, q).await? else {
             return Err(LookupError::Unavailable("unexpected catalog answer".into()));
         };
-        Ok(list.into_iter().map(|(n, s, checks)| self.instance(dc, n, s, &checks)).collect())
+        Ok(list.iter().map(|(n, s, checks)| self.instance(dc, n, s, checks)).collect())
     }
 
     async fn connect_instances(&self, dc: Option<&str>, service: &str) -> Result<Vec<Instance>, LookupError> {
@@ -91,7 +92,7 @@ impl DnsCatalog for CatalogDns {
         let CatalogAnswer::Instances(list) = self.read(dc, CatalogQuery::ConnectInstances { service: service.into() }).await? else {
             return Err(LookupError::Unavailable("unexpected catalog answer".into()));
         };
-        Ok(list.into_iter().map(|(n, s, checks)| self.instance(dc, n, s, &checks)).collect())
+        Ok(list.iter().map(|(n, s, checks)| self.instance(dc, n, s, checks)).collect())
     }
 
     async fn node(&self, dc: Option<&str>, name: &str) -> Result<Option<NodeInfo>, LookupError> {
@@ -99,7 +100,7 @@ impl DnsCatalog for CatalogDns {
         let CatalogAnswer::Node(n) = self.read(dc, CatalogQuery::Node { name: name.into() }).await? else {
             return Err(LookupError::Unavailable("unexpected catalog answer".into()));
         };
-        Ok(n.map(|n| NodeInfo { name: n.node, address: n.address, meta: n.meta, datacenter: dc.to_string() }))
+        Ok(n.map(|n| NodeInfo { name: n.node.to_string(), address: n.address.to_string(), meta: n.meta.clone(), datacenter: dc.to_string() }))
     }
 
     async fn by_address(&self, ip: IpAddr) -> Result<Vec<PtrTarget>, LookupError> {
@@ -133,7 +134,7 @@ impl DnsCatalog for CatalogDns {
             .instances
             .into_iter()
             .map(|(node, service, mut checks)| {
-                checks.retain(|c| !ignored.contains(&c.check_id));
+                checks.retain(|c| !ignored.iter().any(|i| c.check_id == *i));
                 ServiceInstance { node, service, checks }
             })
             .collect();
@@ -143,7 +144,7 @@ impl DnsCatalog for CatalogDns {
             instances.shuffle(&mut rand::rng());
         }
         Ok(Some(QueryResult {
-            instances: instances.into_iter().map(|i| self.instance(&dc, i.node, i.service, &i.checks)).collect(),
+            instances: instances.iter().map(|i| self.instance(&dc, &i.node, &i.service, &i.checks)).collect(),
             ttl: crate::duration::parse(&answer.query.dns.ttl),
             only_passing: answer.query.service.only_passing,
             service: answer.query.service.service,

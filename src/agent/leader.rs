@@ -137,7 +137,7 @@ impl LeaderWorker {
             {
                 match m.status {
                     MemberStatus::Left => {
-                        if d.nodes.contains_key(&m.name) {
+                        if d.nodes.contains_key(m.name.as_str()) {
                             writes.push(Command::Deregister { node: m.name.clone(), service_id: None, check_id: None });
                         }
                     }
@@ -160,7 +160,7 @@ impl LeaderWorker {
             let known: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).chain(server_names.iter().copied()).collect();
             for ((node, cid), _) in d.checks.iter().filter(|((_, cid), _)| cid == SERF_CHECK) {
                 if reap && cid == SERF_CHECK && !known.contains(node.as_str()) {
-                    writes.push(Command::Deregister { node: node.clone(), service_id: None, check_id: None });
+                    writes.push(Command::Deregister { node: node.to_string(), service_id: None, check_id: None });
                 }
             }
         }
@@ -304,9 +304,9 @@ fn serf_check(alive: bool) -> HealthCheck {
 fn client_registration(m: &Member, dc: &str, alive: bool) -> Registration {
     Registration {
         node: Node {
-            id: m.tags.get("id").cloned().unwrap_or_default(),
-            node: m.name.clone(),
-            address: m.addr.ip().to_string(),
+            id: m.tags.get("id").cloned().unwrap_or_default().into(),
+            node: m.name.clone().into(),
+            address: m.addr.ip().to_string().into(),
             datacenter: dc.into(),
             ..Default::default()
         },
@@ -319,7 +319,13 @@ fn client_registration(m: &Member, dc: &str, alive: bool) -> Registration {
 fn server_registration(server: &ServerNode, dc: &str, alive: bool) -> Registration {
     let (ip, port) = server.socket_addr().map(|a| (a.ip().to_string(), a.port())).unwrap_or_default();
     Registration {
-        node: Node { id: server.id.clone(), node: server.name.clone(), address: ip, datacenter: dc.into(), ..Default::default() },
+        node: Node {
+            id: server.id.as_str().into(),
+            node: server.name.as_str().into(),
+            address: ip.into(),
+            datacenter: dc.into(),
+            ..Default::default()
+        },
         service: Some(Service { id: SERVER_SERVICE.into(), service: SERVER_SERVICE.into(), port, ..Default::default() }),
         checks: vec![serf_check(alive)],
         skip_node_update: false,

@@ -107,7 +107,7 @@ impl ServiceBody {
             .tagged_addresses
             .unwrap_or_default()
             .into_iter()
-            .map(|(k, a)| Ok((k.clone(), ServiceAddress { address: a.address, port: port(&format!("TaggedAddresses.{k}.Port"), a.port)? })))
+            .map(|(k, a)| Ok((k.clone(), ServiceAddress { address: a.address.into(), port: port(&format!("TaggedAddresses.{k}.Port"), a.port)? })))
             .collect::<Result<_, ApiError>>()?;
         let weights = match self.weights {
             None => Weights::default(),
@@ -120,17 +120,17 @@ impl ServiceBody {
             Some(w) => Weights { passing: w.passing, warning: w.warning },
         };
         Ok(Service {
-            kind: self.kind,
-            id: self.id,
-            service: self.service,
-            tags: self.tags.unwrap_or_default(),
-            address: self.address,
+            kind: self.kind.into(),
+            id: self.id.into(),
+            service: self.service.into(),
+            tags: self.tags.unwrap_or_default().into_iter().map(Into::into).collect(),
+            address: self.address.into(),
             tagged_addresses,
             meta: self.meta.unwrap_or_default(),
             port: port("Port", self.port)?,
             weights,
             enable_tag_override: self.enable_tag_override,
-            proxy: self.proxy.map(|p| p.into_proxy()).transpose()?,
+            proxy: self.proxy.map(|p| p.into_proxy().map(Box::new)).transpose()?,
             connect_native: self.connect.as_ref().is_some_and(|c| c.native),
             create_index: 0,
             modify_index: 0,
@@ -145,14 +145,14 @@ impl CheckBody {
             s => CheckStatus::parse(s).ok_or_else(|| ApiError::BadRequest(format!("Invalid check status: {s:?}")))?,
         };
         Ok(HealthCheck {
-            node: self.node,
-            check_id: self.check_id,
-            name: self.name,
+            node: self.node.into(),
+            check_id: self.check_id.into(),
+            name: self.name.into(),
             status,
-            notes: self.notes,
-            output: self.output,
-            service_id: self.service_id,
-            check_type: self.check_type,
+            notes: self.notes.into(),
+            output: self.output.into(),
+            service_id: self.service_id.into(),
+            check_type: self.check_type.into(),
             ..Default::default()
         })
     }
@@ -177,10 +177,10 @@ async fn register(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiEr
     }
     let reg = Registration {
         node: Node {
-            id: b.id,
-            node: b.node,
-            address: b.address,
-            datacenter: ctx.info.datacenter.clone(),
+            id: b.id.into(),
+            node: b.node.into(),
+            address: b.address.into(),
+            datacenter: ctx.info.datacenter.clone().into(),
             tagged_addresses: b.tagged_addresses.unwrap_or_default(),
             meta: b.node_meta.unwrap_or_default(),
             create_index: 0,
@@ -272,7 +272,7 @@ async fn services(State(ctx): State<Ctx>, p: Params) -> Result<Response, ApiErro
         let mut out: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
         for i in d.all_instances(&meta_filter) {
             if filter.matches(&catalog_service_json(&i, &dc))? {
-                out.entry(i.service.service.clone()).or_default().extend(i.service.tags.iter().cloned());
+                out.entry(i.service.service.to_string()).or_default().extend(i.service.tags.iter().map(|t| t.to_string()));
             }
         }
         Ok((out, d.index_of(&[Table::Services, Table::Nodes])))
@@ -404,7 +404,7 @@ async fn node(State(ctx): State<Ctx>, Path(name): Path<String>, p: Params) -> Re
         let (found, idx) = d.node_services(&name);
         Ok((
             found.map(|(n, svcs)| {
-                let services: BTreeMap<String, Value> = svcs.iter().map(|s| (s.id.clone(), service_json(s))).collect();
+                let services: BTreeMap<String, Value> = svcs.iter().map(|s| (s.id.to_string(), service_json(s))).collect();
                 json!({ "Node": node_json(&n, &dc), "Services": services })
             }),
             idx,
@@ -452,7 +452,7 @@ async fn node_services(State(ctx): State<Ctx>, Path(name): Path<String>, p: Para
     .await?;
     let body = match found {
         Some((n, svcs)) => {
-            json!({ "Node": node_json(&n, &dc), "Services": filtered(&p, &svcs.iter().map(service_json).collect::<Vec<_>>())? })
+            json!({ "Node": node_json(&n, &dc), "Services": filtered(&p, &svcs.iter().map(|s| service_json(s)).collect::<Vec<_>>())? })
         }
         None => Value::Null,
     };

@@ -220,9 +220,9 @@ pub struct MeshState {
 /// What the catalog holds for one node.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct NodeState {
-    pub node: Option<crate::state::Node>,
-    pub services: Vec<crate::state::Service>,
-    pub checks: Vec<crate::state::HealthCheck>,
+    pub node: Option<std::sync::Arc<crate::state::Node>>,
+    pub services: Vec<std::sync::Arc<crate::state::Service>>,
+    pub checks: Vec<std::sync::Arc<crate::state::HealthCheck>>,
 }
 
 /// How many times a write may be passed between servers before it is refused, so that

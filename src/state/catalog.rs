@@ -2,15 +2,18 @@
 //! endpoints.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use super::{CheckStatus, HealthCheck, Node, Outcome, RaftIndex, Registration, Service, StateData, Store, Table};
+use super::{CheckStatus, HealthCheck, Node, Outcome, RaftIndex, Registration, Service, StateData, Store, Str, Table};
 
 /// One instance of a service with its node and the checks that decide its health.
 #[derive(Debug, Clone)]
+///
+/// Rows are shared with the tables (`Arc`), so a read copies pointers, not records.
 pub struct ServiceInstance {
-    pub node: Node,
-    pub service: Service,
-    pub checks: Vec<HealthCheck>,
+    pub node: Arc<Node>,
+    pub service: Arc<Service>,
+    pub checks: Vec<Arc<HealthCheck>>,
 }
 
 impl ServiceInstance {
@@ -72,9 +75,9 @@ impl Store {
                 c.name = c.check_id.clone();
             }
             if !c.service_id.is_empty() {
-                let svc = match &service {
-                    Some(s) if s.id == c.service_id => Some(s.clone()),
-                    _ => self.data.services.get(&(node_name.clone(), c.service_id.clone())).cloned(),
+                let svc: Option<&Service> = match &service {
+                    Some(s) if s.id == c.service_id => Some(s),
+                    _ => self.data.services.get(&(node_name.clone(), c.service_id.clone())).map(|s| &**s),
                 };
                 let Some(svc) = svc else {
                     return Outcome::Rejected(format!("Unknown service ID '{}' for check ID '{}'", c.service_id, c.check_id));
@@ -95,7 +98,7 @@ impl Store {
             let mut n = r.node.clone();
             n.create_index = existing_node.as_ref().map(|e| e.create_index).unwrap_or(index);
             n.modify_index = index;
-            self.data.nodes.insert(node_name.clone(), n);
+            self.data.nodes.insert(node_name.clone(), Arc::new(n));
             self.touch(Table::Nodes);
             dirty_services.extend(self.services_of(&node_name).flat_map(view_keys));
         }
@@ -113,7 +116,7 @@ impl Store {
                     self.unindex_service(&key, p);
                 }
                 self.index_service(&key, &s);
-                self.data.services.insert(key, s);
+                self.data.services.insert(key, Arc::new(s));
                 self.touch(Table::Services);
             }
         }
@@ -127,10 +130,10 @@ impl Store {
             c.modify_index = index;
             let critical = c.status == CheckStatus::Critical;
             self.mark_check_services(&c, &mut dirty_services);
-            self.data.checks.insert(key, c.clone());
+            self.data.checks.insert(key.clone(), Arc::new(c));
             self.touch(Table::Checks);
             if critical {
-                self.invalidate_check_sessions(index, now_ms, &node_name, &c.check_id);
+                self.invalidate_check_sessions(index, now_ms, &node_name, &key.1);
             }
         }
         self.bump_services(index, dirty_services);
@@ -167,7 +170,7 @@ impl Store {
                 }
             }
             (Some(sid), _) => {
-                let key = (node.to_string(), sid.to_string());
+                let key: (Str, Str) = (node.into(), sid.into());
                 if let Some(s) = self.data.services.remove(&key) {
                     self.unindex_service(&key, &s);
                     dirty.extend(view_keys(&s));
@@ -182,7 +185,7 @@ impl Store {
                 }
             }
             (None, Some(cid)) => {
-                if let Some(c) = self.data.checks.remove(&(node.to_string(), cid.to_string())) {
+                if let Some(c) = self.data.checks.remove(&(node.into(), cid.into())) {
                     self.touch(Table::Checks);
                     self.mark_check_services(&c, &mut dirty);
                     self.invalidate_check_sessions(index, now_ms, node, cid);
@@ -200,12 +203,12 @@ impl Store {
         } else if let Some(s) = self.data.services.get(&(c.node.clone(), c.service_id.clone())) {
             dirty.extend(view_keys(s));
         } else {
-            dirty.insert(c.service_name.clone());
+            dirty.insert(c.service_name.to_string());
         }
     }
 
     fn services_of<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Service> + 'a {
-        self.data.services.range(node_range(node)).map(|(_, s)| s)
+        self.data.services.range(node_range(node)).map(|(_, s)| &**s)
     }
 
     fn bump_services(&mut self, index: RaftIndex, names: BTreeSet<String>) {
@@ -216,13 +219,13 @@ impl Store {
     }
 
     /// Index a service under every view it shows up in (its name, a connect view).
-    fn index_service(&mut self, key: &(String, String), s: &Service) {
+    fn index_service(&mut self, key: &(Str, Str), s: &Service) {
         for v in view_keys(s) {
             self.data.by_service.0.entry(v).or_default().insert(key.clone());
         }
     }
 
-    fn unindex_service(&mut self, key: &(String, String), s: &Service) {
+    fn unindex_service(&mut self, key: &(Str, Str), s: &Service) {
         for v in view_keys(s) {
             if let Some(set) = self.data.by_service.0.get_mut(&v) {
                 set.remove(key);
@@ -251,7 +254,7 @@ impl Store {
 /// The views a service shows up in: its own (catalog and health of its name) and, for a proxy
 /// or a connect-native service, the connect view of the service it serves.
 pub fn view_keys(s: &Service) -> Vec<String> {
-    let mut v = vec![s.service.clone()];
+    let mut v = vec![s.service.to_string()];
     if let Some(p) = &s.proxy {
         v.push(connect_view_key(&p.destination_service_name));
     }
@@ -268,9 +271,15 @@ pub fn connect_view_key(service: &str) -> String {
 }
 
 /// The key range of every row belonging to `node` in a (node, id) keyed table.
-fn node_range(node: &str) -> std::ops::RangeInclusive<(String, String)> {
-    (node.to_string(), String::new())..=(node.to_string(), char::MAX.to_string())
+fn node_range(node: &str) -> std::ops::RangeInclusive<(Str, Str)> {
+    (node.into(), Str::new())..=(node.into(), Str::from(char::MAX))
 }
+
+/// A node and its services.
+pub type NodeServices = (Arc<Node>, Vec<Arc<Service>>);
+
+/// An instance as catalog answers carry it: node, service, and the checks deciding its health.
+pub type InstanceRow = (Arc<Node>, Arc<Service>, Vec<Arc<HealthCheck>>);
 
 /// Filters a catalog or health service query can apply before `?filter=`.
 #[derive(Debug, Default, Clone)]
@@ -283,7 +292,7 @@ pub struct ServiceQuery {
 }
 
 impl StateData {
-    pub fn node_list(&self, node_meta: &BTreeMap<String, String>) -> (Vec<Node>, RaftIndex) {
+    pub fn node_list(&self, node_meta: &BTreeMap<String, String>) -> (Vec<Arc<Node>>, RaftIndex) {
         let nodes = self.nodes.values().filter(|n| meta_matches(&n.meta, node_meta)).cloned().collect();
         (nodes, self.index_of(&[Table::Nodes]))
     }
@@ -295,7 +304,7 @@ impl StateData {
             if !node_meta.is_empty() && !self.nodes.get(node).is_some_and(|n| meta_matches(&n.meta, node_meta)) {
                 continue;
             }
-            out.entry(s.service.clone()).or_default().extend(s.tags.iter().cloned());
+            out.entry(s.service.to_string()).or_default().extend(s.tags.iter().map(|t| t.to_string()));
         }
         (out, self.index_of(&[Table::Services, Table::Nodes]))
     }
@@ -321,7 +330,7 @@ impl StateData {
         let lookup = if q.connect { connect_view_key(name) } else { name.to_string() };
         let keys = self.by_service.0.get(&lookup).into_iter().flatten();
         for (node_name, s) in keys.filter_map(|k| self.services.get(k).map(|s| (&k.0, s))) {
-            if !q.tags.iter().all(|t| s.tags.contains(t)) {
+            if !q.tags.iter().all(|t| s.tags.iter().any(|x| x == t)) {
                 continue;
             }
             let Some(node) = self.nodes.get(node_name) else {
@@ -353,21 +362,21 @@ impl StateData {
     }
 
     /// The checks that decide an instance's health: the node's own and the service's.
-    pub(super) fn instance_checks(&self, node: &str, service_id: &str) -> Vec<HealthCheck> {
+    pub(super) fn instance_checks(&self, node: &str, service_id: &str) -> Vec<Arc<HealthCheck>> {
         self.checks.range(node_range(node)).map(|(_, c)| c).filter(|c| c.service_id.is_empty() || c.service_id == service_id).cloned().collect()
     }
 
-    pub fn node_services(&self, node: &str) -> (Option<(Node, Vec<Service>)>, RaftIndex) {
+    pub fn node_services(&self, node: &str) -> (Option<NodeServices>, RaftIndex) {
         let idx = self.index_of(&[Table::Nodes, Table::Services]);
         let found = self.nodes.get(node).map(|n| (n.clone(), self.services.range(node_range(node)).map(|(_, s)| s.clone()).collect()));
         (found, idx)
     }
 
-    pub fn node_checks(&self, node: &str) -> (Vec<HealthCheck>, RaftIndex) {
+    pub fn node_checks(&self, node: &str) -> (Vec<Arc<HealthCheck>>, RaftIndex) {
         (self.checks.range(node_range(node)).map(|(_, c)| c.clone()).collect(), self.index_of(&[Table::Checks]))
     }
 
-    pub fn service_checks(&self, service: &str) -> (Vec<HealthCheck>, RaftIndex) {
+    pub fn service_checks(&self, service: &str) -> (Vec<Arc<HealthCheck>>, RaftIndex) {
         let mut checks = Vec::new();
         for (node, sid) in self.by_service.0.get(service).into_iter().flatten() {
             checks.extend(self.checks.range(node_range(node)).map(|(_, c)| c).filter(|c| &c.service_id == sid).cloned());
@@ -376,7 +385,7 @@ impl StateData {
     }
 
     /// Checks in `state`; `None` means any state.
-    pub fn checks_in_state(&self, state: Option<CheckStatus>) -> (Vec<HealthCheck>, RaftIndex) {
+    pub fn checks_in_state(&self, state: Option<CheckStatus>) -> (Vec<Arc<HealthCheck>>, RaftIndex) {
         let checks = self.checks.values().filter(|c| state.is_none_or(|s| c.status == s)).cloned().collect();
         (checks, self.index_of(&[Table::Checks]))
     }
@@ -389,7 +398,7 @@ impl StateData {
         match near {
             "" => None,
             "_agent" => Some(agent.to_string()),
-            "_ip" => client_ip.and_then(|ip| self.nodes.values().find(|n| n.address == ip)).map(|n| n.node.clone()),
+            "_ip" => client_ip.and_then(|ip| self.nodes.values().find(|n| n.address == ip)).map(|n| n.node.to_string()),
             name => Some(name.to_string()),
         }
     }
@@ -534,8 +543,8 @@ pub enum CatalogQuery {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum CatalogAnswer {
     /// (node, service, the node's and the service's checks)
-    Instances(Vec<(Node, Service, Vec<HealthCheck>)>),
-    Node(Option<Node>),
+    Instances(Vec<InstanceRow>),
+    Node(Option<Arc<Node>>),
     ByAddress {
         nodes: Vec<String>,
         services: Vec<(String, String)>,
@@ -548,7 +557,7 @@ pub enum CatalogAnswer {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QueryAnswer {
     pub query: super::query::PreparedQuery,
-    pub instances: Vec<(Node, Service, Vec<HealthCheck>)>,
+    pub instances: Vec<InstanceRow>,
     pub near: Option<String>,
 }
 
@@ -582,8 +591,13 @@ impl StateData {
             }
             CatalogQuery::Node { name } => CatalogAnswer::Node(self.nodes.values().find(|n| n.node.eq_ignore_ascii_case(name)).cloned()),
             CatalogQuery::ByAddress { ip } => CatalogAnswer::ByAddress {
-                nodes: self.nodes.values().filter(|n| &n.address == ip).map(|n| n.node.clone()).collect(),
-                services: self.services.iter().filter(|(_, s)| &s.address == ip).map(|((node, _), s)| (s.service.clone(), node.clone())).collect(),
+                nodes: self.nodes.values().filter(|n| n.address == ip.as_str()).map(|n| n.node.to_string()).collect(),
+                services: self
+                    .services
+                    .iter()
+                    .filter(|(_, s)| s.address == ip.as_str())
+                    .map(|((node, _), s)| (s.service.to_string(), node.to_string()))
+                    .collect(),
             },
             CatalogQuery::ExecuteQuery(q) => {
                 let instances = self.execute_query(q).into_iter().map(|i| (i.node, i.service, i.checks)).collect();

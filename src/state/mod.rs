@@ -51,11 +51,11 @@ pub(crate) const TABLE_COUNT: usize = 12;
 /// Everything replicated, in a form that snapshots serialize as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct StateData {
-    pub nodes: imbl::OrdMap<String, Node>,
+    pub nodes: imbl::OrdMap<Str, Arc<Node>>,
     /// Keyed by (node, service id).
-    pub services: imbl::OrdMap<(String, String), Service>,
+    pub services: imbl::OrdMap<(Str, Str), Arc<Service>>,
     /// Keyed by (node, check id).
-    pub checks: imbl::OrdMap<(String, String), HealthCheck>,
+    pub checks: imbl::OrdMap<(Str, Str), Arc<HealthCheck>>,
     /// Persistent (structurally shared) maps: a snapshot copies them in O(1) while apply is
     /// paused, instead of copying every entry (which stalled writes for tens of milliseconds).
     pub kv: imbl::OrdMap<String, KvEntry>,
@@ -100,7 +100,7 @@ pub struct StateData {
 /// Indexes derived from the tables: rebuilt after a snapshot loads, maintained by apply, and
 /// equal whenever the tables are (they carry no information of their own).
 #[derive(Debug, Clone, Default)]
-pub struct DerivedIndex(pub imbl::OrdMap<String, imbl::OrdSet<(String, String)>>);
+pub struct DerivedIndex(pub imbl::OrdMap<String, imbl::OrdSet<(Str, Str)>>);
 
 impl PartialEq for DerivedIndex {
     fn eq(&self, _: &Self) -> bool {
@@ -120,7 +120,7 @@ pub struct RestoreStaging {
 impl StateData {
     /// Rebuild the derived indexes from the tables (after a snapshot is loaded).
     pub fn rebuild_indexes(&mut self) {
-        let mut by = BTreeMap::<String, std::collections::BTreeSet<(String, String)>>::new();
+        let mut by = BTreeMap::<String, std::collections::BTreeSet<(Str, Str)>>::new();
         for (key, s) in &self.services {
             for v in catalog::view_keys(s) {
                 by.entry(v).or_default().insert(key.clone());
@@ -219,7 +219,7 @@ impl Store {
             Command::CoordinateBatch(updates) => {
                 for (node, coord) in updates {
                     // Only registered nodes have a coordinate (Consul drops the others too).
-                    if !self.data.nodes.contains_key(node) || !coord.is_valid() {
+                    if !self.data.nodes.contains_key(node.as_str()) || !coord.is_valid() {
                         continue;
                     }
                     let create_index = self.data.coordinates.get(node).map_or(index, |e| e.create_index);

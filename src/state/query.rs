@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{ServiceInstance, meta_matches};
-use super::{CheckStatus, Outcome, RaftIndex, StateData, Store, Table};
+use super::{CheckStatus, Outcome, RaftIndex, StateData, Store, Str, Table};
 
 pub const TEMPLATE_TYPE: &str = "name_prefix_match";
 /// Consul's message for an ID or name that names no query.
@@ -255,7 +255,7 @@ impl StateData {
             let (ex, req): (Vec<&String>, Vec<&String>) = s.tags.iter().partition(|t| t.starts_with('!'));
             (req.into_iter().map(String::as_str).collect(), ex.into_iter().map(|t| &t[1..]).collect())
         };
-        let has = |tags: &[String], t: &str| tags.iter().any(|x| x.eq_ignore_ascii_case(t));
+        let has = |tags: &[Str], t: &str| tags.iter().any(|x| x.eq_ignore_ascii_case(t));
         let mut out = Vec::new();
         for ((node_name, _), svc) in &self.services {
             if !svc.service.eq_ignore_ascii_case(&s.service)
@@ -270,7 +270,12 @@ impl StateData {
                 continue;
             }
             let checks = self.instance_checks(node_name, &svc.id);
-            let worst = checks.iter().filter(|c| !s.ignore_check_ids.contains(&c.check_id)).map(|c| c.status).max().unwrap_or(CheckStatus::Passing);
+            let worst = checks
+                .iter()
+                .filter(|c| !s.ignore_check_ids.iter().any(|i| c.check_id == *i))
+                .map(|c| c.status)
+                .max()
+                .unwrap_or(CheckStatus::Passing);
             let healthy = match worst {
                 CheckStatus::Passing => true,
                 CheckStatus::Warning => !s.only_passing,
@@ -362,14 +367,14 @@ mod tests {
         s.apply(
             3,
             &req(Command::Register(crate::state::Registration {
-                node: s.data().nodes["n1"].clone(),
+                node: (*s.data().nodes["n1"]).clone(),
                 service: None,
                 checks: vec![warn],
                 skip_node_update: true,
             })),
         );
         let mut q = query("q", "", "web");
-        let nodes = |d: &StateData, q: &PreparedQuery| d.execute_query(q).into_iter().map(|i| i.node.node).collect::<Vec<_>>();
+        let nodes = |d: &StateData, q: &PreparedQuery| d.execute_query(q).into_iter().map(|i| i.node.node.clone()).collect::<Vec<_>>();
         assert_eq!(nodes(s.data(), &q), vec!["n1", "n2"]);
         q.service.only_passing = true;
         assert_eq!(nodes(s.data(), &q), vec!["n2"]);

@@ -1,7 +1,7 @@
 //! Sessions: creation against the node's checks, and invalidation that releases or deletes the
 //! locks a session held and starts their lock delay.
 
-use super::{CheckStatus, KvEntry, Outcome, RaftIndex, Session, SessionBehavior, StateData, Store, Table};
+use super::{CheckStatus, KvEntry, Outcome, RaftIndex, Session, SessionBehavior, StateData, Store, Str, Table};
 
 impl Store {
     pub(super) fn session_create(&mut self, index: RaftIndex, s: &Session) -> Outcome {
@@ -11,12 +11,12 @@ impl Store {
         if self.data.sessions.contains_key(&s.id) {
             return Outcome::Rejected(format!("Session {:?} already exists", s.id));
         }
-        if !self.data.nodes.contains_key(&s.node) {
+        if !self.data.nodes.contains_key(s.node.as_str()) {
             return Outcome::Rejected(format!("Missing node registration for {:?}", s.node));
         }
         let service_check_ids = s.service_checks.iter().map(|c| &c.id);
         for check in s.node_checks.iter().chain(service_check_ids) {
-            match self.data.checks.get(&(s.node.clone(), check.clone())) {
+            match self.data.checks.get(&(Str::from(&s.node), Str::from(check))) {
                 None => return Outcome::Rejected(format!("Missing check '{check}' registration")),
                 Some(c) if c.status == CheckStatus::Critical => {
                     return Outcome::Rejected(format!("Check '{check}' is in critical state"));

@@ -8,6 +8,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The strings of catalog rows: 16 bytes, held inline up to 15 bytes (most node names, IDs,
+/// addresses and tags), shared by reference count beyond. A catalog instance is otherwise
+/// mostly string headers and small heap allocations.
+pub type Str = ecow::EcoString;
+
 /// Raft log index at which a row was created or last modified.
 pub type RaftIndex = u64;
 
@@ -46,11 +51,11 @@ impl CheckStatus {
 #[serde(rename_all = "PascalCase")]
 pub struct Node {
     #[serde(rename = "ID", default)]
-    pub id: String,
-    pub node: String,
-    pub address: String,
+    pub id: Str,
+    pub node: Str,
+    pub address: Str,
     #[serde(default)]
-    pub datacenter: String,
+    pub datacenter: Str,
     #[serde(default)]
     pub tagged_addresses: BTreeMap<String, String>,
     #[serde(default)]
@@ -77,7 +82,7 @@ impl Default for Weights {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "PascalCase")]
 pub struct ServiceAddress {
-    pub address: String,
+    pub address: Str,
     pub port: u16,
 }
 
@@ -86,14 +91,14 @@ pub struct ServiceAddress {
 #[serde(rename_all = "PascalCase")]
 pub struct Service {
     #[serde(default)]
-    pub kind: String,
+    pub kind: Str,
     #[serde(rename = "ID", default)]
-    pub id: String,
-    pub service: String,
+    pub id: Str,
+    pub service: Str,
     #[serde(default)]
-    pub tags: Vec<String>,
+    pub tags: Vec<Str>,
     #[serde(default)]
-    pub address: String,
+    pub address: Str,
     #[serde(default)]
     pub tagged_addresses: BTreeMap<String, ServiceAddress>,
     #[serde(default)]
@@ -104,9 +109,10 @@ pub struct Service {
     pub weights: Weights,
     #[serde(default)]
     pub enable_tag_override: bool,
-    /// The proxy part of a `connect-proxy` (or gateway) registration.
+    /// The proxy part of a `connect-proxy` (or gateway) registration (boxed: most services
+    /// have none, and a row stays small).
     #[serde(default)]
-    pub proxy: Option<super::mesh::ServiceProxy>,
+    pub proxy: Option<Box<super::mesh::ServiceProxy>>,
     /// `Connect.Native`: the service speaks mesh mTLS itself.
     #[serde(default)]
     pub connect_native: bool,
@@ -120,25 +126,25 @@ pub struct Service {
 #[serde(rename_all = "PascalCase")]
 pub struct HealthCheck {
     #[serde(default)]
-    pub node: String,
+    pub node: Str,
     #[serde(rename = "CheckID", default)]
-    pub check_id: String,
+    pub check_id: Str,
     #[serde(default)]
-    pub name: String,
+    pub name: Str,
     #[serde(default)]
     pub status: CheckStatus,
     #[serde(default)]
-    pub notes: String,
+    pub notes: Str,
     #[serde(default)]
-    pub output: String,
+    pub output: Str,
     #[serde(rename = "ServiceID", default)]
-    pub service_id: String,
+    pub service_id: Str,
     #[serde(default)]
-    pub service_name: String,
+    pub service_name: Str,
     #[serde(default)]
-    pub service_tags: Vec<String>,
+    pub service_tags: Vec<Str>,
     #[serde(rename = "Type", default)]
-    pub check_type: String,
+    pub check_type: Str,
     #[serde(default)]
     pub create_index: RaftIndex,
     #[serde(default)]

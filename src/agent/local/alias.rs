@@ -22,12 +22,12 @@ fn aliased(c: &HealthCheck) -> AliasedCheck {
         CheckStatus::Critical | CheckStatus::Maintenance => Status::Critical,
     };
     AliasedCheck {
-        node: c.node.clone(),
-        check_id: c.check_id.clone(),
-        name: c.name.clone(),
-        service_id: c.service_id.clone(),
+        node: c.node.to_string(),
+        check_id: c.check_id.to_string(),
+        name: c.name.to_string(),
+        service_id: c.service_id.to_string(),
         status,
-        output: c.output.clone(),
+        output: c.output.to_string(),
     }
 }
 
@@ -52,7 +52,7 @@ impl AliasSource for AliasView {
             return Err("aliasing checks of another node needs a server agent".into());
         };
         let store = raft.store.read();
-        Ok(store.data().node_checks(node).0.iter().map(aliased).collect())
+        Ok(store.data().node_checks(node).0.iter().map(|c| aliased(c)).collect())
     }
 
     fn service_exists(&self, node: Option<&str>, service_id: &str) -> bool {
@@ -60,7 +60,7 @@ impl AliasSource for AliasView {
             return self.agent.upgrade().is_some_and(|a| a.state.lock().services.contains_key(service_id));
         }
         match (node, &self.catalog) {
-            (Some(n), Some(raft)) => raft.store.read().data().services.contains_key(&(n.to_string(), service_id.to_string())),
+            (Some(n), Some(raft)) => raft.store.read().data().services.contains_key(&(n.into(), service_id.into())),
             _ => false,
         }
     }

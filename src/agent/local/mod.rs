@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use crate::api::ApiError;
 use crate::api::catalog::ServiceBody;
 use crate::api::error::decode;
-use crate::state::{CheckStatus, HealthCheck, Service};
+use crate::state::{CheckStatus, HealthCheck, Service, Str};
 use checks::{CheckDefinition, CheckHandle, CheckRunner, CheckUpdate, RunnerOptions};
 
 pub use sync::Upstream;
@@ -279,7 +279,7 @@ impl LocalAgent {
                 let new = status_of(u.status);
                 let changed = c.check.status != new;
                 c.check.status = new;
-                c.check.output = u.output;
+                c.check.output = u.output.into();
                 c.critical_since = match (new, c.critical_since) {
                     (CheckStatus::Critical, Some(t)) => Some(t),
                     (CheckStatus::Critical, None) => Some(Instant::now()),
@@ -312,7 +312,7 @@ impl LocalAgent {
             .values()
             .filter(|c| !c.check.service_id.is_empty())
             .filter(|c| matches!((c.critical_since, c.deregister_after), (Some(t), Some(after)) if t.elapsed() >= after))
-            .map(|c| c.check.service_id.clone())
+            .map(|c| c.check.service_id.to_string())
             .collect()
     }
 
@@ -360,7 +360,7 @@ impl LocalAgent {
         let mut name = def.name.clone();
         let (service_id, service_name, service_tags) = match service {
             Some(s) => (s.id.clone(), s.service.clone(), s.tags.clone()),
-            None => (def.service_id.clone(), String::new(), Vec::new()),
+            None => (def.service_id.as_str().into(), Str::new(), Vec::new()),
         };
         if id.is_empty() {
             id = match service {
@@ -380,16 +380,16 @@ impl LocalAgent {
         }
         let initial = def.status.map(status_of).unwrap_or(CheckStatus::Critical);
         let check = HealthCheck {
-            node: self.inner.node.name.clone(),
-            check_id: id,
-            name,
+            node: self.inner.node.name.clone().into(),
+            check_id: id.into(),
+            name: name.into(),
             status: initial,
-            notes: def.notes.clone(),
-            output: String::new(),
+            notes: def.notes.clone().into(),
+            output: Str::new(),
             service_id,
             service_name,
             service_tags,
-            check_type: kind.type_name().to_string(),
+            check_type: kind.type_name().into(),
             create_index: 0,
             modify_index: 0,
         };
@@ -408,7 +408,7 @@ impl LocalAgent {
         let mut options = self.inner.options.clone();
         options.enable_script_checks = options.enable_script_checks || (options.enable_local_script_checks && c.origin != Origin::RemoteApi);
         let handle = CheckRunner::spawn(
-            c.check.check_id.clone(),
+            c.check.check_id.to_string(),
             c.definition.clone(),
             kind,
             options,
@@ -416,7 +416,7 @@ impl LocalAgent {
             self.inner.shutdown.child_token(),
         )
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        if let Some(old) = self.inner.runners.lock().insert(c.check.check_id.clone(), handle) {
+        if let Some(old) = self.inner.runners.lock().insert(c.check.check_id.to_string(), handle) {
             old.stop();
         }
         Ok(())
@@ -465,7 +465,7 @@ impl LocalAgent {
                 let b: AgentServiceBody =
                     serde_json::from_value(def.clone()).map_err(|e| ApiError::BadRequest(format!("Invalid SidecarService: {e}")))?;
                 let s = self.parse_service(&b)?;
-                self.add_one_service(def, b, s, origin, replace_existing_checks, Some(service.id.clone()))
+                self.add_one_service(def, b, s, origin, replace_existing_checks, Some(service.id.to_string()))
             }
             None => {
                 // A parent registered again without a sidecar loses the one it had.
@@ -507,17 +507,17 @@ impl LocalAgent {
                 .filter(|c| {
                     c.check.service_id == service.id && (replace_existing_checks || new_checks.iter().any(|n| n.check.check_id == c.check.check_id))
                 })
-                .map(|c| c.check.check_id.clone())
-                .filter(|id| !new_checks.iter().any(|n| &n.check.check_id == id))
+                .map(|c| c.check.check_id.to_string())
+                .filter(|id| !new_checks.iter().any(|n| n.check.check_id == id.as_str()))
                 .collect();
             for id in stale {
                 st.checks.remove(&id);
                 self.stop_runner(&id);
             }
             for c in new_checks {
-                st.checks.insert(c.check.check_id.clone(), c);
+                st.checks.insert(c.check.check_id.to_string(), c);
             }
-            st.services.insert(service.id.clone(), LocalService { service: service.clone(), origin, definition: raw, sidecar_of });
+            st.services.insert(service.id.to_string(), LocalService { service: service.clone(), origin, definition: raw, sidecar_of });
         }
         info!(service = %service.id, "service registered");
         self.persist();
@@ -528,7 +528,7 @@ impl LocalAgent {
     pub fn remove_service(&self, id: &str) -> Result<(), ApiError> {
         // A sidecar registered with this service goes with it.
         let sidecars: Vec<String> =
-            self.inner.state.lock().services.values().filter(|s| s.sidecar_of.as_deref() == Some(id)).map(|s| s.service.id.clone()).collect();
+            self.inner.state.lock().services.values().filter(|s| s.sidecar_of.as_deref() == Some(id)).map(|s| s.service.id.to_string()).collect();
         for s in sidecars {
             self.remove_service(&s)?;
         }
@@ -538,7 +538,7 @@ impl LocalAgent {
                 return Err(ApiError::NotFound(format!("Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name.")));
             }
             st.maintenance.remove(&format!("{SERVICE_MAINT_PREFIX}{id}"));
-            let ids: Vec<String> = st.checks.values().filter(|c| c.check.service_id == id).map(|c| c.check.check_id.clone()).collect();
+            let ids: Vec<String> = st.checks.values().filter(|c| c.check.service_id == id).map(|c| c.check.check_id.to_string()).collect();
             for c in &ids {
                 st.checks.remove(c);
             }
@@ -570,7 +570,7 @@ impl LocalAgent {
         let mut c = self.build_check(&raw, service.as_ref(), 0, 1)?;
         c.origin = origin;
         self.start_runner(&c)?;
-        self.inner.state.lock().checks.insert(c.check.check_id.clone(), c);
+        self.inner.state.lock().checks.insert(c.check.check_id.to_string(), c);
         self.persist();
         self.poke();
         Ok(())
@@ -618,11 +618,11 @@ impl LocalAgent {
             st.maintenance.insert(
                 id.clone(),
                 HealthCheck {
-                    node: self.inner.node.name.clone(),
-                    check_id: id,
+                    node: self.inner.node.name.clone().into(),
+                    check_id: id.into(),
                     name: if svc.is_some() { "Service Maintenance Mode".into() } else { "Node Maintenance Mode".into() },
                     status: CheckStatus::Critical,
-                    notes,
+                    notes: notes.into(),
                     service_id: svc.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
                     service_name: svc.as_ref().map(|s| s.service.clone()).unwrap_or_default(),
                     service_tags: svc.map(|s| s.tags).unwrap_or_default(),
@@ -638,13 +638,13 @@ impl LocalAgent {
     pub fn services_json(&self) -> Value {
         let st = self.inner.state.lock();
         let map: serde_json::Map<String, Value> =
-            st.services.values().map(|s| (s.service.id.clone(), agent_service_json(&s.service, &self.inner.node.datacenter))).collect();
+            st.services.values().map(|s| (s.service.id.to_string(), agent_service_json(&s.service, &self.inner.node.datacenter))).collect();
         Value::Object(map)
     }
 
     pub fn checks_json(&self) -> Value {
         let (_, checks) = self.desired();
-        Value::Object(checks.into_iter().map(|c| (c.check_id.clone(), serde_json::to_value(&c).unwrap_or(Value::Null))).collect())
+        Value::Object(checks.into_iter().map(|c| (c.check_id.to_string(), serde_json::to_value(&c).unwrap_or(Value::Null))).collect())
     }
 
     /// Aggregated status of one local service ("passing", "warning", "critical", or
@@ -666,9 +666,9 @@ impl LocalAgent {
         let p = {
             let st = self.inner.state.lock();
             let remote_services =
-                st.services.values().filter(|s| s.origin == Origin::RemoteApi && s.sidecar_of.is_none()).map(|s| s.service.id.clone());
+                st.services.values().filter(|s| s.origin == Origin::RemoteApi && s.sidecar_of.is_none()).map(|s| s.service.id.to_string());
             let remote_checks =
-                st.checks.values().filter(|c| c.origin == Origin::RemoteApi && c.check.service_id.is_empty()).map(|c| c.check.check_id.clone());
+                st.checks.values().filter(|c| c.origin == Origin::RemoteApi && c.check.service_id.is_empty()).map(|c| c.check.check_id.to_string());
             Persisted {
                 // Sidecars come back with their parents' definitions.
                 services: st.services.values().filter(|s| s.origin.persisted() && s.sidecar_of.is_none()).map(|s| s.definition.clone()).collect(),

@@ -137,13 +137,13 @@ pub fn plan(node: &Node, services: &[Service], checks: &[HealthCheck], remote: &
         let kept = local_services.contains(r.id.as_str()) || (server && r.id == SERVER_SERVICE);
         if !kept {
             gone_services.insert(r.id.clone());
-            cmds.push(Command::Deregister { node: node.node.clone(), service_id: Some(r.id.clone()), check_id: None });
+            cmds.push(Command::Deregister { node: node.node.to_string(), service_id: Some(r.id.to_string()), check_id: None });
         }
     }
     let local_checks: BTreeSet<&str> = checks.iter().map(|c| c.check_id.as_str()).collect();
     for r in &remote.checks {
         if !local_checks.contains(r.check_id.as_str()) && r.check_id != LEADER_OWNED_CHECK && !gone_services.contains(&r.service_id) {
-            cmds.push(Command::Deregister { node: node.node.clone(), service_id: None, check_id: Some(r.check_id.clone()) });
+            cmds.push(Command::Deregister { node: node.node.to_string(), service_id: None, check_id: Some(r.check_id.to_string()) });
         }
     }
     cmds
@@ -199,10 +199,10 @@ impl SyncWorker {
     pub async fn sync_once(&self) -> Result<usize, String> {
         let f = self.local.node();
         let node = Node {
-            id: f.id.clone(),
-            node: f.name.clone(),
-            address: f.address.clone(),
-            datacenter: f.datacenter.clone(),
+            id: f.id.clone().into(),
+            node: f.name.clone().into(),
+            address: f.address.clone().into(),
+            datacenter: f.datacenter.clone().into(),
             meta: f.meta.clone(),
             ..Default::default()
         };
@@ -239,16 +239,16 @@ mod tests {
     #[test]
     fn in_sync_state_plans_nothing() {
         let remote = NodeState {
-            node: Some(node()),
-            services: vec![web()],
-            checks: vec![check("service:web", "web", CheckStatus::Passing), check("serfHealth", "", CheckStatus::Passing)],
+            node: Some(node().into()),
+            services: vec![web().into()],
+            checks: vec![check("service:web", "web", CheckStatus::Passing).into(), check("serfHealth", "", CheckStatus::Passing).into()],
         };
         assert!(plan(&node(), &[web()], &[check("service:web", "web", CheckStatus::Passing)], &remote, false).is_empty());
     }
 
     #[test]
     fn a_service_deleted_behind_the_agents_back_is_registered_again() {
-        let remote = NodeState { node: Some(node()), services: vec![], checks: vec![] };
+        let remote = NodeState { node: Some(node().into()), services: vec![], checks: vec![] };
         let cmds = plan(&node(), &[web()], &[check("service:web", "web", CheckStatus::Passing)], &remote, false);
         assert!(matches!(&cmds[..], [Command::Register(r)] if r.service.as_ref().unwrap().id == "web" && r.checks.len() == 1));
     }
@@ -259,9 +259,9 @@ mod tests {
         other.id = "old".into();
         let consul = Service { id: "consul".into(), service: "consul".into(), ..Default::default() };
         let remote = NodeState {
-            node: Some(node()),
-            services: vec![other, consul],
-            checks: vec![check("serfHealth", "", CheckStatus::Passing), check("stale", "", CheckStatus::Passing)],
+            node: Some(node().into()),
+            services: vec![other.into(), consul.into()],
+            checks: vec![check("serfHealth", "", CheckStatus::Passing).into(), check("stale", "", CheckStatus::Passing).into()],
         };
         let cmds = plan(&node(), &[], &[], &remote, true);
         assert_eq!(cmds.len(), 2, "{cmds:?}");
@@ -269,7 +269,11 @@ mod tests {
 
     #[test]
     fn a_status_change_reregisters_the_service_with_its_checks() {
-        let remote = NodeState { node: Some(node()), services: vec![web()], checks: vec![check("service:web", "web", CheckStatus::Passing)] };
+        let remote = NodeState {
+            node: Some(node().into()),
+            services: vec![web().into()],
+            checks: vec![check("service:web", "web", CheckStatus::Passing).into()],
+        };
         let cmds = plan(&node(), &[web()], &[check("service:web", "web", CheckStatus::Critical)], &remote, false);
         assert_eq!(cmds.len(), 1);
     }

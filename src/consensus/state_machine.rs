@@ -150,12 +150,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
+        let started = std::time::Instant::now();
         self.load(&bytes)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        let bytes_len = bytes.len();
         let stored =
             postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes }).map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
         self.storage.snapshot_put(stored).await.map_err(|e| StorageIOError::write_snapshot(None, io_err(&e)))?;
+        let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        tracing::info!(index, bytes = bytes_len, elapsed_ms = started.elapsed().as_millis() as u64, "installed a snapshot from the leader");
         Ok(())
     }
 
@@ -199,6 +203,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
         let write_err = |e: &std::io::Error| StorageIOError::write_snapshot(None, io_err(e));
         spawned.map_err(|e| write_err(&e))?;
         let bytes = rx.await.map_err(|_| write_err(&std::io::Error::other("the snapshot thread died")))?.map_err(|e| write_err(&e))?;
+        tracing::info!(index = meta.last_log_id.map(|l| l.index).unwrap_or(0), bytes = bytes.len(), "snapshot taken");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }

@@ -449,30 +449,67 @@ async fn disk_stays_bounded_under_overwrites() {
 ///   the entries it lacks are long gone from the leader's log,
 /// - restarts it and checks it catches up; the only way is the leader's snapshot, about 12 MiB,
 ///   which openraft sends in chunks (3 MiB each by default).
+/// A follower stopped while 1,000,000 keys are written (64 writes per transaction, 8 in
+/// flight, so the leader's batcher also groups them) comes back to a log compacted far past
+/// it: it can only catch up from the leader's snapshot of the whole state (tens of MB, sent
+/// in openraft's chunks), then from the log.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_follower_far_behind_catches_up_from_a_chunked_snapshot() {
+    const KEYS: usize = 1_000_000;
+    const PER_TXN: usize = 64;
+    const IN_FLIGHT: usize = 8;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("retention.hcl");
-    std::fs::write(&cfg, "raft_snapshot_threshold = 100\nraft_trailing_logs = 16\n").unwrap();
+    // Only the size trigger snapshots (whenever the log outgrows 1 MiB and the last snapshot,
+    // at most every 10 s), and 16 entries are kept behind each snapshot.
+    std::fs::write(&cfg, "raft_snapshot_threshold = 10000000\nraft_trailing_logs = 16\nraft_snapshot_log_bytes = 1048576\n").unwrap();
     let mut c = Cluster::start_with(3, 0, &["--config-file", cfg.to_str().unwrap()]).await;
     let leader_rpc = c.wait_for_leader().await;
     let leader = c.index_of_rpc(&leader_rpc);
     let behind = (leader + 1) % 3;
     c.stop(behind);
-    let http = c.servers[leader].http();
-    let value = vec![b'v'; 64 << 10];
-    for n in 0..1500 {
-        let key = if n < 1400 { format!("far/k{}", n % 100) } else { format!("far/new{n}") };
-        let (code, body) = c.put(&format!("{http}/v1/kv/{key}"), value.clone()).await.unwrap();
-        assert_eq!(code, 200, "write {n}: {body}");
+    let txn_url = format!("{}/v1/txn", c.servers[leader].http());
+    let value = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b'v'; 64]);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writers: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (http, url, value, next) = (c.http.clone(), txn_url.clone(), value.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let first = next.fetch_add(PER_TXN, Ordering::Relaxed);
+                    if first >= KEYS {
+                        return;
+                    }
+                    let ops: Vec<_> = (first..KEYS.min(first + PER_TXN))
+                        .map(|n| serde_json::json!({ "KV": { "Verb": "set", "Key": format!("far/k{n:07}"), "Value": value } }))
+                        .collect();
+                    let r = http.put(&url).json(&ops).send().await.expect("txn request");
+                    let code = r.status();
+                    assert_eq!(code, 200, "txn from key {first}: {}", r.text().await.unwrap_or_default());
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
     }
+    // One more write after the load, so that the log has entries past the last snapshot too.
+    let (code, body) = c.put(&format!("{}/v1/kv/far/last", c.servers[leader].http()), "after").await.unwrap();
+    assert_eq!(code, 200, "{body}");
     c.spawn(behind);
-    let url = format!("{}/v1/kv/far/?keys&stale", c.servers[behind].http());
-    eventually("the restarted follower to hold all 200 keys", SOON, || async {
-        let v = c.get_json(&url).await.ok()?;
-        (v.as_array()?.len() == 200).then_some(())
+    let follower = c.servers[behind].http();
+    eventually("the restarted follower to hold the last write", Duration::from_secs(180), || async {
+        let r = c.http.get(format!("{follower}/v1/kv/far/last?raw&stale")).send().await.ok()?;
+        (r.status() == 200 && r.bytes().await.ok()?.as_ref() == b"after").then_some(())
     })
     .await;
-    let r = c.http.get(format!("{}/v1/kv/far/new1499?raw&stale", c.servers[behind].http())).send().await.unwrap();
-    assert_eq!(r.bytes().await.unwrap().len(), 64 << 10);
+    let keys = c.get_json(&format!("{follower}/v1/kv/far/k?keys&stale")).await.unwrap();
+    assert_eq!(keys.as_array().map(Vec::len), Some(KEYS), "the follower holds every key");
+    let r = c.http.get(format!("{follower}/v1/kv/far/k0999999?raw&stale")).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), [b'v'; 64]);
+    assert!(c.log(behind).contains("installed a snapshot from the leader"), "the follower caught up from a snapshot:\n{}", c.log(behind));
+    assert!(c.log(leader).contains("snapshot taken"), "the leader compacted its log");
+    for line in c.log(behind).lines().filter(|l| l.contains("installed a snapshot")) {
+        eprintln!("follower: {line}");
+    }
 }

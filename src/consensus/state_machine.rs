@@ -31,12 +31,22 @@ struct StoredSnapshot {
     bytes: Vec<u8>,
 }
 
-/// `StoredSnapshot` borrowed, for writing without copying the encoded state (same encoding).
-#[derive(Serialize)]
-struct StoredSnapshotRef<'a> {
-    meta: &'a SnapshotMeta<NodeId, ServerNode>,
-    #[serde(with = "serde_bytes")]
-    bytes: &'a [u8],
+/// The bytes of a `StoredSnapshot` that come before its encoded state: the meta, then the
+/// state's length (postcard encodes a struct as its fields in order, and bytes as a varint
+/// length, then the bytes). Writing this and then the state makes the same file as encoding
+/// a `StoredSnapshot`, without copying the state into a second buffer.
+fn stored_snapshot_header(meta: &SnapshotMeta<NodeId, ServerNode>, state_len: usize) -> Result<Vec<u8>, postcard::Error> {
+    let mut header = postcard::to_allocvec(meta)?;
+    let mut n = state_len as u64;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            header.push(byte);
+            return Ok(header);
+        }
+        header.push(byte | 0x80);
+    }
 }
 
 /// Make the calling thread the last in line for CPU (nice 19) and for the disk (the idle I/O
@@ -191,19 +201,40 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
         let (storage, stored_meta) = (self.storage.clone(), meta.clone());
         let spawned = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || {
             yield_cpu_to_everything_else();
-            let result = (|| -> Result<Vec<u8>, std::io::Error> {
+            // The encoded state is written and freed here: openraft keeps only the meta of a
+            // snapshot it asked for, and reads the file when a follower needs it.
+            let result = (|| -> Result<usize, std::io::Error> {
                 let bytes = postcard::to_allocvec(&p).map_err(std::io::Error::other)?;
                 drop(p);
-                let stored = postcard::to_allocvec(&StoredSnapshotRef { meta: &stored_meta, bytes: &bytes }).map_err(std::io::Error::other)?;
-                storage.snapshot_put_sync(&stored).map_err(std::io::Error::other)?;
-                Ok(bytes)
+                let header = stored_snapshot_header(&stored_meta, bytes.len()).map_err(std::io::Error::other)?;
+                storage.snapshot_put_sync(&header, &bytes).map_err(std::io::Error::other)?;
+                Ok(bytes.len())
             })();
             let _ = tx.send(result);
         });
         let write_err = |e: &std::io::Error| StorageIOError::write_snapshot(None, io_err(e));
         spawned.map_err(|e| write_err(&e))?;
         let bytes = rx.await.map_err(|_| write_err(&std::io::Error::other("the snapshot thread died")))?.map_err(|e| write_err(&e))?;
-        tracing::info!(index = meta.last_log_id.map(|l| l.index).unwrap_or(0), bytes = bytes.len(), "snapshot taken");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        tracing::info!(index = meta.last_log_id.map(|l| l.index).unwrap_or(0), bytes, "snapshot taken");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_then_state_is_the_encoding_of_a_stored_snapshot() {
+        // Lengths around each varint boundary (1, 2 and 3 bytes).
+        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 100_000] {
+            let meta = SnapshotMeta::<NodeId, ServerNode> { last_log_id: None, last_membership: Default::default(), snapshot_id: format!("s-{len}") };
+            let bytes = vec![7u8; len];
+            let whole = postcard::to_allocvec(&StoredSnapshot { meta: meta.clone(), bytes: bytes.clone() }).unwrap();
+            let header = stored_snapshot_header(&meta, bytes.len()).unwrap();
+            assert_eq!([header.as_slice(), &bytes].concat(), whole, "state of {} bytes", bytes.len());
+            let decoded: StoredSnapshot = postcard::from_bytes(&[stored_snapshot_header(&meta, 3).unwrap(), vec![1, 2, 3]].concat()).unwrap();
+            assert_eq!(decoded.bytes, vec![1, 2, 3]);
+        }
     }
 }

@@ -115,13 +115,23 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
 /// Large files go out a chunk at a time, each synced before the next: the disk never holds a
 /// snapshot's worth of queued writeback that the log's next fsync would wait behind.
 fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+    write_durably_parts(dir, name, &[bytes])
+}
+
+/// `write_durably` of the concatenation of `parts`, without concatenating them in memory.
+fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), StorageError> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
-    for chunk in bytes.chunks(SYNC_CHUNK_BYTES) {
-        f.write_all(chunk).map_err(io_at(&tmp))?;
-        if chunk.len() == SYNC_CHUNK_BYTES {
-            f.sync_data().map_err(io_at(&tmp))?;
+    let mut unsynced = 0;
+    for part in parts {
+        for chunk in part.chunks(SYNC_CHUNK_BYTES) {
+            f.write_all(chunk).map_err(io_at(&tmp))?;
+            unsynced += chunk.len();
+            if unsynced >= SYNC_CHUNK_BYTES {
+                f.sync_data().map_err(io_at(&tmp))?;
+                unsynced = 0;
+            }
         }
     }
     f.sync_all().map_err(io_at(&tmp))?;
@@ -264,8 +274,9 @@ impl Storage {
     }
 
     /// `snapshot_put` on the calling (blocking) thread.
-    pub fn snapshot_put_sync(&self, bytes: &[u8]) -> Result<(), StorageError> {
-        write_durably(&self.inner.dir, SNAPSHOT_FILE, bytes)
+    /// Store the snapshot file whose bytes are `header` then `body`, durably (blocking).
+    pub fn snapshot_put_sync(&self, header: &[u8], body: &[u8]) -> Result<(), StorageError> {
+        write_durably_parts(&self.inner.dir, SNAPSHOT_FILE, &[header, body])
     }
 
     pub fn snapshot_get(&self) -> Result<Option<Vec<u8>>, StorageError> {

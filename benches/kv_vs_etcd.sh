@@ -29,6 +29,9 @@
 #   TRELLIS_BIN            [target/release/trellis, built with cargo if missing]
 #   BENCH_TRELLIS_CONFIG   a config file every Trellis server also reads (e.g. raft_snapshot_threshold)
 #   BENCH_PRELOAD          keys loaded into Trellis (64 per /v1/txn) before its warm-up [0]
+#   BENCH_SLICES           Trellis only: instead of one measured run, this many 1 s runs, each
+#                          recorded in logs/slices.txt as "SLICE k start end p99_ms requests
+#                          non2xx" (epoch seconds), for benches/snapshot_tail.sh [0]
 #
 # Exit status: 0 when every run finished without errors, 1 when a run had
 # non-2xx responses or socket errors (the table still prints), other
@@ -50,6 +53,7 @@ STARTUP_TIMEOUT=${BENCH_STARTUP_TIMEOUT:-60}
 ALLOW_ERRORS=${BENCH_ALLOW_ERRORS:-0}
 TRELLIS_CONFIG=${BENCH_TRELLIS_CONFIG:-}
 PRELOAD=${BENCH_PRELOAD:-0}
+SLICES=${BENCH_SLICES:-0}
 
 log() { printf '[kv-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
@@ -291,6 +295,17 @@ bench_trellis() {
     log "trellis warm-up ${WARMUP}"
     run_wrk trellis "$leader" "$KV_DIR/trellis_put.lua" warm/ "$WARMUP"
   fi
+  if (( SLICES > 0 )); then
+    log "trellis measured run: $SLICES slices of 1s, -t$THREADS -c$CONNS"
+    local k start
+    for (( k = 0; k < SLICES; k++ )); do
+      start=$(date +%s.%N)
+      run_wrk trellis "$leader" "$KV_DIR/trellis_put.lua" "slice$k/" 1s 2>/dev/null
+      echo "SLICE $k $start $(date +%s.%N) $(field "$WRK_RESULT" p99_ms) $(field "$WRK_RESULT" requests) $(field "$WRK_RESULT" non2xx)" >>"$WORK/logs/slices.txt"
+    done
+    stop_pids
+    return
+  fi
   log "trellis measured run: -t$THREADS -c$CONNS -d$DURATION"
   local line stored
   run_wrk trellis "$leader" "$KV_DIR/trellis_put.lua" bench/ "$DURATION"
@@ -332,6 +347,7 @@ echo "KV write benchmark: wrk -t$THREADS -c$CONNS -d$DURATION, ${VALUE_SIZE}-byt
 printf '%-12s %10s %10s %10s %10s %10s %12s %12s\n' system "req/s" "p50 ms" "p99 ms" requests non-2xx "sock errors" "keys stored"
 errors=0
 for s in $SYSTEMS; do
+  [[ -v "RPS[$s]" ]] || continue # BENCH_SLICES: the slices are in logs/slices.txt
   printf '%-12s %10s %10s %10s %10s %10s %12s %12s\n' "$s" "${RPS[$s]}" "${P50[$s]}" "${P99[$s]}" \
     "${REQS[$s]}" "${NON2XX[$s]}" "${SOCKERR[$s]}" "${STORED[$s]}"
   if (( ${NON2XX[$s]} > 0 || ${SOCKERR[$s]} > 0 )); then

@@ -129,7 +129,7 @@ async fn start_server(cfg: &Config, node_uuid: &str, raft_id: u64, client: &RpcC
     let log = LogStore::new(storage.clone());
     let contacts = ContactLog::default();
     let network = Network { client: client.clone(), contacts: contacts.clone() };
-    let rcfg = raft_config(&cfg.raft, raft_id).map_err(|e| AgentError::Raft(e.to_string()))?;
+    let rcfg = raft_config(&cfg.raft).map_err(|e| AgentError::Raft(e.to_string()))?;
     let raft = Raft::new(raft_id, Arc::new(rcfg), network.clone(), log, sm).await.map_err(|e| AgentError::Raft(e.to_string()))?;
     let me = ServerNode { id: node_uuid.to_string(), name: cfg.node_name.clone(), rpc_addr: rpc_addr.to_string() };
     Ok(ServerParts {
@@ -503,14 +503,14 @@ impl Agent {
         let storage = match server {
             None => None,
             Some(ServerParts { node, network, storage, rpc_listener }) => {
-                let by_size = crate::consensus::snapshot_by_size(node.raft.clone(), storage.clone(), cfg.raft.snapshot_log_bytes);
+                let snapshots = crate::consensus::drive_snapshots(node.raft.clone(), storage.clone(), cfg.raft.clone(), node.id);
                 let elections = crate::consensus::election::drive(node.id, node.raft.clone(), network, cfg.raft.clone());
                 let token = shutdown.clone();
                 tasks.spawn(
                     async move {
                         tokio::select! {
                             _ = elections => {}
-                            _ = by_size => {}
+                            _ = snapshots => {}
                             _ = token.cancelled() => {}
                         }
                     }

@@ -15,15 +15,18 @@ pub mod dns;
 /// 1.2 s (seven missed heartbeats, then at most 0.4 s of jitter), while a live one, however
 /// busy, is never deposed by a follower that froze or restarted.
 ///
-/// Also how much log a server keeps: a snapshot is taken once `snapshot_threshold` entries
-/// have been applied since the last one, and `trailing_logs` entries are kept behind it so that
-/// a follower a little behind catches up from the log rather than from a whole snapshot.
+/// Also how much log a server keeps: every `snapshot_interval` (plus up to as much again, at
+/// random) a server snapshots if `snapshot_threshold` entries have been applied since the last
+/// one, and `trailing_logs` entries are kept behind it so that a follower a little behind
+/// catches up from the log rather than from a whole snapshot.
 #[derive(Debug, Clone)]
 pub struct RaftTimings {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
     pub snapshot_threshold: u64,
+    /// How often the entry count is checked (Consul's `raft_snapshot_interval`).
+    pub snapshot_interval: std::time::Duration,
     pub trailing_logs: u64,
     /// Snapshot once the log holds this many bytes, however few entries.
     pub snapshot_log_bytes: u64,
@@ -34,6 +37,7 @@ pub const DEFAULT_RAFT_TIMINGS: RaftTimings = RaftTimings {
     election_min_ms: 700,
     election_max_ms: 1100,
     snapshot_threshold: 8192,
+    snapshot_interval: std::time::Duration::from_secs(30),
     trailing_logs: 1000,
     snapshot_log_bytes: 64 << 20,
 };
@@ -127,6 +131,8 @@ pub struct RawConfig {
     pub performance: Option<RawPerformance>,
     /// Log entries applied since the last snapshot that trigger a new one (default 8192).
     pub raft_snapshot_threshold: Option<u64>,
+    /// How often a server checks `raft_snapshot_threshold` (Go duration, default "30s").
+    pub raft_snapshot_interval: Option<String>,
     /// Log entries kept behind a snapshot, for followers slightly behind (default 1000).
     pub raft_trailing_logs: Option<u64>,
     /// Trellis's own: snapshot once the Raft log holds this many bytes (default 64 MiB).
@@ -617,6 +623,7 @@ impl RawConfig {
             encrypt,
             tombstone_ttl,
             raft_snapshot_threshold,
+            raft_snapshot_interval,
             raft_trailing_logs,
             raft_snapshot_log_bytes,
             enable_script_checks,
@@ -721,6 +728,7 @@ impl RawConfig {
             }),
         };
         let ae_interval = duration("ae_interval", self.ae_interval, DEFAULT_AE_INTERVAL, &mut errs);
+        let snapshot_interval = duration("raft_snapshot_interval", self.raft_snapshot_interval, DEFAULT_RAFT_TIMINGS.snapshot_interval, &mut errs);
         let reconnect_timeout = duration("reconnect_timeout", self.reconnect_timeout, DEFAULT_RECONNECT_TIMEOUT, &mut errs);
         let services: Vec<serde_json::Value> = [self.service, self.services].into_iter().flatten().flat_map(OneOrMany::into_vec).collect();
         let checks: Vec<serde_json::Value> = [self.check, self.checks].into_iter().flatten().flat_map(OneOrMany::into_vec).collect();
@@ -885,6 +893,7 @@ impl RawConfig {
             election_min_ms: DEFAULT_RAFT_TIMINGS.election_min_ms * m,
             election_max_ms: DEFAULT_RAFT_TIMINGS.election_max_ms * m,
             snapshot_threshold: self.raft_snapshot_threshold.unwrap_or(DEFAULT_RAFT_TIMINGS.snapshot_threshold),
+            snapshot_interval,
             trailing_logs: self.raft_trailing_logs.unwrap_or(DEFAULT_RAFT_TIMINGS.trailing_logs),
             snapshot_log_bytes: self.raft_snapshot_log_bytes.unwrap_or(DEFAULT_RAFT_TIMINGS.snapshot_log_bytes),
         };
@@ -1134,11 +1143,13 @@ mod tests {
     #[test]
     fn raft_log_retention_keys_are_read_and_bounded() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(d.path(), "r.hcl", "raft_snapshot_threshold = 100\nraft_trailing_logs = 50\n");
+        let p = write(d.path(), "r.hcl", "raft_snapshot_threshold = 100\nraft_trailing_logs = 50\nraft_snapshot_interval = \"5s\"\n");
         let c = load_files(&[p], &[]).unwrap().validate(true).unwrap();
         assert_eq!((c.raft.snapshot_threshold, c.raft.trailing_logs), (100, 50));
+        assert_eq!(c.raft.snapshot_interval, std::time::Duration::from_secs(5));
         let raw = RawConfig {
             raft_snapshot_threshold: Some(0),
+            raft_snapshot_interval: Some("often".into()),
             raft_trailing_logs: Some(u64::MAX),
             raft_snapshot_log_bytes: Some(5),
             ..Default::default()
@@ -1147,6 +1158,7 @@ mod tests {
         assert!(e.contains("raft_snapshot_log_bytes: 5 must be between 1048576"), "{e}");
         assert!(e.contains("raft_snapshot_threshold: 0 must be between 16"), "{e}");
         assert!(e.contains("raft_trailing_logs: 18446744073709551615 must be between"), "{e}");
+        assert!(e.contains("raft_snapshot_interval: \"often\" is not a positive duration"), "{e}");
     }
 
     #[test]

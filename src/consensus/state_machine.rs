@@ -49,17 +49,40 @@ fn stored_snapshot_header(meta: &SnapshotMeta<NodeId, ServerNode>, state_len: us
     }
 }
 
-/// Make the calling thread the last in line for CPU (nice 19) and for the disk (the idle I/O
-/// class, which mq-deadline and BFQ honour; the log's fsyncs go first). Linux sets both per
-/// thread. Failures leave the thread as it was.
-fn yield_cpu_to_everything_else() {
+/// Make the calling thread the last in line for CPU and for the disk: the `SCHED_IDLE` policy
+/// (it runs only on a core that would otherwise idle, and a waking thread preempts it at once),
+/// nice 19 for when it leaves that policy, and the idle I/O class (which mq-deadline and BFQ
+/// honour; the log's fsyncs go first). Linux sets all three per thread. Failures leave the
+/// thread as it was. Returns the thread's id, for `stop_starving`.
+fn yield_cpu_to_everything_else() -> libc::pid_t {
     const IOPRIO_WHO_PROCESS: libc::c_long = 1;
     const IOPRIO_CLASS_IDLE: libc::c_long = 3;
     const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
-    // SAFETY: both calls only read their integer arguments; `who` 0 is the calling thread.
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the calls only read their integer arguments and `param`; `who`/`pid` 0 is the
+    // calling thread.
     unsafe {
         let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        let _ = libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
         let _ = libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0 as libc::c_long, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT);
+        libc::gettid()
+    }
+}
+
+/// How long a snapshot may wait for idle CPU before it gets a share of a busy one: a server
+/// that is never idle must still compact its log.
+const SNAPSHOT_STARVED_AFTER: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Move a snapshot thread out of `SCHED_IDLE` (it keeps nice 19). `tid` is `None` once the
+/// thread has finished, and the lock is held across the call, so the id cannot name a thread
+/// that has since exited.
+fn stop_starving(tid: &parking_lot::Mutex<Option<libc::pid_t>>) {
+    let tid = tid.lock();
+    if let Some(tid) = *tid {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: reads its integer arguments and `param`; `tid` is a live thread of ours.
+        let _ = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
+        tracing::info!(after_s = SNAPSHOT_STARVED_AFTER.as_secs(), "the snapshot found no idle CPU; it now takes a share at nice 19");
     }
 }
 
@@ -139,6 +162,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Only copy the tables here, where apply is paused; openraft runs `build_snapshot`
         // (encoding and writing) on its own task while applies go on.
         self.snapshot_seq += 1;
+        tracing::info!(index = self.last_applied.map(|l| l.index).unwrap_or(0), "snapshot started");
         StateMachineSnapshotter {
             payload: Some(SnapshotPayload {
                 last_applied: self.last_applied,
@@ -178,6 +202,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
+/// What a snapshot took, for the log.
+struct SnapshotTimes {
+    bytes: usize,
+    encode_ms: u64,
+    write_ms: u64,
+    free_ms: u64,
+}
+
 /// A snapshot serialised at request time, written to disk when openraft asks for it.
 pub struct StateMachineSnapshotter {
     payload: Option<SnapshotPayload>,
@@ -197,25 +229,51 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
         // core for a second or more at a million keys. Do it on a thread of its own at the
         // lowest CPU priority, so that applying the log and serving requests always go first:
         // the snapshot just takes longer on a busy server.
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
         let (storage, stored_meta) = (self.storage.clone(), meta.clone());
+        let tid = Arc::new(parking_lot::Mutex::new(None));
+        let thread_tid = tid.clone();
         let spawned = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || {
-            yield_cpu_to_everything_else();
+            *thread_tid.lock() = Some(yield_cpu_to_everything_else());
             // The encoded state is written and freed here: openraft keeps only the meta of a
             // snapshot it asked for, and reads the file when a follower needs it.
-            let result = (|| -> Result<usize, std::io::Error> {
-                let bytes = postcard::to_allocvec(&p).map_err(std::io::Error::other)?;
+            let result = (|| -> Result<SnapshotTimes, std::io::Error> {
+                let started = std::time::Instant::now();
+                // One buffer the size of the last snapshot and a little more: growing it by
+                // doubling instead copied and page-faulted twice the state, and unmapping the
+                // old buffers stalled the server's other threads.
+                let estimate = storage.snapshot_len() as usize;
+                let buffer = Vec::with_capacity(estimate + estimate / 8 + (64 << 10));
+                let bytes = postcard::to_extend(&p, buffer).map_err(std::io::Error::other)?;
                 drop(p);
+                let encoded = std::time::Instant::now();
                 let header = stored_snapshot_header(&stored_meta, bytes.len()).map_err(std::io::Error::other)?;
                 storage.snapshot_put_sync(&header, &bytes).map_err(std::io::Error::other)?;
-                Ok(bytes.len())
+                let written = std::time::Instant::now();
+                let len = bytes.len();
+                drop(bytes);
+                Ok(SnapshotTimes {
+                    bytes: len,
+                    encode_ms: (encoded - started).as_millis() as u64,
+                    write_ms: (written - encoded).as_millis() as u64,
+                    free_ms: written.elapsed().as_millis() as u64,
+                })
             })();
+            *thread_tid.lock() = None;
             let _ = tx.send(result);
         });
         let write_err = |e: &std::io::Error| StorageIOError::write_snapshot(None, io_err(e));
         spawned.map_err(|e| write_err(&e))?;
-        let bytes = rx.await.map_err(|_| write_err(&std::io::Error::other("the snapshot thread died")))?.map_err(|e| write_err(&e))?;
-        tracing::info!(index = meta.last_log_id.map(|l| l.index).unwrap_or(0), bytes, "snapshot taken");
+        let done = match tokio::time::timeout(SNAPSHOT_STARVED_AFTER, &mut rx).await {
+            Ok(done) => done,
+            Err(_) => {
+                stop_starving(&tid);
+                rx.await
+            }
+        };
+        let t = done.map_err(|_| write_err(&std::io::Error::other("the snapshot thread died")))?.map_err(|e| write_err(&e))?;
+        let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        tracing::info!(index, bytes = t.bytes, encode_ms = t.encode_ms, write_ms = t.write_ms, free_ms = t.free_ms, "snapshot taken");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
     }
 }

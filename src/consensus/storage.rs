@@ -115,22 +115,49 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
 /// Large files go out a chunk at a time, each synced before the next: the disk never holds a
 /// snapshot's worth of queued writeback that the log's next fsync would wait behind.
 fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
-    write_durably_parts(dir, name, &[bytes])
+    write_durably_parts(dir, name, &[bytes], false)
 }
 
 /// `write_durably` of the concatenation of `parts`, without concatenating them in memory.
-fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), StorageError> {
+///
+/// A large file is written back as it goes, a chunk at a time (`sync_file_range`: start the
+/// chunk's writeback, then wait for the previous chunk's), so that no burst of dirty pages piles
+/// up in front of the log's fsyncs, and without an fsync per chunk: each of those also committed
+/// the file system's journal and flushed the disk's cache, and a 200 MB snapshot's 200 of them
+/// tripled the whole cluster's write p99 while it lasted. One fsync at the end makes it durable.
+/// `paced`: after waiting for a chunk, wait as long again, so that the file keeps the disk busy
+/// at most about half the time.
+fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> Result<(), StorageError> {
+    use std::os::fd::AsRawFd;
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
-    let mut unsynced = 0;
+    let (mut written, mut unsynced_from, mut previous) = (0i64, 0i64, None::<(i64, i64)>);
+    let fd = f.as_raw_fd();
+    let range = |offset: i64, len: i64, flags: libc::c_uint| -> std::io::Result<()> {
+        // SAFETY: only integer arguments, on a descriptor that `f` keeps open meanwhile.
+        match unsafe { libc::sync_file_range(fd, offset, len, flags) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
     for part in parts {
         for chunk in part.chunks(SYNC_CHUNK_BYTES) {
             f.write_all(chunk).map_err(io_at(&tmp))?;
-            unsynced += chunk.len();
-            if unsynced >= SYNC_CHUNK_BYTES {
-                f.sync_data().map_err(io_at(&tmp))?;
-                unsynced = 0;
+            written += chunk.len() as i64;
+            if written - unsynced_from >= SYNC_CHUNK_BYTES as i64 {
+                let this = (unsynced_from, written - unsynced_from);
+                range(this.0, this.1, libc::SYNC_FILE_RANGE_WRITE).map_err(io_at(&tmp))?;
+                if let Some((offset, len)) = previous {
+                    let started = std::time::Instant::now();
+                    range(offset, len, libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER)
+                        .map_err(io_at(&tmp))?;
+                    if paced {
+                        std::thread::sleep(started.elapsed());
+                    }
+                }
+                previous = Some(this);
+                unsynced_from = written;
             }
         }
     }
@@ -273,10 +300,9 @@ impl Storage {
         std::fs::metadata(self.inner.dir.join(SNAPSHOT_FILE)).map_or(0, |m| m.len())
     }
 
-    /// `snapshot_put` on the calling (blocking) thread.
     /// Store the snapshot file whose bytes are `header` then `body`, durably (blocking).
     pub fn snapshot_put_sync(&self, header: &[u8], body: &[u8]) -> Result<(), StorageError> {
-        write_durably_parts(&self.inner.dir, SNAPSHOT_FILE, &[header, body])
+        write_durably_parts(&self.inner.dir, SNAPSHOT_FILE, &[header, body], true)
     }
 
     pub fn snapshot_get(&self) -> Result<Option<Vec<u8>>, StorageError> {

@@ -397,7 +397,7 @@ fn disk_use(dir: &std::path::Path) -> u64 {
 async fn disk_stays_bounded_under_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("retention.hcl");
-    std::fs::write(&cfg, "raft_snapshot_threshold = 100\nraft_trailing_logs = 16\n").unwrap();
+    std::fs::write(&cfg, "raft_snapshot_threshold = 100\nraft_snapshot_interval = \"200ms\"\nraft_trailing_logs = 16\n").unwrap();
     let c = Cluster::start_with(1, 0, &["--config-file", cfg.to_str().unwrap()]).await;
     c.wait_for_leader().await;
     let http = c.servers[0].http();

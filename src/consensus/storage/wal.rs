@@ -678,12 +678,19 @@ impl Wal {
             st.first += n as u64;
         }
         let firsts: Vec<u64> = st.segments.keys().copied().collect();
+        let mut gone = Vec::new();
         for pair in firsts.windows(2) {
             // A segment holds indexes below the next one's first.
             if pair[1] <= upto.saturating_add(1) {
-                let s = st.segments.remove(&pair[0]).expect("listed above");
-                fs::remove_file(&s.path).map_err(io_at(&s.path))?;
+                gone.push(st.segments.remove(&pair[0]).expect("listed above"));
             }
+        }
+        // Unlinking a 16 MiB file takes the file system a while: not with appends locked out.
+        // A crash before the files go leaves segments behind the purge point, which reopening
+        // drops.
+        drop(st);
+        for s in gone {
+            fs::remove_file(&s.path).map_err(io_at(&s.path))?;
         }
         Ok(())
     }

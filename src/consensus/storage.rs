@@ -36,6 +36,8 @@ const SLED_FILES: [&str; 3] = ["conf", "db", "blobs"];
 /// with a log fsync loop beside a 14 MiB snapshot write: the worst log fsync took 50-137 ms with
 /// the snapshot written whole, under 10 ms in 1 MiB chunks into zero-filled log segments.
 const SYNC_CHUNK_BYTES: usize = 1 << 20;
+/// Write-back chunk of a paced (snapshot) file.
+const PACED_CHUNK_BYTES: usize = 256 << 10;
 
 /// Small files (vote, purge point, committed index) are `u32 CRC32 of the rest, u32 length,
 /// bytes`, so that a torn or damaged one is noticed instead of misread.
@@ -125,8 +127,10 @@ fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageErro
 /// up in front of the log's fsyncs, and without an fsync per chunk: each of those also committed
 /// the file system's journal and flushed the disk's cache, and a 200 MB snapshot's 200 of them
 /// tripled the whole cluster's write p99 while it lasted. One fsync at the end makes it durable.
-/// `paced`: after waiting for a chunk, wait as long again, so that the file keeps the disk busy
-/// at most about half the time.
+/// `paced`: chunks of 256 KiB, and after waiting for one, wait three times as long again, so
+/// that the file keeps the disk busy at most about a quarter of the time and a log fsync (whose
+/// cache flush waits for whatever is in flight) never finds more than two small chunks ahead of
+/// it.
 fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> Result<(), StorageError> {
     use std::os::fd::AsRawFd;
     let path = dir.join(name);
@@ -141,11 +145,12 @@ fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> 
             _ => Err(std::io::Error::last_os_error()),
         }
     };
+    let chunk_bytes = if paced { PACED_CHUNK_BYTES } else { SYNC_CHUNK_BYTES };
     for part in parts {
-        for chunk in part.chunks(SYNC_CHUNK_BYTES) {
+        for chunk in part.chunks(chunk_bytes) {
             f.write_all(chunk).map_err(io_at(&tmp))?;
             written += chunk.len() as i64;
-            if written - unsynced_from >= SYNC_CHUNK_BYTES as i64 {
+            if written - unsynced_from >= chunk_bytes as i64 {
                 let this = (unsynced_from, written - unsynced_from);
                 range(this.0, this.1, libc::SYNC_FILE_RANGE_WRITE).map_err(io_at(&tmp))?;
                 if let Some((offset, len)) = previous {
@@ -153,7 +158,7 @@ fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> 
                     range(offset, len, libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER)
                         .map_err(io_at(&tmp))?;
                     if paced {
-                        std::thread::sleep(started.elapsed());
+                        std::thread::sleep(started.elapsed() * 3);
                     }
                 }
                 previous = Some(this);
@@ -162,8 +167,37 @@ fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> 
         }
     }
     f.sync_all().map_err(io_at(&tmp))?;
+    // Replacing a large file frees all its blocks at once, inside the rename, and the journal
+    // commit that carries that stalled every other fsync for tens of milliseconds. Keep the old
+    // file alive under a second name across the rename, then free it a slice at a time.
+    let old = dir.join(format!("{name}.old"));
+    let keep_old = paced && {
+        let _ = fs::remove_file(&old);
+        fs::hard_link(&path, &old).is_ok()
+    };
     fs::rename(&tmp, &path).map_err(io_at(&path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))?;
+    if keep_old {
+        release_gradually(&old);
+    }
+    Ok(())
+}
+
+/// Shrink `path` by 8 MiB at a time, pausing between steps, then remove it. Best effort: a
+/// file left behind is removed by the next snapshot (or stays, harmless, until then).
+fn release_gradually(path: &Path) {
+    const STEP: u64 = 8 << 20;
+    let Ok(f) = fs::OpenOptions::new().write(true).open(path) else { return };
+    let mut len = f.metadata().map_or(0, |m| m.len());
+    while len > 0 {
+        len = len.saturating_sub(STEP);
+        if f.set_len(len).is_err() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(f);
+    let _ = fs::remove_file(path);
 }
 
 fn read_meta(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {

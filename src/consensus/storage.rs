@@ -36,6 +36,9 @@ const SLED_FILES: [&str; 3] = ["conf", "db", "blobs"];
 /// with a log fsync loop beside a 14 MiB snapshot write: the worst log fsync took 50-137 ms with
 /// the snapshot written whole, under 10 ms in 1 MiB chunks into zero-filled log segments.
 const SYNC_CHUNK_BYTES: usize = 1 << 20;
+/// A snapshot file at least this big is written back paced, and when replaced, freed a slice at
+/// a time; smaller ones take too little disk time to matter, and are done with at once.
+const LARGE_FILE_BYTES: u64 = 64 << 20;
 /// Write-back chunk of a paced (snapshot) file.
 const PACED_CHUNK_BYTES: usize = 256 << 10;
 
@@ -145,6 +148,7 @@ fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> 
             _ => Err(std::io::Error::last_os_error()),
         }
     };
+    let paced = paced && parts.iter().map(|p| p.len() as u64).sum::<u64>() >= LARGE_FILE_BYTES;
     let chunk_bytes = if paced { PACED_CHUNK_BYTES } else { SYNC_CHUNK_BYTES };
     for part in parts {
         for chunk in part.chunks(chunk_bytes) {
@@ -170,11 +174,10 @@ fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> 
     // Replacing a large file frees all its blocks at once, inside the rename, and the journal
     // commit that carries that stalled every other fsync for tens of milliseconds. Keep the old
     // file alive under a second name across the rename, then free it a slice at a time.
+    // (A small file is freed at once: cheap, and the disk never holds three snapshots.)
     let old = dir.join(format!("{name}.old"));
-    let keep_old = paced && {
-        let _ = fs::remove_file(&old);
-        fs::hard_link(&path, &old).is_ok()
-    };
+    let _ = fs::remove_file(&old);
+    let keep_old = paced && fs::metadata(&path).is_ok_and(|m| m.len() >= LARGE_FILE_BYTES) && fs::hard_link(&path, &old).is_ok();
     fs::rename(&tmp, &path).map_err(io_at(&path))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))?;
     if keep_old {

@@ -119,10 +119,11 @@ pub async fn drive_snapshots(raft: Raft, storage: storage::Storage, t: RaftTimin
         if state == openraft::ServerState::Shutdown {
             return;
         }
-        let by_count = Instant::now() >= check_count_at && since_last >= threshold;
-        if Instant::now() >= check_count_at {
+        let count_due = Instant::now() >= check_count_at;
+        if count_due {
             check_count_at = next_check();
         }
+        let by_count = count_due && since_last >= threshold;
         let by_size = storage.log_bytes() > stagger(t.snapshot_log_bytes.max(storage.snapshot_len()))
             && asked_by_size.is_none_or(|a| a.elapsed() >= SIZE_EVERY);
         if by_size {

@@ -117,7 +117,7 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
 }
 
 /// Replace `path` durably: write a temporary file, fsync it, rename it over and fsync the directory.
-/// Large files go out a chunk at a time, each synced before the next: the disk never holds a
+/// Large files go out a chunk at a time (see `write_durably_parts`): the disk never holds a
 /// snapshot's worth of queued writeback that the log's next fsync would wait behind.
 fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
     write_durably_parts(dir, name, &[bytes], false)
@@ -176,8 +176,10 @@ fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> 
     // file alive under a second name across the rename, then free it a slice at a time.
     // (A small file is freed at once: cheap, and the disk never holds three snapshots.)
     let old = dir.join(format!("{name}.old"));
-    let _ = fs::remove_file(&old);
-    let keep_old = paced && fs::metadata(&path).is_ok_and(|m| m.len() >= LARGE_FILE_BYTES) && fs::hard_link(&path, &old).is_ok();
+    let keep_old = paced && fs::metadata(&path).is_ok_and(|m| m.len() >= LARGE_FILE_BYTES) && {
+        let _ = fs::remove_file(&old);
+        fs::hard_link(&path, &old).is_ok()
+    };
     fs::rename(&tmp, &path).map_err(io_at(&path))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))?;
     if keep_old {
@@ -187,7 +189,7 @@ fn write_durably_parts(dir: &Path, name: &str, parts: &[&[u8]], paced: bool) -> 
 }
 
 /// Shrink `path` by 8 MiB at a time, pausing between steps, then remove it. Best effort: a
-/// file left behind is removed by the next snapshot (or stays, harmless, until then).
+/// file left behind is removed by the next large snapshot (or stays, harmless, until then).
 fn release_gradually(path: &Path) {
     const STEP: u64 = 8 << 20;
     let Ok(f) = fs::OpenOptions::new().write(true).open(path) else { return };

@@ -18,7 +18,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Wal
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = Storage::open(dir.path()).expect("open storage");
-        let sm = StateMachine::open(storage.clone(), Arc::new(RwLock::new(Store::new())))?;
+        let sm = StateMachine::open(storage.clone(), Arc::new(RwLock::new(Store::new())), 64 << 20)?;
         Ok((dir, LogStore::new(storage), sm))
     }
 }

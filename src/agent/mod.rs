@@ -125,7 +125,7 @@ async fn start_server(cfg: &Config, node_uuid: &str, raft_id: u64, client: &RpcC
     let rpc_addr = rpc_listener.local_addr().map_err(|error| AgentError::Bind { what: "server RPC", addr: cfg.rpc_addr(), error })?;
     let storage = Storage::open(&dd.join("raft")).map_err(|e| AgentError::Storage(e.to_string()))?;
     let store = Arc::new(RwLock::new(Store::new()));
-    let sm = StateMachine::open(storage.clone(), store.clone()).map_err(|e| AgentError::Storage(e.to_string()))?;
+    let sm = StateMachine::open(storage.clone(), store.clone(), cfg.raft.snapshot_log_bytes).map_err(|e| AgentError::Storage(e.to_string()))?;
     let log = LogStore::new(storage.clone());
     let contacts = ContactLog::default();
     let network = Network { client: client.clone(), contacts: contacts.clone() };

@@ -5,6 +5,7 @@
 use parking_lot::RwLock;
 use std::io::Cursor;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership};
@@ -16,8 +17,9 @@ use crate::state::{Outcome, StateData, Store};
 
 type Membership = StoredMembership<NodeId, ServerNode>;
 
-/// What a snapshot holds: the tables plus the Raft position they correspond to.
-#[derive(Serialize, Deserialize)]
+/// What a snapshot holds: the tables plus the Raft position they correspond to. Cloning it is
+/// cheap: the tables are persistent maps that share their nodes.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SnapshotPayload {
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: Membership,
@@ -49,41 +51,104 @@ fn stored_snapshot_header(meta: &SnapshotMeta<NodeId, ServerNode>, state_len: us
     }
 }
 
-/// Make the calling thread the last in line for CPU and for the disk: the `SCHED_IDLE` policy
-/// (it runs only on a core that would otherwise idle, and a waking thread preempts it at once),
-/// nice 19 for when it leaves that policy, and the idle I/O class (which mq-deadline and BFQ
-/// honour; the log's fsyncs go first). Linux sets all three per thread. Failures leave the
-/// thread as it was. Returns the thread's id, for `stop_starving`.
-fn yield_cpu_to_everything_else() -> libc::pid_t {
-    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
-    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
-    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+/// Make the calling thread the last in line for CPU: the `SCHED_IDLE` policy (it runs only on
+/// a core that would otherwise idle, and a waking thread preempts it at once) and nice 19 for
+/// good measure. Any thread may lower its own priority, but only a privileged one may raise it
+/// again, so an encoding that must hurry is done over by a thread at normal priority
+/// (`StateMachineSnapshotter::build_snapshot`). Failures leave the thread as it was.
+fn yield_cpu_to_everything_else() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: the calls only read their integer arguments and `param`; `who`/`pid` 0 is the
     // calling thread.
     unsafe {
         let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 19);
         let _ = libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
-        let _ = libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0 as libc::c_long, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT);
-        libc::gettid()
     }
 }
 
-/// How long a snapshot may wait for idle CPU before it gets a share of a busy one: a server
-/// that is never idle must still compact its log.
-const SNAPSHOT_STARVED_AFTER: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long a snapshot may wait for idle CPU before it must hurry: a server that is never idle
+/// must still compact its log.
+const SNAPSHOT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Move a snapshot thread out of `SCHED_IDLE` (it keeps nice 19). `tid` is `None` once the
-/// thread has finished, and the lock is held across the call, so the id cannot name a thread
-/// that has since exited.
-fn stop_starving(tid: &parking_lot::Mutex<Option<libc::pid_t>>) {
-    let tid = tid.lock();
-    if let Some(tid) = *tid {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: reads its integer arguments and `param`; `tid` is a live thread of ours.
-        let _ = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
-        tracing::info!(after_s = SNAPSHOT_STARVED_AFTER.as_secs(), "the snapshot found no idle CPU; it now takes a share at nice 19");
+/// A postcard output that appends to a `Vec` and gives up once `cancel` is set (looked at every
+/// 64 KiB, a few tens of microseconds of encoding).
+struct Cancellable<'a> {
+    out: Vec<u8>,
+    cancel: &'a AtomicBool,
+    look_at: usize,
+}
+
+impl Cancellable<'_> {
+    const EVERY: usize = 64 << 10;
+
+    fn look(&mut self) -> postcard::Result<()> {
+        if self.out.len() >= self.look_at {
+            self.look_at = self.out.len() + Self::EVERY;
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(postcard::Error::SerializeBufferFull);
+            }
+        }
+        Ok(())
     }
+}
+
+impl postcard::ser_flavors::Flavor for Cancellable<'_> {
+    type Output = Vec<u8>;
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.out.push(data);
+        self.look()
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.out.extend_from_slice(data);
+        self.look()
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.out)
+    }
+}
+
+/// A snapshot's state, encoded.
+struct Encoded {
+    bytes: Vec<u8>,
+    encode_ms: u64,
+}
+
+/// Encode `p` into one buffer the size of the last snapshot (`estimate`) and a little more:
+/// growing it by doubling instead copied and page-faulted twice the state, and unmapping the
+/// old buffers stalled the server's other threads. With `cancel`, gives up (`Ok(None)`) once
+/// `cancel` is set. `p` is dropped here, on the calling thread.
+fn encode_state(p: SnapshotPayload, estimate: usize, cancel: Option<&AtomicBool>) -> std::io::Result<Option<Encoded>> {
+    let started = std::time::Instant::now();
+    let buffer = Vec::with_capacity(estimate + estimate / 8 + (64 << 10));
+    let encoded = match cancel {
+        Some(cancel) => match postcard::serialize_with_flavor(&p, Cancellable { out: buffer, cancel, look_at: 0 }) {
+            Err(_) if cancel.load(Ordering::Relaxed) => return Ok(None),
+            r => r,
+        },
+        None => postcard::to_extend(&p, buffer),
+    };
+    drop(p);
+    let bytes = encoded.map_err(std::io::Error::other)?;
+    Ok(Some(Encoded { bytes, encode_ms: started.elapsed().as_millis() as u64 }))
+}
+
+/// Write an encoded state after `meta` into the snapshot file, durably, then free it.
+fn write_encoded(storage: &Storage, meta: &SnapshotMeta<NodeId, ServerNode>, e: Encoded) -> std::io::Result<SnapshotTimes> {
+    let started = std::time::Instant::now();
+    let header = stored_snapshot_header(meta, e.bytes.len()).map_err(std::io::Error::other)?;
+    storage.snapshot_put_sync(&header, &e.bytes).map_err(std::io::Error::other)?;
+    let written = std::time::Instant::now();
+    let bytes = e.bytes.len();
+    drop(e.bytes);
+    Ok(SnapshotTimes {
+        bytes,
+        encode_ms: e.encode_ms,
+        write_ms: (written - started).as_millis() as u64,
+        free_ms: written.elapsed().as_millis() as u64,
+    })
 }
 
 /// The applied state, shared with readers (HTTP, DNS) through `Arc<RwLock<Store>>`.
@@ -93,12 +158,16 @@ pub struct StateMachine {
     membership: Membership,
     storage: Storage,
     snapshot_seq: u64,
+    /// `raft_snapshot_log_bytes`: a patient snapshot hurries once the log has grown by this
+    /// much (or by the last snapshot's size, if larger) while it waited.
+    snapshot_log_bytes: u64,
 }
 
 impl StateMachine {
     /// Open the state machine, loading the latest snapshot from `storage` if there is one.
-    pub fn open(storage: Storage, store: Arc<RwLock<Store>>) -> Result<StateMachine, StorageError<NodeId>> {
-        let mut sm = StateMachine { store, last_applied: None, membership: Membership::default(), storage, snapshot_seq: 0 };
+    /// `snapshot_log_bytes` is `raft_snapshot_log_bytes`.
+    pub fn open(storage: Storage, store: Arc<RwLock<Store>>, snapshot_log_bytes: u64) -> Result<StateMachine, StorageError<NodeId>> {
+        let mut sm = StateMachine { store, last_applied: None, membership: Membership::default(), storage, snapshot_seq: 0, snapshot_log_bytes };
         if let Some(snap) = sm.stored_snapshot()? {
             sm.load(&snap.bytes)?;
         }
@@ -171,6 +240,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }),
             storage: self.storage.clone(),
             seq: self.snapshot_seq,
+            snapshot_log_bytes: self.snapshot_log_bytes,
         }
     }
 
@@ -215,6 +285,7 @@ pub struct StateMachineSnapshotter {
     payload: Option<SnapshotPayload>,
     storage: Storage,
     seq: u64,
+    snapshot_log_bytes: u64,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
@@ -225,53 +296,73 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
             None => format!("--{}", self.seq),
         };
         let meta = SnapshotMeta { last_log_id: p.last_applied, last_membership: p.membership.clone(), snapshot_id };
-        // Encoding (and dropping) a copy of every table, and writing it out, takes a whole
-        // core for a second or more at a million keys. Do it on a thread of its own at the
-        // lowest CPU priority, so that applying the log and serving requests always go first:
-        // the snapshot just takes longer on a busy server.
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let (storage, stored_meta) = (self.storage.clone(), meta.clone());
-        let tid = Arc::new(parking_lot::Mutex::new(None));
-        let thread_tid = tid.clone();
-        let spawned = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || {
-            *thread_tid.lock() = Some(yield_cpu_to_everything_else());
-            // The encoded state is written and freed here: openraft keeps only the meta of a
-            // snapshot it asked for, and reads the file when a follower needs it.
-            let result = (|| -> Result<SnapshotTimes, std::io::Error> {
-                let started = std::time::Instant::now();
-                // One buffer the size of the last snapshot and a little more: growing it by
-                // doubling instead copied and page-faulted twice the state, and unmapping the
-                // old buffers stalled the server's other threads.
-                let estimate = storage.snapshot_len() as usize;
-                let buffer = Vec::with_capacity(estimate + estimate / 8 + (64 << 10));
-                let bytes = postcard::to_extend(&p, buffer).map_err(std::io::Error::other)?;
-                drop(p);
-                let encoded = std::time::Instant::now();
-                let header = stored_snapshot_header(&stored_meta, bytes.len()).map_err(std::io::Error::other)?;
-                storage.snapshot_put_sync(&header, &bytes).map_err(std::io::Error::other)?;
-                let written = std::time::Instant::now();
-                let len = bytes.len();
-                drop(bytes);
-                Ok(SnapshotTimes {
-                    bytes: len,
-                    encode_ms: (encoded - started).as_millis() as u64,
-                    write_ms: (written - encoded).as_millis() as u64,
-                    free_ms: written.elapsed().as_millis() as u64,
-                })
-            })();
-            *thread_tid.lock() = None;
-            let _ = tx.send(result);
-        });
-        let write_err = |e: &std::io::Error| StorageIOError::write_snapshot(None, io_err(e));
-        spawned.map_err(|e| write_err(&e))?;
-        let done = match tokio::time::timeout(SNAPSHOT_STARVED_AFTER, &mut rx).await {
-            Ok(done) => done,
-            Err(_) => {
-                stop_starving(&tid);
-                rx.await
+        // Encoding (and dropping) a copy of every table takes a whole core for a second or
+        // more at a million keys. Do it on a thread of its own at the lowest CPU priority, so
+        // that applying the log and serving requests always go first: the snapshot just takes
+        // longer on a busy server. On a server that is never idle that thread might not run at
+        // all while the log grows without bound, so once it has waited `SNAPSHOT_PATIENCE`, or
+        // the log has grown by its limit meanwhile, a thread at normal priority encodes a copy of
+        // the same state (cheap to take), and the patient one gives up when it next runs.
+        let write_err = |e: &std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, io_err(e)).into() };
+        let died = || write_err(&std::io::Error::other("the snapshot thread died"));
+        let estimate = self.storage.snapshot_len() as usize;
+        let hurry = Arc::new(AtomicBool::new(false));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let encoder = |p: SnapshotPayload, patient: bool, tx: tokio::sync::mpsc::Sender<std::io::Result<Option<Encoded>>>| {
+            let hurry = hurry.clone();
+            std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || {
+                if patient {
+                    yield_cpu_to_everything_else();
+                }
+                // A send that finds the other encoder's state taken drops this one here.
+                let _ = tx.blocking_send(encode_state(p, estimate, patient.then_some(&*hurry)));
+            })
+        };
+        let mut spare = Some(p.clone());
+        let mut tx = Some(tx);
+        encoder(p, true, tx.clone().ok_or_else(died)?).map_err(|e| write_err(&e))?;
+        // Hurry once the log has grown meanwhile by its limit (or the last snapshot, if that is
+        // larger, as for the size trigger).
+        let urgent_log_bytes = self.storage.log_bytes() + self.snapshot_log_bytes.max(self.storage.snapshot_len());
+        let started = std::time::Instant::now();
+        let mut look = tokio::time::interval(std::time::Duration::from_millis(250));
+        let encoded = loop {
+            tokio::select! {
+                done = rx.recv() => match done {
+                    Some(Ok(Some(encoded))) => break encoded,
+                    // The patient encoder gave up; the other one is under way.
+                    Some(Ok(None)) => {}
+                    Some(Err(e)) => return Err(write_err(&e)),
+                    None => return Err(died()),
+                },
+                _ = look.tick(), if spare.is_some() => {
+                    if started.elapsed() >= SNAPSHOT_PATIENCE || self.storage.log_bytes() > urgent_log_bytes {
+                        tracing::info!(
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            log_bytes = self.storage.log_bytes(),
+                            "the snapshot found too little idle CPU; it is encoded again at normal priority"
+                        );
+                        hurry.store(true, Ordering::Relaxed);
+                        let (p, tx) = (spare.take().ok_or_else(died)?, tx.take().ok_or_else(died)?);
+                        encoder(p, false, tx).map_err(|e| write_err(&e))?;
+                    }
+                }
             }
         };
-        let t = done.map_err(|_| write_err(&std::io::Error::other("the snapshot thread died")))?.map_err(|e| write_err(&e))?;
+        drop((rx, tx));
+        // Written at normal priority (a large file is paced by `snapshot_put_sync` itself), on
+        // a thread of its own, which also frees the state and the unused copy. openraft keeps
+        // only the meta of a snapshot it asked for, and reads the file when a follower needs it.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let (storage, stored_meta) = (self.storage.clone(), meta.clone());
+        std::thread::Builder::new()
+            .name("raft-snapshot-write".into())
+            .spawn(move || {
+                drop(spare);
+                let _ = done_tx.send(write_encoded(&storage, &stored_meta, encoded));
+            })
+            .map_err(|e| write_err(&e))?;
+        let t = done_rx.await.map_err(|_| died())?.map_err(|e| write_err(&e))?;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         tracing::info!(index, bytes = t.bytes, encode_ms = t.encode_ms, write_ms = t.write_ms, free_ms = t.free_ms, "snapshot taken");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
@@ -281,6 +372,30 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A payload whose encoding is about `keys` x 1 KiB.
+    fn payload(keys: usize) -> SnapshotPayload {
+        use crate::state::{Command, KvVerb, Request, TxnOp};
+        let mut store = Store::new();
+        for i in 0..keys {
+            let op = TxnOp { verb: KvVerb::Set, key: format!("k/{i}"), value: Some(vec![7u8; 1024]), flags: 0, index: 0, session: String::new() };
+            store.apply(i as u64 + 1, &Request { now_ms: 0, command: Command::Txn(vec![op]) });
+        }
+        SnapshotPayload { last_applied: None, membership: Membership::default(), data: store.data().clone() }
+    }
+
+    #[test]
+    fn an_encoding_told_to_give_up_does_and_one_left_alone_matches_postcard() {
+        let p = payload(200);
+        let whole = postcard::to_allocvec(&p).unwrap();
+        assert!(whole.len() > 2 * Cancellable::EVERY, "the payload spans several looks");
+        let go_on = AtomicBool::new(false);
+        let done = encode_state(p.clone(), 0, Some(&go_on)).unwrap().expect("not told to give up");
+        assert_eq!(done.bytes, whole);
+        assert_eq!(encode_state(p.clone(), whole.len(), None).unwrap().expect("no cancel").bytes, whole);
+        let give_up = AtomicBool::new(true);
+        assert!(encode_state(p, 0, Some(&give_up)).unwrap().is_none(), "told to give up, it must");
+    }
 
     #[test]
     fn header_then_state_is_the_encoding_of_a_stored_snapshot() {

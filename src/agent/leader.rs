@@ -158,9 +158,12 @@ impl LeaderWorker {
             }
             // Nodes gossip no longer knows (reaped, or forced out) leave the catalog.
             let known: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).chain(server_names.iter().copied()).collect();
-            for ((node, cid), _) in d.checks.iter().filter(|((_, cid), _)| cid == SERF_CHECK) {
-                if reap && cid == SERF_CHECK && !known.contains(node.as_str()) {
-                    writes.push(Command::Deregister { node: node.to_string(), service_id: None, check_id: None });
+            // By node, not by check: a catalog has many times more checks than nodes.
+            if reap {
+                for node in d.nodes.keys().filter(|n| !known.contains(n.as_str())) {
+                    if d.checks.contains_key(&(node.clone(), SERF_CHECK.into())) {
+                        writes.push(Command::Deregister { node: node.to_string(), service_id: None, check_id: None });
+                    }
                 }
             }
         }

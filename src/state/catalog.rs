@@ -261,7 +261,16 @@ pub fn view_keys(s: &Service) -> Vec<String> {
     if s.connect_native {
         v.push(connect_view_key(&s.service));
     }
+    if !s.kind.is_empty() {
+        v.push(kind_view_key(&s.kind));
+    }
     v
+}
+
+/// The key under which the services of a kind (mesh gateways, ...) are indexed and watched, so
+/// that finding them costs their own count, not a scan of the whole catalog.
+pub fn kind_view_key(kind: &str) -> String {
+    format!("\u{0}kind\u{0}{kind}")
 }
 
 /// The key under which a service's connect view (its sidecars and native instances) is
@@ -351,8 +360,8 @@ impl StateData {
 
     /// Every instance of services of `kind` (e.g. "mesh-gateway"), in node order.
     pub fn instances_of_kind(&self, kind: &str) -> Vec<ServiceInstance> {
-        self.services
-            .iter()
+        let keys = self.by_service.0.get(&kind_view_key(kind)).into_iter().flatten();
+        keys.filter_map(|k| Some((k, self.services.get(k)?)))
             .filter(|(_, s)| s.kind == kind)
             .filter_map(|((node, id), s)| {
                 let n = self.nodes.get(node)?;
@@ -459,6 +468,29 @@ pub(crate) mod tests {
         assert_eq!(idx, 10);
         assert_eq!(inst.len(), 1);
         assert_eq!(inst[0].checks[0].service_name, "web");
+    }
+
+    #[test]
+    fn services_of_a_kind_are_found_through_their_index_and_leave_it() {
+        let mut s = Store::new();
+        s.apply(1, &req(Command::Register(web_registration("n1", "10.0.0.1"))));
+        let mut gw = web_registration("n2", "10.0.0.2");
+        if let Some(svc) = gw.service.as_mut() {
+            svc.kind = "mesh-gateway".into();
+            svc.service = "gateway".into();
+        }
+        gw.checks.clear();
+        s.apply(2, &req(Command::Register(gw)));
+        let found: Vec<_> = s.data().instances_of_kind("mesh-gateway").iter().map(|i| i.node.node.to_string()).collect();
+        assert_eq!(found, ["n2"]);
+        assert!(s.data().instances_of_kind("terminating-gateway").is_empty());
+        // The index a loaded snapshot rebuilds finds them too.
+        let mut d = s.data().clone();
+        d.by_service = Default::default();
+        d.rebuild_indexes();
+        assert_eq!(d.instances_of_kind("mesh-gateway").len(), 1);
+        s.apply(3, &req(Command::Deregister { node: "n2".into(), service_id: None, check_id: None }));
+        assert!(s.data().instances_of_kind("mesh-gateway").is_empty());
     }
 
     #[test]

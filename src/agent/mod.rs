@@ -353,22 +353,20 @@ impl Agent {
         // The origin headers are likewise ours: they say which agent and client a request came
         // in through, for `near=_agent` and `near=_ip` after relaying.
         let origin_node = axum::http::HeaderValue::from_str(&cfg.node_name).ok();
-        let serve_router = router.clone().layer(axum::middleware::map_request(move |mut req: axum::extract::Request| {
-            let origin_node = origin_node.clone();
-            async move {
-                let ip = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
-                let h = req.headers_mut();
-                h.remove(api::forward::FORWARDED_HEADER);
-                h.remove(api::prepared_query::ORIGIN_IP_HEADER);
-                h.remove(api::prepared_query::ORIGIN_NODE_HEADER);
-                if let Some(v) = origin_node {
-                    h.insert(api::prepared_query::ORIGIN_NODE_HEADER, v);
-                }
-                if let Some(v) = ip.and_then(|ip| axum::http::HeaderValue::from_str(&ip.to_string()).ok()) {
-                    h.insert(api::prepared_query::ORIGIN_IP_HEADER, v);
-                }
-                req
+        // A plain function of the request (no future of its own to allocate per request).
+        let serve_router = router.clone().layer(tower::util::MapRequestLayer::new(move |mut req: axum::extract::Request| {
+            let ip = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+            let h = req.headers_mut();
+            h.remove(api::forward::FORWARDED_HEADER);
+            h.remove(api::prepared_query::ORIGIN_IP_HEADER);
+            h.remove(api::prepared_query::ORIGIN_NODE_HEADER);
+            if let Some(v) = origin_node.clone() {
+                h.insert(api::prepared_query::ORIGIN_NODE_HEADER, v);
             }
+            if let Some(v) = ip.and_then(|ip| axum::http::HeaderValue::from_str(&ip.to_string()).ok()) {
+                h.insert(api::prepared_query::ORIGIN_IP_HEADER, v);
+            }
+            req
         }));
         let conn_counts = api::listener::ConnCounts::default();
         let http = api::listener::HttpListener {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -108,7 +108,35 @@ fn relay_refused(role: &Role, method: &str, path: &str) -> String {
     format!("{method} {path} is not relayed for {role}: call a server's HTTP API in that datacenter directly")
 }
 
-pub async fn forward_to_leader(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+/// Whether this agent answers `req` itself, neither relaying it to another datacenter or a
+/// server nor forwarding it to the leader. Decided up front, keeping nothing: a request
+/// answered here (a parked blocking query among them) then carries no state of this layer
+/// while it waits.
+fn answered_here(ctx: &Ctx, req: &Request) -> bool {
+    let path = req.uri().path();
+    let params = Params::parse(req.uri().query());
+    if params.get("dc").is_some_and(|dc| !dc.is_empty() && !dc.eq_ignore_ascii_case(&ctx.info.datacenter))
+        && path.starts_with("/v1/")
+        && !path.starts_with("/v1/agent/")
+    {
+        return false;
+    }
+    let Some(node) = &ctx.node else { return is_local(path, false) };
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    is_local(path, true) || (read && params.flag("stale")) || req.headers().contains_key(FORWARDED_HEADER) || node.is_leader()
+}
+
+/// Send `req` where it must be answered: here, to another datacenter (`?dc=`), from a client
+/// agent to a server (or its shared watch), or from a follower to the leader.
+pub async fn forward_to_leader(ctx: &Ctx, req: Request, next: Next) -> Response {
+    if answered_here(ctx, &req) {
+        return next.run(req).await;
+    }
+    // Boxed: the relaying paths' state is large, and the path above should not carry it.
+    Box::pin(relay(ctx.clone(), req, next)).await
+}
+
+async fn relay(ctx: Ctx, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let params = Params::parse(req.uri().query());
     // `?dc=` naming another datacenter: a server sends the request to a server there, which

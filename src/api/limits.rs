@@ -7,10 +7,8 @@
 //! at most [`DEFAULT_BODY_LIMIT`].
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{Method, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, Ctx};
 
@@ -36,15 +34,14 @@ fn too_large(len: u64, limit: usize, key: &str) -> ApiError {
     ApiError::TooLarge(format!("Request body({len} bytes) too large, max size: {limit} bytes. See {key}."))
 }
 
-/// Middleware: refuse or cap request bodies by endpoint.
-pub async fn body_limit(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+/// Refuse (413) or cap the body of `req` by endpoint.
+pub fn limit_body(ctx: &Ctx, req: Request) -> Result<Request, ApiError> {
     let (limit, key) = limit_for(&ctx.limits, req.method(), req.uri().path());
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if let Some(len) = declared
         && len > limit as u64
     {
-        return too_large(len, limit, key).into_response();
+        return Err(too_large(len, limit, key));
     }
-    let req = req.map(|b| Body::new(http_body_util::Limited::new(b, limit)));
-    next.run(req).await
+    Ok(req.map(|b| Body::new(http_body_util::Limited::new(b, limit))))
 }

@@ -3,11 +3,7 @@
 
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::time::Instant;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
 use serde_json::{Value, json};
 
 use super::Ctx;
@@ -54,7 +50,7 @@ const METHODS: [&str; 7] = ["GET", "PUT", "POST", "DELETE", "HEAD", "PATCH", "OT
 /// Status codes are 100..=599; one slot each.
 const CODES: usize = 500;
 
-fn method_slot(m: &axum::http::Method) -> usize {
+pub(super) fn method_slot(m: &axum::http::Method) -> usize {
     METHODS.iter().position(|x| *x == m.as_str()).unwrap_or(METHODS.len() - 1)
 }
 
@@ -97,7 +93,7 @@ impl Default for Registry {
 }
 
 impl Registry {
-    fn record(&self, method: usize, code: u16, ms: f64) {
+    pub(super) fn record(&self, method: usize, code: u16, ms: f64) {
         let code = usize::from(code.clamp(100, 599)) - 100;
         self.counts[method * CODES + code].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.durations[method].lock().add(ms);
@@ -130,15 +126,6 @@ impl Registry {
         }
         (counters, samples)
     }
-}
-
-/// Middleware: count every request by method and status, and time it.
-pub async fn track(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
-    let method = method_slot(req.method());
-    let start = Instant::now();
-    let resp = next.run(req).await;
-    ctx.metrics.record(method, resp.status().as_u16(), start.elapsed().as_secs_f64() * 1000.0);
-    resp
 }
 
 fn gauges(ctx: &Ctx) -> Vec<(&'static str, f64)> {

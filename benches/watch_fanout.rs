@@ -10,7 +10,10 @@
 //! and the benchmark reports the write's latency, each watcher's delay from the write's
 //! acknowledgement to its full answer (p50, p99, max), the server's CPU time for the change,
 //! and its memory per parked watcher. A write to another service first checks that it wakes
-//! none of them. The same load runs against `benches/ref/blocking_ref.py`, a single-threaded
+//! none of them. A probe on a thread of its own registers instances of a service nobody
+//! watches, one every 5 ms: for 0.5 s before the watchers park, for 0.5 s while they are all
+//! parked, and while they are being answered; the benchmark reports those writes' p99 in each
+//! phase (whether writes slow down with many watchers parked, or while they are answered). The same load runs against `benches/ref/blocking_ref.py`, a single-threaded
 //! asyncio stand-in with no Raft, in the same run.
 //!
 //! Reads: wrk against `GET /v1/health/service/watched` (non-blocking) and against a bare axum
@@ -313,6 +316,11 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 struct Round {
     write_ms: f64,
+    /// Latencies of other writes: with no watcher parked, with all of them parked, and while
+    /// they were being answered.
+    writes_idle: Vec<f64>,
+    writes_parked: Vec<f64>,
+    writes_during: Vec<f64>,
     p50: f64,
     p99: f64,
     max: f64,
@@ -321,10 +329,44 @@ struct Round {
     woken_by_other: Option<u64>,
 }
 
+/// Register instances of a service nobody watches, one after another every 5 ms, until
+/// `stop`; returns each write's latency (ms).
+async fn write_probe(to: SocketAddr, stop: Arc<std::sync::atomic::AtomicBool>, tag: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let body = registration(950_000 + i % 1000, "probe", &format!("probe-{tag}-{i}"));
+        let t = Instant::now();
+        let (st, _, _) = request(None, to, "PUT", "/v1/catalog/register", &body).await.expect("probe write");
+        assert_eq!(st, 200);
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+        i += 1;
+        // Pacing, not synchronisation: a steady trickle of writes beside the fan-out.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    out
+}
+
+/// `write_probe` on a thread and runtime of its own, so that its timings are not the bench's
+/// own queueing behind thousands of watcher answers; join with `finish_probe`.
+fn start_probe(to: SocketAddr, stop: Arc<std::sync::atomic::AtomicBool>, tag: usize) -> std::thread::JoinHandle<Vec<f64>> {
+    std::thread::spawn(move || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(write_probe(to, stop, tag)))
+}
+
+async fn finish_probe(stop: &std::sync::atomic::AtomicBool, probe: std::thread::JoinHandle<Vec<f64>>) -> Vec<f64> {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || probe.join().unwrap()).await.unwrap()
+}
+
 async fn round(t: &Target, watchers: usize, seq: &mut usize) -> Round {
     let to = t.addr;
     let (_, head, _) = request(None, to, "GET", "/v1/health/service/watched", b"").await.expect("read watched");
     let index = header(&head, "x-consul-index").expect("index");
+    // Other writes' latency with no watcher parked, for comparison.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let idle_probe = start_probe(to, stop.clone(), *seq * 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes_idle = finish_probe(&stop, idle_probe).await;
     let (rss_before, _) = proc_stat(t.child.id());
     let path = format!("/v1/health/service/watched?index={index}&wait=60s");
     let mut tasks = Vec::with_capacity(watchers);
@@ -345,7 +387,12 @@ async fn round(t: &Target, watchers: usize, seq: &mut usize) -> Round {
         assert!(Instant::now() < deadline, "{}: watchers did not all park", t.name);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (rss_parked, cpu_before) = proc_stat(t.child.id());
+    let (rss_parked, _) = proc_stat(t.child.id());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let parked_probe = start_probe(to, stop.clone(), *seq * 3 + 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes_parked = finish_probe(&stop, parked_probe).await;
+    let (_, cpu_before) = proc_stat(t.child.id());
     // A write to another service must wake none of them.
     let w0 = wakeups(to).await;
     *seq += 1;
@@ -357,6 +404,8 @@ async fn round(t: &Target, watchers: usize, seq: &mut usize) -> Round {
     };
     *seq += 1;
     let body = registration(800_000 + *seq, "watched", &format!("watched-{seq}"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy_probe = start_probe(to, stop.clone(), *seq * 3 + 1);
     let write_start = Instant::now();
     let (st, _, _) = request(None, to, "PUT", "/v1/catalog/register", &body).await.unwrap();
     let acked = Instant::now();
@@ -370,9 +419,13 @@ async fn round(t: &Target, watchers: usize, seq: &mut usize) -> Round {
         delays.push(at.saturating_duration_since(acked).as_secs_f64() * 1000.0);
     }
     let (_, cpu_after) = proc_stat(t.child.id());
+    let writes_during = finish_probe(&stop, busy_probe).await;
     delays.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Round {
         write_ms: (acked - write_start).as_secs_f64() * 1000.0,
+        writes_idle,
+        writes_parked,
+        writes_during,
         p50: pct(&delays, 0.5),
         p99: pct(&delays, 0.99),
         max: *delays.last().unwrap_or(&f64::NAN),
@@ -418,8 +471,16 @@ async fn fanout(o: &Opts) -> Vec<(String, usize, Vec<Round>)> {
             for _ in 0..o.rounds {
                 let r = round(&t, w, &mut seq).await;
                 eprintln!(
-                    "  {w} watchers: write {:.1} ms, answered p50 {:.1} / p99 {:.1} / max {:.1} ms after the ack, {} ms CPU, {:.2} KiB per watcher, woken by another service: {:?}",
-                    r.write_ms, r.p50, r.p99, r.max, r.cpu_ms, r.kib_per_watcher, r.woken_by_other
+                    "  {w} watchers: write {:.1} ms, answered p50 {:.1} / p99 {:.1} / max {:.1} ms after the ack, {} ms CPU, {:.2} KiB per watcher, woken by another service: {:?}; {} other writes meanwhile, max {:.1} ms",
+                    r.write_ms,
+                    r.p50,
+                    r.p99,
+                    r.max,
+                    r.cpu_ms,
+                    r.kib_per_watcher,
+                    r.woken_by_other,
+                    r.writes_during.len(),
+                    r.writes_during.iter().copied().fold(0.0, f64::max)
                 );
                 rounds.push(r);
             }
@@ -482,8 +543,15 @@ fn main() {
     rt.block_on(async {
         let results = fanout(&o).await;
         println!("\nBlocking-query fan-out, {} instances in the catalog (medians of {} rounds):", o.nodes * 10, o.rounds);
-        println!("| server | watchers | write ms | p50 ms | p99 ms | max ms | server CPU ms | RSS KiB/watcher | woken by another service |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| server | watchers | write ms | p50 ms | p99 ms | max ms | server CPU ms | RSS KiB/watcher | woken by another service | other writes, no watcher: n, p99 ms | all parked: n, p99 ms | while answering: n, p99 ms |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let pooled = |rounds: &[Round], f: fn(&Round) -> &Vec<f64>| {
+            let mut all: Vec<f64> = rounds.iter().flat_map(|r| f(r).iter().copied()).collect();
+            all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            format!("{}, {:.1}", all.len(), pct(&all, 0.99))
+        };
         let med = |v: Vec<f64>| {
             let mut v = v;
             v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -491,7 +559,7 @@ fn main() {
         };
         for (name, w, rounds) in &results {
             println!(
-                "| {name} | {w} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {} |",
+                "| {name} | {w} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {} | {} | {} | {} |",
                 med(rounds.iter().map(|r| r.write_ms).collect()),
                 med(rounds.iter().map(|r| r.p50).collect()),
                 med(rounds.iter().map(|r| r.p99).collect()),
@@ -501,6 +569,9 @@ fn main() {
                 // first (largest) growth is the cost of a parked watcher.
                 rounds.iter().map(|r| r.kib_per_watcher).fold(0.0, f64::max),
                 rounds.iter().map(|r| r.woken_by_other.map_or("-".to_string(), |n| n.to_string())).collect::<Vec<_>>().join("/"),
+                pooled(rounds, |r| &r.writes_idle),
+                pooled(rounds, |r| &r.writes_parked),
+                pooled(rounds, |r| &r.writes_during),
             );
         }
         for (name, w, rounds) in &results {

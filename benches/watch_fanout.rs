@@ -182,6 +182,106 @@ fn serve_bare_fanout(port: u16) {
     });
 }
 
+/// The bench binary in `--serve-raw-fanout` mode: no HTTP library at all.
+fn start_raw_fanout(port: u16) -> Target {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--serve-raw-fanout", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the raw server");
+    Target { name: "raw tokio", child, addr: SocketAddr::from(([127, 0, 0, 1], port)), _dir: dir }
+}
+
+/// The floor under any HTTP server on this machine: tokio sockets, the request head scanned
+/// by hand, each answer one prebuilt buffer written once. It understands just what this
+/// benchmark sends (one request per connection or keep-alive, `Content-Length` bodies).
+fn serve_raw_fanout(port: u16) {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    struct S {
+        index: AtomicU64,
+        parked: AtomicU64,
+        changed: tokio::sync::Notify,
+        answer: parking_lot::Mutex<bytes::Bytes>,
+    }
+    fn answer(index: u64, body: &[u8]) -> bytes::Bytes {
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-consul-index: {index}\r\ncontent-length: {}\r\n\r\n", body.len());
+        bytes::Bytes::from([head.as_bytes(), body].concat())
+    }
+    fn plain(body: &str) -> Vec<u8> {
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
+    }
+    async fn conn(s: Arc<S>, mut sock: tokio::net::TcpStream) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            let end = loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end;
+                }
+                let mut chunk = [0u8; 1024];
+                let n = sock.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = header(&head, "content-length").unwrap_or(0) as usize;
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 4096];
+                let n = sock.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body: Vec<u8> = buf[end + 4..end + 4 + len].to_vec();
+            buf.drain(..end + 4 + len);
+            let target = head.split(' ').nth(1).unwrap_or("").to_string();
+            if head.starts_with("PUT /v1/catalog/register") {
+                let pattern = br#""Service":"watched","#;
+                if body.windows(pattern.len()).any(|w| w == pattern) {
+                    let index = s.index.load(SeqCst) + 1;
+                    *s.answer.lock() = answer(index, &[&b"["[..], &body, b"]"].concat());
+                    s.index.store(index, SeqCst);
+                    s.changed.notify_waiters();
+                }
+                sock.write_all(&plain("true")).await?;
+            } else if target.starts_with("/v1/agent/metrics") {
+                let n = s.parked.load(SeqCst);
+                sock.write_all(&plain(&format!(r#"{{"Gauges":[{{"Name":"trellis.http.blocking_queries","Value":{n}}}]}}"#))).await?;
+            } else {
+                let want: u64 =
+                    target.split_once('?').map_or("", |(_, q)| q).split('&').find_map(|kv| kv.strip_prefix("index=")?.parse().ok()).unwrap_or(0);
+                let notified = s.changed.notified();
+                if want != 0 && s.index.load(SeqCst) == want {
+                    s.parked.fetch_add(1, SeqCst);
+                    let _ = tokio::time::timeout(Duration::from_secs(60), notified).await;
+                    s.parked.fetch_sub(1, SeqCst);
+                }
+                let a = s.answer.lock().clone();
+                sock.write_all(&a).await?;
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let s = Arc::new(S {
+            index: AtomicU64::new(1),
+            parked: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+            answer: parking_lot::Mutex::new(answer(1, b"[]")),
+        });
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        loop {
+            let Ok((sock, _)) = l.accept().await else { continue };
+            let _ = sock.set_nodelay(true);
+            tokio::spawn(conn(s.clone(), sock));
+        }
+    });
+}
+
 fn start_reference(port: u16) -> Target {
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new("python3")
@@ -453,7 +553,9 @@ async fn wait_ready(t: &Target) {
 
 async fn fanout(o: &Opts) -> Vec<(String, usize, Vec<Round>)> {
     let mut results = Vec::new();
-    for (mk, port) in [(start_trellis as fn(u16) -> Target, 18600u16), (start_bare_fanout, 18604), (start_reference, 18601)] {
+    for (mk, port) in
+        [(start_trellis as fn(u16) -> Target, 18600u16), (start_bare_fanout, 18604), (start_raw_fanout, 18605), (start_reference, 18601)]
+    {
         let t = mk(port);
         wait_ready(&t).await;
         eprintln!("{}:", t.name);
@@ -536,6 +638,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--serve-bare-fanout") {
         serve_bare_fanout(args[i + 1].parse().expect("port"));
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--serve-raw-fanout") {
+        serve_raw_fanout(args[i + 1].parse().expect("port"));
         return;
     }
     let o = opts();

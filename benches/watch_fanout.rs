@@ -94,17 +94,27 @@ fn start_trellis(port: u16) -> Target {
     Target { name: "trellis", child, addr: SocketAddr::from(([127, 0, 0, 1], port)), _dir: dir }
 }
 
-/// The bench binary itself in `--serve-bare-fanout` mode: the least a Rust server on tokio and
-/// axum can do for the same blocking queries.
-fn start_bare_fanout(port: u16) -> Target {
+/// The bench binary itself serving as a reference (`--serve-bare-fanout` or
+/// `--serve-raw-fanout`).
+fn start_self(mode: &str, name: &'static str, port: u16) -> Target {
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--serve-bare-fanout", &port.to_string()])
+        .args([mode, &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start the bare server");
-    Target { name: "bare axum", child, addr: SocketAddr::from(([127, 0, 0, 1], port)), _dir: dir }
+        .unwrap_or_else(|e| panic!("start the {name} server: {e}"));
+    Target { name, child, addr: SocketAddr::from(([127, 0, 0, 1], port)), _dir: dir }
+}
+
+/// The least a Rust server on tokio and axum can do for the same blocking queries.
+fn start_bare_fanout(port: u16) -> Target {
+    start_self("--serve-bare-fanout", "bare axum", port)
+}
+
+/// The same with no HTTP library at all.
+fn start_raw_fanout(port: u16) -> Target {
+    start_self("--serve-raw-fanout", "raw tokio", port)
 }
 
 /// A minimal blocking-query server on axum: one index, one `Notify`, answers of the same
@@ -180,18 +190,6 @@ fn serve_bare_fanout(port: u16) {
         let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         axum::serve(l, app).await.unwrap();
     });
-}
-
-/// The bench binary in `--serve-raw-fanout` mode: no HTTP library at all.
-fn start_raw_fanout(port: u16) -> Target {
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--serve-raw-fanout", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the raw server");
-    Target { name: "raw tokio", child, addr: SocketAddr::from(([127, 0, 0, 1], port)), _dir: dir }
 }
 
 /// The floor under any HTTP server on this machine: tokio sockets, the request head scanned

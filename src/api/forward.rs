@@ -108,6 +108,21 @@ fn relay_refused(role: &Role, method: &str, path: &str) -> String {
     format!("{method} {path} is not relayed for {role}: call a server's HTTP API in that datacenter directly")
 }
 
+/// The datacenter `?dc=` names when it is another one, on a path that honours it (the agent's
+/// own endpoints and the UI ignore it; the UI reads it in the browser).
+fn remote_dc<'p>(ctx: &Ctx, path: &str, params: &'p Params) -> Option<&'p str> {
+    params
+        .get("dc")
+        .filter(|dc| !dc.is_empty() && !dc.eq_ignore_ascii_case(&ctx.info.datacenter) && path.starts_with("/v1/") && !path.starts_with("/v1/agent/"))
+}
+
+/// Whether a server answers `req` from its own state: its own endpoints, `?stale` reads, a
+/// request another server forwarded to it, or any request while it leads.
+fn server_answers(node: &crate::cluster::RaftNode, req: &Request, path: &str, params: &Params) -> bool {
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    is_local(path, true) || (read && params.flag("stale")) || req.headers().contains_key(FORWARDED_HEADER) || node.is_leader()
+}
+
 /// Whether this agent answers `req` itself, neither relaying it to another datacenter or a
 /// server nor forwarding it to the leader. Decided up front, keeping nothing: a request
 /// answered here (a parked blocking query among them) then carries no state of this layer
@@ -115,15 +130,14 @@ fn relay_refused(role: &Role, method: &str, path: &str) -> String {
 fn answered_here(ctx: &Ctx, req: &Request) -> bool {
     let path = req.uri().path();
     let params = Params::parse(req.uri().query());
-    if params.get("dc").is_some_and(|dc| !dc.is_empty() && !dc.eq_ignore_ascii_case(&ctx.info.datacenter))
-        && path.starts_with("/v1/")
-        && !path.starts_with("/v1/agent/")
-    {
+    if remote_dc(ctx, path, &params).is_some() {
         return false;
     }
-    let Some(node) = &ctx.node else { return is_local(path, false) };
-    let read = req.method() == Method::GET || req.method() == Method::HEAD;
-    is_local(path, true) || (read && params.flag("stale")) || req.headers().contains_key(FORWARDED_HEADER) || node.is_leader()
+    match &ctx.node {
+        // A client agent answers only its own endpoints.
+        None => is_local(path, false),
+        Some(node) => server_answers(node, req, path, &params),
+    }
 }
 
 /// Send `req` where it must be answered: here, to another datacenter (`?dc=`), from a client
@@ -141,15 +155,8 @@ async fn relay(ctx: Ctx, req: Request, next: Next) -> Response {
     let params = Params::parse(req.uri().query());
     // `?dc=` naming another datacenter: a server sends the request to a server there, which
     // answers it as its own (forwarding to its leader as needed); a client agent relays it to
-    // one of its servers. The agent's own endpoints and the UI ignore it (the UI reads it in
-    // the browser).
-    if let Some(dc) = params.get("dc")
-        && path.starts_with("/v1/")
-        && !path.starts_with("/v1/agent/")
-        && !dc.is_empty()
-        && !dc.eq_ignore_ascii_case(&ctx.info.datacenter)
-    {
-        let dc = dc.to_string();
+    // one of its servers.
+    if let Some(dc) = remote_dc(&ctx, &path, &params).map(str::to_string) {
         let result = match &ctx.federation {
             Some(router) => relay_to_dc(router, &dc, req, &params).await,
             None => relay_any(&ctx, req, &params).await,
@@ -157,11 +164,8 @@ async fn relay(ctx: Ctx, req: Request, next: Next) -> Response {
         return result.unwrap_or_else(IntoResponse::into_response);
     }
     let Some(node) = &ctx.node else {
-        // A client agent: everything but its own endpoints goes to a server, which forwards
-        // to the leader when the request needs it.
-        if is_local(&path, false) {
-            return next.run(req).await;
-        }
+        // A client agent: everything but its own endpoints (answered before this) goes to a
+        // server, which forwards to the leader when the request needs it.
         if !relay_allowed(&Role::Client, req.method().as_str(), &path) {
             return ApiError::Forbidden(relay_refused(&Role::Client, req.method().as_str(), &path)).into_response();
         }
@@ -174,8 +178,8 @@ async fn relay(ctx: Ctx, req: Request, next: Next) -> Response {
             Err(e) => e.into_response(),
         };
     };
-    let read = req.method() == Method::GET || req.method() == Method::HEAD;
-    if is_local(&path, true) || (read && params.flag("stale")) || req.headers().contains_key(FORWARDED_HEADER) || node.is_leader() {
+    // Leadership may have come to this server since `answered_here` looked.
+    if server_answers(node, &req, &path, &params) {
         return next.run(req).await;
     }
     let fwd = match forwarded(req).await {

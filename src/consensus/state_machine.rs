@@ -329,9 +329,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
                 let _ = tx.blocking_send(encode_state(p, estimate, patient.then_some(&*hurry)));
             })
         };
-        let mut spare = Some(p.clone());
-        let mut tx = Some(tx);
-        encoder(p, true, tx.clone().ok_or_else(died)?).map_err(|e| write_err(&e))?;
+        // The copy and the sender for the encoder at normal priority, until it is started (the
+        // channel ends, and reports a dead thread, only once every encoder holding it is gone).
+        let mut standby = Some((p.clone(), tx.clone()));
+        encoder(p, true, tx).map_err(|e| write_err(&e))?;
         // Hurry once the log has grown meanwhile by its limit (or the last snapshot, if that is
         // larger, as for the size trigger).
         let urgent_log_bytes = self.storage.log_bytes() + self.snapshot_log_bytes.max(self.storage.snapshot_len());
@@ -346,21 +347,23 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotter {
                     Some(Err(e)) => return Err(write_err(&e)),
                     None => return Err(died()),
                 },
-                _ = look.tick(), if spare.is_some() => {
-                    if started.elapsed() >= SNAPSHOT_PATIENCE || self.storage.log_bytes() > urgent_log_bytes {
+                _ = look.tick(), if standby.is_some() => {
+                    if (started.elapsed() >= SNAPSHOT_PATIENCE || self.storage.log_bytes() > urgent_log_bytes)
+                        && let Some((p, tx)) = standby.take()
+                    {
                         tracing::info!(
                             waited_ms = started.elapsed().as_millis() as u64,
                             log_bytes = self.storage.log_bytes(),
                             "the snapshot found too little idle CPU; it is encoded again at normal priority"
                         );
                         hurry.store(true, Ordering::Relaxed);
-                        let (p, tx) = (spare.take().ok_or_else(died)?, tx.take().ok_or_else(died)?);
                         encoder(p, false, tx).map_err(|e| write_err(&e))?;
                     }
                 }
             }
         };
-        drop((rx, tx));
+        drop(rx);
+        let spare = standby.map(|(p, _)| p);
         // Written at normal CPU priority but in the idle I/O class (a large file is also paced
         // by `snapshot_put_sync` itself), on a thread of its own, which also frees the state
         // and the unused copy. openraft keeps only the meta of a snapshot it asked for, and
